@@ -1,0 +1,1122 @@
+//! Settings: the TOML file, `BILLSYNC__SECTION__KEY` overrides, `x_file`
+//! secrets, defaults and validation (SPEC §3). Every error names its key.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use rust_decimal::Decimal;
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Serialize};
+
+use crate::core::model::{CanonicalStatus, SourceKind};
+use crate::telemetry::redact;
+
+pub const DEFAULT_PATH: &str = "/etc/billsync/billsync.toml";
+const ENV_PREFIX: &str = "BILLSYNC__";
+
+/// A configuration problem: the key at fault and what is wrong with it.
+#[derive(Debug, thiserror::Error)]
+#[error("config: {key}: {message}")]
+pub struct ConfigError {
+    pub key: String,
+    pub message: String,
+}
+
+impl ConfigError {
+    fn new(key: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// A secret value. Debug and Serialize never show it.
+#[derive(Clone, Default)]
+pub struct Secret(Option<SecretString>);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        let value: String = value.into();
+        if value.is_empty() {
+            Self(None)
+        } else {
+            Self(Some(SecretString::from(value)))
+        }
+    }
+    pub fn expose(&self) -> Option<&str> {
+        self.0.as_ref().map(|s| s.expose_secret())
+    }
+    pub fn is_set(&self) -> bool {
+        self.0.is_some()
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.is_set() { "\"***\"" } else { "\"\"" })
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(if self.is_set() { "***" } else { "" })
+    }
+}
+
+impl<'de> Deserialize<'de> for Secret {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Ok(Secret::new(String::deserialize(d)?))
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Settings {
+    pub daemon: DaemonSettings,
+    pub admin: AdminSettings,
+    pub log: LogSettings,
+    pub safety: SafetySettings,
+    pub sources: SourcesSettings,
+    pub vms: VmsSettings,
+    pub permissions: PermissionSettings,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DaemonSettings {
+    pub state_path: PathBuf,
+    pub schedule: String,
+    pub full_resync_schedule: String,
+    pub missing_grace_cycles: u32,
+    pub control_poll_secs: u64,
+    pub shutdown_grace_secs: u64,
+    pub audit_retention_days: u32,
+}
+
+impl Default for DaemonSettings {
+    fn default() -> Self {
+        Self {
+            state_path: PathBuf::from("/var/lib/billsync/state.db"),
+            schedule: "0 * * * * *".into(),
+            full_resync_schedule: "0 30 3 * * *".into(),
+            missing_grace_cycles: 2,
+            control_poll_secs: 5,
+            shutdown_grace_secs: 30,
+            audit_retention_days: 30,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminSettings {
+    pub listen: String,
+    pub token: Secret,
+    #[serde(skip_serializing)]
+    pub token_file: Option<PathBuf>,
+}
+
+impl Default for AdminSettings {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:9187".into(),
+            token: Secret::default(),
+            token_file: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Json,
+    Pretty,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogSettings {
+    pub format: LogFormat,
+    pub level: String,
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Json,
+            level: "info".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SafetySettings {
+    pub max_deprovision: u32,
+    pub max_deprovision_ratio: f64,
+}
+
+impl Default for SafetySettings {
+    fn default() -> Self {
+        Self {
+            max_deprovision: 10,
+            max_deprovision_ratio: 0.05,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SourcesSettings {
+    pub priority: Vec<SourceKind>,
+    /// Absent section: the source is not configured (disabled).
+    pub billmanager: Option<BillmanagerSettings>,
+    pub activeplatform: Option<ActivePlatformSettings>,
+}
+
+impl Default for SourcesSettings {
+    fn default() -> Self {
+        Self {
+            priority: vec![SourceKind::Billmanager, SourceKind::Activeplatform],
+            billmanager: None,
+            activeplatform: None,
+        }
+    }
+}
+
+/// Connection settings shared by every HTTP peer.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct TlsSettings {
+    pub ca_file: String,
+    pub insecure_skip_tls_verify: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BmAuthMode {
+    /// `authinfo=USER:PASS` in every POST body (stateless).
+    Authinfo,
+    /// `func=auth` once, then `auth=SESSION`; one re-login on an auth error.
+    Session,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BillmanagerSettings {
+    pub enabled: bool,
+    pub url: String,
+    pub username: String,
+    pub password: Secret,
+    #[serde(skip_serializing)]
+    pub password_file: Option<PathBuf>,
+    pub auth_mode: BmAuthMode,
+    pub page_size: u32,
+    pub timeout_secs: u64,
+    pub payment_window_days: u32,
+    pub login_template: String,
+    pub billing_id_template: String,
+    pub status_map: BTreeMap<String, CanonicalStatus>,
+    pub ca_file: String,
+    pub insecure_skip_tls_verify: bool,
+}
+
+impl Default for BillmanagerSettings {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            url: String::new(),
+            username: String::new(),
+            password: Secret::default(),
+            password_file: None,
+            auth_mode: BmAuthMode::Authinfo,
+            page_size: 500,
+            timeout_secs: 30,
+            payment_window_days: 3,
+            login_template: "{email}".into(),
+            billing_id_template: "{source}-{id}".into(),
+            status_map: [
+                ("1", CanonicalStatus::Active),
+                ("2", CanonicalStatus::Suspended),
+                ("3", CanonicalStatus::Deleted),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect(),
+            ca_file: String::new(),
+            insecure_skip_tls_verify: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ActivePlatformSettings {
+    pub enabled: bool,
+    pub url: String,
+    pub api_token: Secret,
+    #[serde(skip_serializing)]
+    pub api_token_file: Option<PathBuf>,
+    pub page_size: u32,
+    pub timeout_secs: u64,
+    pub payment_window_days: u32,
+    pub login_template: String,
+    pub billing_id_template: String,
+    pub status_map: BTreeMap<String, CanonicalStatus>,
+    pub writeback_attribute: String,
+    pub ca_file: String,
+    pub insecure_skip_tls_verify: bool,
+}
+
+impl Default for ActivePlatformSettings {
+    fn default() -> Self {
+        use CanonicalStatus::*;
+        Self {
+            enabled: true,
+            url: String::new(),
+            api_token: Secret::default(),
+            api_token_file: None,
+            page_size: 100,
+            timeout_secs: 30,
+            payment_window_days: 3,
+            login_template: "{email}".into(),
+            billing_id_template: "{source}-{id}".into(),
+            status_map: [
+                ("active", Active),
+                ("administrative hold", Suspended),
+                ("administrative_hold", Suspended),
+                ("credit hold", Suspended),
+                ("credit_hold", Suspended),
+                ("deleted", Deleted),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect(),
+            writeback_attribute: String::new(),
+            ca_file: String::new(),
+            insecure_skip_tls_verify: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnDeleted {
+    Block,
+    Delete,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct VmsSettings {
+    pub url: String,
+    pub user_type: String,
+    pub properties_field: String,
+    pub properties: Vec<String>,
+    pub status_active: String,
+    pub status_blocked: String,
+    pub on_deleted: OnDeleted,
+    pub concurrency: u32,
+    pub max_requests_per_second: u32,
+    pub max_attempts: u32,
+    pub max_retry_after_secs: u64,
+    pub circuit_breaker_failures: u32,
+    pub timeout_secs: u64,
+    pub headers: BTreeMap<String, Secret>,
+    #[serde(skip_serializing)]
+    pub header_files: BTreeMap<String, PathBuf>,
+    pub ca_file: String,
+    pub insecure_skip_tls_verify: bool,
+    pub tree: TreeSettings,
+}
+
+impl Default for VmsSettings {
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            user_type: "b2c".into(),
+            properties_field: "billing_properties".into(),
+            properties: vec!["phone".into()],
+            status_active: "active".into(),
+            status_blocked: "blocked".into(),
+            on_deleted: OnDeleted::Block,
+            concurrency: 4,
+            max_requests_per_second: 20,
+            max_attempts: 5,
+            max_retry_after_secs: 300,
+            circuit_breaker_failures: 20,
+            timeout_secs: 30,
+            headers: BTreeMap::new(),
+            header_files: BTreeMap::new(),
+            ca_file: String::new(),
+            insecure_skip_tls_verify: false,
+            tree: TreeSettings::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TreeSettings {
+    pub enabled: bool,
+    #[serde(rename = "type")]
+    pub kind: String,
+}
+
+impl Default for TreeSettings {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            kind: "cameras".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PermissionSettings {
+    pub managed: Vec<String>,
+    pub rules: Vec<Rule>,
+}
+
+impl Default for PermissionSettings {
+    fn default() -> Self {
+        let managed: Vec<String> = [
+            "archives-show",
+            "archives-download",
+            "archives-preview-download",
+        ]
+        .into_iter()
+        .map(String::from)
+        .collect();
+        Self {
+            rules: vec![Rule {
+                name: "paying".into(),
+                sources: vec![],
+                min_available: Some(Decimal::ZERO),
+                paid_within_days: 0,
+                attributes: BTreeMap::new(),
+                grant: managed.clone(),
+            }],
+            managed,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Rule {
+    pub name: String,
+    #[serde(default)]
+    pub sources: Vec<SourceKind>,
+    /// balance + credit_limit must be >= this; omitted: no condition.
+    #[serde(default, with = "opt_decimal")]
+    pub min_available: Option<Decimal>,
+    #[serde(default)]
+    pub paid_within_days: u32,
+    #[serde(default)]
+    pub attributes: BTreeMap<String, String>,
+    #[serde(default)]
+    pub grant: Vec<String>,
+}
+
+/// Decimals arrive from TOML as floats or integers; keep them exact via text.
+mod opt_decimal {
+    use rust_decimal::Decimal;
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::str::FromStr;
+
+    pub fn serialize<S: Serializer>(v: &Option<Decimal>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(d) => s.serialize_str(&d.to_string()),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Decimal>, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Num {
+            I(i64),
+            F(f64),
+            S(String),
+        }
+        let parsed = match Option::<Num>::deserialize(d)? {
+            None => return Ok(None),
+            Some(Num::I(i)) => Decimal::from(i),
+            Some(Num::F(f)) => Decimal::from_str(&f.to_string())
+                .map_err(|_| serde::de::Error::custom("not a finite number"))?,
+            Some(Num::S(s)) => {
+                Decimal::from_str(s.trim()).map_err(|_| serde::de::Error::custom("not a number"))?
+            }
+        };
+        Ok(Some(parsed))
+    }
+}
+
+/// Warnings found while loading, to be logged once logging is up.
+#[derive(Debug, Default, Clone)]
+pub struct LoadReport {
+    pub path: PathBuf,
+    pub warnings: Vec<String>,
+}
+
+/// Which file to read: `--config`, else `$BILLSYNC_CONFIG`, else the default.
+pub fn resolve_path(cli: Option<&Path>) -> PathBuf {
+    if let Some(p) = cli {
+        return p.to_path_buf();
+    }
+    match std::env::var_os("BILLSYNC_CONFIG") {
+        Some(p) if !p.is_empty() => PathBuf::from(p),
+        _ => PathBuf::from(DEFAULT_PATH),
+    }
+}
+
+/// Loads, overrides, resolves secrets and validates. The environment is passed
+/// in so tests need not touch the process environment.
+pub fn load(path: &Path, env: &[(String, String)]) -> Result<(Settings, LoadReport), ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        ConfigError::new("--config", format!("cannot read {}: {e}", path.display()))
+    })?;
+    let mut builder = config::Config::builder()
+        .add_source(config::File::from_str(&text, config::FileFormat::Toml));
+    for (name, raw) in env {
+        let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
+            continue;
+        };
+        let key = rest.to_ascii_lowercase().replace("__", ".");
+        if key.is_empty() {
+            continue;
+        }
+        builder = builder
+            .set_override(key.clone(), env_value(raw))
+            .map_err(|e| ConfigError::new(key, e.to_string()))?;
+    }
+    let cfg = builder
+        .build()
+        .map_err(|e| ConfigError::new(config_error_key(&e), strip_secrets(&e.to_string())))?;
+    let mut settings: Settings = serde_path_to_error::deserialize(cfg).map_err(|e| {
+        let key = e.path().to_string();
+        ConfigError::new(
+            if key == "." { "config".into() } else { key },
+            strip_secrets(&e.inner().to_string()),
+        )
+    })?;
+
+    let mut report = LoadReport {
+        path: path.to_path_buf(),
+        warnings: vec![],
+    };
+    resolve_secrets(&mut settings)?;
+    validate(&settings)?;
+    register_secrets(&settings);
+    if any_inline_secret(&text) && world_readable(path) {
+        report.warnings.push(format!(
+            "config file {} holds a secret and is readable by other users; chmod 600 it or use *_file secrets",
+            path.display()
+        ));
+    }
+    for (key, on) in insecure_flags(&settings) {
+        if on {
+            report.warnings.push(format!(
+                "{key} = true: TLS certificates are NOT verified for this peer"
+            ));
+        }
+    }
+    Ok((settings, report))
+}
+
+/// Reads the process environment for `load`.
+pub fn process_env() -> Vec<(String, String)> {
+    std::env::vars()
+        .filter(|(k, _)| k.starts_with(ENV_PREFIX))
+        .collect()
+}
+
+/// An environment value is read as TOML (numbers, booleans, arrays, inline
+/// tables); anything that does not parse is a plain string.
+fn env_value(raw: &str) -> config::Value {
+    let doc = format!("v = {raw}");
+    match toml::from_str::<toml::Table>(&doc) {
+        Ok(mut t) => match t.remove("v") {
+            Some(v) => toml_to_config(v),
+            None => config::Value::from(raw.to_string()),
+        },
+        Err(_) => config::Value::from(raw.to_string()),
+    }
+}
+
+fn toml_to_config(v: toml::Value) -> config::Value {
+    use config::{Value, ValueKind};
+    let kind = match v {
+        toml::Value::String(s) => ValueKind::String(s),
+        toml::Value::Integer(i) => ValueKind::I64(i),
+        toml::Value::Float(f) => ValueKind::Float(f),
+        toml::Value::Boolean(b) => ValueKind::Boolean(b),
+        toml::Value::Datetime(d) => ValueKind::String(d.to_string()),
+        toml::Value::Array(a) => ValueKind::Array(a.into_iter().map(toml_to_config).collect()),
+        toml::Value::Table(t) => {
+            ValueKind::Table(t.into_iter().map(|(k, v)| (k, toml_to_config(v))).collect())
+        }
+    };
+    Value::new(None, kind)
+}
+
+fn config_error_key(e: &config::ConfigError) -> String {
+    match e {
+        config::ConfigError::Type { key: Some(k), .. } => k.clone(),
+        config::ConfigError::NotFound(k) => k.clone(),
+        config::ConfigError::At { key: Some(k), .. } => k.clone(),
+        _ => "config".into(),
+    }
+}
+
+/// Parse errors may quote values; none of them may carry a known secret.
+fn strip_secrets(msg: &str) -> String {
+    redact::scrub(msg)
+}
+
+fn read_secret_file(key: &str, path: &Path) -> Result<Secret, ConfigError> {
+    let resolved = if path.is_relative() {
+        match std::env::var_os("CREDENTIALS_DIRECTORY") {
+            Some(dir) => PathBuf::from(dir).join(path),
+            None => path.to_path_buf(),
+        }
+    } else {
+        path.to_path_buf()
+    };
+    let mut text = std::fs::read_to_string(&resolved)
+        .map_err(|e| ConfigError::new(key, format!("cannot read {}: {e}", resolved.display())))?;
+    if text.ends_with('\n') {
+        text.pop();
+        if text.ends_with('\r') {
+            text.pop();
+        }
+    }
+    if text.is_empty() {
+        return Err(ConfigError::new(
+            key,
+            format!("{} is empty", resolved.display()),
+        ));
+    }
+    Ok(Secret::new(text))
+}
+
+fn pick_secret(key: &str, inline: &mut Secret, file: &Option<PathBuf>) -> Result<(), ConfigError> {
+    if let Some(path) = file {
+        if inline.is_set() {
+            return Err(ConfigError::new(
+                format!("{key}_file"),
+                format!("set both {key} and {key}_file; keep one"),
+            ));
+        }
+        *inline = read_secret_file(&format!("{key}_file"), path)?;
+    }
+    Ok(())
+}
+
+fn resolve_secrets(s: &mut Settings) -> Result<(), ConfigError> {
+    pick_secret("admin.token", &mut s.admin.token, &s.admin.token_file)?;
+    if let Some(bm) = s.sources.billmanager.as_mut() {
+        let file = bm.password_file.clone();
+        pick_secret("sources.billmanager.password", &mut bm.password, &file)?;
+    }
+    if let Some(ap) = s.sources.activeplatform.as_mut() {
+        let file = ap.api_token_file.clone();
+        pick_secret("sources.activeplatform.api_token", &mut ap.api_token, &file)?;
+    }
+    for (name, path) in s.vms.header_files.clone() {
+        let key = format!("vms.header_files.{name}");
+        if s.vms.headers.contains_key(&name) {
+            return Err(ConfigError::new(
+                key,
+                format!("header {name} is also set in vms.headers; keep one"),
+            ));
+        }
+        let value = read_secret_file(&key, &path)?;
+        s.vms.headers.insert(name, value);
+    }
+    Ok(())
+}
+
+fn register_secrets(s: &Settings) {
+    let mut all: Vec<&Secret> = vec![&s.admin.token];
+    if let Some(bm) = &s.sources.billmanager {
+        all.push(&bm.password);
+    }
+    if let Some(ap) = &s.sources.activeplatform {
+        all.push(&ap.api_token);
+    }
+    all.extend(s.vms.headers.values());
+    for secret in all {
+        if let Some(v) = secret.expose() {
+            redact::register(v);
+        }
+    }
+}
+
+fn any_inline_secret(text: &str) -> bool {
+    // Cheap: parse again and look for non-empty secret keys.
+    let Ok(t) = toml::from_str::<toml::Table>(text) else {
+        return false;
+    };
+    let get = |path: &[&str]| -> bool {
+        let mut cur = toml::Value::Table(t.clone());
+        for p in path {
+            match cur.get(p) {
+                Some(v) => cur = v.clone(),
+                None => return false,
+            }
+        }
+        match cur {
+            toml::Value::String(s) => !s.is_empty(),
+            toml::Value::Table(t) => !t.is_empty(),
+            _ => false,
+        }
+    };
+    get(&["admin", "token"])
+        || get(&["sources", "billmanager", "password"])
+        || get(&["sources", "activeplatform", "api_token"])
+        || get(&["vms", "headers"])
+}
+
+#[cfg(unix)]
+fn world_readable(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path)
+        .map(|m| m.permissions().mode() & 0o004 != 0)
+        .unwrap_or(false)
+}
+
+#[cfg(not(unix))]
+fn world_readable(_: &Path) -> bool {
+    false
+}
+
+fn insecure_flags(s: &Settings) -> Vec<(&'static str, bool)> {
+    let mut v = vec![(
+        "vms.insecure_skip_tls_verify",
+        s.vms.insecure_skip_tls_verify,
+    )];
+    if let Some(bm) = &s.sources.billmanager {
+        v.push((
+            "sources.billmanager.insecure_skip_tls_verify",
+            bm.insecure_skip_tls_verify,
+        ));
+    }
+    if let Some(ap) = &s.sources.activeplatform {
+        v.push((
+            "sources.activeplatform.insecure_skip_tls_verify",
+            ap.insecure_skip_tls_verify,
+        ));
+    }
+    v
+}
+
+fn check_url(key: &str, value: &str) -> Result<(), ConfigError> {
+    if value.is_empty() {
+        return Err(ConfigError::new(key, "is required"));
+    }
+    let url =
+        url::Url::parse(value).map_err(|e| ConfigError::new(key, format!("not a URL ({e})")))?;
+    if url.scheme() != "http" && url.scheme() != "https" {
+        return Err(ConfigError::new(key, "must be http:// or https://"));
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(ConfigError::new(
+            key,
+            "must not carry credentials; use the secret keys",
+        ));
+    }
+    Ok(())
+}
+
+fn check_ca(key: &str, value: &str) -> Result<(), ConfigError> {
+    if !value.is_empty() && !Path::new(value).is_file() {
+        return Err(ConfigError::new(
+            key,
+            format!("{value} is not a readable file"),
+        ));
+    }
+    Ok(())
+}
+
+fn check_template(key: &str, t: &str, allowed: &[&str]) -> Result<(), ConfigError> {
+    crate::core::normalize::Template::parse(t, allowed)
+        .map(|_| ())
+        .map_err(|e| ConfigError::new(key, e))
+}
+
+fn check_positive(key: &str, v: u64) -> Result<(), ConfigError> {
+    if v == 0 {
+        return Err(ConfigError::new(key, "must be greater than 0"));
+    }
+    Ok(())
+}
+
+pub fn validate_cron(key: &str, expr: &str) -> Result<(), ConfigError> {
+    croner_check(expr).map_err(|e| ConfigError::new(key, e))
+}
+
+/// Six fields (seconds first), as tokio-cron-scheduler takes them.
+fn croner_check(expr: &str) -> Result<(), String> {
+    let fields = expr.split_whitespace().count();
+    if !(6..=7).contains(&fields) {
+        return Err(format!(
+            "\"{expr}\" must be a cron expression with seconds (6 fields), e.g. \"0 * * * * *\""
+        ));
+    }
+    tokio_cron_scheduler::Job::new_async(expr, |_, _| Box::pin(async {}))
+        .map(|_| ())
+        .map_err(|e| format!("\"{expr}\" is not a valid schedule ({e})"))
+}
+
+fn validate(s: &Settings) -> Result<(), ConfigError> {
+    let d = &s.daemon;
+    if d.state_path.as_os_str().is_empty() {
+        return Err(ConfigError::new("daemon.state_path", "is required"));
+    }
+    validate_cron("daemon.schedule", &d.schedule)?;
+    if !d.full_resync_schedule.is_empty() {
+        validate_cron("daemon.full_resync_schedule", &d.full_resync_schedule)?;
+    }
+    check_positive("daemon.control_poll_secs", d.control_poll_secs)?;
+    check_positive("daemon.audit_retention_days", d.audit_retention_days.into())?;
+    s.admin
+        .listen
+        .parse::<std::net::SocketAddr>()
+        .map_err(|e| ConfigError::new("admin.listen", format!("not HOST:PORT ({e})")))?;
+    if !(0.0..=1.0).contains(&s.safety.max_deprovision_ratio) {
+        return Err(ConfigError::new(
+            "safety.max_deprovision_ratio",
+            "must be between 0.0 and 1.0",
+        ));
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for p in &s.sources.priority {
+        if !seen.insert(*p) {
+            return Err(ConfigError::new(
+                "sources.priority",
+                format!("{p} is listed twice"),
+            ));
+        }
+    }
+    let enabled = s.enabled_sources();
+    for src in &enabled {
+        if !s.sources.priority.contains(src) {
+            return Err(ConfigError::new(
+                "sources.priority",
+                format!("enabled source {src} is missing from the list"),
+            ));
+        }
+    }
+    if let Some(bm) = s.sources.billmanager.as_ref().filter(|b| b.enabled) {
+        let k = |f: &str| format!("sources.billmanager.{f}");
+        check_url(&k("url"), &bm.url)?;
+        if bm.username.is_empty() {
+            return Err(ConfigError::new(k("username"), "is required"));
+        }
+        if !bm.password.is_set() {
+            return Err(ConfigError::new(
+                k("password"),
+                "is required (or password_file)",
+            ));
+        }
+        if bm.username.contains(':') {
+            return Err(ConfigError::new(k("username"), "must not contain ':'"));
+        }
+        check_positive(&k("page_size"), bm.page_size.into())?;
+        check_positive(&k("timeout_secs"), bm.timeout_secs)?;
+        check_template(
+            &k("login_template"),
+            &bm.login_template,
+            &["email", "id", "source"],
+        )?;
+        check_template(
+            &k("billing_id_template"),
+            &bm.billing_id_template,
+            &["email", "id", "source"],
+        )?;
+        check_ca(&k("ca_file"), &bm.ca_file)?;
+    }
+    if let Some(ap) = s.sources.activeplatform.as_ref().filter(|a| a.enabled) {
+        let k = |f: &str| format!("sources.activeplatform.{f}");
+        check_url(&k("url"), &ap.url)?;
+        if !ap.api_token.is_set() {
+            return Err(ConfigError::new(
+                k("api_token"),
+                "is required (or api_token_file)",
+            ));
+        }
+        check_positive(&k("page_size"), ap.page_size.into())?;
+        check_positive(&k("timeout_secs"), ap.timeout_secs)?;
+        check_template(
+            &k("login_template"),
+            &ap.login_template,
+            &["email", "id", "source"],
+        )?;
+        check_template(
+            &k("billing_id_template"),
+            &ap.billing_id_template,
+            &["email", "id", "source"],
+        )?;
+        check_ca(&k("ca_file"), &ap.ca_file)?;
+    }
+    let v = &s.vms;
+    check_url("vms.url", &v.url)?;
+    if v.user_type.is_empty() || v.user_type.chars().count() > 50 {
+        return Err(ConfigError::new(
+            "vms.user_type",
+            "must be 1 to 50 characters",
+        ));
+    }
+    if v.properties_field.is_empty() {
+        return Err(ConfigError::new("vms.properties_field", "is required"));
+    }
+    for p in &v.properties {
+        if !["phone", "email", "name"].contains(&p.as_str()) {
+            return Err(ConfigError::new(
+                "vms.properties",
+                format!("unknown property {p:?}: use phone, email or name"),
+            ));
+        }
+    }
+    check_positive("vms.concurrency", v.concurrency.into())?;
+    check_positive(
+        "vms.max_requests_per_second",
+        v.max_requests_per_second.into(),
+    )?;
+    check_positive("vms.max_attempts", v.max_attempts.into())?;
+    check_positive(
+        "vms.circuit_breaker_failures",
+        v.circuit_breaker_failures.into(),
+    )?;
+    check_positive("vms.timeout_secs", v.timeout_secs)?;
+    for name in v.headers.keys() {
+        if reqwest::header::HeaderName::from_bytes(name.as_bytes()).is_err() {
+            return Err(ConfigError::new(
+                format!("vms.headers.{name}"),
+                "not a valid HTTP header name",
+            ));
+        }
+    }
+    for (name, value) in &v.headers {
+        let ok = value
+            .expose()
+            .map(|x| reqwest::header::HeaderValue::from_str(x).is_ok())
+            .unwrap_or(false);
+        if !ok {
+            return Err(ConfigError::new(
+                format!("vms.headers.{name}"),
+                "empty or not a valid HTTP header value",
+            ));
+        }
+    }
+    check_ca("vms.ca_file", &v.ca_file)?;
+    if !["cameras", "intercoms", "camera_intercom"].contains(&v.tree.kind.as_str()) {
+        return Err(ConfigError::new(
+            "vms.tree.type",
+            "must be cameras, intercoms or camera_intercom",
+        ));
+    }
+    let managed = &s.permissions.managed;
+    for (i, rule) in s.permissions.rules.iter().enumerate() {
+        for g in &rule.grant {
+            if !managed.contains(g) {
+                return Err(ConfigError::new(
+                    format!("permissions.rules[{i}].grant"),
+                    format!("{g:?} is not in permissions.managed"),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+impl Settings {
+    /// Enabled sources in priority order.
+    pub fn enabled_sources(&self) -> Vec<SourceKind> {
+        let mut v = vec![];
+        if self.sources.billmanager.as_ref().is_some_and(|b| b.enabled) {
+            v.push(SourceKind::Billmanager);
+        }
+        if self
+            .sources
+            .activeplatform
+            .as_ref()
+            .is_some_and(|a| a.enabled)
+        {
+            v.push(SourceKind::Activeplatform);
+        }
+        v.sort_by_key(|s| {
+            self.sources
+                .priority
+                .iter()
+                .position(|p| p == s)
+                .unwrap_or(usize::MAX)
+        });
+        v
+    }
+
+    /// The effective config as TOML, secrets masked.
+    pub fn to_masked_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
+    }
+
+    pub fn bm(&self) -> Option<&BillmanagerSettings> {
+        self.sources.billmanager.as_ref().filter(|b| b.enabled)
+    }
+
+    pub fn ap(&self) -> Option<&ActivePlatformSettings> {
+        self.sources.activeplatform.as_ref().filter(|a| a.enabled)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn write(text: &str) -> tempfile::NamedTempFile {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(text.as_bytes()).unwrap();
+        f
+    }
+
+    const MINIMAL: &str = r#"
+[vms]
+url = "http://127.0.0.1:1"
+[sources.activeplatform]
+url = "http://127.0.0.1:2"
+api_token = "tok-123456"
+"#;
+
+    #[test]
+    fn defaults_follow_spec() {
+        let f = write(MINIMAL);
+        let (s, _) = load(f.path(), &[]).unwrap();
+        assert_eq!(s.daemon.schedule, "0 * * * * *");
+        assert_eq!(s.daemon.missing_grace_cycles, 2);
+        assert_eq!(s.vms.concurrency, 4);
+        assert_eq!(s.vms.properties_field, "billing_properties");
+        assert_eq!(s.admin.listen, "127.0.0.1:9187");
+        assert_eq!(s.enabled_sources(), vec![SourceKind::Activeplatform]);
+        let ap = s.ap().unwrap();
+        assert_eq!(ap.page_size, 100);
+        assert_eq!(
+            ap.status_map.get("credit_hold"),
+            Some(&CanonicalStatus::Suspended)
+        );
+        assert_eq!(s.permissions.rules.len(), 1);
+    }
+
+    #[test]
+    fn env_overrides_are_typed() {
+        let f = write(MINIMAL);
+        let env = vec![
+            ("BILLSYNC__VMS__CONCURRENCY".to_string(), "9".to_string()),
+            (
+                "BILLSYNC__VMS__PROPERTIES".to_string(),
+                r#"["phone", "email"]"#.to_string(),
+            ),
+            (
+                "BILLSYNC__VMS__URL".to_string(),
+                "http://127.0.0.1:7".to_string(),
+            ),
+            (
+                "BILLSYNC__VMS__TREE__ENABLED".to_string(),
+                "true".to_string(),
+            ),
+        ];
+        let (s, _) = load(f.path(), &env).unwrap();
+        assert_eq!(s.vms.concurrency, 9);
+        assert_eq!(s.vms.properties, vec!["phone", "email"]);
+        assert_eq!(s.vms.url, "http://127.0.0.1:7");
+        assert!(s.vms.tree.enabled);
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let f = write(&format!("{MINIMAL}\n[daemon]\nschedul = \"x\"\n"));
+        let e = load(f.path(), &[]).unwrap_err();
+        assert_eq!(e.key, "daemon.schedul");
+        assert!(e.message.contains("schedul"), "{e}");
+    }
+
+    #[test]
+    fn wrong_type_names_the_key() {
+        let f = write(&MINIMAL.replace("[vms]", "[vms]\nconcurrency = \"many\""));
+        let e = load(f.path(), &[]).unwrap_err();
+        assert_eq!(e.key, "vms.concurrency", "{e}");
+    }
+
+    #[test]
+    fn secret_file_is_read_and_trimmed() {
+        let secret = write("from-file-secret\n");
+        let text = MINIMAL.replace(
+            "api_token = \"tok-123456\"",
+            &format!("api_token_file = {:?}", secret.path()),
+        );
+        let f = write(&text);
+        let (s, _) = load(f.path(), &[]).unwrap();
+        assert_eq!(s.ap().unwrap().api_token.expose(), Some("from-file-secret"));
+        let shown = s.to_masked_toml();
+        assert!(!shown.contains("from-file-secret"), "{shown}");
+        assert!(shown.contains("***"));
+    }
+
+    #[test]
+    fn missing_secret_is_an_error() {
+        let f = write(&MINIMAL.replace("api_token = \"tok-123456\"", ""));
+        let e = load(f.path(), &[]).unwrap_err();
+        assert_eq!(e.key, "sources.activeplatform.api_token");
+    }
+
+    #[test]
+    fn bad_schedule_and_grant_are_rejected() {
+        let f = write(&format!("{MINIMAL}\n[daemon]\nschedule = \"* * * * *\"\n"));
+        assert_eq!(load(f.path(), &[]).unwrap_err().key, "daemon.schedule");
+        let f = write(&format!(
+            "{MINIMAL}\n[[permissions.rules]]\nname = \"x\"\ngrant = [\"groups-all\"]\n"
+        ));
+        assert_eq!(
+            load(f.path(), &[]).unwrap_err().key,
+            "permissions.rules[0].grant"
+        );
+    }
+
+    #[test]
+    fn bad_status_map_value_is_named() {
+        let f = write(&MINIMAL.replace(
+            "api_token = \"tok-123456\"",
+            "api_token = \"t\"\nstatus_map = { \"x\" = \"gone\" }",
+        ));
+        let e = load(f.path(), &[]).unwrap_err();
+        assert!(
+            e.key.starts_with("sources.activeplatform.status_map"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn world_readable_secret_file_warns() {
+        use std::os::unix::fs::PermissionsExt;
+        let f = write(MINIMAL);
+        std::fs::set_permissions(f.path(), std::fs::Permissions::from_mode(0o644)).unwrap();
+        let (_, report) = load(f.path(), &[]).unwrap();
+        assert!(report.warnings.iter().any(|w| w.contains("readable")));
+        std::fs::set_permissions(f.path(), std::fs::Permissions::from_mode(0o600)).unwrap();
+        let (_, report) = load(f.path(), &[]).unwrap();
+        assert!(report.warnings.is_empty(), "{:?}", report.warnings);
+    }
+
+    #[test]
+    fn insecure_tls_warns() {
+        let f = write(&MINIMAL.replace("[vms]", "[vms]\ninsecure_skip_tls_verify = true"));
+        let (_, report) = load(f.path(), &[]).unwrap();
+        assert!(report
+            .warnings
+            .iter()
+            .any(|w| w.contains("vms.insecure_skip_tls_verify")));
+    }
+}

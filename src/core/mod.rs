@@ -1,0 +1,5 @@
+//! The pure core: normalize -> desired state -> diff -> plan. No I/O here, so
+//! all of it is unit- and property-testable.
+
+pub mod model;
+pub mod normalize;

@@ -1,0 +1,605 @@
+//! SPEC §2.1 step 3: raw source records to normalized accounts and payments.
+//! A record that cannot be normalized comes back as `Invalid`, never a panic.
+
+use std::collections::BTreeMap;
+use std::str::FromStr;
+
+use chrono::{DateTime, NaiveDate, NaiveDateTime, TimeZone, Utc};
+use rust_decimal::Decimal;
+
+use super::model::{
+    Account, AccountKey, CanonicalStatus, Invalid, InvalidCode, Payment, RawAccount, RawPayment,
+    SourceKind,
+};
+
+/// Longest text accepted for a number; longer is certainly not a balance.
+const MAX_NUMBER_LEN: usize = 64;
+/// VMS logins: keep them to what a form field will take.
+const MAX_LOGIN_LEN: usize = 191;
+
+/// A login or billing-id template: literal text and `{placeholder}`s.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Template {
+    parts: Vec<Part>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Part {
+    Lit(String),
+    Var(String),
+}
+
+impl Template {
+    pub fn parse(text: &str, allowed: &[&str]) -> Result<Self, String> {
+        let mut parts = vec![];
+        let mut rest = text;
+        while let Some(start) = rest.find('{') {
+            if start > 0 {
+                parts.push(Part::Lit(rest[..start].to_string()));
+            }
+            let after = &rest[start + 1..];
+            let end = after
+                .find('}')
+                .ok_or_else(|| format!("unclosed '{{' in {text:?}"))?;
+            let name = &after[..end];
+            if !allowed.contains(&name) {
+                return Err(format!(
+                    "unknown placeholder {{{name}}} in {text:?}; use {}",
+                    allowed
+                        .iter()
+                        .map(|a| format!("{{{a}}}"))
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                ));
+            }
+            parts.push(Part::Var(name.to_string()));
+            rest = &after[end + 1..];
+        }
+        if rest.contains('}') {
+            return Err(format!("stray '}}' in {text:?}"));
+        }
+        if !rest.is_empty() {
+            parts.push(Part::Lit(rest.to_string()));
+        }
+        if !parts.iter().any(|p| matches!(p, Part::Var(_))) {
+            return Err(format!(
+                "{text:?} has no placeholder: every account would get the same value"
+            ));
+        }
+        Ok(Self { parts })
+    }
+
+    /// Renders with `lookup`; a placeholder without a value yields `Err(name)`.
+    pub fn render<'a>(&self, lookup: impl Fn(&str) -> Option<&'a str>) -> Result<String, String> {
+        let mut out = String::new();
+        for p in &self.parts {
+            match p {
+                Part::Lit(s) => out.push_str(s),
+                Part::Var(name) => match lookup(name) {
+                    Some(v) if !v.is_empty() => out.push_str(v),
+                    _ => return Err(name.clone()),
+                },
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn uses(&self, name: &str) -> bool {
+        self.parts
+            .iter()
+            .any(|p| matches!(p, Part::Var(n) if n == name))
+    }
+}
+
+/// Per-source normalization settings, parsed once from the config.
+#[derive(Debug, Clone)]
+pub struct Normalizer {
+    pub source: SourceKind,
+    pub login: Template,
+    pub billing_id: Template,
+    pub status_map: BTreeMap<String, CanonicalStatus>,
+}
+
+pub const TEMPLATE_VARS: [&str; 3] = ["email", "id", "source"];
+
+impl Normalizer {
+    pub fn new(
+        source: SourceKind,
+        login_template: &str,
+        billing_id_template: &str,
+        status_map: &BTreeMap<String, CanonicalStatus>,
+    ) -> Result<Self, String> {
+        Ok(Self {
+            source,
+            login: Template::parse(login_template, &TEMPLATE_VARS)?,
+            billing_id: Template::parse(billing_id_template, &TEMPLATE_VARS)?,
+            status_map: status_map.clone(),
+        })
+    }
+
+    pub fn status(&self, raw: &str) -> Option<CanonicalStatus> {
+        if let Some(s) = self.status_map.get(raw) {
+            return Some(*s);
+        }
+        let folded = raw.trim().to_lowercase();
+        self.status_map
+            .iter()
+            .find(|(k, _)| k.trim().to_lowercase() == folded)
+            .map(|(_, v)| *v)
+    }
+
+    pub fn account(&self, raw: &RawAccount) -> Result<Account, Invalid> {
+        let id = raw.id.trim();
+        if id.is_empty() {
+            return Err(Invalid::new(InvalidCode::MissingField, "no id"));
+        }
+        let email = raw
+            .email
+            .as_deref()
+            .map(normalize_email)
+            .filter(|e| !e.is_empty());
+        let source = self.source.as_str();
+        let lookup = |name: &str| -> Option<&str> {
+            match name {
+                "email" => email.as_deref(),
+                "id" => Some(id),
+                "source" => Some(source),
+                _ => None,
+            }
+        };
+        let login = self.login.render(lookup).map_err(|missing| {
+            Invalid::new(
+                InvalidCode::NoLogin,
+                format!("login_template needs {{{missing}}}, which the account lacks"),
+            )
+        })?;
+        check_login(&login)?;
+        let billing_id = self.billing_id.render(lookup).map_err(|missing| {
+            Invalid::new(
+                InvalidCode::MissingField,
+                format!("billing_id_template needs {{{missing}}}, which the account lacks"),
+            )
+        })?;
+        let raw_status = raw
+            .status
+            .as_deref()
+            .ok_or_else(|| Invalid::new(InvalidCode::MissingField, "no status"))?;
+        let status = self.status(raw_status).ok_or_else(|| {
+            Invalid::new(
+                InvalidCode::UnknownStatus,
+                format!("raw status {:?} is not in status_map", clip(raw_status)),
+            )
+        })?;
+        let balance = match raw.balance.as_deref() {
+            Some(b) => parse_decimal(b)
+                .map_err(|e| Invalid::new(InvalidCode::BadNumber, format!("balance: {e}")))?,
+            None => Decimal::ZERO,
+        };
+        let credit_limit = match raw.credit_limit.as_deref() {
+            Some(c) if !c.trim().is_empty() => parse_decimal(c)
+                .map_err(|e| Invalid::new(InvalidCode::BadNumber, format!("credit_limit: {e}")))?,
+            _ => Decimal::ZERO,
+        };
+        Ok(Account {
+            key: AccountKey {
+                source: self.source,
+                id: id.to_string(),
+            },
+            login,
+            billing_id,
+            name: raw
+                .name
+                .as_deref()
+                .map(clean_text)
+                .filter(|n| !n.is_empty()),
+            email,
+            phone: raw.phone.as_deref().and_then(normalize_phone),
+            status,
+            balance,
+            credit_limit,
+            attributes: raw.attributes.clone(),
+        })
+    }
+}
+
+fn clip(s: &str) -> String {
+    s.chars().take(64).collect()
+}
+
+fn check_login(login: &str) -> Result<(), Invalid> {
+    if login.chars().count() > MAX_LOGIN_LEN {
+        return Err(Invalid::new(InvalidCode::BadLogin, "login is too long"));
+    }
+    if login.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        return Err(Invalid::new(
+            InvalidCode::BadLogin,
+            format!("login {:?} has spaces or control characters", clip(login)),
+        ));
+    }
+    Ok(())
+}
+
+/// Trimmed, lowercased (SPEC §2.5).
+pub fn normalize_email(raw: &str) -> String {
+    raw.trim().to_lowercase()
+}
+
+fn clean_text(raw: &str) -> String {
+    raw.trim()
+        .chars()
+        .filter(|c| !c.is_control())
+        .collect::<String>()
+}
+
+/// `+digits`: separators dropped, a `00` international prefix becomes `+`.
+/// No digits at all: no phone.
+pub fn normalize_phone(raw: &str) -> Option<String> {
+    let digits: String = raw.chars().filter(|c| c.is_ascii_digit()).collect();
+    let digits = match digits.strip_prefix("00") {
+        Some(rest) if raw.trim_start().starts_with("00") => rest.to_string(),
+        _ => digits,
+    };
+    if digits.is_empty() || digits.len() > 20 {
+        return None;
+    }
+    Some(format!("+{digits}"))
+}
+
+/// Parses money as sources write it: `"1234.50"`, `"1 234,50"`, `"20.00 RUB"`,
+/// `"1,234.50"`, `"-5"`. Absurd or ambiguous text is an error.
+pub fn parse_decimal(raw: &str) -> Result<Decimal, String> {
+    let text = raw.trim();
+    if text.is_empty() {
+        return Err("empty".into());
+    }
+    if text.len() > MAX_NUMBER_LEN {
+        return Err("too long to be a number".into());
+    }
+    // A currency code or symbol may stand on either side; inside, only
+    // digits, separators, a sign and grouping spaces.
+    let core =
+        text.trim_matches(|c: char| c.is_alphabetic() || c.is_whitespace() || "₽$€£¥".contains(c));
+    let mut body = String::with_capacity(core.len());
+    for c in core.chars() {
+        match c {
+            '0'..='9' | '.' | ',' | '-' | '+' => body.push(c),
+            c if c.is_whitespace() || c == '\'' => {}
+            _ => return Err(format!("unexpected character {c:?} in {:?}", clip(text))),
+        }
+    }
+    let (negative, digits) = match body.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, body.strip_prefix('+').unwrap_or(&body)),
+    };
+    if digits.is_empty() || digits.contains(['-', '+']) {
+        return Err(format!("{:?} is not a number", clip(text)));
+    }
+    let last_dot = digits.rfind('.');
+    let last_comma = digits.rfind(',');
+    let normalized = match (last_dot, last_comma) {
+        (Some(d), Some(c)) => {
+            // The later separator is the decimal one.
+            let (dec, group) = if d > c { ('.', ',') } else { (',', '.') };
+            let s: String = digits.chars().filter(|&ch| ch != group).collect();
+            if s.matches(dec).count() > 1 {
+                return Err(format!("{:?} is not a number", clip(text)));
+            }
+            s.replace(dec, ".")
+        }
+        (None, Some(_)) => {
+            if digits.matches(',').count() > 1 {
+                digits.replace(',', "")
+            } else {
+                digits.replace(',', ".")
+            }
+        }
+        (Some(_), None) => {
+            if digits.matches('.').count() > 1 {
+                digits.replace('.', "")
+            } else {
+                digits.to_string()
+            }
+        }
+        (None, None) => digits.to_string(),
+    };
+    if normalized.starts_with('.') || normalized.ends_with('.') {
+        return Err(format!("{:?} is not a number", clip(text)));
+    }
+    let value = Decimal::from_str(&normalized)
+        .map_err(|_| format!("{:?} is out of range or not a number", clip(text)))?;
+    Ok(if negative { -value } else { value })
+}
+
+/// Dates as sources write them: RFC 3339, `YYYY-MM-DD HH:MM:SS` or
+/// `YYYY-MM-DD` (taken as UTC: BILLmanager's zone is unknown, a day's error
+/// is within what payment windows tolerate).
+pub fn parse_date(raw: &str) -> Option<DateTime<Utc>> {
+    let t = raw.trim();
+    if t.is_empty() || t.starts_with("0000") {
+        return None;
+    }
+    if let Ok(d) = DateTime::parse_from_rfc3339(t) {
+        return Some(d.with_timezone(&Utc));
+    }
+    if let Ok(d) = NaiveDateTime::parse_from_str(t, "%Y-%m-%d %H:%M:%S") {
+        return Some(Utc.from_utc_datetime(&d));
+    }
+    if let Ok(d) = NaiveDate::parse_from_str(t, "%Y-%m-%d") {
+        return d.and_hms_opt(0, 0, 0).map(|d| Utc.from_utc_datetime(&d));
+    }
+    None
+}
+
+/// BILLmanager payment status codes (API-NOTES): 4 credited is the only
+/// paid one; 4, 6, 7 and 9 are final.
+fn bm_payment_state(code: &str) -> (bool, bool) {
+    match code.trim() {
+        "4" => (true, true),
+        "6" | "7" | "9" => (false, true),
+        _ => (false, false),
+    }
+}
+
+/// ActivePlatform payment statuses; the wire may use underscores.
+fn ap_payment_state(status: &str) -> (bool, bool) {
+    let s = status.trim().to_lowercase().replace('_', " ");
+    match s.as_str() {
+        "completed" | "receipt creating" | "receipt sent" => (true, s == "receipt sent"),
+        "cancelled" | "canceled" => (false, true),
+        _ => (false, false),
+    }
+}
+
+pub fn payment(source: SourceKind, raw: &RawPayment) -> Result<Payment, Invalid> {
+    let id = raw.id.trim();
+    if id.is_empty() {
+        return Err(Invalid::new(
+            InvalidCode::MissingField,
+            "payment without id",
+        ));
+    }
+    let status = raw
+        .status
+        .as_deref()
+        .ok_or_else(|| Invalid::new(InvalidCode::MissingField, "payment without status"))?;
+    let (paid, is_final) = match source {
+        SourceKind::Billmanager => bm_payment_state(status),
+        SourceKind::Activeplatform => ap_payment_state(status),
+    };
+    let amount = match raw.amount.as_deref() {
+        Some(a) => parse_decimal(a)
+            .map_err(|e| Invalid::new(InvalidCode::BadNumber, format!("payment amount: {e}")))?,
+        None => Decimal::ZERO,
+    };
+    let paid_at = raw
+        .paid_date
+        .as_deref()
+        .and_then(parse_date)
+        .or_else(|| raw.created_date.as_deref().and_then(parse_date));
+    if paid && paid_at.is_none() {
+        return Err(Invalid::new(
+            InvalidCode::MissingField,
+            "paid payment without a usable date",
+        ));
+    }
+    let account_id = raw
+        .account_id
+        .as_deref()
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(String::from);
+    let account_name = raw
+        .account_name
+        .as_deref()
+        .map(clean_text)
+        .filter(|s| !s.is_empty());
+    if account_id.is_none() && account_name.is_none() {
+        return Err(Invalid::new(
+            InvalidCode::MissingField,
+            "payment names no account",
+        ));
+    }
+    Ok(Payment {
+        source,
+        id: id.to_string(),
+        account_id,
+        account_name,
+        amount,
+        paid,
+        is_final,
+        paid_at,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn dec(s: &str) -> Decimal {
+        Decimal::from_str(s).unwrap()
+    }
+
+    #[test]
+    fn decimals_in_the_wild() {
+        assert_eq!(parse_decimal("1234.50").unwrap(), dec("1234.50"));
+        assert_eq!(parse_decimal("1 234,50").unwrap(), dec("1234.50"));
+        assert_eq!(parse_decimal("1\u{a0}234,50").unwrap(), dec("1234.50"));
+        assert_eq!(parse_decimal("20.00 RUB").unwrap(), dec("20.00"));
+        assert_eq!(parse_decimal("20.00 EUR").unwrap(), dec("20"));
+        assert_eq!(parse_decimal("1,234.50").unwrap(), dec("1234.5"));
+        assert_eq!(parse_decimal("1.234,50").unwrap(), dec("1234.5"));
+        assert_eq!(parse_decimal("-5").unwrap(), dec("-5"));
+        assert_eq!(parse_decimal("- 15,5 ₽").unwrap(), dec("-15.5"));
+        assert_eq!(parse_decimal("1,000,000").unwrap(), dec("1000000"));
+        assert!(parse_decimal("").is_err());
+        assert!(parse_decimal("abc").is_err());
+        assert!(parse_decimal("1e400").is_err());
+        assert!(parse_decimal("99999999999999999999999999999999999").is_err());
+        assert!(parse_decimal("1.2.3,4,5").is_err());
+        assert!(parse_decimal("--5").is_err());
+        assert!(parse_decimal(".").is_err());
+    }
+
+    #[test]
+    fn phones() {
+        assert_eq!(
+            normalize_phone("+7 (912) 345-67-89").as_deref(),
+            Some("+79123456789")
+        );
+        assert_eq!(
+            normalize_phone("00375290745930").as_deref(),
+            Some("+375290745930")
+        );
+        assert_eq!(
+            normalize_phone("8 912 345 67 89").as_deref(),
+            Some("+89123456789")
+        );
+        assert_eq!(normalize_phone("n/a"), None);
+        assert_eq!(normalize_phone(""), None);
+    }
+
+    #[test]
+    fn templates() {
+        let t = Template::parse("vms-{source}-{id}", &TEMPLATE_VARS).unwrap();
+        let out = t
+            .render(|n| match n {
+                "source" => Some("billmanager"),
+                "id" => Some("7"),
+                _ => None,
+            })
+            .unwrap();
+        assert_eq!(out, "vms-billmanager-7");
+        assert!(Template::parse("{mail}", &TEMPLATE_VARS).is_err());
+        assert!(Template::parse("{email", &TEMPLATE_VARS).is_err());
+        assert!(Template::parse("fixed", &TEMPLATE_VARS).is_err());
+        assert_eq!(
+            Template::parse("{email}", &TEMPLATE_VARS)
+                .unwrap()
+                .render(|_| None),
+            Err("email".to_string())
+        );
+    }
+
+    fn ap() -> Normalizer {
+        let cfg = crate::config::ActivePlatformSettings::default();
+        Normalizer::new(
+            SourceKind::Activeplatform,
+            &cfg.login_template,
+            &cfg.billing_id_template,
+            &cfg.status_map,
+        )
+        .unwrap()
+    }
+
+    fn raw(id: &str, email: Option<&str>, status: &str) -> RawAccount {
+        RawAccount {
+            id: id.into(),
+            email: email.map(String::from),
+            status: Some(status.into()),
+            balance: Some("10.5".into()),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn account_normalizes() {
+        let mut r = raw("42", Some("  John@Example.COM "), "Credit Hold");
+        r.phone = Some("00 375 29 074 59 30".into());
+        r.credit_limit = Some("1 000,00".into());
+        let a = ap().account(&r).unwrap();
+        assert_eq!(a.login, "john@example.com");
+        assert_eq!(a.billing_id, "activeplatform-42");
+        assert_eq!(a.status, CanonicalStatus::Suspended);
+        assert_eq!(a.phone.as_deref(), Some("+375290745930"));
+        assert_eq!(a.credit_limit, dec("1000"));
+        assert_eq!(a.balance, dec("10.5"));
+    }
+
+    #[test]
+    fn bad_accounts_are_invalid_with_reasons() {
+        let n = ap();
+        assert_eq!(
+            n.account(&raw("1", None, "active")).unwrap_err().code,
+            InvalidCode::NoLogin
+        );
+        assert_eq!(
+            n.account(&raw("1", Some("a@b"), "frozen"))
+                .unwrap_err()
+                .code,
+            InvalidCode::UnknownStatus
+        );
+        let mut r = raw("1", Some("a@b"), "active");
+        r.balance = Some("lots".into());
+        assert_eq!(n.account(&r).unwrap_err().code, InvalidCode::BadNumber);
+        assert_eq!(
+            n.account(&raw("1", Some("a b@c"), "active"))
+                .unwrap_err()
+                .code,
+            InvalidCode::BadLogin
+        );
+        assert_eq!(
+            n.account(&raw(" ", Some("a@b"), "active"))
+                .unwrap_err()
+                .code,
+            InvalidCode::MissingField
+        );
+    }
+
+    #[test]
+    fn payments_paid_and_final() {
+        let bm = RawPayment {
+            id: "1".into(),
+            account_name: Some("ACME".into()),
+            amount: Some("20.00 EUR".into()),
+            status: Some("4".into()),
+            created_date: Some("2026-11-20".into()),
+            ..Default::default()
+        };
+        let p = payment(SourceKind::Billmanager, &bm).unwrap();
+        assert!(p.paid && p.is_final);
+        assert_eq!(p.amount, dec("20"));
+        let mut pending = bm.clone();
+        pending.status = Some("2".into());
+        let p = payment(SourceKind::Billmanager, &pending).unwrap();
+        assert!(!p.paid && !p.is_final);
+        let ap = RawPayment {
+            id: "9".into(),
+            account_id: Some("5".into()),
+            status: Some("receipt_creating".into()),
+            amount: Some("15".into()),
+            paid_date: Some("2026-11-20T10:00:00.000+03:00".into()),
+            ..Default::default()
+        };
+        let p = payment(SourceKind::Activeplatform, &ap).unwrap();
+        assert!(p.paid);
+        assert_eq!(p.paid_at.unwrap().to_rfc3339(), "2026-11-20T07:00:00+00:00");
+        let mut orphan = ap.clone();
+        orphan.account_id = None;
+        assert!(payment(SourceKind::Activeplatform, &orphan).is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn decimal_parser_never_panics(s in "\\PC{0,80}") {
+            let _ = parse_decimal(&s);
+        }
+
+        #[test]
+        fn decimal_roundtrip(units in -1_000_000_000i64..1_000_000_000, cents in 0u32..100) {
+            let text = format!("{units}.{cents:02}");
+            let expect = Decimal::from_str(&text).unwrap();
+            prop_assert_eq!(parse_decimal(&text).unwrap(), expect);
+            let comma = text.replace('.', ",");
+            prop_assert_eq!(parse_decimal(&comma).unwrap(), expect);
+        }
+
+        #[test]
+        fn normalize_never_panics(id in "\\PC{0,10}", email in proptest::option::of("\\PC{0,30}"),
+                                  status in "\\PC{0,12}", bal in proptest::option::of("\\PC{0,20}"),
+                                  phone in proptest::option::of("\\PC{0,20}")) {
+            let r = RawAccount { id, email, status: Some(status), balance: bal, phone, ..Default::default() };
+            let _ = ap().account(&r);
+        }
+    }
+}

@@ -1,0 +1,366 @@
+//! An ActivePlatform vendor API v1 emulator: `api_token` in the query, page
+//! and per_page, a configurable list envelope, list rows that sometimes lack
+//! `email`, account GET and PUT, and payments filtered by `updated_at`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde_json::{json, Value};
+
+use super::{Fault, Faults, Seq, Server};
+
+/// One PUT received: the account id and the form pairs.
+pub type Put = (u64, Vec<(String, String)>);
+
+pub const TOKEN: &str = "emu-ap-token-0123456789";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Envelope {
+    Bare,
+    Data,
+    Accounts,
+    Items,
+}
+
+#[derive(Debug, Clone)]
+pub struct ApAccount {
+    pub id: u64,
+    pub first_name: String,
+    pub last_name: String,
+    pub email: String,
+    pub phone: String,
+    pub status: String,
+    /// Sent as a number unless `balance_as_string`.
+    pub balance: f64,
+    pub credit_limit: f64,
+    pub custom_attributes: BTreeMap<String, String>,
+    pub updated_at: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct ApPayment {
+    pub id: u64,
+    pub account_id: u64,
+    pub status: String,
+    pub total: String,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+#[derive(Debug)]
+pub struct ApData {
+    pub accounts: Vec<ApAccount>,
+    pub payments: Vec<ApPayment>,
+    pub envelope: Envelope,
+    pub balance_as_string: bool,
+    /// The server's own cap on per_page.
+    pub max_page_size: usize,
+}
+
+pub struct ApEmulator {
+    pub data: Mutex<ApData>,
+    pub faults: Faults,
+    calls: Mutex<HashMap<String, u64>>,
+    /// Every PUT received: (account id, form pairs).
+    pub puts: Mutex<Vec<Put>>,
+}
+
+impl ApEmulator {
+    pub fn new(accounts: usize, seed: u64) -> Arc<Self> {
+        Arc::new(Self {
+            data: Mutex::new(ApData {
+                accounts: generate(accounts, seed),
+                payments: vec![],
+                envelope: Envelope::Bare,
+                balance_as_string: false,
+                max_page_size: 500,
+            }),
+            faults: Faults::default(),
+            calls: Mutex::new(HashMap::new()),
+            puts: Mutex::new(vec![]),
+        })
+    }
+
+    pub async fn serve(self: &Arc<Self>) -> std::io::Result<Server> {
+        let router = Router::new()
+            .route("/api/vendor/v1/accounts.json", get(list_accounts))
+            .route(
+                "/api/vendor/v1/accounts/{file}",
+                get(get_account).put(put_account),
+            )
+            .route("/api/vendor/v1/payments.json", get(list_payments))
+            .with_state(self.clone());
+        Server::start(router).await
+    }
+
+    pub fn data(&self) -> std::sync::MutexGuard<'_, ApData> {
+        self.data.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Calls by kind: `list`, `get`, `put`, `payments`.
+    pub fn calls(&self, kind: &str) -> u64 {
+        self.calls
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(kind)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    pub fn reset_calls(&self) {
+        self.calls.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    }
+
+    fn count(&self, kind: &str) {
+        *self
+            .calls
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(kind.into())
+            .or_default() += 1;
+    }
+
+    pub fn add_payment(&self, account_id: u64, total: &str, status: &str, updated_at: &str) -> u64 {
+        let mut d = self.data();
+        let id = d.payments.iter().map(|p| p.id).max().unwrap_or(0) + 1;
+        d.payments.push(ApPayment {
+            id,
+            account_id,
+            status: status.into(),
+            total: total.into(),
+            created_at: updated_at.into(),
+            updated_at: updated_at.into(),
+        });
+        id
+    }
+}
+
+pub fn generate(n: usize, seed: u64) -> Vec<ApAccount> {
+    let mut rng = Seq::new(seed.wrapping_add(1));
+    (1..=n as u64)
+        .map(|i| {
+            let id = 2_000_000 + i;
+            let status = match rng.below(25) {
+                0 => "credit hold",
+                1 => "administrative_hold",
+                _ => "active",
+            };
+            ApAccount {
+                id,
+                first_name: format!("First{i}"),
+                last_name: format!("Last{i}"),
+                email: format!("client{i}@ap.example.com"),
+                phone: if i % 3 == 0 {
+                    format!("00375{:09}", i)
+                } else {
+                    format!("+375{:09}", i)
+                },
+                status: status.into(),
+                balance: (rng.below(50_000) as f64 - 5_000.0) / 100.0,
+                credit_limit: if i % 4 == 0 { 10.0 } else { 0.0 },
+                custom_attributes: BTreeMap::new(),
+                updated_at: "2026-01-01T00:00:00.000+03:00".into(),
+            }
+        })
+        .collect()
+}
+
+fn authorized(q: &HashMap<String, String>) -> Result<(), Response> {
+    if q.get("api_token").map(String::as_str) == Some(TOKEN) {
+        Ok(())
+    } else {
+        Err((
+            StatusCode::UNAUTHORIZED,
+            Json(json!({"error": "Unauthorized", "message": "Invalid API token"})),
+        )
+            .into_response())
+    }
+}
+
+fn account_json(a: &ApAccount, full: bool, balance_as_string: bool) -> Value {
+    let attrs: Vec<Value> = a
+        .custom_attributes
+        .iter()
+        .map(|(k, v)| json!({"name": k, "key": k, "value": v}))
+        .collect();
+    let mut v = json!({
+        "id": a.id,
+        "name": format!("{} {}", a.first_name, a.last_name),
+        "primary_name": "",
+        "first_name": a.first_name,
+        "middle_name": null,
+        "last_name": a.last_name,
+        "phone": a.phone,
+        "status": a.status,
+        "balance": if balance_as_string { json!(format!("{:.2}", a.balance)) } else { json!(a.balance) },
+        "credit_limit": a.credit_limit,
+        "account_type": "Personal",
+        "custom_attributes": attrs,
+        "created_at": "2024-10-04T03:45:11.720+03:00",
+        "updated_at": a.updated_at,
+    });
+    // Every tenth list row lacks the e-mail: the reader must GET the account.
+    if full || a.id % 10 != 0 {
+        v["email"] = json!(a.email);
+    }
+    v
+}
+
+fn wrap(rows: Vec<Value>, envelope: Envelope) -> Value {
+    match envelope {
+        Envelope::Bare => Value::Array(rows),
+        Envelope::Data => json!({"data": rows, "meta": {"total": null}}),
+        Envelope::Accounts => json!({"accounts": rows}),
+        Envelope::Items => json!({"items": rows, "page": 1}),
+    }
+}
+
+fn paging(q: &HashMap<String, String>, cap: usize) -> (usize, usize) {
+    let page = q
+        .get("page")
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(1usize)
+        .max(1);
+    let per = q
+        .get("per_page")
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(25usize)
+        .clamp(1, cap.max(1));
+    (page, per)
+}
+
+async fn list_accounts(
+    State(emu): State<Arc<ApEmulator>>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    emu.count("list");
+    let fault = match emu.faults.apply("accounts.json").await {
+        Ok(f) => f,
+        Err(r) => return r,
+    };
+    if let Err(r) = authorized(&q) {
+        return r;
+    }
+    let data = emu.data();
+    let (page, per) = paging(&q, data.max_page_size);
+    let rows: Vec<Value> = if fault == Some(Fault::EmptyListing) {
+        vec![]
+    } else {
+        data.accounts
+            .iter()
+            .skip((page - 1) * per)
+            .take(per)
+            .map(|a| account_json(a, false, data.balance_as_string))
+            .collect()
+    };
+    Json(wrap(rows, data.envelope)).into_response()
+}
+
+fn account_id(file: &str) -> Option<u64> {
+    file.strip_suffix(".json").unwrap_or(file).parse().ok()
+}
+
+async fn get_account(
+    State(emu): State<Arc<ApEmulator>>,
+    Path(file): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    emu.count("get");
+    if let Err(r) = emu.faults.apply("accounts/").await {
+        return r;
+    }
+    if let Err(r) = authorized(&q) {
+        return r;
+    }
+    let data = emu.data();
+    match account_id(&file).and_then(|id| data.accounts.iter().find(|a| a.id == id)) {
+        Some(a) => Json(account_json(a, true, data.balance_as_string)).into_response(),
+        None => (StatusCode::NOT_FOUND, Json(json!({"error": "Not found"}))).into_response(),
+    }
+}
+
+async fn put_account(
+    State(emu): State<Arc<ApEmulator>>,
+    Path(file): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+    body: Bytes,
+) -> Response {
+    emu.count("put");
+    if let Err(r) = emu.faults.apply("put").await {
+        return r;
+    }
+    if let Err(r) = authorized(&q) {
+        return r;
+    }
+    let pairs: Vec<(String, String)> = url::form_urlencoded::parse(&body)
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+        .collect();
+    let Some(id) = account_id(&file) else {
+        return (StatusCode::NOT_FOUND, Json(json!({"error": "Not found"}))).into_response();
+    };
+    let mut data = emu.data();
+    let balance_as_string = data.balance_as_string;
+    let Some(acc) = data.accounts.iter_mut().find(|a| a.id == id) else {
+        return (StatusCode::NOT_FOUND, Json(json!({"error": "Not found"}))).into_response();
+    };
+    // custom_attributes[][key] / [][value] arrive as consecutive pairs.
+    let mut key: Option<String> = None;
+    for (k, v) in &pairs {
+        match k.as_str() {
+            "custom_attributes[][key]" => key = Some(v.clone()),
+            "custom_attributes[][value]" => {
+                if let Some(k) = key.take() {
+                    acc.custom_attributes.insert(k, v.clone());
+                }
+            }
+            "email" => acc.email = v.clone(),
+            "phone" => acc.phone = v.clone(),
+            _ => {}
+        }
+    }
+    let out = account_json(acc, true, balance_as_string);
+    drop(data);
+    emu.puts
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push((id, pairs));
+    Json(out).into_response()
+}
+
+async fn list_payments(
+    State(emu): State<Arc<ApEmulator>>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    emu.count("payments");
+    let fault = match emu.faults.apply("payments.json").await {
+        Ok(f) => f,
+        Err(r) => return r,
+    };
+    if let Err(r) = authorized(&q) {
+        return r;
+    }
+    let data = emu.data();
+    let (page, per) = paging(&q, data.max_page_size);
+    let since = q.get("filters[updated_at]").cloned().unwrap_or_default();
+    let rows: Vec<Value> = if fault == Some(Fault::EmptyListing) {
+        vec![]
+    } else {
+        data.payments
+            .iter()
+            .filter(|p| p.updated_at.as_str() >= since.as_str())
+            .skip((page - 1) * per)
+            .take(per)
+            .map(|p| {
+                json!({"id": p.id, "account_id": p.account_id, "status": p.status, "total": p.total,
+                       "created_at": p.created_at, "updated_at": p.updated_at})
+            })
+            .collect()
+    };
+    Json(wrap(rows, data.envelope)).into_response()
+}

@@ -1,0 +1,3 @@
+//! One cycle: read -> plan -> persist -> push -> record.
+
+pub mod read;

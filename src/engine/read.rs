@@ -1,0 +1,313 @@
+//! The read phase of a cycle, per source: list completely, fetch details for
+//! what is new or changed, read payments, persist, normalize. A failure makes
+//! the source *incomplete*: its known accounts are kept as the store has them,
+//! and nothing of it is deprovisioned.
+
+use std::collections::{HashMap, HashSet};
+
+use chrono::{DateTime, Duration as ChronoDuration, Utc};
+use futures::StreamExt;
+
+use crate::core::model::{Account, Invalid, InvalidCode, RawAccount, SourceKind};
+use crate::core::normalize::{self, Normalizer};
+use crate::sources::{BadRow, Details, ListedAccount, Source};
+use crate::store::Store;
+use crate::telemetry::metrics;
+
+/// Detail calls in flight per source.
+const DETAIL_CONCURRENCY: usize = 4;
+
+#[derive(Debug, Clone)]
+pub struct ReadOptions {
+    /// Fetch every account's details, read payments back `paid_history_days`.
+    pub full: bool,
+    pub payment_window_days: u32,
+    /// `max(paid_within_days)` over the rules.
+    pub paid_history_days: u32,
+    pub now: DateTime<Utc>,
+}
+
+/// A record skipped this cycle, with why.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InvalidRecord {
+    pub id: String,
+    pub kind: &'static str,
+    pub invalid: Invalid,
+}
+
+#[derive(Debug, Default)]
+pub struct SourceRead {
+    pub complete: bool,
+    pub error: Option<String>,
+    /// Listed now (complete) or known from the store (incomplete).
+    pub accounts: Vec<Account>,
+    /// Missing-cycle counts of accounts absent from complete listings.
+    pub missing: HashMap<String, u32>,
+    pub invalid: Vec<InvalidRecord>,
+    /// Latest paid date by account id.
+    pub last_paid: HashMap<String, DateTime<Utc>>,
+    pub listed: usize,
+    pub detail_calls: u32,
+    /// Listed accounts left out this cycle because their details could not
+    /// be read (retried next cycle; never treated as deleted).
+    pub details_unavailable: usize,
+}
+
+fn bad_rows(rows: Vec<BadRow>, kind: &'static str) -> Vec<InvalidRecord> {
+    rows.into_iter()
+        .map(|b| InvalidRecord {
+            id: b.id,
+            kind,
+            invalid: Invalid::new(InvalidCode::Malformed, b.reason),
+        })
+        .collect()
+}
+
+pub async fn read_source(
+    store: &Store,
+    source: &Source,
+    normalizer: &Normalizer,
+    opts: &ReadOptions,
+    progress: &(dyn Fn(usize) + Sync),
+) -> Result<SourceRead, crate::store::StoreError> {
+    let kind = source.kind();
+    let index = store.account_index(kind).await?;
+    let mut out = SourceRead::default();
+
+    let listing = match source.list_accounts(progress).await {
+        Ok(l) if l.accounts.is_empty() && !index.is_empty() => Err(format!(
+            "listed zero accounts while the store knows {}; treated as a failed read",
+            index.len()
+        )),
+        Ok(l) => Ok(l),
+        Err(e) => Err(format!("account listing failed: {e}")),
+    };
+    let mut listing = match listing {
+        Ok(l) => l,
+        Err(error) => return incomplete(store, kind, normalizer, out, error).await,
+    };
+    out.listed = listing.accounts.len();
+    out.invalid
+        .extend(bad_rows(std::mem::take(&mut listing.bad), "account"));
+
+    // Payments: new or changed ones also trigger a detail fetch.
+    let days = if opts.full {
+        opts.payment_window_days.max(opts.paid_history_days)
+    } else {
+        opts.payment_window_days
+    };
+    let today = opts.now.date_naive();
+    let since = today - ChronoDuration::days(i64::from(days));
+    let payments = match source.payments(since, today).await {
+        Ok(p) => p,
+        Err(e) => {
+            return incomplete(
+                store,
+                kind,
+                normalizer,
+                out,
+                format!("payment listing failed: {e}"),
+            )
+            .await
+        }
+    };
+    out.invalid.extend(bad_rows(payments.bad, "payment"));
+    let pay_index = store.payment_index(kind).await?;
+    let names = unique_names(&listing.accounts);
+    let mut paid_accounts: HashSet<String> = HashSet::new();
+    let mut to_save = vec![];
+    for lp in payments.payments {
+        if pay_index.get(&lp.raw.id) == Some(&lp.row_hash) {
+            continue;
+        }
+        match normalize::payment(kind, &lp.raw) {
+            Ok(mut p) => {
+                if p.account_id.is_none() {
+                    match p.account_name.as_ref().and_then(|n| names.get(n)) {
+                        Some(Some(id)) => p.account_id = Some(id.clone()),
+                        _ => {
+                            out.invalid.push(InvalidRecord {
+                                id: p.id.clone(),
+                                kind: "payment",
+                                invalid: Invalid::new(
+                                    InvalidCode::UnknownAccount,
+                                    "payment's account_name matches no single account",
+                                ),
+                            });
+                            continue;
+                        }
+                    }
+                }
+                if let Some(a) = &p.account_id {
+                    paid_accounts.insert(a.clone());
+                }
+                to_save.push((p, lp.row_hash));
+            }
+            Err(invalid) => out.invalid.push(InvalidRecord {
+                id: lp.raw.id.clone(),
+                kind: "payment",
+                invalid,
+            }),
+        }
+    }
+
+    // Details for what is new, changed, never detailed, or newly paid.
+    let wanted: Vec<String> = listing
+        .accounts
+        .iter()
+        .filter(|a| source.needs_details(&a.raw) || opts.full)
+        .filter(|a| {
+            opts.full
+                || match index.get(&a.raw.id) {
+                    None => true,
+                    Some(k) => k.row_hash != a.row_hash || !k.has_details,
+                }
+                || paid_accounts.contains(&a.raw.id)
+        })
+        .map(|a| a.raw.id.clone())
+        .collect();
+    let mut fetched: Vec<(String, RawAccount)> = vec![];
+    let mut failed: HashSet<String> = HashSet::new();
+    let mut gone: HashSet<String> = HashSet::new();
+    let mut results = futures::stream::iter(wanted.into_iter().map(|id| async move {
+        let r = source.details(&id).await;
+        (id, r)
+    }))
+    .buffer_unordered(DETAIL_CONCURRENCY);
+    let mut detail_error = None;
+    while let Some((id, r)) = results.next().await {
+        out.detail_calls += 1;
+        match r {
+            Ok(Details::Found(raw)) => fetched.push((id, raw)),
+            Ok(Details::Gone) => {
+                gone.insert(id);
+            }
+            Err(e) => {
+                detail_error.get_or_insert_with(|| e.to_string());
+                failed.insert(id);
+            }
+        }
+    }
+    drop(results);
+    if let Some(e) = &detail_error {
+        tracing::warn!(source = %kind, failed = failed.len(), error = %e, "some account details could not be read; retried next cycle");
+    }
+    // A failed detail read leaves the row hash unrecorded, so the next cycle
+    // asks again.
+    for a in listing.accounts.iter_mut() {
+        if failed.contains(&a.raw.id) || gone.contains(&a.raw.id) {
+            a.row_hash = String::new();
+        }
+    }
+    store
+        .save_listing(kind, &listing.accounts, &index, opts.now)
+        .await?;
+    store.save_details(kind, &fetched, opts.now).await?;
+    store.save_payments(&to_save, opts.now).await?;
+
+    let mut details = store.load_details(kind).await?;
+    for (id, raw) in fetched {
+        details.insert(id, raw);
+    }
+    for a in &listing.accounts {
+        if gone.contains(&a.raw.id) {
+            continue;
+        }
+        let merged = match details.get(&a.raw.id) {
+            Some(d) => a.raw.merged_with(d),
+            None if source.needs_details(&a.raw) => {
+                out.details_unavailable += 1;
+                continue;
+            }
+            None => a.raw.clone(),
+        };
+        match normalizer.account(&merged) {
+            Ok(acc) => out.accounts.push(acc),
+            Err(invalid) => out.invalid.push(InvalidRecord {
+                id: a.raw.id.clone(),
+                kind: "account",
+                invalid,
+            }),
+        }
+    }
+    // Accounts absent from this complete listing: keep them, with their
+    // missing count, so the core can apply the grace period.
+    out.missing = store.missing_counts(kind).await?;
+    if !out.missing.is_empty() {
+        for (raw, _) in store.load_accounts(kind).await? {
+            if out.missing.contains_key(&raw.id) {
+                if let Ok(acc) = normalizer.account(&raw) {
+                    out.accounts.push(acc);
+                }
+            }
+        }
+    }
+    out.last_paid = store.last_paid(kind).await?;
+    out.complete = true;
+    finish(store, kind, &mut out).await?;
+    Ok(out)
+}
+
+/// Accounts by name, `None` where a name is shared (ambiguous).
+fn unique_names(accounts: &[ListedAccount]) -> HashMap<String, Option<String>> {
+    let mut out: HashMap<String, Option<String>> = HashMap::new();
+    for a in accounts {
+        if let Some(n) = &a.raw.name {
+            out.entry(n.trim().to_string())
+                .and_modify(|v| *v = None)
+                .or_insert_with(|| Some(a.raw.id.clone()));
+        }
+    }
+    out
+}
+
+async fn incomplete(
+    store: &Store,
+    kind: SourceKind,
+    normalizer: &Normalizer,
+    mut out: SourceRead,
+    error: String,
+) -> Result<SourceRead, crate::store::StoreError> {
+    tracing::warn!(source = %kind, error = %error, "source read failed; it is incomplete this cycle");
+    store.record_source_error(kind, &error).await?;
+    for (raw, _) in store.load_accounts(kind).await? {
+        if let Ok(acc) = normalizer.account(&raw) {
+            out.accounts.push(acc);
+        }
+    }
+    out.missing = store.missing_counts(kind).await?;
+    out.last_paid = store.last_paid(kind).await?;
+    out.complete = false;
+    out.error = Some(error);
+    Ok(out)
+}
+
+async fn finish(
+    store: &Store,
+    kind: SourceKind,
+    out: &mut SourceRead,
+) -> Result<(), crate::store::StoreError> {
+    let m = metrics::get();
+    m.source_accounts
+        .get_or_create(&metrics::Source {
+            source: kind.as_str().into(),
+        })
+        .set(out.listed as i64);
+    let records: Vec<_> = out
+        .invalid
+        .iter()
+        .map(|r| {
+            (
+                r.id.clone(),
+                r.kind,
+                r.invalid.code.as_str(),
+                r.invalid.detail.clone(),
+            )
+        })
+        .collect();
+    for r in &out.invalid {
+        m.invalid(kind, r.invalid.code);
+        tracing::warn!(source = %kind, id = %r.id, kind = r.kind, reason = r.invalid.code.as_str(), detail = %r.invalid.detail, "skipped an invalid record");
+    }
+    store.replace_invalid(kind, &records, Utc::now()).await
+}

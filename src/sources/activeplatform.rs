@@ -1,0 +1,394 @@
+//! ActivePlatform vendor API v1 reader (and the one write-back call).
+//! `api_token` travels in the query, so no URL of ours is ever logged raw.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use chrono::NaiveDate;
+use serde_json::{Map, Value};
+use url::Url;
+
+use super::{
+    json_text, with_retry, BadRow, Details, ListedAccount, ListedPayment, Listing, PaymentListing,
+};
+use crate::config::{ActivePlatformSettings, Secret};
+use crate::core::model::{RawAccount, RawPayment, SourceKind};
+use crate::http::{self, FetchError};
+use crate::telemetry::metrics;
+
+const MAX_PAGES: u32 = 100_000;
+
+pub struct ActivePlatformClient {
+    http: reqwest::Client,
+    base: Url,
+    token: Secret,
+    page_size: u32,
+}
+
+impl ActivePlatformClient {
+    pub fn new(cfg: &ActivePlatformSettings) -> anyhow::Result<Self> {
+        let http = http::build_client(http::ClientOptions {
+            timeout: Duration::from_secs(cfg.timeout_secs),
+            ca_file: &cfg.ca_file,
+            insecure: cfg.insecure_skip_tls_verify,
+            headers: Default::default(),
+            pool_size: 4,
+        })?;
+        let mut base = Url::parse(&cfg.url)?;
+        if !base.path().ends_with('/') {
+            let p = format!("{}/", base.path());
+            base.set_path(&p);
+        }
+        Ok(Self {
+            http,
+            base,
+            token: cfg.api_token.clone(),
+            page_size: cfg.page_size,
+        })
+    }
+
+    fn endpoint(&self, path: &str) -> Result<Url, FetchError> {
+        self.base
+            .join(path)
+            .map_err(|e| FetchError::permanent(format!("bad ActivePlatform path {path}: {e}")))
+    }
+
+    fn token(&self) -> String {
+        self.token.expose().unwrap_or_default().to_string()
+    }
+
+    async fn request(&self, req: reqwest::RequestBuilder) -> Result<Value, FetchError> {
+        let outcome = match http::send(req).await {
+            Err(e) => Err(e),
+            Ok((status, headers, body)) => {
+                if (200..300).contains(&status) {
+                    http::parse_json(&body)
+                } else {
+                    let msg = format!("HTTP {status} with {}", http::describe_body(&body));
+                    let mut e = match http::classify_status(status) {
+                        http::ErrorClass::Transient => FetchError::transient(msg),
+                        http::ErrorClass::Permanent if (300..400).contains(&status) => {
+                            FetchError::transient(msg)
+                        }
+                        http::ErrorClass::Permanent => FetchError::permanent(msg),
+                    }
+                    .with_status(status);
+                    e.retry_after = http::retry_after(&headers);
+                    Err(e)
+                }
+            }
+        };
+        metrics::get().source_request(SourceKind::Activeplatform, outcome.is_ok());
+        outcome
+    }
+
+    async fn get(&self, path: &str, query: &[(&str, String)]) -> Result<Value, FetchError> {
+        let url = self.endpoint(path)?;
+        let mut q: Vec<(&str, String)> = vec![("api_token", self.token())];
+        q.extend(query.iter().cloned());
+        with_retry(|| self.request(self.http.get(url.clone()).query(&q))).await
+    }
+
+    async fn page_all<T>(
+        &self,
+        path: &str,
+        extra: &[(&str, String)],
+        progress: &(dyn Fn(usize) + Sync),
+        max_pages: u32,
+        mut decode: impl FnMut(&Map<String, Value>, String) -> T,
+    ) -> Result<(Vec<T>, Vec<BadRow>, u32), FetchError> {
+        let mut seen = HashSet::new();
+        let mut out = vec![];
+        let mut bad = vec![];
+        let mut page = 1u32;
+        let mut requests = 0;
+        loop {
+            let mut q = vec![
+                ("page", page.to_string()),
+                ("per_page", self.page_size.to_string()),
+            ];
+            q.extend(extra.iter().cloned());
+            let body = self.get(path, &q).await?;
+            requests += 1;
+            let rows = list_envelope(body)?;
+            // An empty page ends the listing (API-NOTES).
+            if rows.is_empty() {
+                break;
+            }
+            let mut new_rows = 0;
+            for row in rows {
+                let Value::Object(obj) = row else {
+                    bad.push(BadRow {
+                        id: String::new(),
+                        reason: "list row is not an object".into(),
+                    });
+                    continue;
+                };
+                let Some(id) = obj
+                    .get("id")
+                    .and_then(json_text)
+                    .filter(|s| !s.trim().is_empty())
+                else {
+                    bad.push(BadRow {
+                        id: String::new(),
+                        reason: "list row without id".into(),
+                    });
+                    continue;
+                };
+                let id = id.trim().to_string();
+                if seen.insert(id.clone()) {
+                    new_rows += 1;
+                    out.push(decode(&obj, id));
+                }
+            }
+            progress(seen.len());
+            // A server that ignores `page` repeats itself: stop, don't loop.
+            if new_rows == 0 || page >= max_pages {
+                break;
+            }
+            page += 1;
+        }
+        Ok((out, bad, requests))
+    }
+
+    pub async fn list_accounts(
+        &self,
+        progress: &(dyn Fn(usize) + Sync),
+    ) -> Result<Listing, FetchError> {
+        let (accounts, bad, requests) = self
+            .page_all(
+                "api/vendor/v1/accounts.json",
+                &[],
+                progress,
+                MAX_PAGES,
+                account_row,
+            )
+            .await?;
+        Ok(Listing {
+            accounts,
+            bad,
+            requests,
+        })
+    }
+
+    pub async fn first_page(&self) -> Result<Listing, FetchError> {
+        let (accounts, bad, requests) = self
+            .page_all("api/vendor/v1/accounts.json", &[], &|_| {}, 1, account_row)
+            .await?;
+        Ok(Listing {
+            accounts,
+            bad,
+            requests,
+        })
+    }
+
+    pub async fn details(&self, id: &str) -> Result<Details, FetchError> {
+        let path = format!("api/vendor/v1/accounts/{}.json", urlencode(id));
+        match self.get(&path, &[]).await {
+            Ok(body) => {
+                let obj = match body {
+                    Value::Object(mut o) => {
+                        match o.remove("data").or_else(|| o.remove("account")) {
+                            Some(Value::Object(inner)) => inner,
+                            Some(other) => {
+                                o.insert("data".into(), other);
+                                o
+                            }
+                            None => o,
+                        }
+                    }
+                    _ => {
+                        return Err(FetchError::transient(
+                            "account GET did not return an object",
+                        ))
+                    }
+                };
+                Ok(Details::Found(decode_account(&obj, id.to_string())))
+            }
+            Err(e) if e.status == Some(404) => Ok(Details::Gone),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub async fn payments(&self, since: NaiveDate) -> Result<PaymentListing, FetchError> {
+        let extra = [("filters[updated_at]", since.format("%Y-%m-%d").to_string())];
+        let (payments, bad, _) = self
+            .page_all(
+                "api/vendor/v1/payments.json",
+                &extra,
+                &|_| {},
+                MAX_PAGES,
+                |row, id| {
+                    let raw = RawPayment {
+                        id,
+                        account_id: row.get("account_id").and_then(json_text),
+                        account_name: None,
+                        amount: row.get("total").and_then(json_text),
+                        status: row.get("status").and_then(json_text),
+                        paid_date: row.get("updated_at").and_then(json_text),
+                        created_date: row.get("created_at").and_then(json_text),
+                    };
+                    ListedPayment {
+                        row_hash: super::hash_raw(&raw),
+                        raw,
+                    }
+                },
+            )
+            .await?;
+        Ok(PaymentListing { payments, bad })
+    }
+
+    /// Stores `value` in the custom attribute `key` (SPEC §2.2 write-back).
+    pub async fn write_attribute(
+        &self,
+        id: &str,
+        key: &str,
+        value: &str,
+    ) -> Result<(), FetchError> {
+        let url = self.endpoint(&format!("api/vendor/v1/accounts/{}.json", urlencode(id)))?;
+        let form = [
+            ("custom_attributes[][key]", key.to_string()),
+            ("custom_attributes[][value]", value.to_string()),
+        ];
+        let body = serde_urlencoded_pairs(&form);
+        let req = self
+            .http
+            .put(url)
+            .query(&[("api_token", self.token())])
+            .header(
+                reqwest::header::CONTENT_TYPE,
+                "application/x-www-form-urlencoded",
+            )
+            .body(body);
+        self.request(req).await.map(|_| ())
+    }
+}
+
+fn serde_urlencoded_pairs(pairs: &[(&str, String)]) -> String {
+    let mut ser = url::form_urlencoded::Serializer::new(String::new());
+    for (k, v) in pairs {
+        ser.append_pair(k, v);
+    }
+    ser.finish()
+}
+
+fn urlencode(s: &str) -> String {
+    url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
+}
+
+/// The list envelope is unknown: a bare array, or an object holding the
+/// array under `data`, `accounts`, `payments` or `items`.
+pub fn list_envelope(body: Value) -> Result<Vec<Value>, FetchError> {
+    match body {
+        Value::Array(a) => Ok(a),
+        Value::Object(mut o) => {
+            for key in ["data", "accounts", "payments", "items"] {
+                if let Some(Value::Array(a)) = o.remove(key) {
+                    return Ok(a);
+                }
+            }
+            Err(FetchError::transient(
+                "list response is an object without a data/accounts/items array",
+            ))
+        }
+        _ => Err(FetchError::transient(
+            "list response is neither an array nor an object",
+        )),
+    }
+}
+
+fn account_row(row: &Map<String, Value>, id: String) -> ListedAccount {
+    let raw = decode_account(row, id);
+    ListedAccount {
+        row_hash: super::hash_raw(&raw),
+        row_json: serde_json::to_string(row).unwrap_or_default(),
+        raw,
+    }
+}
+
+pub fn decode_account(row: &Map<String, Value>, id: String) -> RawAccount {
+    let text = |k: &str| {
+        row.get(k)
+            .and_then(json_text)
+            .filter(|s| !s.trim().is_empty())
+    };
+    let name = text("name").or_else(|| text("primary_name")).or_else(|| {
+        let full = [text("first_name"), text("last_name")]
+            .into_iter()
+            .flatten()
+            .collect::<Vec<_>>()
+            .join(" ");
+        Some(full).filter(|f| !f.is_empty())
+    });
+    let mut attributes = std::collections::BTreeMap::new();
+    if let Some(Value::Array(attrs)) = row.get("custom_attributes") {
+        for a in attrs {
+            let Some(obj) = a.as_object() else { continue };
+            let value = obj.get("value").and_then(json_text).unwrap_or_default();
+            for k in ["name", "key"] {
+                if let Some(n) = obj.get(k).and_then(json_text).filter(|n| !n.is_empty()) {
+                    attributes.insert(n, value.clone());
+                }
+            }
+        }
+    }
+    RawAccount {
+        id,
+        name,
+        email: text("email"),
+        phone: text("phone"),
+        status: text("status"),
+        balance: text("balance"),
+        credit_limit: text("credit_limit"),
+        attributes,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn envelopes() {
+        let one = serde_json::json!([{"id": 1}]);
+        assert_eq!(list_envelope(one).unwrap().len(), 1);
+        for key in ["data", "accounts", "items"] {
+            let v = serde_json::json!({ key: [{"id": 1}, {"id": 2}], "meta": {} });
+            assert_eq!(list_envelope(v).unwrap().len(), 2);
+        }
+        assert!(list_envelope(serde_json::json!({"error": "x"})).is_err());
+        assert!(list_envelope(serde_json::json!("x")).is_err());
+    }
+
+    #[test]
+    fn account_fields() {
+        let v = serde_json::json!({
+            "id": 2000589, "first_name": "John", "last_name": "Doe", "email": "doe@x.com",
+            "status": "credit hold", "balance": 12.5, "credit_limit": "1",
+            "custom_attributes": [{"name": "Trial", "value": ""}, {"name": "VMS login", "key": "vms_login", "value": "a@b"}]
+        });
+        let raw = decode_account(v.as_object().unwrap(), "2000589".into());
+        assert_eq!(raw.name.as_deref(), Some("John Doe"));
+        assert_eq!(raw.balance.as_deref(), Some("12.5"));
+        assert_eq!(raw.status.as_deref(), Some("credit hold"));
+        assert_eq!(
+            raw.attributes.get("vms_login").map(String::as_str),
+            Some("a@b")
+        );
+        assert_eq!(
+            raw.attributes.get("VMS login").map(String::as_str),
+            Some("a@b")
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn decoding_never_panics(v in crate::sources::billmanager::tests::arb_json()) {
+            if let Ok(rows) = list_envelope(v.clone()) {
+                for r in rows { if let Some(o) = r.as_object() { let _ = decode_account(o, "1".into()); } }
+            }
+            if let Some(o) = v.as_object() { let _ = decode_account(o, "1".into()); }
+        }
+    }
+}

@@ -1,0 +1,383 @@
+//! Source accounts, payments and invalid records.
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
+use sqlx::Row;
+
+use super::{parse_ts, ts, Result, Store, StoreError};
+use crate::core::model::{Payment, RawAccount, SourceKind};
+use crate::sources::ListedAccount;
+
+#[derive(Debug, Clone)]
+pub struct AccountIndexEntry {
+    pub row_hash: String,
+    pub has_details: bool,
+    pub missing_cycles: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct StoredPayment {
+    pub id: String,
+    pub account_id: Option<String>,
+    pub paid: bool,
+    pub paid_at: Option<DateTime<Utc>>,
+}
+
+fn decode_raw(text: &str) -> Result<RawAccount> {
+    serde_json::from_str(text).map_err(|e| StoreError::Decode(e.to_string()))
+}
+
+impl Store {
+    /// What the store knows of a source's accounts, by id.
+    pub async fn account_index(
+        &self,
+        source: SourceKind,
+    ) -> Result<HashMap<String, AccountIndexEntry>> {
+        let rows = sqlx::query(
+            "SELECT id, row_hash, details_json IS NOT NULL AS has_details, missing_cycles
+             FROM source_accounts WHERE source = ?",
+        )
+        .bind(source.as_str())
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| {
+                (
+                    r.get::<String, _>(0),
+                    AccountIndexEntry {
+                        row_hash: r.get(1),
+                        has_details: r.get(2),
+                        missing_cycles: r.get::<i64, _>(3).max(0) as u32,
+                    },
+                )
+            })
+            .collect())
+    }
+
+    /// Records a complete listing: new and changed rows are written, rows
+    /// absent from it count one more missing cycle, returning rows reset.
+    pub async fn save_listing(
+        &self,
+        source: SourceKind,
+        listing: &[ListedAccount],
+        index: &HashMap<String, AccountIndexEntry>,
+        now: DateTime<Utc>,
+    ) -> Result<()> {
+        let now_s = ts(now);
+        let mut tx = self.pool.begin().await?;
+        let prev_listed: Option<String> =
+            sqlx::query_scalar("SELECT last_listed_at FROM source_state WHERE source = ?")
+                .bind(source.as_str())
+                .fetch_optional(&mut *tx)
+                .await?
+                .flatten();
+        let mut listed = std::collections::HashSet::with_capacity(listing.len());
+        for a in listing {
+            listed.insert(a.raw.id.as_str());
+            let known = index.get(&a.raw.id);
+            let changed = known.is_none_or(|k| k.row_hash != a.row_hash);
+            if changed {
+                let list_raw = serde_json::to_string(&a.raw).unwrap_or_default();
+                sqlx::query(
+                    "INSERT INTO source_accounts
+                        (source, id, row_json, row_hash, list_raw, first_seen, last_seen, missing_cycles)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6, 0)
+                     ON CONFLICT (source, id) DO UPDATE SET
+                        row_json = excluded.row_json, row_hash = excluded.row_hash,
+                        list_raw = excluded.list_raw, last_seen = excluded.last_seen,
+                        missing_cycles = 0",
+                )
+                .bind(source.as_str())
+                .bind(&a.raw.id)
+                .bind(&a.row_json)
+                .bind(&a.row_hash)
+                .bind(list_raw)
+                .bind(&now_s)
+                .execute(&mut *tx)
+                .await?;
+            } else if known.is_some_and(|k| k.missing_cycles > 0) {
+                sqlx::query(
+                    "UPDATE source_accounts SET missing_cycles = 0, last_seen = ?3
+                     WHERE source = ?1 AND id = ?2",
+                )
+                .bind(source.as_str())
+                .bind(&a.raw.id)
+                .bind(&now_s)
+                .execute(&mut *tx)
+                .await?;
+            }
+        }
+        for (id, entry) in index {
+            if listed.contains(id.as_str()) {
+                continue;
+            }
+            // Going missing now: its last sighting was the previous listing.
+            let last_seen = if entry.missing_cycles == 0 {
+                prev_listed.clone()
+            } else {
+                None
+            };
+            sqlx::query(
+                "UPDATE source_accounts SET missing_cycles = missing_cycles + 1,
+                    last_seen = COALESCE(?3, last_seen)
+                 WHERE source = ?1 AND id = ?2",
+            )
+            .bind(source.as_str())
+            .bind(id)
+            .bind(last_seen)
+            .execute(&mut *tx)
+            .await?;
+        }
+        sqlx::query(
+            "INSERT INTO source_state (source, last_listed_at) VALUES (?1, ?2)
+             ON CONFLICT (source) DO UPDATE SET last_listed_at = excluded.last_listed_at",
+        )
+        .bind(source.as_str())
+        .bind(&now_s)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub async fn record_source_error(&self, source: SourceKind, error: &str) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO source_state (source, last_error, last_error_at) VALUES (?1, ?2, ?3)
+             ON CONFLICT (source) DO UPDATE SET last_error = excluded.last_error,
+                last_error_at = excluded.last_error_at",
+        )
+        .bind(source.as_str())
+        .bind(error)
+        .bind(ts(super::now()))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn save_details(
+        &self,
+        source: SourceKind,
+        details: &[(String, RawAccount)],
+        now: DateTime<Utc>,
+    ) -> Result<()> {
+        let now_s = ts(now);
+        let mut tx = self.pool.begin().await?;
+        for (id, raw) in details {
+            sqlx::query(
+                "UPDATE source_accounts SET details_json = ?3, details_at = ?4
+                 WHERE source = ?1 AND id = ?2",
+            )
+            .bind(source.as_str())
+            .bind(id)
+            .bind(serde_json::to_string(raw).unwrap_or_default())
+            .bind(&now_s)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Stored details of every account of a source that has them.
+    pub async fn load_details(&self, source: SourceKind) -> Result<HashMap<String, RawAccount>> {
+        let rows = sqlx::query(
+            "SELECT id, details_json FROM source_accounts
+             WHERE source = ? AND details_json IS NOT NULL",
+        )
+        .bind(source.as_str())
+        .fetch_all(&self.pool)
+        .await?;
+        let mut out = HashMap::with_capacity(rows.len());
+        for r in rows {
+            let text: String = r.get(1);
+            out.insert(r.get::<String, _>(0), decode_raw(&text)?);
+        }
+        Ok(out)
+    }
+
+    /// Every stored account of a source, list row merged with details, and
+    /// its missing count: the input of an incomplete cycle.
+    pub async fn load_accounts(&self, source: SourceKind) -> Result<Vec<(RawAccount, u32)>> {
+        let rows = sqlx::query(
+            "SELECT list_raw, details_json, missing_cycles FROM source_accounts WHERE source = ?",
+        )
+        .bind(source.as_str())
+        .fetch_all(&self.pool)
+        .await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for r in rows {
+            let list = decode_raw(&r.get::<String, _>(0))?;
+            let merged = match r.get::<Option<String>, _>(1) {
+                Some(d) => list.merged_with(&decode_raw(&d)?),
+                None => list,
+            };
+            out.push((merged, r.get::<i64, _>(2).max(0) as u32));
+        }
+        Ok(out)
+    }
+
+    /// Missing counts of accounts that are currently missing.
+    pub async fn missing_counts(&self, source: SourceKind) -> Result<HashMap<String, u32>> {
+        let rows = sqlx::query(
+            "SELECT id, missing_cycles FROM source_accounts WHERE source = ? AND missing_cycles > 0",
+        )
+        .bind(source.as_str())
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| (r.get(0), r.get::<i64, _>(1).max(0) as u32))
+            .collect())
+    }
+
+    pub async fn count_accounts(&self, source: SourceKind) -> Result<u64> {
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM source_accounts WHERE source = ?")
+            .bind(source.as_str())
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(n.max(0) as u64)
+    }
+
+    /// Payment hashes by id, to spot new and changed payments.
+    pub async fn payment_index(&self, source: SourceKind) -> Result<HashMap<String, String>> {
+        let rows = sqlx::query("SELECT id, row_hash FROM payments WHERE source = ?")
+            .bind(source.as_str())
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows.into_iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
+    pub async fn save_payments(
+        &self,
+        payments: &[(Payment, String)],
+        now: DateTime<Utc>,
+    ) -> Result<()> {
+        let now_s = ts(now);
+        let mut tx = self.pool.begin().await?;
+        for (p, hash) in payments {
+            sqlx::query(
+                "INSERT INTO payments
+                    (source, id, account_id, account_name, amount, paid, is_final, paid_at, row_hash, seen_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
+                 ON CONFLICT (source, id) DO UPDATE SET
+                    account_id = excluded.account_id, account_name = excluded.account_name,
+                    amount = excluded.amount, paid = excluded.paid, is_final = excluded.is_final,
+                    paid_at = excluded.paid_at, row_hash = excluded.row_hash, seen_at = excluded.seen_at",
+            )
+            .bind(p.source.as_str())
+            .bind(&p.id)
+            .bind(&p.account_id)
+            .bind(&p.account_name)
+            .bind(p.amount.to_string())
+            .bind(p.paid)
+            .bind(p.is_final)
+            .bind(p.paid_at.map(ts))
+            .bind(hash)
+            .bind(&now_s)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Latest paid date per account of a source.
+    pub async fn last_paid(&self, source: SourceKind) -> Result<HashMap<String, DateTime<Utc>>> {
+        let rows = sqlx::query(
+            "SELECT account_id, MAX(paid_at) FROM payments
+             WHERE source = ? AND paid = 1 AND account_id IS NOT NULL AND paid_at IS NOT NULL
+             GROUP BY account_id",
+        )
+        .bind(source.as_str())
+        .fetch_all(&self.pool)
+        .await?;
+        let mut out = HashMap::new();
+        for r in rows {
+            if let Some(t) = r.get::<Option<String>, _>(1).as_deref().and_then(parse_ts) {
+                out.insert(r.get::<String, _>(0), t);
+            }
+        }
+        Ok(out)
+    }
+
+    pub async fn payments_of(
+        &self,
+        source: SourceKind,
+        account_id: &str,
+    ) -> Result<Vec<StoredPayment>> {
+        let rows = sqlx::query(
+            "SELECT id, account_id, paid, paid_at FROM payments
+             WHERE source = ? AND account_id = ? ORDER BY paid_at DESC LIMIT 50",
+        )
+        .bind(source.as_str())
+        .bind(account_id)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| StoredPayment {
+                id: r.get(0),
+                account_id: r.get(1),
+                paid: r.get(2),
+                paid_at: r.get::<Option<String>, _>(3).as_deref().and_then(parse_ts),
+            })
+            .collect())
+    }
+
+    /// Drops payments that no rule can use any more.
+    pub async fn prune_payments(&self, older_than: DateTime<Utc>) -> Result<u64> {
+        let done = sqlx::query(
+            "DELETE FROM payments WHERE is_final = 1 AND COALESCE(paid_at, seen_at) < ?",
+        )
+        .bind(ts(older_than))
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    /// Replaces a source's invalid records with this cycle's.
+    pub async fn replace_invalid(
+        &self,
+        source: SourceKind,
+        records: &[(String, &'static str, &'static str, String)],
+        now: DateTime<Utc>,
+    ) -> Result<()> {
+        let now_s = ts(now);
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("DELETE FROM invalid_records WHERE source = ?")
+            .bind(source.as_str())
+            .execute(&mut *tx)
+            .await?;
+        for (id, kind, reason, detail) in records {
+            sqlx::query(
+                "INSERT INTO invalid_records (source, id, kind, reason, detail, seen_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )
+            .bind(source.as_str())
+            .bind(id)
+            .bind(kind)
+            .bind(reason)
+            .bind(detail)
+            .bind(&now_s)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// `(source, id, reason, detail)` of every invalid record.
+    pub async fn invalid_records(&self) -> Result<Vec<(String, String, String, String)>> {
+        let rows = sqlx::query(
+            "SELECT source, id, reason, detail FROM invalid_records ORDER BY source, id LIMIT 1000",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+            .collect())
+    }
+}

@@ -1,0 +1,268 @@
+//! SPEC §6 metrics. One process-wide set, exported from start; no label
+//! carries a login, an account id or a secret.
+
+use std::sync::atomic::AtomicU64;
+use std::sync::OnceLock;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+use crate::core::model::{InvalidCode, SourceKind};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindResult {
+    pub kind: String,
+    pub result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Kind {
+    pub kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Source {
+    pub source: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceResult {
+    pub source: String,
+    pub result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OpCode {
+    pub op: String,
+    pub code: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OpResult {
+    pub op: String,
+    pub result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceReason {
+    pub source: String,
+    pub reason: String,
+}
+
+type HistFamily = Family<Kind, Histogram, fn() -> Histogram>;
+
+pub struct Metrics {
+    pub registry: Registry,
+    pub cycles: Family<KindResult, Counter>,
+    pub cycle_duration: HistFamily,
+    pub last_success: Gauge<f64, AtomicU64>,
+    pub source_accounts: Family<Source, Gauge>,
+    pub source_requests: Family<SourceResult, Counter>,
+    pub vms_requests: Family<OpCode, Counter>,
+    pub operations: Family<OpResult, Counter>,
+    pub pending: Gauge,
+    pub quarantined: Gauge,
+    pub held: Gauge,
+    pub invalid_records: Family<SourceReason, Counter>,
+}
+
+pub const CYCLE_KINDS: [&str; 2] = ["incremental", "full"];
+pub const CYCLE_RESULTS: [&str; 5] = ["ok", "partial", "held", "failed", "skipped"];
+pub const VMS_OPS: [&str; 5] = ["create", "update", "delete", "tree_create", "tree_update"];
+pub const OP_RESULTS: [&str; 4] = ["applied", "retry", "quarantined", "held"];
+
+fn duration_histogram() -> Histogram {
+    // 50 ms .. ~7 min
+    Histogram::new(exponential_buckets(0.05, 2.0, 14))
+}
+
+impl Metrics {
+    fn new() -> Self {
+        let mut registry = Registry::default();
+        let cycles = Family::<KindResult, Counter>::default();
+        let cycle_duration: HistFamily = Family::new_with_constructor(duration_histogram);
+        let last_success = Gauge::<f64, AtomicU64>::default();
+        let source_accounts = Family::<Source, Gauge>::default();
+        let source_requests = Family::<SourceResult, Counter>::default();
+        let vms_requests = Family::<OpCode, Counter>::default();
+        let operations = Family::<OpResult, Counter>::default();
+        let pending = Gauge::default();
+        let quarantined = Gauge::default();
+        let held = Gauge::default();
+        let invalid_records = Family::<SourceReason, Counter>::default();
+
+        registry.register(
+            "billsync_cycles",
+            "Sync cycles by kind and result",
+            cycles.clone(),
+        );
+        registry.register(
+            "billsync_cycle_duration_seconds",
+            "Duration of sync cycles",
+            cycle_duration.clone(),
+        );
+        registry.register(
+            "billsync_last_success_timestamp_seconds",
+            "Unix time of the last cycle that ended ok, partial or held",
+            last_success.clone(),
+        );
+        registry.register(
+            "billsync_source_accounts",
+            "Accounts listed by each source in the last complete read",
+            source_accounts.clone(),
+        );
+        registry.register(
+            "billsync_source_requests",
+            "HTTP requests to the billing systems",
+            source_requests.clone(),
+        );
+        registry.register(
+            "billsync_vms_requests",
+            "HTTP requests to the VMS by operation and status code",
+            vms_requests.clone(),
+        );
+        registry.register(
+            "billsync_operations",
+            "Planned VMS operations by outcome",
+            operations.clone(),
+        );
+        registry.register(
+            "billsync_pending_operations",
+            "Logins whose desired state is not yet applied",
+            pending.clone(),
+        );
+        registry.register(
+            "billsync_quarantined_accounts",
+            "Logins quarantined after a permanent VMS error",
+            quarantined.clone(),
+        );
+        registry.register(
+            "billsync_held_deprovisions",
+            "Deprovisions held by the safety threshold",
+            held.clone(),
+        );
+        registry.register(
+            "billsync_invalid_records",
+            "Source records skipped as invalid",
+            invalid_records.clone(),
+        );
+
+        // Known label values start at 0, so dashboards see them from start.
+        for kind in CYCLE_KINDS {
+            let _ = cycle_duration.get_or_create(&Kind { kind: kind.into() });
+            for result in CYCLE_RESULTS {
+                let _ = cycles.get_or_create(&KindResult {
+                    kind: kind.into(),
+                    result: result.into(),
+                });
+            }
+        }
+        for s in SourceKind::ALL {
+            let source = s.as_str().to_string();
+            let _ = source_accounts.get_or_create(&Source {
+                source: source.clone(),
+            });
+            for result in ["ok", "error"] {
+                let _ = source_requests.get_or_create(&SourceResult {
+                    source: source.clone(),
+                    result: result.into(),
+                });
+            }
+            for code in InvalidCode::ALL {
+                let _ = invalid_records.get_or_create(&SourceReason {
+                    source: source.clone(),
+                    reason: code.as_str().into(),
+                });
+            }
+        }
+        for op in VMS_OPS {
+            let _ = vms_requests.get_or_create(&OpCode {
+                op: op.into(),
+                code: "error".into(),
+            });
+        }
+        for op in VMS_OPS.iter().chain(["writeback"].iter()) {
+            for result in OP_RESULTS {
+                let _ = operations.get_or_create(&OpResult {
+                    op: op.to_string(),
+                    result: result.into(),
+                });
+            }
+        }
+        Self {
+            registry,
+            cycles,
+            cycle_duration,
+            last_success,
+            source_accounts,
+            source_requests,
+            vms_requests,
+            operations,
+            pending,
+            quarantined,
+            held,
+            invalid_records,
+        }
+    }
+
+    pub fn source_request(&self, source: SourceKind, ok: bool) {
+        self.source_requests
+            .get_or_create(&SourceResult {
+                source: source.as_str().into(),
+                result: if ok { "ok" } else { "error" }.into(),
+            })
+            .inc();
+    }
+
+    pub fn invalid(&self, source: SourceKind, code: InvalidCode) {
+        self.invalid_records
+            .get_or_create(&SourceReason {
+                source: source.as_str().into(),
+                reason: code.as_str().into(),
+            })
+            .inc();
+    }
+
+    /// OpenMetrics text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
+            out = format!("# encoding failed: {e}\n# EOF\n");
+        }
+        out
+    }
+}
+
+static METRICS: OnceLock<Metrics> = OnceLock::new();
+
+pub fn get() -> &'static Metrics {
+    METRICS.get_or_init(Metrics::new)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn every_spec_metric_is_exported_from_start() {
+        let text = super::get().encode();
+        for name in [
+            "billsync_cycles_total",
+            "billsync_cycle_duration_seconds_bucket",
+            "billsync_last_success_timestamp_seconds",
+            "billsync_source_accounts",
+            "billsync_source_requests_total",
+            "billsync_vms_requests_total",
+            "billsync_operations_total",
+            "billsync_pending_operations",
+            "billsync_quarantined_accounts",
+            "billsync_held_deprovisions",
+            "billsync_invalid_records_total",
+        ] {
+            assert!(text.contains(name), "{name} missing from:\n{text}");
+        }
+        assert!(text.contains(r#"billsync_cycles_total{kind="full",result="skipped"} 0"#));
+    }
+}
