@@ -86,7 +86,7 @@ impl ActivePlatformClient {
         let url = self.endpoint(path)?;
         let mut q: Vec<(&str, String)> = vec![("api_token", self.token())];
         q.extend(query.iter().cloned());
-        with_retry(|| self.request(self.http.get(url.clone()).query(&q))).await
+        self.request(self.http.get(url).query(&q)).await
     }
 
     async fn page_all<T>(
@@ -108,9 +108,9 @@ impl ActivePlatformClient {
                 ("per_page", self.page_size.to_string()),
             ];
             q.extend(extra.iter().cloned());
-            let body = self.get(path, &q).await?;
+            // The decode is inside the retry: a proxy's odd body is transient.
+            let rows = with_retry(|| async { list_envelope(self.get(path, &q).await?) }).await?;
             requests += 1;
-            let rows = list_envelope(body)?;
             // An empty page ends the listing (API-NOTES).
             if rows.is_empty() {
                 break;
@@ -184,7 +184,7 @@ impl ActivePlatformClient {
 
     pub async fn details(&self, id: &str) -> Result<Details, FetchError> {
         let path = format!("api/vendor/v1/accounts/{}.json", urlencode(id));
-        match self.get(&path, &[]).await {
+        match with_retry(|| self.get(&path, &[])).await {
             Ok(body) => {
                 let obj = match body {
                     Value::Object(mut o) => {

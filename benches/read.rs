@@ -1,0 +1,118 @@
+//! Reading N accounts from the emulators: time, requests and peak RSS of the
+//! reader. The emulators run in a child process (this binary re-executed),
+//! so the RSS measured here is the reader's alone.
+//!
+//! cargo bench --bench read -- [N]   (default 100000)
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use billsync::core::model::SourceKind;
+use billsync::core::normalize::Normalizer;
+use billsync::emulators::activeplatform::{self as ap_emu, ApEmulator};
+use billsync::emulators::billmanager::{self as bm_emu, BmEmulator};
+use billsync::engine::read::{read_source, ReadOptions};
+use billsync::sources::Source;
+use billsync::store::Store;
+
+fn peak_rss_mb() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse::<f64>().ok())
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(f64::NAN)
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
+    let n: usize = args.first().and_then(|a| a.parse().ok()).unwrap_or(100_000);
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    if std::env::var("BILLSYNC_BENCH_ROLE").as_deref() == Ok("emulators") {
+        rt.block_on(serve_emulators(n));
+        return;
+    }
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .arg(n.to_string())
+        .env("BILLSYNC_BENCH_ROLE", "emulators")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let bm_url = lines.next().unwrap().unwrap();
+    let ap_url = lines.next().unwrap().unwrap();
+    rt.block_on(run(n, &bm_url, &ap_url));
+    let _ = child.stdin.take().map(|mut s| s.write_all(b"q\n"));
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+async fn serve_emulators(n: usize) {
+    let bm = BmEmulator::new(n, 1);
+    let ap = ApEmulator::new(n, 1);
+    let bm_srv = bm.serve().await.unwrap();
+    let ap_srv = ap.serve().await.unwrap();
+    println!("{}/billmgr", bm_srv.base_url());
+    println!("{}", ap_srv.base_url());
+    let _ = std::io::stdout().flush();
+    // Until the parent closes stdin.
+    tokio::task::spawn_blocking(|| {
+        let mut s = String::new();
+        let _ = std::io::stdin().read_line(&mut s);
+    })
+    .await
+    .unwrap();
+}
+
+async fn run(n: usize, bm_url: &str, ap_url: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!(
+        "[vms]\nurl = \"http://127.0.0.1:9\"\n[sources.billmanager]\nurl = \"{bm_url}\"\nusername = \"{}\"\npassword = \"{}\"\n[sources.activeplatform]\nurl = \"{ap_url}\"\napi_token = \"{}\"\n",
+        bm_emu::USER,
+        bm_emu::PASSWORD,
+        ap_emu::TOKEN
+    );
+    let cfg = dir.path().join("billsync.toml");
+    std::fs::write(&cfg, text).unwrap();
+    let (settings, _) = billsync::config::load(&cfg, &[]).unwrap();
+    let store = Store::open(&dir.path().join("state.db")).await.unwrap();
+    println!("reading {n} accounts per source from loopback emulators");
+    println!("| source | read | accounts | detail calls | time (s) | reader peak RSS (MB) |");
+    println!("|---|---|---:|---:|---:|---:|");
+    for source in Source::from_settings(&settings).unwrap() {
+        let kind = source.kind();
+        let (l, b, m) = match kind {
+            SourceKind::Billmanager => {
+                let c = settings.bm().unwrap();
+                (&c.login_template, &c.billing_id_template, &c.status_map)
+            }
+            SourceKind::Activeplatform => {
+                let c = settings.ap().unwrap();
+                (&c.login_template, &c.billing_id_template, &c.status_map)
+            }
+        };
+        let normalizer = Normalizer::new(kind, l, b, m).unwrap();
+        for (label, full) in [("initial", false), ("unchanged", false)] {
+            let opts = ReadOptions {
+                full,
+                payment_window_days: 3,
+                paid_history_days: 0,
+                now: chrono::Utc::now(),
+            };
+            let t = Instant::now();
+            let r = read_source(&store, &source, &normalizer, &opts, &|_| {}).await.unwrap();
+            let secs = t.elapsed().as_secs_f64();
+            assert!(r.complete, "{:?}", r.error);
+            println!(
+                "| {kind} | {label} | {} | {} | {secs:.2} | {:.1} |",
+                r.accounts.len(),
+                r.detail_calls,
+                peak_rss_mb()
+            );
+        }
+    }
+}
