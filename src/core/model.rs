@@ -203,3 +203,20 @@ impl fmt::Display for Invalid {
         write!(f, "{}: {}", self.code.as_str(), self.detail)
     }
 }
+
+/// What one VMS user looks like, as desired or as last applied. Only
+/// managed permissions are ever recorded here.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct UserState {
+    #[serde(rename = "type")]
+    pub user_type: String,
+    /// The VMS status value (`vms.status_active` / `vms.status_blocked`).
+    pub status: String,
+    pub billing_id: String,
+    /// `(type, value)` pairs, sorted by type.
+    pub properties: Vec<(String, String)>,
+    pub permissions: std::collections::BTreeSet<String>,
+    /// The source account is deleted (blocked, or removed with on_deleted = delete).
+    #[serde(default)]
+    pub gone: bool,
+}

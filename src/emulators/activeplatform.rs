@@ -71,6 +71,15 @@ pub struct ApEmulator {
     pub puts: Mutex<Vec<Put>>,
 }
 
+impl ApData {
+    pub fn find(&self, id: u64) -> Option<&ApAccount> {
+        match self.accounts.binary_search_by_key(&id, |a| a.id) {
+            Ok(i) => self.accounts.get(i),
+            Err(_) => self.accounts.iter().find(|a| a.id == id),
+        }
+    }
+}
+
 impl ApEmulator {
     pub fn new(accounts: usize, seed: u64) -> Arc<Self> {
         Arc::new(Self {
@@ -279,7 +288,7 @@ async fn get_account(
         return r;
     }
     let data = emu.data();
-    match account_id(&file).and_then(|id| data.accounts.iter().find(|a| a.id == id)) {
+    match account_id(&file).and_then(|id| data.find(id)) {
         Some(a) => Json(account_json(a, true, data.balance_as_string)).into_response(),
         None => (StatusCode::NOT_FOUND, Json(json!({"error": "Not found"}))).into_response(),
     }

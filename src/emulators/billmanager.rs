@@ -61,6 +61,16 @@ pub struct BmEmulator {
     next_session: AtomicU64,
 }
 
+impl BmData {
+    /// By id: ids are generated in order, so a binary search usually hits.
+    pub fn find(&self, id: u64) -> Option<&BmAccount> {
+        match self.accounts.binary_search_by_key(&id, |a| a.id) {
+            Ok(i) => self.accounts.get(i),
+            Err(_) => self.accounts.iter().find(|a| a.id == id),
+        }
+    }
+}
+
 impl BmEmulator {
     pub fn new(accounts: usize, seed: u64) -> Arc<Self> {
         Arc::new(Self {
@@ -251,17 +261,13 @@ async fn handle(
     match func.as_str() {
         "account" => {
             let data = emu.data();
-            let rows: Vec<Value> = if empty {
-                vec![]
-            } else {
-                data.accounts.iter().map(account_row).collect()
-            };
-            page(rows, &params, data.max_page_size)
+            let accounts: &[BmAccount] = if empty { &[] } else { &data.accounts };
+            page(accounts, &params, data.max_page_size, account_row)
         }
         "account.edit" => {
             let data = emu.data();
             let id = params.get("elid").and_then(|e| e.parse::<u64>().ok());
-            match id.and_then(|id| data.accounts.iter().find(|a| a.id == id)) {
+            match id.and_then(|id| data.find(id)) {
                 None => error("missed", "Account not found"),
                 Some(a) => doc(json!({
                     "elid": s(a.id.to_string()),
@@ -281,7 +287,7 @@ async fn handle(
                 .get("elid")
                 .or_else(|| params.get("plid"))
                 .and_then(|e| e.parse::<u64>().ok());
-            match id.and_then(|id| data.accounts.iter().find(|a| a.id == id)) {
+            match id.and_then(|id| data.find(id)) {
                 None => error("missed", "Account not found"),
                 Some(a) => {
                     let rows: Vec<Value> = a
@@ -293,7 +299,7 @@ async fn handle(
                                    "balance": s(a.balance.clone()), "project": s("1")})
                         })
                         .collect();
-                    page(rows, &params, data.max_page_size)
+                    page(&rows, &params, data.max_page_size, Value::clone)
                 }
             }
         }
@@ -332,7 +338,7 @@ async fn handle(
                     })
                     .collect()
             };
-            page(rows, &params, data.max_page_size)
+            page(&rows, &params, data.max_page_size, Value::clone)
         }
         _ => error("missed", "Unknown function"),
     }
@@ -360,8 +366,8 @@ fn account_row(a: &BmAccount) -> Value {
 
 /// Pages like BILLmanager: `p_cnt` capped by the server, and a `p_num` past
 /// the end clamped to the last page. One row comes as an object, none as an
-/// absent `elem`.
-fn page(rows: Vec<Value>, params: &HashMap<String, String>, cap: usize) -> Response {
+/// absent `elem`. Only the page's rows are rendered.
+fn page<T>(rows: &[T], params: &HashMap<String, String>, cap: usize, render: impl Fn(&T) -> Value) -> Response {
     let total = rows.len();
     let cnt = params
         .get("p_cnt")
@@ -374,15 +380,12 @@ fn page(rows: Vec<Value>, params: &HashMap<String, String>, cap: usize) -> Respo
         .and_then(|n| n.parse::<usize>().ok())
         .unwrap_or(1)
         .clamp(1, last_page);
-    let slice: Vec<Value> = rows.into_iter().skip((num - 1) * cnt).take(cnt).collect();
+    let slice: Vec<Value> = rows.iter().skip((num - 1) * cnt).take(cnt).map(render).collect();
     let mut body = Map::new();
     match slice.len() {
         0 => {}
         1 => {
-            body.insert(
-                "elem".into(),
-                slice.into_iter().next().unwrap_or(Value::Null),
-            );
+            body.insert("elem".into(), slice.into_iter().next().unwrap_or(Value::Null));
         }
         _ => {
             body.insert("elem".into(), Value::Array(slice));

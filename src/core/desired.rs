@@ -1,0 +1,213 @@
+//! Desired users (SPEC §2.1 steps 4–5, §2.2): one per login, owned by the
+//! source that comes first in `sources.priority`, with the missing-account
+//! grace applied and permissions from the rules.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+
+use chrono::{DateTime, Utc};
+
+use super::model::{Account, AccountKey, CanonicalStatus, SourceKind, UserState};
+use super::rules::{self, RuleContext};
+use crate::config::{OnDeleted, Rule, Settings};
+
+/// The settings the core reads, detached from the config types.
+#[derive(Debug, Clone)]
+pub struct CoreConfig {
+    pub priority: Vec<SourceKind>,
+    pub missing_grace_cycles: u32,
+    pub rules: Vec<Rule>,
+    pub managed: Vec<String>,
+    pub user_type: String,
+    pub properties: Vec<String>,
+    pub status_active: String,
+    pub status_blocked: String,
+    pub on_deleted: OnDeleted,
+    /// `Some(type)` when tree sync is on.
+    pub tree_type: Option<String>,
+    /// ActivePlatform custom attribute to write the login to.
+    pub writeback_attribute: Option<String>,
+}
+
+impl CoreConfig {
+    pub fn from_settings(s: &Settings) -> Self {
+        Self {
+            priority: s.sources.priority.clone(),
+            missing_grace_cycles: s.daemon.missing_grace_cycles,
+            rules: s.permissions.rules.clone(),
+            managed: s.permissions.managed.clone(),
+            user_type: s.vms.user_type.clone(),
+            properties: s.vms.properties.clone(),
+            status_active: s.vms.status_active.clone(),
+            status_blocked: s.vms.status_blocked.clone(),
+            on_deleted: s.vms.on_deleted,
+            tree_type: s.vms.tree.enabled.then(|| s.vms.tree.kind.clone()),
+            writeback_attribute: s
+                .ap()
+                .map(|a| a.writeback_attribute.clone())
+                .filter(|a| !a.is_empty()),
+        }
+    }
+}
+
+/// One source's contribution to a cycle.
+#[derive(Debug, Clone, Default)]
+pub struct SourceInput {
+    pub complete: bool,
+    pub accounts: Vec<Account>,
+    pub missing: HashMap<String, u32>,
+    pub last_paid: HashMap<String, DateTime<Utc>>,
+    /// Listed this cycle but not usable (invalid, details unavailable):
+    /// whatever they own is left alone.
+    pub protected: HashSet<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct DesiredUser {
+    pub login: String,
+    pub owner: AccountKey,
+    pub state: UserState,
+    pub rules: Vec<String>,
+    /// The account's current write-back attribute value, if it has one.
+    pub writeback_seen: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Conflict {
+    pub login: String,
+    pub winner: AccountKey,
+    pub loser: AccountKey,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Desired {
+    pub users: BTreeMap<String, DesiredUser>,
+    /// Tree elements: external_id -> name.
+    pub tree: BTreeMap<String, String>,
+    pub conflicts: Vec<Conflict>,
+    pub incomplete: BTreeSet<SourceKind>,
+    pub protected: HashSet<AccountKey>,
+}
+
+/// Builds the desired state from every source's accounts.
+pub fn build(cfg: &CoreConfig, inputs: &BTreeMap<SourceKind, SourceInput>, now: DateTime<Utc>) -> Desired {
+    let mut out = Desired::default();
+    // Candidates per login: (rank, key, user). Lower rank wins: live accounts
+    // before deleted ones, then source priority, then account id.
+    let mut candidates: BTreeMap<String, Vec<(usize, usize, DesiredUser, Option<(String, String)>)>> =
+        BTreeMap::new();
+    for (kind, input) in inputs {
+        if !input.complete {
+            out.incomplete.insert(*kind);
+        }
+        for id in &input.protected {
+            out.protected.insert(AccountKey {
+                source: *kind,
+                id: id.clone(),
+            });
+        }
+        let prio = cfg
+            .priority
+            .iter()
+            .position(|p| p == kind)
+            .unwrap_or(usize::MAX);
+        let ctx = RuleContext {
+            last_paid: &input.last_paid,
+            now,
+        };
+        for account in &input.accounts {
+            let missing = input.missing.get(&account.key.id).copied().unwrap_or(0);
+            let gone_by_absence =
+                input.complete && missing > 0 && missing >= cfg.missing_grace_cycles;
+            let status = if gone_by_absence {
+                CanonicalStatus::Deleted
+            } else {
+                account.status
+            };
+            let user = desired_user(cfg, account, status, &ctx);
+            let tree = (status != CanonicalStatus::Deleted && cfg.tree_type.is_some()).then(|| {
+                (
+                    account.billing_id.clone(),
+                    account.name.clone().unwrap_or_else(|| account.login.clone()),
+                )
+            });
+            let live = usize::from(status == CanonicalStatus::Deleted);
+            candidates
+                .entry(account.login.clone())
+                .or_default()
+                .push((live, prio, user, tree));
+        }
+    }
+    for (login, mut list) in candidates {
+        list.sort_by(|a, b| {
+            (a.0, a.1, &a.2.owner.id).cmp(&(b.0, b.1, &b.2.owner.id))
+        });
+        let mut iter = list.into_iter();
+        let Some((_, _, winner, tree)) = iter.next() else {
+            continue;
+        };
+        for (_, _, loser, _) in iter {
+            out.conflicts.push(Conflict {
+                login: login.clone(),
+                winner: winner.owner.clone(),
+                loser: loser.owner,
+            });
+        }
+        if let Some((ext, name)) = tree {
+            out.tree.insert(ext, name);
+        }
+        out.users.insert(login, winner);
+    }
+    out
+}
+
+fn desired_user(
+    cfg: &CoreConfig,
+    account: &Account,
+    status: CanonicalStatus,
+    ctx: &RuleContext<'_>,
+) -> DesiredUser {
+    let mut effective = account.clone();
+    effective.status = status;
+    let (permissions, matched) = if status == CanonicalStatus::Active {
+        let (p, m) = rules::grants(&cfg.rules, &cfg.managed, &effective, ctx);
+        (p, m.into_iter().map(String::from).collect())
+    } else {
+        (BTreeSet::new(), vec![])
+    };
+    let mut properties: Vec<(String, String)> = cfg
+        .properties
+        .iter()
+        .filter_map(|p| {
+            let value = match p.as_str() {
+                "phone" => account.phone.clone(),
+                "email" => account.email.clone(),
+                "name" => account.name.clone(),
+                _ => None,
+            }?;
+            Some((p.clone(), value))
+        })
+        .collect();
+    properties.sort();
+    let vms_status = match status {
+        CanonicalStatus::Active => cfg.status_active.clone(),
+        _ => cfg.status_blocked.clone(),
+    };
+    DesiredUser {
+        login: account.login.clone(),
+        owner: account.key.clone(),
+        state: UserState {
+            user_type: cfg.user_type.clone(),
+            status: vms_status,
+            billing_id: account.billing_id.clone(),
+            properties,
+            permissions,
+            gone: status == CanonicalStatus::Deleted,
+        },
+        rules: matched,
+        writeback_seen: cfg
+            .writeback_attribute
+            .as_ref()
+            .filter(|_| account.key.source == SourceKind::Activeplatform)
+            .and_then(|a| account.attributes.get(a).cloned()),
+    }
+}

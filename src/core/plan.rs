@@ -1,0 +1,623 @@
+//! The diff of desired against applied, as operations (SPEC §2.1 step 6,
+//! §2.2, §2.3), and the deprovision safety hold (step 7).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+
+use serde::{Deserialize, Serialize};
+
+use super::desired::{CoreConfig, Desired};
+use super::model::{AccountKey, SourceKind, UserState};
+use crate::config::OnDeleted;
+
+/// What billsync last confirmed the VMS accepted for one login.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppliedUser {
+    pub owner: AccountKey,
+    pub state: UserState,
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Applied {
+    pub users: BTreeMap<String, AppliedUser>,
+    /// Tree elements: external_id -> name.
+    pub tree: BTreeMap<String, String>,
+    /// Write-backs done: account -> value written.
+    pub written: HashMap<AccountKey, String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Action {
+    /// POST, then a PATCH attaching `target.permissions`. A 422 on the login
+    /// adopts the existing user with a full-state PATCH.
+    Create,
+    /// PATCH with the full profile and the permission changes.
+    Update {
+        attach: BTreeSet<String>,
+        detach: BTreeSet<String>,
+        /// Names of what changed, for people: status, billing_info, properties.
+        changes: Vec<String>,
+        /// A full-state push (resync or adoption): re-create if unknown.
+        full: bool,
+    },
+    Delete,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Op {
+    pub login: String,
+    pub owner: AccountKey,
+    pub action: Action,
+    /// The state the VMS should have after this op.
+    pub target: UserState,
+    /// Blocks, deletes, or detaches a managed permission.
+    pub deprovision: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TreeOp {
+    pub external_id: String,
+    pub name: String,
+    pub create: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WritebackOp {
+    pub account: AccountKey,
+    pub login: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Plan {
+    pub ops: Vec<Op>,
+    pub tree: Vec<TreeOp>,
+    pub writebacks: Vec<WritebackOp>,
+    /// Deprovisions held back by the safety threshold.
+    pub held: Vec<Op>,
+}
+
+impl Plan {
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty() && self.tree.is_empty() && self.writebacks.is_empty() && self.held.is_empty()
+    }
+
+    /// Logins with at least one deprovision (the threshold counts logins).
+    pub fn deprovision_logins(&self) -> usize {
+        self.ops
+            .iter()
+            .filter(|o| o.deprovision)
+            .map(|o| o.login.as_str())
+            .collect::<HashSet<_>>()
+            .len()
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct PlanOptions {
+    /// Every login pushed in full (`sync --full`, resync).
+    pub full: bool,
+    /// Logins pushed in full (`resync --login`).
+    pub full_logins: HashSet<String>,
+    /// Logins not to touch this cycle (quarantined and unchanged, or
+    /// backing off); full pushes ignore backoff but not this set.
+    pub skip: HashSet<String>,
+}
+
+/// The state a login should end in when its account is gone.
+fn deprovisioned(cfg: &CoreConfig, applied: &UserState) -> Option<UserState> {
+    match cfg.on_deleted {
+        OnDeleted::Delete => None,
+        OnDeleted::Block => Some(UserState {
+            status: cfg.status_blocked.clone(),
+            permissions: BTreeSet::new(),
+            gone: true,
+            ..applied.clone()
+        }),
+    }
+}
+
+fn update_op(
+    cfg: &CoreConfig,
+    login: &str,
+    owner: &AccountKey,
+    applied: &UserState,
+    target: &UserState,
+    full: bool,
+) -> Option<Op> {
+    let attach: BTreeSet<String> = target.permissions.difference(&applied.permissions).cloned().collect();
+    let detach: BTreeSet<String> = applied
+        .permissions
+        .difference(&target.permissions)
+        .filter(|p| cfg.managed.contains(p))
+        .cloned()
+        .collect();
+    let mut changes = vec![];
+    if applied.status != target.status {
+        changes.push("status".to_string());
+    }
+    if applied.billing_id != target.billing_id {
+        changes.push("billing_info".to_string());
+    }
+    if applied.properties != target.properties {
+        changes.push("properties".to_string());
+    }
+    let marker_changed = applied.gone != target.gone;
+    if !full && attach.is_empty() && detach.is_empty() && changes.is_empty() && !marker_changed {
+        return None;
+    }
+    let blocks = applied.status != target.status && target.status == cfg.status_blocked;
+    let deprovision = blocks || !detach.is_empty();
+    let (attach, detach) = if full {
+        (
+            target.permissions.clone(),
+            cfg.managed
+                .iter()
+                .filter(|p| !target.permissions.contains(*p))
+                .cloned()
+                .collect(),
+        )
+    } else {
+        (attach, detach)
+    };
+    Some(Op {
+        login: login.to_string(),
+        owner: owner.clone(),
+        action: Action::Update {
+            attach,
+            detach,
+            changes,
+            full,
+        },
+        target: target.clone(),
+        deprovision,
+    })
+}
+
+/// Diffs desired against applied.
+pub fn plan(cfg: &CoreConfig, desired: &Desired, applied: &Applied, opts: &PlanOptions) -> Plan {
+    let mut out = Plan::default();
+    for (login, d) in &desired.users {
+        if opts.skip.contains(login) {
+            continue;
+        }
+        let full = opts.full || opts.full_logins.contains(login);
+        let incomplete = desired.incomplete.contains(&d.owner.source);
+        match applied.users.get(login) {
+            None => {
+                // First sight of a deleted account: nothing to create.
+                if d.state.gone {
+                    continue;
+                }
+                out.ops.push(Op {
+                    login: login.clone(),
+                    owner: d.owner.clone(),
+                    action: Action::Create,
+                    target: d.state.clone(),
+                    deprovision: false,
+                });
+            }
+            Some(a) => {
+                let op = if d.state.gone && cfg.on_deleted == OnDeleted::Delete {
+                    Some(Op {
+                        login: login.clone(),
+                        owner: d.owner.clone(),
+                        action: Action::Delete,
+                        target: d.state.clone(),
+                        deprovision: true,
+                    })
+                } else {
+                    update_op(cfg, login, &d.owner, &a.state, &d.state, full)
+                };
+                if let Some(op) = op {
+                    // An incomplete source yields no deprovision at all.
+                    if !(incomplete && op.deprovision) {
+                        out.ops.push(op);
+                    }
+                }
+            }
+        }
+    }
+    // Applied logins nobody desires any more: their account is gone past the
+    // grace period, or its login changed. Never on doubt.
+    for (login, a) in &applied.users {
+        if desired.users.contains_key(login)
+            || opts.skip.contains(login)
+            || desired.incomplete.contains(&a.owner.source)
+            || desired.protected.contains(&a.owner)
+        {
+            continue;
+        }
+        match deprovisioned(cfg, &a.state) {
+            None => out.ops.push(Op {
+                login: login.clone(),
+                owner: a.owner.clone(),
+                action: Action::Delete,
+                target: UserState {
+                    gone: true,
+                    ..a.state.clone()
+                },
+                deprovision: true,
+            }),
+            Some(target) => {
+                let full = opts.full || opts.full_logins.contains(login);
+                if let Some(op) = update_op(cfg, login, &a.owner, &a.state, &target, full) {
+                    out.ops.push(op);
+                }
+            }
+        }
+    }
+    for (ext, name) in &desired.tree {
+        match applied.tree.get(ext) {
+            None => out.tree.push(TreeOp {
+                external_id: ext.clone(),
+                name: name.clone(),
+                create: true,
+            }),
+            Some(old) if old != name => out.tree.push(TreeOp {
+                external_id: ext.clone(),
+                name: name.clone(),
+                create: false,
+            }),
+            Some(_) => {}
+        }
+    }
+    if cfg.writeback_attribute.is_some() {
+        for (login, d) in &desired.users {
+            if d.owner.source != SourceKind::Activeplatform || d.state.gone || opts.skip.contains(login) {
+                continue;
+            }
+            let written = applied.written.get(&d.owner);
+            let full = opts.full || opts.full_logins.contains(login);
+            let differs = written != Some(login) || (full && d.writeback_seen.as_ref() != Some(login));
+            if differs {
+                out.writebacks.push(WritebackOp {
+                    account: d.owner.clone(),
+                    login: login.clone(),
+                });
+            }
+        }
+    }
+    out
+}
+
+/// `max(max_deprovision, ceil(ratio × known users))`.
+pub fn threshold(max_deprovision: u32, ratio: f64, known_users: usize) -> usize {
+    let by_ratio = (ratio * known_users as f64).ceil();
+    let by_ratio = if by_ratio.is_finite() && by_ratio > 0.0 {
+        by_ratio as usize
+    } else {
+        0
+    };
+    (max_deprovision as usize).max(by_ratio)
+}
+
+/// Holds every deprovision of the plan when there are more than `limit`
+/// and no approval. A held update keeps its non-destructive part.
+pub fn apply_safety(cfg: &CoreConfig, plan: &mut Plan, applied: &Applied, limit: usize, approved: bool) {
+    if approved || plan.deprovision_logins() <= limit {
+        return;
+    }
+    let ops = std::mem::take(&mut plan.ops);
+    for op in ops {
+        if !op.deprovision {
+            plan.ops.push(op);
+            continue;
+        }
+        plan.held.push(op.clone());
+        let Some(a) = applied.users.get(&op.login) else {
+            continue;
+        };
+        if let Action::Update { attach, .. } = &op.action {
+            // Keep the applied status and permissions; let the rest through.
+            let mut safe = op.target.clone();
+            safe.status = a.state.status.clone();
+            safe.gone = a.state.gone;
+            safe.permissions = a.state.permissions.union(attach).cloned().collect();
+            if let Some(rest) = update_op(cfg, &op.login, &op.owner, &a.state, &safe, false) {
+                debug_assert!(!rest.deprovision);
+                plan.ops.push(rest);
+            }
+        }
+    }
+}
+
+/// The applied state after every op of `plan` succeeded: what the engine
+/// records, one 2xx at a time.
+pub fn apply(applied: &Applied, plan: &Plan) -> Applied {
+    let mut out = applied.clone();
+    for op in &plan.ops {
+        apply_op(&mut out, op);
+    }
+    for t in &plan.tree {
+        out.tree.insert(t.external_id.clone(), t.name.clone());
+    }
+    for w in &plan.writebacks {
+        out.written.insert(w.account.clone(), w.login.clone());
+    }
+    out
+}
+
+pub fn apply_op(applied: &mut Applied, op: &Op) {
+    match &op.action {
+        Action::Delete => {
+            applied.users.remove(&op.login);
+        }
+        Action::Create | Action::Update { .. } => {
+            applied.users.insert(
+                op.login.clone(),
+                AppliedUser {
+                    owner: op.owner.clone(),
+                    state: op.target.clone(),
+                },
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::desired::{build, SourceInput};
+    use crate::core::model::{Account, CanonicalStatus};
+    use chrono::Utc;
+    use proptest::prelude::*;
+    use rust_decimal::Decimal;
+
+    fn cfg(on_deleted: OnDeleted) -> CoreConfig {
+        let s = crate::config::Settings::default();
+        let mut c = CoreConfig::from_settings(&s);
+        c.on_deleted = on_deleted;
+        c.tree_type = Some("cameras".into());
+        c.writeback_attribute = Some("vms_login".into());
+        c
+    }
+
+    fn account(source: SourceKind, id: u32, email: u32, status: CanonicalStatus, balance: i64) -> Account {
+        Account {
+            key: AccountKey {
+                source,
+                id: id.to_string(),
+            },
+            login: format!("u{email}@x"),
+            billing_id: format!("{source}-{id}"),
+            name: Some(format!("N{id}-{balance}")),
+            email: Some(format!("u{email}@x")),
+            phone: (balance % 2 == 0).then(|| format!("+7{id}")),
+            status,
+            balance: Decimal::from(balance),
+            credit_limit: Decimal::ZERO,
+            attributes: Default::default(),
+        }
+    }
+
+    fn arb_status() -> impl Strategy<Value = CanonicalStatus> {
+        prop_oneof![
+            4 => Just(CanonicalStatus::Active),
+            1 => Just(CanonicalStatus::Suspended),
+            1 => Just(CanonicalStatus::Deleted)
+        ]
+    }
+
+    fn arb_source() -> impl Strategy<Value = SourceKind> {
+        prop_oneof![Just(SourceKind::Billmanager), Just(SourceKind::Activeplatform)]
+    }
+
+    fn arb_accounts() -> impl Strategy<Value = Vec<Account>> {
+        proptest::collection::vec(
+            (arb_source(), 0u32..30, 0u32..20, arb_status(), -5i64..5),
+            0..25,
+        )
+        .prop_map(|v| {
+            let mut seen = HashSet::new();
+            v.into_iter()
+                .filter(|(s, id, ..)| seen.insert((*s, *id)))
+                .map(|(s, id, e, st, b)| account(s, id, e, st, b))
+                .collect()
+        })
+    }
+
+    fn inputs(accounts: &[Account], missing: &HashMap<AccountKey, u32>, complete: bool) -> BTreeMap<SourceKind, SourceInput> {
+        let mut m: BTreeMap<SourceKind, SourceInput> = BTreeMap::new();
+        for s in SourceKind::ALL {
+            m.insert(s, SourceInput { complete, ..Default::default() });
+        }
+        for a in accounts {
+            let inp = m.get_mut(&a.key.source).unwrap();
+            inp.accounts.push(a.clone());
+            if let Some(n) = missing.get(&a.key) {
+                inp.missing.insert(a.key.id.clone(), *n);
+            }
+        }
+        m
+    }
+
+    /// What the VMS should hold for the desired state: non-gone users (and,
+    /// with blocking, gone ones that already existed).
+    fn converged(cfg: &CoreConfig, d: &Desired, a: &Applied) {
+        for (login, du) in &d.users {
+            match a.users.get(login) {
+                Some(au) => assert_eq!(&au.state, &du.state, "{login}"),
+                None => assert!(du.state.gone, "{login} should exist"),
+            }
+        }
+        for (login, au) in &a.users {
+            if !d.users.contains_key(login) {
+                assert!(au.state.gone && cfg.on_deleted == OnDeleted::Block, "{login} left behind");
+                assert!(au.state.permissions.is_empty());
+            }
+        }
+        for (ext, name) in &d.tree {
+            assert_eq!(a.tree.get(ext), Some(name));
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(300))]
+
+        /// Applying a plan to the applied state yields the desired state, and
+        /// planning again yields nothing.
+        #[test]
+        fn plan_converges(before in arb_accounts(), after in arb_accounts(), delete in any::<bool>(), full in any::<bool>()) {
+            let cfg = cfg(if delete { OnDeleted::Delete } else { OnDeleted::Block });
+            let now = Utc::now();
+            let d0 = build(&cfg, &inputs(&before, &HashMap::new(), true), now);
+            let a0 = apply(&Applied::default(), &plan(&cfg, &d0, &Applied::default(), &PlanOptions::default()));
+            converged(&cfg, &d0, &a0);
+            let d1 = build(&cfg, &inputs(&after, &HashMap::new(), true), now);
+            let opts = PlanOptions { full, ..Default::default() };
+            let p1 = plan(&cfg, &d1, &a0, &opts);
+            let a1 = apply(&a0, &p1);
+            converged(&cfg, &d1, &a1);
+            let again = plan(&cfg, &d1, &a1, &PlanOptions::default());
+            prop_assert!(again.is_empty(), "second plan not empty: {:?}", again);
+        }
+
+        /// No permission outside `permissions.managed` is ever attached or
+        /// detached, even when the applied state somehow holds one.
+        #[test]
+        fn only_managed_permissions_are_touched(accounts in arb_accounts(), extra in "[a-z]{3,8}") {
+            let cfg = cfg(OnDeleted::Block);
+            let d = build(&cfg, &inputs(&accounts, &HashMap::new(), true), Utc::now());
+            let mut a = Applied::default();
+            for (login, du) in &d.users {
+                let mut st = du.state.clone();
+                st.permissions.insert(extra.clone());
+                a.users.insert(login.clone(), AppliedUser { owner: du.owner.clone(), state: st });
+            }
+            for full in [false, true] {
+                let p = plan(&cfg, &d, &a, &PlanOptions { full, ..Default::default() });
+                for op in &p.ops {
+                    if let Action::Update { attach, detach, .. } = &op.action {
+                        for perm in attach.iter().chain(detach) {
+                            prop_assert!(cfg.managed.contains(perm), "{perm} touched");
+                        }
+                    }
+                }
+            }
+        }
+
+        /// An incomplete or empty source never yields a deprovision.
+        #[test]
+        fn incomplete_source_never_deprovisions(before in arb_accounts(), after in arb_accounts()) {
+            let cfg = cfg(OnDeleted::Delete);
+            let now = Utc::now();
+            let d0 = build(&cfg, &inputs(&before, &HashMap::new(), true), now);
+            let a0 = apply(&Applied::default(), &plan(&cfg, &d0, &Applied::default(), &PlanOptions::default()));
+            // Both sources incomplete, with whatever accounts (or none).
+            let d1 = build(&cfg, &inputs(&after, &HashMap::new(), false), now);
+            let p = plan(&cfg, &d1, &a0, &PlanOptions::default());
+            prop_assert!(p.ops.iter().all(|o| !o.deprovision), "{:?}", p.ops);
+            let d_empty = build(&cfg, &inputs(&[], &HashMap::new(), false), now);
+            prop_assert!(plan(&cfg, &d_empty, &a0, &PlanOptions::default()).ops.is_empty());
+        }
+    }
+
+    #[test]
+    fn missing_grace_then_deletion() {
+        let cfg = cfg(OnDeleted::Block);
+        let now = Utc::now();
+        let acc = account(SourceKind::Billmanager, 1, 1, CanonicalStatus::Active, 1);
+        let d0 = build(&cfg, &inputs(&[acc.clone()], &HashMap::new(), true), now);
+        let a0 = apply(&Applied::default(), &plan(&cfg, &d0, &Applied::default(), &PlanOptions::default()));
+        assert!(!a0.users["u1@x"].state.permissions.is_empty());
+        let once = HashMap::from([(acc.key.clone(), 1)]);
+        let d1 = build(&cfg, &inputs(&[acc.clone()], &once, true), now);
+        assert!(plan(&cfg, &d1, &a0, &PlanOptions::default()).ops.is_empty(), "within grace");
+        let twice = HashMap::from([(acc.key.clone(), 2)]);
+        let d2 = build(&cfg, &inputs(&[acc.clone()], &twice, true), now);
+        let p = plan(&cfg, &d2, &a0, &PlanOptions::default());
+        assert_eq!(p.ops.len(), 1);
+        assert!(p.ops[0].deprovision);
+        assert_eq!(p.ops[0].target.status, "blocked");
+        // The same absence from an incomplete source deletes nothing.
+        let d3 = build(&cfg, &inputs(&[acc], &twice, false), now);
+        assert!(plan(&cfg, &d3, &a0, &PlanOptions::default()).ops.is_empty());
+    }
+
+    #[test]
+    fn priority_owns_login_and_reports_conflict() {
+        let cfg = cfg(OnDeleted::Block);
+        let bm = account(SourceKind::Billmanager, 1, 7, CanonicalStatus::Active, 1);
+        let ap = account(SourceKind::Activeplatform, 2, 7, CanonicalStatus::Active, 1);
+        let d = build(&cfg, &inputs(&[bm.clone(), ap.clone()], &HashMap::new(), true), Utc::now());
+        assert_eq!(d.users["u7@x"].owner, bm.key);
+        assert_eq!(d.conflicts.len(), 1);
+        assert_eq!(d.conflicts[0].loser, ap.key);
+        // A deleted account does not take a login from a live one.
+        let mut dead = bm.clone();
+        dead.status = CanonicalStatus::Deleted;
+        let d = build(&cfg, &inputs(&[dead, ap.clone()], &HashMap::new(), true), Utc::now());
+        assert_eq!(d.users["u7@x"].owner, ap.key);
+    }
+
+    #[test]
+    fn login_change_deprovisions_old_and_creates_new() {
+        let cfg = cfg(OnDeleted::Delete);
+        let now = Utc::now();
+        let a = account(SourceKind::Activeplatform, 1, 1, CanonicalStatus::Active, 1);
+        let d0 = build(&cfg, &inputs(&[a.clone()], &HashMap::new(), true), now);
+        let a0 = apply(&Applied::default(), &plan(&cfg, &d0, &Applied::default(), &PlanOptions::default()));
+        let mut moved = a.clone();
+        moved.login = "new@x".into();
+        let d1 = build(&cfg, &inputs(&[moved], &HashMap::new(), true), now);
+        let p = plan(&cfg, &d1, &a0, &PlanOptions::default());
+        let kinds: Vec<_> = p.ops.iter().map(|o| (o.login.as_str(), o.action.clone())).collect();
+        assert!(kinds.contains(&("new@x", Action::Create)));
+        assert!(kinds.contains(&("u1@x", Action::Delete)));
+        assert_eq!(p.deprovision_logins(), 1);
+    }
+
+    #[test]
+    fn safety_holds_deprovisions_but_not_the_rest() {
+        let cfg = cfg(OnDeleted::Block);
+        let now = Utc::now();
+        let accounts: Vec<Account> = (0..20)
+            .map(|i| account(SourceKind::Billmanager, i, i, CanonicalStatus::Active, 1))
+            .collect();
+        let d0 = build(&cfg, &inputs(&accounts, &HashMap::new(), true), now);
+        let a0 = apply(&Applied::default(), &plan(&cfg, &d0, &Applied::default(), &PlanOptions::default()));
+        // 15 go negative (detach) and also change phone; one new account.
+        let mut after = accounts.clone();
+        for a in after.iter_mut().take(15) {
+            a.balance = Decimal::from(-100);
+            a.phone = Some("+1".into());
+        }
+        after.push(account(SourceKind::Billmanager, 99, 99, CanonicalStatus::Active, 1));
+        let d1 = build(&cfg, &inputs(&after, &HashMap::new(), true), now);
+        let mut p = plan(&cfg, &d1, &a0, &PlanOptions::default());
+        assert_eq!(p.deprovision_logins(), 15);
+        assert_eq!(threshold(10, 0.05, 20), 10);
+        apply_safety(&cfg, &mut p, &a0, 10, false);
+        assert_eq!(p.held.len(), 15);
+        assert!(p.ops.iter().all(|o| !o.deprovision));
+        // The create and the 15 phone changes still go out.
+        assert_eq!(p.ops.len(), 16);
+        let a1 = apply(&a0, &p);
+        assert!(a1.users.values().all(|u| !u.state.permissions.is_empty()));
+        assert_eq!(a1.users["u0@x"].state.properties, vec![("phone".into(), "+1".into())]);
+        // Approved: everything goes.
+        let mut p = plan(&cfg, &d1, &a1, &PlanOptions::default());
+        apply_safety(&cfg, &mut p, &a1, 10, true);
+        assert!(p.held.is_empty());
+        assert_eq!(p.deprovision_logins(), 15);
+    }
+
+    #[test]
+    fn writeback_once_and_on_full_when_attribute_differs() {
+        let cfg = cfg(OnDeleted::Block);
+        let now = Utc::now();
+        let a = account(SourceKind::Activeplatform, 5, 5, CanonicalStatus::Active, 1);
+        let d = build(&cfg, &inputs(&[a.clone()], &HashMap::new(), true), now);
+        let p = plan(&cfg, &d, &Applied::default(), &PlanOptions::default());
+        assert_eq!(p.writebacks.len(), 1);
+        let applied = apply(&Applied::default(), &p);
+        assert!(plan(&cfg, &d, &applied, &PlanOptions::default()).writebacks.is_empty());
+        // On a full resync the account's attribute is compared too.
+        let full = PlanOptions { full: true, ..Default::default() };
+        assert_eq!(plan(&cfg, &d, &applied, &full).writebacks.len(), 1);
+        let mut b = a.clone();
+        b.attributes.insert("vms_login".into(), "u5@x".into());
+        let d = build(&cfg, &inputs(&[b], &HashMap::new(), true), now);
+        assert!(plan(&cfg, &d, &applied, &full).writebacks.is_empty());
+    }
+}
