@@ -28,9 +28,18 @@ fn peak_rss_mb() -> f64 {
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a != "--bench")
+        .collect();
     let n: usize = args.first().and_then(|a| a.parse().ok()).unwrap_or(100_000);
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    if std::env::var("BILLSYNC_BENCH_ROLE").is_err() {
+        billsync::telemetry::init(billsync::config::LogFormat::Pretty, "warn");
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     if std::env::var("BILLSYNC_BENCH_ROLE").as_deref() == Ok("emulators") {
         rt.block_on(serve_emulators(n));
         return;
@@ -104,7 +113,9 @@ async fn run(n: usize, bm_url: &str, ap_url: &str) {
                 now: chrono::Utc::now(),
             };
             let t = Instant::now();
-            let r = read_source(&store, &source, &normalizer, &opts, &|_| {}).await.unwrap();
+            let r = read_source(&store, &source, &normalizer, &opts, &|_| {})
+                .await
+                .unwrap();
             let secs = t.elapsed().as_secs_f64();
             assert!(r.complete, "{:?}", r.error);
             println!(

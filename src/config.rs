@@ -321,6 +321,9 @@ pub struct VmsSettings {
     pub max_attempts: u32,
     pub max_retry_after_secs: u64,
     pub circuit_breaker_failures: u32,
+    /// Base of the across-cycle backoff for pending logins (doubling, capped
+    /// at one hour). 0 retries every cycle.
+    pub requeue_base_secs: u64,
     pub timeout_secs: u64,
     pub headers: BTreeMap<String, Secret>,
     #[serde(skip_serializing)]
@@ -345,6 +348,7 @@ impl Default for VmsSettings {
             max_attempts: 5,
             max_retry_after_secs: 300,
             circuit_breaker_failures: 20,
+            requeue_base_secs: 30,
             timeout_secs: 30,
             headers: BTreeMap::new(),
             header_files: BTreeMap::new(),

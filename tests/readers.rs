@@ -49,9 +49,15 @@ fn opts(full: bool) -> ReadOptions {
 
 async fn read(w: &World, store: &Store, kind: SourceKind, full: bool) -> SourceRead {
     let s = w.settings("");
-    read_source(store, &source(&s, kind), &normalizer(&s, kind), &opts(full), &|_| {})
-        .await
-        .unwrap()
+    read_source(
+        store,
+        &source(&s, kind),
+        &normalizer(&s, kind),
+        &opts(full),
+        &|_| {},
+    )
+    .await
+    .unwrap()
 }
 
 #[tokio::test]
@@ -64,7 +70,11 @@ async fn billmanager_reads_every_size_completely() {
         assert_eq!(r.listed, n, "n={n}");
         assert_eq!(r.accounts.len(), n, "n={n}: invalid {:?}", r.invalid);
         assert!(r.invalid.is_empty(), "n={n}: {:?}", r.invalid);
-        let mut ids: Vec<u64> = r.accounts.iter().map(|a| a.key.id.parse().unwrap()).collect();
+        let mut ids: Vec<u64> = r
+            .accounts
+            .iter()
+            .map(|a| a.key.id.parse().unwrap())
+            .collect();
         ids.sort();
         assert_eq!(ids, (1..=n as u64).collect::<Vec<_>>(), "n={n}");
         // Every account got its details (e-mail is only in account.edit).
@@ -85,7 +95,11 @@ async fn billmanager_accounts_are_normalized() {
         assert_eq!(a.billing_id, format!("billmanager-{}", emu.id));
         assert_eq!(a.name.as_deref(), Some(emu.name.as_str()));
         assert_eq!(a.balance, emu.balance.parse::<Decimal>().unwrap());
-        let expect_status = if emu.status == "1" { CanonicalStatus::Active } else { CanonicalStatus::Suspended };
+        let expect_status = if emu.status == "1" {
+            CanonicalStatus::Active
+        } else {
+            CanonicalStatus::Suspended
+        };
         assert_eq!(a.status, expect_status);
         assert!(a.phone.as_deref().unwrap().starts_with("+79"));
     }
@@ -136,36 +150,65 @@ async fn billmanager_errors_in_200_are_classified() {
     let w = World::new(5, 0).await;
     let s = w.settings("");
     let src = source(&s, SourceKind::Billmanager);
-    w.bm.faults.always("account", Fault::ErrorBody("access".into()));
-    let e = src.list_accounts(&|_| {}).await.unwrap_err();
+    w.bm.faults
+        .always("account", Fault::ErrorBody("access".into()));
+    let e = src.list_accounts(&|_| {}, &|_, _| true).await.unwrap_err();
     assert_eq!(e.class, ErrorClass::Permanent);
     assert!(e.message.contains("(access)"), "{e}");
     w.bm.faults.clear();
     // Wrong password: 200 with an auth error, permanent, and no secret in it.
-    let bad = w.settings_env("", &[("BILLSYNC__SOURCES__BILLMANAGER__PASSWORD", "wrong-password-xyz")]);
-    let e = source(&bad, SourceKind::Billmanager).list_accounts(&|_| {}).await.unwrap_err();
+    let bad = w.settings_env(
+        "",
+        &[(
+            "BILLSYNC__SOURCES__BILLMANAGER__PASSWORD",
+            "wrong-password-xyz",
+        )],
+    );
+    let e = source(&bad, SourceKind::Billmanager)
+        .list_accounts(&|_| {}, &|_, _| true)
+        .await
+        .unwrap_err();
     assert_eq!(e.class, ErrorClass::Permanent);
     assert!(e.message.contains("(auth)"), "{e}");
     assert!(!e.message.contains("wrong-password-xyz"));
     // An unknown error type inside a 200 is transient (retried, then fails).
-    w.bm.faults.always("account", Fault::ErrorBody("sysbusy".into()));
-    let e = src.list_accounts(&|_| {}).await.unwrap_err();
+    w.bm.faults
+        .always("account", Fault::ErrorBody("sysbusy".into()));
+    let e = src.list_accounts(&|_| {}, &|_, _| true).await.unwrap_err();
     assert_eq!(e.class, ErrorClass::Transient);
 }
 
 #[tokio::test]
 async fn billmanager_session_auth_relogs_once() {
     let w = World::new(120, 0).await;
-    let s = w.settings_env("", &[("BILLSYNC__SOURCES__BILLMANAGER__AUTH_MODE", "session")]);
+    let s = w.settings_env(
+        "",
+        &[("BILLSYNC__SOURCES__BILLMANAGER__AUTH_MODE", "session")],
+    );
     let src = source(&s, SourceKind::Billmanager);
-    assert_eq!(src.list_accounts(&|_| {}).await.unwrap().accounts.len(), 120);
+    assert_eq!(
+        src.list_accounts(&|_| {}, &|_, _| true)
+            .await
+            .unwrap()
+            .accounts
+            .len(),
+        120
+    );
     assert_eq!(w.bm.calls("auth"), 1);
     w.bm.expire_sessions();
-    assert_eq!(src.list_accounts(&|_| {}).await.unwrap().accounts.len(), 120);
+    assert_eq!(
+        src.list_accounts(&|_| {}, &|_, _| true)
+            .await
+            .unwrap()
+            .accounts
+            .len(),
+        120
+    );
     assert_eq!(w.bm.calls("auth"), 2);
     // A session that is refused right after a fresh login: permanent.
-    w.bm.faults.always("account", Fault::ErrorBody("auth".into()));
-    let e = src.list_accounts(&|_| {}).await.unwrap_err();
+    w.bm.faults
+        .always("account", Fault::ErrorBody("auth".into()));
+    let e = src.list_accounts(&|_| {}, &|_, _| true).await.unwrap_err();
     assert_eq!(e.class, ErrorClass::Permanent);
     assert_eq!(w.bm.calls("auth"), 3);
 }
@@ -183,26 +226,55 @@ async fn transport_faults_are_transient_and_retried() {
     let bm = source(&s, SourceKind::Billmanager);
     let ap = source(&s, SourceKind::Activeplatform);
     // One fault of each kind is absorbed by the in-read retry.
-    for fault in [Fault::Status(503), Fault::Html, Fault::Html200, Fault::Garbage, Fault::WrongShape] {
+    for fault in [
+        Fault::Status(503),
+        Fault::Html,
+        Fault::Html200,
+        Fault::Garbage,
+        Fault::WrongShape,
+    ] {
         w.bm.faults.once("account", fault.clone());
-        assert_eq!(bm.list_accounts(&|_| {}).await.unwrap().accounts.len(), 150, "{fault:?}");
+        assert_eq!(
+            bm.list_accounts(&|_| {}, &|_, _| true)
+                .await
+                .unwrap()
+                .accounts
+                .len(),
+            150,
+            "{fault:?}"
+        );
         w.ap.faults.once("accounts.json", fault.clone());
-        assert_eq!(ap.list_accounts(&|_| {}).await.unwrap().accounts.len(), 150, "{fault:?}");
+        assert_eq!(
+            ap.list_accounts(&|_| {}, &|_, _| true)
+                .await
+                .unwrap()
+                .accounts
+                .len(),
+            150,
+            "{fault:?}"
+        );
     }
     // Persistent ones fail the read as transient.
-    for fault in [Fault::Status(500), Fault::Html, Fault::Garbage, Fault::Delay(Duration::from_millis(1500))] {
+    for fault in [
+        Fault::Status(500),
+        Fault::Html,
+        Fault::Garbage,
+        Fault::Delay(Duration::from_millis(1500)),
+    ] {
         w.bm.faults.always("account", fault.clone());
-        let e = bm.list_accounts(&|_| {}).await.unwrap_err();
+        let e = bm.list_accounts(&|_| {}, &|_, _| true).await.unwrap_err();
         assert_eq!(e.class, ErrorClass::Transient, "{fault:?}: {e}");
         w.bm.faults.clear();
         w.ap.faults.always("accounts.json", fault.clone());
-        let e = ap.list_accounts(&|_| {}).await.unwrap_err();
+        let e = ap.list_accounts(&|_| {}, &|_, _| true).await.unwrap_err();
         assert_eq!(e.class, ErrorClass::Transient, "{fault:?}: {e}");
-        assert!(!e.message.contains(billsync::emulators::activeplatform::TOKEN));
+        assert!(!e
+            .message
+            .contains(billsync::emulators::activeplatform::TOKEN));
         w.ap.faults.clear();
     }
     w.ap.faults.always("accounts.json", Fault::TooMany(7));
-    let e = ap.list_accounts(&|_| {}).await.unwrap_err();
+    let e = ap.list_accounts(&|_| {}, &|_, _| true).await.unwrap_err();
     assert_eq!(e.class, ErrorClass::Transient);
     assert_eq!(e.retry_after, Some(Duration::from_secs(7)));
 }
@@ -211,7 +283,11 @@ async fn transport_faults_are_transient_and_retried() {
 async fn failing_or_empty_source_is_incomplete_and_keeps_accounts() {
     let w = World::new(60, 0).await;
     let store = Store::open(&w.state_path()).await.unwrap();
-    assert!(read(&w, &store, SourceKind::Billmanager, false).await.complete);
+    assert!(
+        read(&w, &store, SourceKind::Billmanager, false)
+            .await
+            .complete
+    );
     // An empty listing while the store knows accounts: a failed read.
     w.bm.faults.always("account", Fault::EmptyListing);
     let r = read(&w, &store, SourceKind::Billmanager, false).await;
@@ -240,7 +316,11 @@ async fn failing_or_empty_source_is_incomplete_and_keeps_accounts() {
     assert!(r.missing.values().all(|&m| m == 1));
     let r = read(&w, &store, SourceKind::Billmanager, false).await;
     assert!(r.missing.values().all(|&m| m == 2));
-    assert_eq!(r.accounts.len(), 60, "missing accounts stay known for the grace period");
+    assert_eq!(
+        r.accounts.len(),
+        60,
+        "missing accounts stay known for the grace period"
+    );
 }
 
 #[tokio::test]
@@ -256,15 +336,29 @@ async fn bad_records_are_skipped_and_reported() {
     let r = read(&w, &store, SourceKind::Billmanager, false).await;
     assert!(r.complete);
     assert_eq!(r.accounts.len(), 27);
-    let reasons: Vec<(String, InvalidCode)> =
-        r.invalid.iter().map(|i| (i.id.clone(), i.invalid.code)).collect();
-    assert!(reasons.contains(&("3".into(), InvalidCode::UnknownStatus)), "{reasons:?}");
-    assert!(reasons.contains(&("4".into(), InvalidCode::BadNumber)), "{reasons:?}");
-    assert!(reasons.contains(&("5".into(), InvalidCode::NoLogin)), "{reasons:?}");
+    let reasons: Vec<(String, InvalidCode)> = r
+        .invalid
+        .iter()
+        .map(|i| (i.id.clone(), i.invalid.code))
+        .collect();
+    assert!(
+        reasons.contains(&("3".into(), InvalidCode::UnknownStatus)),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons.contains(&("4".into(), InvalidCode::BadNumber)),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons.contains(&("5".into(), InvalidCode::NoLogin)),
+        "{reasons:?}"
+    );
     let stored = store.invalid_records().await.unwrap();
     assert_eq!(stored.len(), 3);
     let metrics = billsync::telemetry::metrics::get().encode();
-    assert!(metrics.contains(r#"billsync_invalid_records_total{source="billmanager",reason="unknown_status"}"#));
+    assert!(metrics.contains(
+        r#"billsync_invalid_records_total{source="billmanager",reason="unknown_status"}"#
+    ));
 
     w.ap.data().accounts[0].status = "frozen".into();
     let r = read(&w, &store, SourceKind::Activeplatform, false).await;
@@ -289,15 +383,30 @@ async fn activeplatform_reads_every_size_and_envelope() {
         assert!(r.complete, "n={n}: {:?}", r.error);
         assert_eq!(r.accounts.len(), n, "n={n} {envelope:?}: {:?}", r.invalid);
         // Rows without e-mail (every tenth id) were completed by a GET.
-        let without_email = w.ap.data().accounts.iter().filter(|a| a.id % 10 == 0).count() as u64;
+        let without_email =
+            w.ap.data()
+                .accounts
+                .iter()
+                .filter(|a| a.id % 10 == 0)
+                .count() as u64;
         assert_eq!(w.ap.calls("get"), without_email, "n={n}");
         let data = w.ap.data().accounts.clone();
         for emu in data.iter().take(50) {
-            let a = r.accounts.iter().find(|a| a.key.id == emu.id.to_string()).unwrap();
+            let a = r
+                .accounts
+                .iter()
+                .find(|a| a.key.id == emu.id.to_string())
+                .unwrap();
             assert_eq!(a.login, emu.email);
-            assert_eq!(a.phone.as_deref().unwrap(), format!("+375{:09}", emu.id - 2_000_000));
+            assert_eq!(
+                a.phone.as_deref().unwrap(),
+                format!("+375{:09}", emu.id - 2_000_000)
+            );
             assert_eq!(a.credit_limit, Decimal::try_from(emu.credit_limit).unwrap());
-            assert_eq!(a.balance, Decimal::try_from(emu.balance).unwrap().round_dp(2));
+            assert_eq!(
+                a.balance,
+                Decimal::try_from(emu.balance).unwrap().round_dp(2)
+            );
         }
     }
 }
@@ -309,8 +418,14 @@ async fn activeplatform_string_balances_and_auth_errors() {
     let store = Store::open(&w.state_path()).await.unwrap();
     let r = read(&w, &store, SourceKind::Activeplatform, false).await;
     assert_eq!(r.accounts.len(), 20);
-    let bad = w.settings_env("", &[("BILLSYNC__SOURCES__ACTIVEPLATFORM__API_TOKEN", "nope-nope")]);
-    let e = source(&bad, SourceKind::Activeplatform).list_accounts(&|_| {}).await.unwrap_err();
+    let bad = w.settings_env(
+        "",
+        &[("BILLSYNC__SOURCES__ACTIVEPLATFORM__API_TOKEN", "nope-nope")],
+    );
+    let e = source(&bad, SourceKind::Activeplatform)
+        .list_accounts(&|_| {}, &|_, _| true)
+        .await
+        .unwrap_err();
     assert_eq!(e.class, ErrorClass::Permanent);
     assert_eq!(e.status, Some(401));
     assert!(!e.message.contains("nope-nope"));
@@ -319,7 +434,10 @@ async fn activeplatform_string_balances_and_auth_errors() {
 #[tokio::test]
 async fn payments_feed_last_paid_and_resolve_by_name() {
     let w = World::new(10, 10).await;
-    let today = chrono::Utc::now().date_naive().format("%Y-%m-%d").to_string();
+    let today = chrono::Utc::now()
+        .date_naive()
+        .format("%Y-%m-%d")
+        .to_string();
     w.bm.add_payment(3, "20.00", "4", &today);
     w.bm.add_payment(4, "1 000,00", "1", &today); // new: not paid
     w.bm.data().payments_have_account_id = false;

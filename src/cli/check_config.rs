@@ -25,7 +25,7 @@ pub async fn run(settings: Settings, connect: bool) -> u8 {
     };
     for source in &sources {
         let kind = source.kind();
-        let normalizer = match normalizer_for(&settings, kind) {
+        let normalizer = match Normalizer::from_settings(&settings, kind) {
             Ok(n) => n,
             Err(e) => {
                 eprintln!("billsync: {e}");
@@ -74,33 +74,6 @@ pub async fn run(settings: Settings, connect: bool) -> u8 {
         super::EXIT_OK
     } else {
         super::EXIT_UNFINISHED
-    }
-}
-
-pub fn normalizer_for(
-    settings: &Settings,
-    kind: crate::core::model::SourceKind,
-) -> Result<Normalizer, String> {
-    use crate::core::model::SourceKind::*;
-    match kind {
-        Billmanager => {
-            let c = settings.bm().ok_or("billmanager is not enabled")?;
-            Normalizer::new(
-                kind,
-                &c.login_template,
-                &c.billing_id_template,
-                &c.status_map,
-            )
-        }
-        Activeplatform => {
-            let c = settings.ap().ok_or("activeplatform is not enabled")?;
-            Normalizer::new(
-                kind,
-                &c.login_template,
-                &c.billing_id_template,
-                &c.status_map,
-            )
-        }
     }
 }
 

@@ -89,12 +89,18 @@ pub struct Desired {
 }
 
 /// Builds the desired state from every source's accounts.
-pub fn build(cfg: &CoreConfig, inputs: &BTreeMap<SourceKind, SourceInput>, now: DateTime<Utc>) -> Desired {
+pub fn build(
+    cfg: &CoreConfig,
+    inputs: &BTreeMap<SourceKind, SourceInput>,
+    now: DateTime<Utc>,
+) -> Desired {
     let mut out = Desired::default();
     // Candidates per login: (rank, key, user). Lower rank wins: live accounts
     // before deleted ones, then source priority, then account id.
-    let mut candidates: BTreeMap<String, Vec<(usize, usize, DesiredUser, Option<(String, String)>)>> =
-        BTreeMap::new();
+    let mut candidates: BTreeMap<
+        String,
+        Vec<(usize, usize, DesiredUser, Option<(String, String)>)>,
+    > = BTreeMap::new();
     for (kind, input) in inputs {
         if !input.complete {
             out.incomplete.insert(*kind);
@@ -127,7 +133,10 @@ pub fn build(cfg: &CoreConfig, inputs: &BTreeMap<SourceKind, SourceInput>, now: 
             let tree = (status != CanonicalStatus::Deleted && cfg.tree_type.is_some()).then(|| {
                 (
                     account.billing_id.clone(),
-                    account.name.clone().unwrap_or_else(|| account.login.clone()),
+                    account
+                        .name
+                        .clone()
+                        .unwrap_or_else(|| account.login.clone()),
                 )
             });
             let live = usize::from(status == CanonicalStatus::Deleted);
@@ -138,9 +147,7 @@ pub fn build(cfg: &CoreConfig, inputs: &BTreeMap<SourceKind, SourceInput>, now: 
         }
     }
     for (login, mut list) in candidates {
-        list.sort_by(|a, b| {
-            (a.0, a.1, &a.2.owner.id).cmp(&(b.0, b.1, &b.2.owner.id))
-        });
+        list.sort_by(|a, b| (a.0, a.1, &a.2.owner.id).cmp(&(b.0, b.1, &b.2.owner.id)));
         let mut iter = list.into_iter();
         let Some((_, _, winner, tree)) = iter.next() else {
             continue;

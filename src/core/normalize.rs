@@ -117,6 +117,33 @@ impl Normalizer {
         })
     }
 
+    /// The normalizer of an enabled source.
+    pub fn from_settings(
+        settings: &crate::config::Settings,
+        kind: SourceKind,
+    ) -> Result<Self, String> {
+        match kind {
+            SourceKind::Billmanager => {
+                let c = settings.bm().ok_or("billmanager is not enabled")?;
+                Self::new(
+                    kind,
+                    &c.login_template,
+                    &c.billing_id_template,
+                    &c.status_map,
+                )
+            }
+            SourceKind::Activeplatform => {
+                let c = settings.ap().ok_or("activeplatform is not enabled")?;
+                Self::new(
+                    kind,
+                    &c.login_template,
+                    &c.billing_id_template,
+                    &c.status_map,
+                )
+            }
+        }
+    }
+
     pub fn status(&self, raw: &str) -> Option<CanonicalStatus> {
         if let Some(s) = self.status_map.get(raw) {
             return Some(*s);

@@ -54,6 +54,23 @@ pub struct Op {
     pub deprovision: bool,
 }
 
+impl Op {
+    /// The SPEC §6a action name: create, update, block or delete.
+    pub fn label(&self, status_blocked: &str) -> &'static str {
+        match &self.action {
+            Action::Create => "create",
+            Action::Delete => "delete",
+            Action::Update { changes, .. }
+                if changes.iter().any(|c| c == "status")
+                    && self.target.status == status_blocked =>
+            {
+                "block"
+            }
+            Action::Update { .. } => "update",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TreeOp {
     pub external_id: String,
@@ -78,7 +95,10 @@ pub struct Plan {
 
 impl Plan {
     pub fn is_empty(&self) -> bool {
-        self.ops.is_empty() && self.tree.is_empty() && self.writebacks.is_empty() && self.held.is_empty()
+        self.ops.is_empty()
+            && self.tree.is_empty()
+            && self.writebacks.is_empty()
+            && self.held.is_empty()
     }
 
     /// Logins with at least one deprovision (the threshold counts logins).
@@ -124,7 +144,11 @@ fn update_op(
     target: &UserState,
     full: bool,
 ) -> Option<Op> {
-    let attach: BTreeSet<String> = target.permissions.difference(&applied.permissions).cloned().collect();
+    let attach: BTreeSet<String> = target
+        .permissions
+        .difference(&applied.permissions)
+        .cloned()
+        .collect();
     let detach: BTreeSet<String> = applied
         .permissions
         .difference(&target.permissions)
@@ -263,12 +287,16 @@ pub fn plan(cfg: &CoreConfig, desired: &Desired, applied: &Applied, opts: &PlanO
     }
     if cfg.writeback_attribute.is_some() {
         for (login, d) in &desired.users {
-            if d.owner.source != SourceKind::Activeplatform || d.state.gone || opts.skip.contains(login) {
+            if d.owner.source != SourceKind::Activeplatform
+                || d.state.gone
+                || opts.skip.contains(login)
+            {
                 continue;
             }
             let written = applied.written.get(&d.owner);
             let full = opts.full || opts.full_logins.contains(login);
-            let differs = written != Some(login) || (full && d.writeback_seen.as_ref() != Some(login));
+            let differs =
+                written != Some(login) || (full && d.writeback_seen.as_ref() != Some(login));
             if differs {
                 out.writebacks.push(WritebackOp {
                     account: d.owner.clone(),
@@ -293,7 +321,13 @@ pub fn threshold(max_deprovision: u32, ratio: f64, known_users: usize) -> usize 
 
 /// Holds every deprovision of the plan when there are more than `limit`
 /// and no approval. A held update keeps its non-destructive part.
-pub fn apply_safety(cfg: &CoreConfig, plan: &mut Plan, applied: &Applied, limit: usize, approved: bool) {
+pub fn apply_safety(
+    cfg: &CoreConfig,
+    plan: &mut Plan,
+    applied: &Applied,
+    limit: usize,
+    approved: bool,
+) {
     if approved || plan.deprovision_logins() <= limit {
         return;
     }
@@ -372,7 +406,13 @@ mod tests {
         c
     }
 
-    fn account(source: SourceKind, id: u32, email: u32, status: CanonicalStatus, balance: i64) -> Account {
+    fn account(
+        source: SourceKind,
+        id: u32,
+        email: u32,
+        status: CanonicalStatus,
+        balance: i64,
+    ) -> Account {
         Account {
             key: AccountKey {
                 source,
@@ -399,7 +439,10 @@ mod tests {
     }
 
     fn arb_source() -> impl Strategy<Value = SourceKind> {
-        prop_oneof![Just(SourceKind::Billmanager), Just(SourceKind::Activeplatform)]
+        prop_oneof![
+            Just(SourceKind::Billmanager),
+            Just(SourceKind::Activeplatform)
+        ]
     }
 
     fn arb_accounts() -> impl Strategy<Value = Vec<Account>> {
@@ -416,10 +459,20 @@ mod tests {
         })
     }
 
-    fn inputs(accounts: &[Account], missing: &HashMap<AccountKey, u32>, complete: bool) -> BTreeMap<SourceKind, SourceInput> {
+    fn inputs(
+        accounts: &[Account],
+        missing: &HashMap<AccountKey, u32>,
+        complete: bool,
+    ) -> BTreeMap<SourceKind, SourceInput> {
         let mut m: BTreeMap<SourceKind, SourceInput> = BTreeMap::new();
         for s in SourceKind::ALL {
-            m.insert(s, SourceInput { complete, ..Default::default() });
+            m.insert(
+                s,
+                SourceInput {
+                    complete,
+                    ..Default::default()
+                },
+            );
         }
         for a in accounts {
             let inp = m.get_mut(&a.key.source).unwrap();
@@ -442,7 +495,10 @@ mod tests {
         }
         for (login, au) in &a.users {
             if !d.users.contains_key(login) {
-                assert!(au.state.gone && cfg.on_deleted == OnDeleted::Block, "{login} left behind");
+                assert!(
+                    au.state.gone && cfg.on_deleted == OnDeleted::Block,
+                    "{login} left behind"
+                );
                 assert!(au.state.permissions.is_empty());
             }
         }
@@ -518,11 +574,17 @@ mod tests {
         let now = Utc::now();
         let acc = account(SourceKind::Billmanager, 1, 1, CanonicalStatus::Active, 1);
         let d0 = build(&cfg, &inputs(&[acc.clone()], &HashMap::new(), true), now);
-        let a0 = apply(&Applied::default(), &plan(&cfg, &d0, &Applied::default(), &PlanOptions::default()));
+        let a0 = apply(
+            &Applied::default(),
+            &plan(&cfg, &d0, &Applied::default(), &PlanOptions::default()),
+        );
         assert!(!a0.users["u1@x"].state.permissions.is_empty());
         let once = HashMap::from([(acc.key.clone(), 1)]);
         let d1 = build(&cfg, &inputs(&[acc.clone()], &once, true), now);
-        assert!(plan(&cfg, &d1, &a0, &PlanOptions::default()).ops.is_empty(), "within grace");
+        assert!(
+            plan(&cfg, &d1, &a0, &PlanOptions::default()).ops.is_empty(),
+            "within grace"
+        );
         let twice = HashMap::from([(acc.key.clone(), 2)]);
         let d2 = build(&cfg, &inputs(&[acc.clone()], &twice, true), now);
         let p = plan(&cfg, &d2, &a0, &PlanOptions::default());
@@ -539,14 +601,22 @@ mod tests {
         let cfg = cfg(OnDeleted::Block);
         let bm = account(SourceKind::Billmanager, 1, 7, CanonicalStatus::Active, 1);
         let ap = account(SourceKind::Activeplatform, 2, 7, CanonicalStatus::Active, 1);
-        let d = build(&cfg, &inputs(&[bm.clone(), ap.clone()], &HashMap::new(), true), Utc::now());
+        let d = build(
+            &cfg,
+            &inputs(&[bm.clone(), ap.clone()], &HashMap::new(), true),
+            Utc::now(),
+        );
         assert_eq!(d.users["u7@x"].owner, bm.key);
         assert_eq!(d.conflicts.len(), 1);
         assert_eq!(d.conflicts[0].loser, ap.key);
         // A deleted account does not take a login from a live one.
         let mut dead = bm.clone();
         dead.status = CanonicalStatus::Deleted;
-        let d = build(&cfg, &inputs(&[dead, ap.clone()], &HashMap::new(), true), Utc::now());
+        let d = build(
+            &cfg,
+            &inputs(&[dead, ap.clone()], &HashMap::new(), true),
+            Utc::now(),
+        );
         assert_eq!(d.users["u7@x"].owner, ap.key);
     }
 
@@ -556,12 +626,19 @@ mod tests {
         let now = Utc::now();
         let a = account(SourceKind::Activeplatform, 1, 1, CanonicalStatus::Active, 1);
         let d0 = build(&cfg, &inputs(&[a.clone()], &HashMap::new(), true), now);
-        let a0 = apply(&Applied::default(), &plan(&cfg, &d0, &Applied::default(), &PlanOptions::default()));
+        let a0 = apply(
+            &Applied::default(),
+            &plan(&cfg, &d0, &Applied::default(), &PlanOptions::default()),
+        );
         let mut moved = a.clone();
         moved.login = "new@x".into();
         let d1 = build(&cfg, &inputs(&[moved], &HashMap::new(), true), now);
         let p = plan(&cfg, &d1, &a0, &PlanOptions::default());
-        let kinds: Vec<_> = p.ops.iter().map(|o| (o.login.as_str(), o.action.clone())).collect();
+        let kinds: Vec<_> = p
+            .ops
+            .iter()
+            .map(|o| (o.login.as_str(), o.action.clone()))
+            .collect();
         assert!(kinds.contains(&("new@x", Action::Create)));
         assert!(kinds.contains(&("u1@x", Action::Delete)));
         assert_eq!(p.deprovision_logins(), 1);
@@ -575,14 +652,23 @@ mod tests {
             .map(|i| account(SourceKind::Billmanager, i, i, CanonicalStatus::Active, 1))
             .collect();
         let d0 = build(&cfg, &inputs(&accounts, &HashMap::new(), true), now);
-        let a0 = apply(&Applied::default(), &plan(&cfg, &d0, &Applied::default(), &PlanOptions::default()));
+        let a0 = apply(
+            &Applied::default(),
+            &plan(&cfg, &d0, &Applied::default(), &PlanOptions::default()),
+        );
         // 15 go negative (detach) and also change phone; one new account.
         let mut after = accounts.clone();
         for a in after.iter_mut().take(15) {
             a.balance = Decimal::from(-100);
             a.phone = Some("+1".into());
         }
-        after.push(account(SourceKind::Billmanager, 99, 99, CanonicalStatus::Active, 1));
+        after.push(account(
+            SourceKind::Billmanager,
+            99,
+            99,
+            CanonicalStatus::Active,
+            1,
+        ));
         let d1 = build(&cfg, &inputs(&after, &HashMap::new(), true), now);
         let mut p = plan(&cfg, &d1, &a0, &PlanOptions::default());
         assert_eq!(p.deprovision_logins(), 15);
@@ -594,7 +680,10 @@ mod tests {
         assert_eq!(p.ops.len(), 16);
         let a1 = apply(&a0, &p);
         assert!(a1.users.values().all(|u| !u.state.permissions.is_empty()));
-        assert_eq!(a1.users["u0@x"].state.properties, vec![("phone".into(), "+1".into())]);
+        assert_eq!(
+            a1.users["u0@x"].state.properties,
+            vec![("phone".into(), "+1".into())]
+        );
         // Approved: everything goes.
         let mut p = plan(&cfg, &d1, &a1, &PlanOptions::default());
         apply_safety(&cfg, &mut p, &a1, 10, true);
@@ -611,9 +700,14 @@ mod tests {
         let p = plan(&cfg, &d, &Applied::default(), &PlanOptions::default());
         assert_eq!(p.writebacks.len(), 1);
         let applied = apply(&Applied::default(), &p);
-        assert!(plan(&cfg, &d, &applied, &PlanOptions::default()).writebacks.is_empty());
+        assert!(plan(&cfg, &d, &applied, &PlanOptions::default())
+            .writebacks
+            .is_empty());
         // On a full resync the account's attribute is compared too.
-        let full = PlanOptions { full: true, ..Default::default() };
+        let full = PlanOptions {
+            full: true,
+            ..Default::default()
+        };
         assert_eq!(plan(&cfg, &d, &applied, &full).writebacks.len(), 1);
         let mut b = a.clone();
         b.attributes.insert("vms_login".into(), "u5@x".into());

@@ -102,10 +102,16 @@ mod tests {
     fn conditions() {
         let now = Utc::now();
         let paid = HashMap::from([("1".to_string(), now - Duration::days(3))]);
-        let ctx = RuleContext { last_paid: &paid, now };
+        let ctx = RuleContext {
+            last_paid: &paid,
+            now,
+        };
         let a = account(-5, CanonicalStatus::Active);
         let mut r = rule(&["x"]);
-        assert!(matches(&r, &a, &ctx), "an empty rule matches every active account");
+        assert!(
+            matches(&r, &a, &ctx),
+            "an empty rule matches every active account"
+        );
         r.min_available = Some(Decimal::ZERO);
         assert!(matches(&r, &a, &ctx), "-5 + 10 credit >= 0");
         r.min_available = Some(Decimal::from(6));
@@ -122,14 +128,21 @@ mod tests {
         r.attributes.clear();
         r.sources = vec![SourceKind::Billmanager];
         assert!(!matches(&r, &a, &ctx));
-        assert!(!matches(&rule(&["x"]), &account(0, CanonicalStatus::Suspended), &ctx));
+        assert!(!matches(
+            &rule(&["x"]),
+            &account(0, CanonicalStatus::Suspended),
+            &ctx
+        ));
     }
 
     #[test]
     fn grants_are_a_union_within_managed() {
         let now = Utc::now();
         let paid = HashMap::new();
-        let ctx = RuleContext { last_paid: &paid, now };
+        let ctx = RuleContext {
+            last_paid: &paid,
+            now,
+        };
         let rules = vec![rule(&["a", "b"]), rule(&["b", "c", "unmanaged"])];
         let managed: Vec<String> = ["a", "b", "c"].iter().map(|s| s.to_string()).collect();
         let (perms, matched) = grants(&rules, &managed, &account(1, CanonicalStatus::Active), &ctx);

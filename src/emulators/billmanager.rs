@@ -367,7 +367,12 @@ fn account_row(a: &BmAccount) -> Value {
 /// Pages like BILLmanager: `p_cnt` capped by the server, and a `p_num` past
 /// the end clamped to the last page. One row comes as an object, none as an
 /// absent `elem`. Only the page's rows are rendered.
-fn page<T>(rows: &[T], params: &HashMap<String, String>, cap: usize, render: impl Fn(&T) -> Value) -> Response {
+fn page<T>(
+    rows: &[T],
+    params: &HashMap<String, String>,
+    cap: usize,
+    render: impl Fn(&T) -> Value,
+) -> Response {
     let total = rows.len();
     let cnt = params
         .get("p_cnt")
@@ -380,12 +385,20 @@ fn page<T>(rows: &[T], params: &HashMap<String, String>, cap: usize, render: imp
         .and_then(|n| n.parse::<usize>().ok())
         .unwrap_or(1)
         .clamp(1, last_page);
-    let slice: Vec<Value> = rows.iter().skip((num - 1) * cnt).take(cnt).map(render).collect();
+    let slice: Vec<Value> = rows
+        .iter()
+        .skip((num - 1) * cnt)
+        .take(cnt)
+        .map(render)
+        .collect();
     let mut body = Map::new();
     match slice.len() {
         0 => {}
         1 => {
-            body.insert("elem".into(), slice.into_iter().next().unwrap_or(Value::Null));
+            body.insert(
+                "elem".into(),
+                slice.into_iter().next().unwrap_or(Value::Null),
+            );
         }
         _ => {
             body.insert("elem".into(), Value::Array(slice));

@@ -51,6 +51,9 @@ pub struct SourceRead {
     /// Listed accounts left out this cycle because their details could not
     /// be read (retried next cycle; never treated as deleted).
     pub details_unavailable: usize,
+    /// Ids listed but not usable this cycle (details unavailable or gone
+    /// mid-read): whatever they own is left alone.
+    pub unusable: Vec<String>,
 }
 
 fn bad_rows(rows: Vec<BadRow>, kind: &'static str) -> Vec<InvalidRecord> {
@@ -71,10 +74,13 @@ pub async fn read_source(
     progress: &(dyn Fn(usize) + Sync),
 ) -> Result<SourceRead, crate::store::StoreError> {
     let kind = source.kind();
+    let t0 = std::time::Instant::now();
     let index = store.account_index(kind).await?;
     let mut out = SourceRead::default();
 
-    let listing = match source.list_accounts(progress).await {
+    // Only rows the store lacks keep their JSON in memory.
+    let keep = |id: &str, hash: &str| index.get(id).is_none_or(|k| k.row_hash != hash);
+    let listing = match source.list_accounts(progress, &keep).await {
         Ok(l) if l.accounts.is_empty() && !index.is_empty() => Err(format!(
             "listed zero accounts while the store knows {}; treated as a failed read",
             index.len()
@@ -87,6 +93,7 @@ pub async fn read_source(
         Err(error) => return incomplete(store, kind, normalizer, out, error).await,
     };
     out.listed = listing.accounts.len();
+    tracing::debug!(source = %kind, ms = t0.elapsed().as_millis() as u64, "listed");
     out.invalid
         .extend(bad_rows(std::mem::take(&mut listing.bad), "account"));
 
@@ -205,43 +212,49 @@ pub async fn read_source(
     store.save_details(kind, &fetched, opts.now).await?;
     store.save_payments(&to_save, opts.now).await?;
 
-    let mut details = store.load_details(kind).await?;
-    for (id, raw) in fetched {
-        details.insert(id, raw);
-    }
-    for a in &listing.accounts {
-        if gone.contains(&a.raw.id) {
-            continue;
-        }
-        let merged = match details.get(&a.raw.id) {
-            Some(d) => a.raw.merged_with(d),
-            None if source.needs_details(&a.raw) => {
-                out.details_unavailable += 1;
-                continue;
-            }
-            None => a.raw.clone(),
-        };
-        match normalizer.account(&merged) {
-            Ok(acc) => out.accounts.push(acc),
-            Err(invalid) => out.invalid.push(InvalidRecord {
-                id: a.raw.id.clone(),
-                kind: "account",
-                invalid,
-            }),
-        }
-    }
-    // Accounts absent from this complete listing: keep them, with their
-    // missing count, so the core can apply the grace period.
-    out.missing = store.missing_counts(kind).await?;
-    if !out.missing.is_empty() {
-        for (raw, _) in store.load_accounts(kind).await? {
-            if out.missing.contains_key(&raw.id) {
-                if let Ok(acc) = normalizer.account(&raw) {
+    tracing::debug!(source = %kind, ms = t0.elapsed().as_millis() as u64, "saved");
+    drop(listing);
+    drop(index);
+    // Normalize from the store, one row at a time: list rows merged with
+    // details; absent accounts come with their missing count.
+    store
+        .scan_accounts(kind, |list, details, missing| {
+            let id = list.id.clone();
+            if missing > 0 {
+                out.missing.insert(id, missing);
+                let merged = match &details {
+                    Some(d) => list.merged_with(d),
+                    None => list,
+                };
+                if let Ok(acc) = normalizer.account(&merged) {
                     out.accounts.push(acc);
                 }
+                return;
             }
-        }
-    }
+            if gone.contains(&id) {
+                out.unusable.push(id);
+                return;
+            }
+            let merged = match &details {
+                Some(d) => list.merged_with(d),
+                None if source.needs_details(&list) => {
+                    out.details_unavailable += 1;
+                    out.unusable.push(id);
+                    return;
+                }
+                None => list,
+            };
+            match normalizer.account(&merged) {
+                Ok(acc) => out.accounts.push(acc),
+                Err(invalid) => out.invalid.push(InvalidRecord {
+                    id,
+                    kind: "account",
+                    invalid,
+                }),
+            }
+        })
+        .await?;
+    tracing::debug!(source = %kind, ms = t0.elapsed().as_millis() as u64, "normalized");
     out.last_paid = store.last_paid(kind).await?;
     out.complete = true;
     finish(store, kind, &mut out).await?;
@@ -270,12 +283,20 @@ async fn incomplete(
 ) -> Result<SourceRead, crate::store::StoreError> {
     tracing::warn!(source = %kind, error = %error, "source read failed; it is incomplete this cycle");
     store.record_source_error(kind, &error).await?;
-    for (raw, _) in store.load_accounts(kind).await? {
-        if let Ok(acc) = normalizer.account(&raw) {
-            out.accounts.push(acc);
-        }
-    }
-    out.missing = store.missing_counts(kind).await?;
+    store
+        .scan_accounts(kind, |list, details, missing| {
+            if missing > 0 {
+                out.missing.insert(list.id.clone(), missing);
+            }
+            let merged = match &details {
+                Some(d) => list.merged_with(d),
+                None => list,
+            };
+            if let Ok(acc) = normalizer.account(&merged) {
+                out.accounts.push(acc);
+            }
+        })
+        .await?;
     out.last_paid = store.last_paid(kind).await?;
     out.complete = false;
     out.error = Some(error);

@@ -154,6 +154,7 @@ impl ActivePlatformClient {
     pub async fn list_accounts(
         &self,
         progress: &(dyn Fn(usize) + Sync),
+        keep: super::KeepRow<'_>,
     ) -> Result<Listing, FetchError> {
         let (accounts, bad, requests) = self
             .page_all(
@@ -161,7 +162,7 @@ impl ActivePlatformClient {
                 &[],
                 progress,
                 MAX_PAGES,
-                account_row,
+                |row, id| account_row(row, id, keep),
             )
             .await?;
         Ok(Listing {
@@ -173,7 +174,9 @@ impl ActivePlatformClient {
 
     pub async fn first_page(&self) -> Result<Listing, FetchError> {
         let (accounts, bad, requests) = self
-            .page_all("api/vendor/v1/accounts.json", &[], &|_| {}, 1, account_row)
+            .page_all("api/vendor/v1/accounts.json", &[], &|_| {}, 1, |row, id| {
+                account_row(row, id, &|_, _| true)
+            })
             .await?;
         Ok(Listing {
             accounts,
@@ -297,11 +300,13 @@ pub fn list_envelope(body: Value) -> Result<Vec<Value>, FetchError> {
     }
 }
 
-fn account_row(row: &Map<String, Value>, id: String) -> ListedAccount {
+fn account_row(row: &Map<String, Value>, id: String, keep: super::KeepRow<'_>) -> ListedAccount {
     let raw = decode_account(row, id);
+    let row_hash = super::hash_raw(&raw);
+    let row_json = keep(&raw.id, &row_hash).then(|| serde_json::to_string(row).unwrap_or_default());
     ListedAccount {
-        row_hash: super::hash_raw(&raw),
-        row_json: serde_json::to_string(row).unwrap_or_default(),
+        row_hash,
+        row_json,
         raw,
     }
 }

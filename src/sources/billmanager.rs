@@ -231,10 +231,11 @@ impl BillmanagerClient {
     pub async fn list_accounts(
         &self,
         progress: &(dyn Fn(usize) + Sync),
+        keep: super::KeepRow<'_>,
     ) -> Result<Listing, FetchError> {
         let (accounts, bad, requests) = self
             .page_all("account", &[], progress, MAX_PAGES, |row, id| {
-                account_row(row, id)
+                account_row(row, id, keep)
             })
             .await?;
         Ok(Listing {
@@ -261,7 +262,7 @@ impl BillmanagerClient {
                     .map(|id| (o, id))
             });
             match id {
-                Some((obj, id)) => listing.accounts.push(account_row(obj, id)),
+                Some((obj, id)) => listing.accounts.push(account_row(obj, id, &|_, _| true)),
                 None => listing.bad.push(BadRow {
                     id: String::new(),
                     reason: "list row without id".into(),
@@ -343,7 +344,7 @@ impl BillmanagerClient {
     }
 }
 
-fn account_row(row: &Map<String, Value>, id: String) -> ListedAccount {
+fn account_row(row: &Map<String, Value>, id: String, keep: super::KeepRow<'_>) -> ListedAccount {
     let raw = RawAccount {
         id,
         name: field(row, "name"),
@@ -351,9 +352,11 @@ fn account_row(row: &Map<String, Value>, id: String) -> ListedAccount {
         balance: field(row, "balance"),
         ..Default::default()
     };
+    let row_hash = super::hash_raw(&raw);
+    let row_json = keep(&raw.id, &row_hash).then(|| serde_json::to_string(row).unwrap_or_default());
     ListedAccount {
-        row_hash: super::hash_raw(&raw),
-        row_json: serde_json::to_string(row).unwrap_or_default(),
+        row_hash,
+        row_json,
         raw,
     }
 }
@@ -479,7 +482,7 @@ pub(crate) mod tests {
         fn decode_never_panics_on_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
             if let Ok(doc) = decode_doc(&bytes) {
                 if let Ok(rows) = elems(&doc) {
-                    for r in rows { if let Some(o) = r.as_object() { let _ = account_row(o, "1".into()); } }
+                    for r in rows { if let Some(o) = r.as_object() { let _ = account_row(o, "1".into(), &|_, _| true); } }
                 }
             }
         }
@@ -491,7 +494,7 @@ pub(crate) mod tests {
                 if let Ok(rows) = elems(&doc) {
                     for r in rows {
                         let _ = scalar(&r);
-                        if let Some(o) = r.as_object() { let _ = account_row(o, "1".into()); }
+                        if let Some(o) = r.as_object() { let _ = account_row(o, "1".into(), &|_, _| true); }
                     }
                 }
             }

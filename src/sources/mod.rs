@@ -25,8 +25,9 @@ pub struct ListedAccount {
     /// Hash of the fields billsync uses from the list row: a change means
     /// the details are fetched again.
     pub row_hash: String,
-    /// The row as the source sent it (kept for `explain`).
-    pub row_json: String,
+    /// The row as the source sent it (kept for `explain`); only for rows the
+    /// store does not already hold, so a large unchanged listing stays small.
+    pub row_json: Option<String>,
 }
 
 /// Details of one account, fetched on demand.
@@ -69,6 +70,9 @@ pub fn hash_raw(raw: &impl serde::Serialize) -> String {
     hex::encode(&Sha256::digest(&bytes)[..16])
 }
 
+/// Whether the store lacks this `(id, row_hash)`: then the row's JSON is kept.
+pub type KeepRow<'a> = &'a (dyn Fn(&str, &str) -> bool + Sync);
+
 /// A configured source. An enum, not a trait object: there are two, and the
 /// engine matches on them rarely.
 pub enum Source {
@@ -105,10 +109,11 @@ impl Source {
     pub async fn list_accounts(
         &self,
         progress: &(dyn Fn(usize) + Sync),
+        keep: KeepRow<'_>,
     ) -> Result<Listing, FetchError> {
         match self {
-            Source::Billmanager(c) => c.list_accounts(progress).await,
-            Source::Activeplatform(c) => c.list_accounts(progress).await,
+            Source::Billmanager(c) => c.list_accounts(progress, keep).await,
+            Source::Activeplatform(c) => c.list_accounts(progress, keep).await,
         }
     }
 

@@ -91,7 +91,7 @@ impl Store {
                 )
                 .bind(source.as_str())
                 .bind(&a.raw.id)
-                .bind(&a.row_json)
+                .bind(a.row_json.as_deref().unwrap_or("{}"))
                 .bind(&a.row_hash)
                 .bind(list_raw)
                 .bind(&now_s)
@@ -195,6 +195,31 @@ impl Store {
             out.insert(r.get::<String, _>(0), decode_raw(&text)?);
         }
         Ok(out)
+    }
+
+    /// Streams every stored account of a source: list row, details (if
+    /// fetched) and missing count, one row at a time so 100k accounts never
+    /// sit in memory twice.
+    pub async fn scan_accounts(
+        &self,
+        source: SourceKind,
+        mut f: impl FnMut(RawAccount, Option<RawAccount>, u32),
+    ) -> Result<()> {
+        use futures::TryStreamExt;
+        let mut rows = sqlx::query(
+            "SELECT list_raw, details_json, missing_cycles FROM source_accounts WHERE source = ?",
+        )
+        .bind(source.as_str())
+        .fetch(&self.pool);
+        while let Some(r) = rows.try_next().await? {
+            let list = decode_raw(&r.get::<String, _>(0))?;
+            let details = match r.get::<Option<String>, _>(1) {
+                Some(d) => Some(decode_raw(&d)?),
+                None => None,
+            };
+            f(list, details, r.get::<i64, _>(2).max(0) as u32);
+        }
+        Ok(())
     }
 
     /// Every stored account of a source, list row merged with details, and

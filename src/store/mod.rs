@@ -2,8 +2,10 @@
 //! WAL, a busy timeout, and a file created with mode 0600.
 
 mod accounts;
+mod engine;
 
 pub use accounts::{AccountIndexEntry, StoredPayment};
+pub use engine::{state_hash, AuditRow, QuarantineEntry, Requests, RetryInfo};
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
