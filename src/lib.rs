@@ -8,6 +8,7 @@ pub mod emulators;
 pub mod engine;
 pub mod http;
 pub mod sources;
+pub mod status;
 pub mod store;
 pub mod telemetry;
 pub mod vms;

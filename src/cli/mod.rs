@@ -2,6 +2,13 @@
 //! results to stdout.
 
 mod check_config;
+mod explain;
+mod progress;
+mod quarantine;
+mod requests;
+mod sandbox;
+mod status;
+mod sync;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -33,19 +40,107 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Run one sync cycle and exit (0 done, 1 work left, 2 config, 3 aborted)
+    Sync {
+        /// Full resync: re-read every account and push every user in full
+        #[arg(long)]
+        full: bool,
+        /// Print the plan and change nothing anywhere
+        #[arg(long)]
+        dry_run: bool,
+        /// Let this cycle's deprovisions through whatever their number
+        #[arg(long)]
+        allow_deprovision: bool,
+        /// Print the cycle summary as one JSON object
+        #[arg(long)]
+        json: bool,
+    },
+    /// Ask for a full resync (or of some logins) at the next cycle
+    Resync {
+        /// Only these logins (repeatable)
+        #[arg(long = "login", value_name = "LOGIN")]
+        logins: Vec<String>,
+    },
+    /// Approve the held deprovisions, once, at the next cycle
+    Approve,
+    /// Last cycles, pending, quarantined, held and conflicting logins, invalid records
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Trace one account: source records, normalized account, rules, desired and applied state, operations
+    Explain {
+        /// A login, or SOURCE:ID (e.g. billmanager:42)
+        target: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List or release quarantined logins
+    Quarantine {
+        #[command(subcommand)]
+        action: QuarantineAction,
+    },
     /// Validate the config and print it with secrets masked
     CheckConfig {
         /// Also read the first page of each source and probe the VMS
         #[arg(long)]
         connect: bool,
     },
+    /// Emulators of all three systems on loopback, one full sync, and what was pushed
+    Sandbox {
+        /// Generated accounts (split between the two billing systems)
+        #[arg(long, default_value_t = 50)]
+        accounts: usize,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum QuarantineAction {
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    Release {
+        /// Logins to release
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        logins: Vec<String>,
+        /// Release every quarantined login
+        #[arg(long)]
+        all: bool,
+    },
 }
 
 pub fn run(cli: Cli) -> ExitCode {
+    let path = cli.config.clone();
     let code = match cli.command {
-        Command::CheckConfig { connect } => with_settings(cli.config.as_deref(), |s| {
-            runtime(check_config::run(s, connect))
+        Command::Sync {
+            full,
+            dry_run,
+            allow_deprovision,
+            json,
+        } => with_settings(path.as_deref(), |s| {
+            runtime(sync::run(s, full, dry_run, allow_deprovision, json))
         }),
+        Command::Resync { logins } => {
+            with_settings(path.as_deref(), |s| runtime(requests::resync(s, logins)))
+        }
+        Command::Approve => with_settings(path.as_deref(), |s| runtime(requests::approve(s))),
+        Command::Status { json } => {
+            with_settings(path.as_deref(), |s| runtime(status::run(s, json)))
+        }
+        Command::Explain { target, json } => {
+            with_settings(path.as_deref(), |s| runtime(explain::run(s, target, json)))
+        }
+        Command::Quarantine { action } => {
+            with_settings(path.as_deref(), |s| runtime(quarantine::run(s, action)))
+        }
+        Command::CheckConfig { connect } => {
+            with_settings(path.as_deref(), |s| runtime(check_config::run(s, connect)))
+        }
+        Command::Sandbox { accounts } => {
+            crate::telemetry::init(crate::config::LogFormat::Pretty, "warn");
+            runtime(sandbox::run(accounts))
+        }
     };
     ExitCode::from(code)
 }
@@ -78,5 +173,23 @@ fn runtime(fut: impl std::future::Future<Output = u8>) -> u8 {
             eprintln!("billsync: cannot start the runtime: {e}");
             EXIT_ABORTED
         }
+    }
+}
+
+/// Opens the state store for the commands that only read it or file a
+/// request (no lock: SQLite serializes them with the running daemon).
+async fn open_store(settings: &Settings) -> Result<crate::store::Store, u8> {
+    crate::store::Store::open(&settings.daemon.state_path)
+        .await
+        .map_err(|e| {
+            eprintln!("billsync: {e}");
+            EXIT_ABORTED
+        })
+}
+
+fn print_json(v: &impl serde::Serialize) {
+    match serde_json::to_string_pretty(v) {
+        Ok(s) => println!("{s}"),
+        Err(e) => eprintln!("billsync: cannot render JSON: {e}"),
     }
 }

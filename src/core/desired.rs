@@ -88,6 +88,9 @@ pub struct Desired {
     pub protected: HashSet<AccountKey>,
 }
 
+/// (deleted?, source priority, user, tree element): sorted, the first wins.
+type Candidate = (usize, usize, DesiredUser, Option<(String, String)>);
+
 /// Builds the desired state from every source's accounts.
 pub fn build(
     cfg: &CoreConfig,
@@ -97,10 +100,7 @@ pub fn build(
     let mut out = Desired::default();
     // Candidates per login: (rank, key, user). Lower rank wins: live accounts
     // before deleted ones, then source priority, then account id.
-    let mut candidates: BTreeMap<
-        String,
-        Vec<(usize, usize, DesiredUser, Option<(String, String)>)>,
-    > = BTreeMap::new();
+    let mut candidates: BTreeMap<String, Vec<Candidate>> = BTreeMap::new();
     for (kind, input) in inputs {
         if !input.complete {
             out.incomplete.insert(*kind);

@@ -573,20 +573,24 @@ mod tests {
         let cfg = cfg(OnDeleted::Block);
         let now = Utc::now();
         let acc = account(SourceKind::Billmanager, 1, 1, CanonicalStatus::Active, 1);
-        let d0 = build(&cfg, &inputs(&[acc.clone()], &HashMap::new(), true), now);
+        let d0 = build(
+            &cfg,
+            &inputs(std::slice::from_ref(&acc), &HashMap::new(), true),
+            now,
+        );
         let a0 = apply(
             &Applied::default(),
             &plan(&cfg, &d0, &Applied::default(), &PlanOptions::default()),
         );
         assert!(!a0.users["u1@x"].state.permissions.is_empty());
         let once = HashMap::from([(acc.key.clone(), 1)]);
-        let d1 = build(&cfg, &inputs(&[acc.clone()], &once, true), now);
+        let d1 = build(&cfg, &inputs(std::slice::from_ref(&acc), &once, true), now);
         assert!(
             plan(&cfg, &d1, &a0, &PlanOptions::default()).ops.is_empty(),
             "within grace"
         );
         let twice = HashMap::from([(acc.key.clone(), 2)]);
-        let d2 = build(&cfg, &inputs(&[acc.clone()], &twice, true), now);
+        let d2 = build(&cfg, &inputs(std::slice::from_ref(&acc), &twice, true), now);
         let p = plan(&cfg, &d2, &a0, &PlanOptions::default());
         assert_eq!(p.ops.len(), 1);
         assert!(p.ops[0].deprovision);
@@ -625,7 +629,11 @@ mod tests {
         let cfg = cfg(OnDeleted::Delete);
         let now = Utc::now();
         let a = account(SourceKind::Activeplatform, 1, 1, CanonicalStatus::Active, 1);
-        let d0 = build(&cfg, &inputs(&[a.clone()], &HashMap::new(), true), now);
+        let d0 = build(
+            &cfg,
+            &inputs(std::slice::from_ref(&a), &HashMap::new(), true),
+            now,
+        );
         let a0 = apply(
             &Applied::default(),
             &plan(&cfg, &d0, &Applied::default(), &PlanOptions::default()),
@@ -696,7 +704,11 @@ mod tests {
         let cfg = cfg(OnDeleted::Block);
         let now = Utc::now();
         let a = account(SourceKind::Activeplatform, 5, 5, CanonicalStatus::Active, 1);
-        let d = build(&cfg, &inputs(&[a.clone()], &HashMap::new(), true), now);
+        let d = build(
+            &cfg,
+            &inputs(std::slice::from_ref(&a), &HashMap::new(), true),
+            now,
+        );
         let p = plan(&cfg, &d, &Applied::default(), &PlanOptions::default());
         assert_eq!(p.writebacks.len(), 1);
         let applied = apply(&Applied::default(), &p);

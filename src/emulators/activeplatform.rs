@@ -215,7 +215,7 @@ fn account_json(a: &ApAccount, full: bool, balance_as_string: bool) -> Value {
         "updated_at": a.updated_at,
     });
     // Every tenth list row lacks the e-mail: the reader must GET the account.
-    if full || a.id % 10 != 0 {
+    if full || !a.id.is_multiple_of(10) {
         v["email"] = json!(a.email);
     }
     v

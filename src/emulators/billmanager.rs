@@ -355,10 +355,10 @@ fn account_row(a: &BmAccount) -> Value {
         "status": [{"$": "registered"}, {"$": "verified"}],
     });
     // Repeated fields and unknown fields, as real installations send.
-    if a.id % 7 == 0 {
+    if a.id.is_multiple_of(7) {
         row["project"] = json!([{"$": "1"}, {"$": "2"}]);
     }
-    if a.id % 11 == 0 {
+    if a.id.is_multiple_of(11) {
         row["x_custom_field"] = json!({"nested": {"$": "?"}});
     }
     row

@@ -9,6 +9,7 @@
 pub mod activeplatform;
 pub mod billmanager;
 pub mod faults;
+pub mod lab;
 pub mod vms;
 
 use std::net::SocketAddr;

@@ -13,7 +13,9 @@ use futures::StreamExt;
 use rand::Rng;
 
 pub use push::Outcome;
-pub use report::{CycleReport, OperationCounts, PlanEntry, SourceSummary};
+pub use report::{
+    plan_entries as report_entries, CycleReport, OperationCounts, PlanEntry, SourceSummary,
+};
 
 use crate::config::Settings;
 use crate::core::desired::{self, CoreConfig, SourceInput};

@@ -55,13 +55,13 @@ impl Breaker {
     }
 
     fn failure(&self) {
-        if self.failures.fetch_add(1, Ordering::Relaxed) + 1 >= self.limit {
-            if !self.open.swap(true, Ordering::Relaxed) {
-                tracing::warn!(
-                    failures = self.limit,
-                    "circuit breaker open: no more VMS requests this cycle"
-                );
-            }
+        if self.failures.fetch_add(1, Ordering::Relaxed) + 1 >= self.limit
+            && !self.open.swap(true, Ordering::Relaxed)
+        {
+            tracing::warn!(
+                failures = self.limit,
+                "circuit breaker open: no more VMS requests this cycle"
+            );
         }
     }
 }

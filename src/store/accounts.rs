@@ -406,3 +406,43 @@ impl Store {
             .collect())
     }
 }
+
+/// One stored source account, for `explain`.
+#[derive(Debug, Clone)]
+pub struct StoredAccount {
+    pub row_json: String,
+    pub list: RawAccount,
+    pub details: Option<RawAccount>,
+    pub missing_cycles: u32,
+    pub first_seen: String,
+    pub last_seen: String,
+}
+
+impl Store {
+    pub async fn source_account(
+        &self,
+        source: SourceKind,
+        id: &str,
+    ) -> Result<Option<StoredAccount>> {
+        let row = sqlx::query(
+            "SELECT row_json, list_raw, details_json, missing_cycles, first_seen, last_seen
+             FROM source_accounts WHERE source = ? AND id = ?",
+        )
+        .bind(source.as_str())
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some(r) = row else { return Ok(None) };
+        Ok(Some(StoredAccount {
+            row_json: r.get(0),
+            list: decode_raw(&r.get::<String, _>(1))?,
+            details: match r.get::<Option<String>, _>(2) {
+                Some(d) => Some(decode_raw(&d)?),
+                None => None,
+            },
+            missing_cycles: r.get::<i64, _>(3).max(0) as u32,
+            first_seen: r.get(4),
+            last_seen: r.get(5),
+        }))
+    }
+}

@@ -3,9 +3,11 @@
 
 mod accounts;
 mod engine;
+mod lock;
 
-pub use accounts::{AccountIndexEntry, StoredPayment};
+pub use accounts::{AccountIndexEntry, StoredAccount, StoredPayment};
 pub use engine::{state_hash, AuditRow, QuarantineEntry, Requests, RetryInfo};
+pub use lock::StateLock;
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;

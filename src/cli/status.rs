@@ -1,0 +1,85 @@
+//! `status [--json]`.
+
+use serde_json::Value;
+
+use crate::config::Settings;
+
+pub async fn run(settings: Settings, json: bool) -> u8 {
+    let store = match super::open_store(&settings).await {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    let doc = match crate::status::status_json(&store).await {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("billsync: {e}");
+            return super::EXIT_ABORTED;
+        }
+    };
+    if json {
+        super::print_json(&doc);
+        return super::EXIT_OK;
+    }
+    let list = |k: &str| {
+        doc.get(k)
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default()
+    };
+    println!("last cycles:");
+    for c in list("cycles") {
+        println!(
+            "  {} {:<11} {:<8} applied {} pending {} quarantined {} held {}",
+            c["started_at"].as_str().unwrap_or(""),
+            c["kind"].as_str().unwrap_or(""),
+            c["result"].as_str().unwrap_or(""),
+            c["applied"],
+            c["pending"],
+            c["quarantined"],
+            c["held"]
+        );
+    }
+    for (title, key, fields) in [
+        (
+            "pending",
+            "pending",
+            &["login", "attempts", "next_attempt_at", "last_error"][..],
+        ),
+        (
+            "quarantined",
+            "quarantined",
+            &["login", "part", "since", "error"][..],
+        ),
+        ("held deprovisions", "held", &["login", "action"][..]),
+        ("login conflicts", "conflicts", &["login", "sources"][..]),
+        (
+            "invalid source records",
+            "invalid",
+            &["source", "id", "reason", "detail"][..],
+        ),
+    ] {
+        let items = list(key);
+        println!("{title}: {}", items.len());
+        for item in items.iter().take(50) {
+            let parts: Vec<String> = fields
+                .iter()
+                .map(|f| match &item[*f] {
+                    Value::String(s) => s.clone(),
+                    Value::Null => "-".into(),
+                    other => other.to_string(),
+                })
+                .collect();
+            println!("  {}", parts.join("  "));
+        }
+        if items.len() > 50 {
+            println!("  ... and {} more (see --json)", items.len() - 50);
+        }
+    }
+    if doc["resync_requested"].as_bool() == Some(true) {
+        println!("a resync is requested and waits for the next cycle");
+    }
+    if doc["approval_pending"].as_bool() == Some(true) {
+        println!("an approval is recorded and waits for the next cycle");
+    }
+    super::EXIT_OK
+}

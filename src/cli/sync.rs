@@ -1,0 +1,109 @@
+//! `sync [--full] [--dry-run] [--allow-deprovision] [--json]`: one cycle.
+
+use crate::config::Settings;
+use crate::engine::{CycleOptions, CycleReport, Engine};
+use crate::store::StateLock;
+
+pub async fn run(
+    settings: Settings,
+    full: bool,
+    dry_run: bool,
+    allow_deprovision: bool,
+    json: bool,
+) -> u8 {
+    let _lock = match StateLock::try_acquire(&settings.daemon.state_path) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("billsync: {e}");
+            return super::EXIT_ABORTED;
+        }
+    };
+    let engine = match Engine::new(settings).await {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("billsync: {e}");
+            return super::EXIT_ABORTED;
+        }
+    };
+    let bar = super::progress::terminal();
+    let opts = CycleOptions {
+        full,
+        dry_run,
+        allow_deprovision,
+        progress: bar.as_ref().map(|(p, _)| p.clone()),
+    };
+    let result = engine.run_cycle(&opts).await;
+    if let Some((_, bar)) = bar {
+        bar.finish_and_clear();
+    }
+    engine.store.close().await;
+    let report = match result {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("billsync: cycle aborted: {e}");
+            return super::EXIT_ABORTED;
+        }
+    };
+    if json {
+        match serde_json::to_string(&report) {
+            Ok(s) => println!("{s}"),
+            Err(e) => eprintln!("billsync: {e}"),
+        }
+    } else {
+        print_human(&report);
+    }
+    exit_code(&report)
+}
+
+pub fn exit_code(r: &CycleReport) -> u8 {
+    match r.result.as_str() {
+        "failed" => super::EXIT_ABORTED,
+        _ if r.dry_run => super::EXIT_OK,
+        "ok" => super::EXIT_OK,
+        _ => super::EXIT_UNFINISHED,
+    }
+}
+
+pub fn print_human(r: &CycleReport) {
+    let took = (r.finished_at - r.started_at).num_milliseconds() as f64 / 1000.0;
+    println!(
+        "{} cycle{}: {} in {took:.1}s",
+        r.kind,
+        if r.dry_run { " (dry run)" } else { "" },
+        r.result
+    );
+    for (name, s) in &r.sources {
+        match &s.error {
+            None => println!("  {name}: {} accounts", s.accounts),
+            Some(e) => println!("  {name}: INCOMPLETE: {e}"),
+        }
+    }
+    let o = &r.operations;
+    println!(
+        "  planned: {} create, {} update, {} delete, {} tree create, {} tree rename, {} write-back",
+        o.create, o.update, o.delete, o.tree_create, o.tree_update, o.writeback
+    );
+    if !r.dry_run {
+        println!(
+            "  applied {}, pending {}, quarantined {}, held {}",
+            r.applied, r.pending, r.quarantined, r.held
+        );
+    }
+    if r.invalid > 0 || r.conflicts > 0 {
+        println!(
+            "  {} invalid records and {} login conflicts (see `billsync status`)",
+            r.invalid, r.conflicts
+        );
+    }
+    if r.held > 0 {
+        println!("  deprovisions HELD by the safety threshold: review, then `billsync approve`");
+    }
+    for p in &r.plan {
+        println!(
+            "  {:<12} {:<40} {}",
+            p.action,
+            p.login,
+            p.changes.join(", ")
+        );
+    }
+}

@@ -1,0 +1,79 @@
+//! The status document of SPEC §6a, shared by `billsync status --json` and
+//! the admin server's `GET /status`.
+
+use serde_json::{json, Value};
+
+use crate::store::{Store, StoreError};
+
+pub async fn status_json(store: &Store) -> Result<Value, StoreError> {
+    let cycles = store.last_cycles(10).await?;
+    let retries = store.load_retries().await?;
+    let plan = store.plan_rows().await?;
+    let mut pending: Vec<Value> = vec![];
+    let mut seen = std::collections::HashSet::new();
+    for (login, _action, state) in &plan {
+        if state != "planned" || !seen.insert(login.clone()) {
+            continue;
+        }
+        let r = retries.get(login);
+        pending.push(json!({
+            "login": login,
+            "attempts": r.map(|r| r.attempts).unwrap_or(0),
+            "next_attempt_at": r.map(|r| r.next_attempt_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)),
+            "last_error": r.map(|r| r.last_error.clone()),
+        }));
+    }
+    for (login, r) in &retries {
+        if seen.insert(login.clone()) {
+            pending.push(json!({
+                "login": login,
+                "attempts": r.attempts,
+                "next_attempt_at": r.next_attempt_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                "last_error": r.last_error,
+            }));
+        }
+    }
+    let quarantined: Vec<Value> = store
+        .load_quarantine()
+        .await?
+        .into_iter()
+        .map(|q| {
+            json!({
+                "login": q.key,
+                "part": q.part,
+                "error": q.error,
+                "since": q.since.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            })
+        })
+        .collect();
+    let held: Vec<Value> = plan
+        .iter()
+        .filter(|(_, _, state)| state == "held")
+        .map(|(login, action, _)| json!({"login": login, "action": action}))
+        .collect();
+    let conflicts: Vec<Value> = store
+        .conflicts()
+        .await?
+        .into_iter()
+        .map(|(login, sources)| json!({"login": login, "sources": sources}))
+        .collect();
+    let invalid: Vec<Value> = store
+        .invalid_records()
+        .await?
+        .into_iter()
+        .map(|(source, id, reason, detail)| {
+            json!({"source": source, "id": id, "reason": reason, "detail": detail})
+        })
+        .collect();
+    let requests = store.pending_requests().await?;
+    Ok(json!({
+        "cycles": cycles,
+        "pending": pending,
+        "quarantined": quarantined,
+        "held": held,
+        "conflicts": conflicts,
+        "invalid": invalid,
+        "resync_requested": requests.resync_all || !requests.resync_logins.is_empty(),
+        "approval_pending": requests.approve,
+    }))
+}
