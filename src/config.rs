@@ -482,6 +482,18 @@ pub fn load(path: &Path, env: &[(String, String)]) -> Result<(Settings, LoadRepo
     let text = std::fs::read_to_string(path).map_err(|e| {
         ConfigError::new("--config", format!("cannot read {}: {e}", path.display()))
     })?;
+    // The file is checked strictly first (the config crate would quietly
+    // turn `enabled = 3` into `true`).
+    serde_path_to_error::deserialize::<_, Settings>(toml::Deserializer::new(&text)).map_err(
+        |e| {
+            let key = e.path().to_string();
+            let msg = e.inner().message().to_string();
+            ConfigError::new(
+                if key == "." { "config".into() } else { key },
+                strip_secrets(&msg),
+            )
+        },
+    )?;
     let mut builder = config::Config::builder()
         .add_source(config::File::from_str(&text, config::FileFormat::Toml));
     for (name, raw) in env {

@@ -1,0 +1,285 @@
+//! The real binary against the emulators: exit codes, JSON output, the state
+//! lock, secrets kept out of output, and kill -9 in the middle of a cycle.
+
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use billsync::emulators::activeplatform::TOKEN;
+use billsync::emulators::billmanager::PASSWORD;
+use billsync::emulators::lab::Lab;
+use billsync::emulators::Fault;
+
+const BIN: &str = env!("CARGO_BIN_EXE_billsync");
+
+fn billsync(lab: &Lab, args: &[&str]) -> Command {
+    let mut c = Command::new(BIN);
+    c.arg("--config").arg(lab.config_path()).args(args);
+    c.env_remove("RUST_LOG");
+    c
+}
+
+async fn run(lab: &Lab, args: &[&str]) -> Output {
+    let mut cmd = billsync(lab, args);
+    tokio::task::spawn_blocking(move || cmd.output().unwrap())
+        .await
+        .unwrap()
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "status {:?}\nstdout:\n{}\nstderr:\n{}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+async fn lab(bm: usize, ap: usize, extra: &str) -> Lab {
+    let lab = Lab::start(bm, ap).await.unwrap();
+    lab.settings(extra, &[]).unwrap();
+    lab
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sync_json_and_exit_codes() {
+    let lab = lab(5, 5, "").await;
+    let out = run(&lab, &["sync", "--json"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for key in [
+        "kind",
+        "result",
+        "dry_run",
+        "started_at",
+        "finished_at",
+        "sources",
+        "operations",
+        "applied",
+        "pending",
+        "quarantined",
+        "held",
+        "invalid",
+        "conflicts",
+        "plan",
+    ] {
+        assert!(v.get(key).is_some(), "missing {key} in {v}");
+    }
+    assert_eq!(v["operations"]["create"], 10);
+    assert_eq!(v["sources"]["billmanager"]["complete"], true);
+    // Quarantined work: exit 1.
+    lab.vms
+        .data()
+        .force_422
+        .insert("user1@bm.example.com".into());
+    lab.bm.data().accounts[0].balance = "-10000".into();
+    let out = run(&lab, &["sync"]).await;
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    // VMS down: the breaker opens before anything applies: exit 3.
+    lab.vms.faults.always("", Fault::Status(503));
+    lab.bm.data().accounts[1].balance = "-10000".into();
+    let mut cmd = billsync(&lab, &["sync", "--json"]);
+    cmd.env("BILLSYNC__VMS__CIRCUIT_BREAKER_FAILURES", "2");
+    let out = tokio::task::spawn_blocking(move || cmd.output().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
+    lab.vms.faults.clear();
+    // A dry run exits 0 with the plan.
+    let out = run(&lab, &["sync", "--dry-run", "--json"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(v["plan"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|p| p["login"] == "user2@bm.example.com"));
+    // status, quarantine and explain speak JSON.
+    let out = run(&lab, &["status", "--json"]).await;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for key in [
+        "cycles",
+        "pending",
+        "quarantined",
+        "held",
+        "conflicts",
+        "invalid",
+        "resync_requested",
+        "approval_pending",
+    ] {
+        assert!(v.get(key).is_some(), "missing {key}");
+    }
+    assert_eq!(v["quarantined"][0]["login"], "user1@bm.example.com");
+    let out = run(&lab, &["quarantine", "list", "--json"]).await;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v.as_array().unwrap().len(), 1);
+    let out = run(&lab, &["explain", "billmanager:2", "--json"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["normalized"]["login"], "user2@bm.example.com");
+    assert!(
+        v["operations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|o| o["action"] == "detach"),
+        "{v}"
+    );
+    let out = run(&lab, &["explain", "user1@bm.example.com"]).await;
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("quarantine"),
+        "{}",
+        text(&out)
+    );
+    // Release, approve and resync file requests and say so.
+    let out = run(&lab, &["quarantine", "release", "--all"]).await;
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("released 1"),
+        "{}",
+        text(&out)
+    );
+    let out = run(&lab, &["resync", "--login", "user3@bm.example.com"]).await;
+    assert!(String::from_utf8_lossy(&out.stdout).contains("user3@bm.example.com"));
+    let out = run(&lab, &["status", "--json"]).await;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["resync_requested"], true);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn config_errors_exit_2_and_name_the_key() {
+    let lab = lab(1, 1, "").await;
+    std::fs::write(
+        lab.config_path(),
+        lab.config_text("[vms.tree]\nenabled = 3\n"),
+    )
+    .unwrap();
+    let out = run(&lab, &["sync"]).await;
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("vms.tree.enabled"),
+        "{}",
+        text(&out)
+    );
+    std::fs::write(lab.config_path(), lab.config_text("")).unwrap();
+    let mut cmd = billsync(&lab, &["check-config"]);
+    cmd.env("BILLSYNC__VMS__CONCURRENCY", "lots");
+    let out = tokio::task::spawn_blocking(move || cmd.output().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("vms.concurrency"),
+        "{}",
+        text(&out)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn secrets_never_reach_output() {
+    let lab = lab(3, 3, "").await;
+    let out = run(&lab, &["check-config", "--connect"]).await;
+    let all = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{all}");
+    assert!(!all.contains(PASSWORD) && !all.contains(TOKEN), "{all}");
+    assert!(all.contains("raw statuses seen"), "{all}");
+    assert!(all.contains("vms: answers"), "{all}");
+    // Failing sources put URLs and errors in logs: still no secret.
+    lab.ap.faults.always("accounts.json", Fault::Status(500));
+    lab.bm
+        .faults
+        .always("account", Fault::ErrorBody("auth".into()));
+    let mut cmd = billsync(&lab, &["sync"]);
+    cmd.env("RUST_LOG", "debug");
+    let out = tokio::task::spawn_blocking(move || cmd.output().unwrap())
+        .await
+        .unwrap();
+    let all = text(&out);
+    assert_eq!(out.status.code(), Some(3), "{all}");
+    assert!(!all.contains(PASSWORD) && !all.contains(TOKEN), "{all}");
+    // A status map that lacks a raw status is reported by --connect.
+    lab.ap.faults.clear();
+    lab.bm.faults.clear();
+    lab.bm.data().accounts[0].status = "7".into();
+    let out = run(&lab, &["check-config", "--connect"]).await;
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("LACKS [\"7\"]"),
+        "{}",
+        text(&out)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_writer_is_refused() {
+    let lab = lab(40, 0, "").await;
+    lab.vms.faults.set_latency(Duration::from_millis(50));
+    let mut first = billsync(&lab, &["sync"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Wait until the first one is pushing, so it holds the lock.
+    let t = Instant::now();
+    while lab.vms.requests() == 0 && t.elapsed() < Duration::from_secs(20) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let out = run(&lab, &["sync"]).await;
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("in use"),
+        "{}",
+        text(&out)
+    );
+    let status = tokio::task::spawn_blocking(move || first.wait().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kill_9_mid_cycle_loses_nothing_and_creates_once() {
+    let lab = lab(200, 100, "").await;
+    lab.vms.faults.set_latency(Duration::from_millis(15));
+    let mut child = billsync(&lab, &["sync"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    while lab.vms.data().users.len() < 60 && t.elapsed() < Duration::from_secs(60) {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    child.kill().unwrap(); // SIGKILL
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), None, "killed by a signal");
+    let created_before = lab.vms.data().users.len();
+    assert!(
+        created_before >= 60 && created_before < 300,
+        "killed mid-cycle at {created_before}"
+    );
+    lab.vms.faults.set_latency(Duration::ZERO);
+    let out = run(&lab, &["sync", "--json"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let users = lab.vms.data().users.clone();
+    assert_eq!(users.len(), 300, "nothing lost");
+    // Each login was created exactly once; a retry after the kill met a 422
+    // and adopted the user instead of creating a second one.
+    let events = lab.vms.data().events.clone();
+    for login in users.keys() {
+        let ok_creates = events
+            .iter()
+            .filter(|e| {
+                e.method == "POST"
+                    && e.path == "user/manage"
+                    && e.login == *login
+                    && e.status == 200
+            })
+            .count();
+        assert_eq!(ok_creates, 1, "{login}");
+    }
+    // And every user carries its desired permissions: the run after the
+    // kill re-sent what was lost in between.
+    let again = run(&lab, &["sync", "--json"]).await;
+    let v: serde_json::Value = serde_json::from_slice(&again.stdout).unwrap();
+    assert_eq!(v["operations"]["create"], 0);
+    assert_eq!(v["operations"]["update"], 0);
+}

@@ -1,0 +1,518 @@
+//! SPEC §2 end to end: the engine against the three emulators over real
+//! loopback HTTP, with a real SQLite file.
+
+use std::time::{Duration, Instant};
+
+use billsync::emulators::lab::Lab;
+use billsync::emulators::Fault;
+use billsync::engine::{CycleOptions, CycleReport, Engine};
+
+async fn setup(bm: usize, ap: usize, extra: &str, env: &[(&str, &str)]) -> (Lab, Engine) {
+    let lab = Lab::start(bm, ap).await.unwrap();
+    let settings = lab.settings(extra, env).unwrap();
+    let engine = Engine::new(settings).await.unwrap();
+    (lab, engine)
+}
+
+async fn cycle(engine: &Engine) -> CycleReport {
+    engine.run_cycle(&CycleOptions::default()).await.unwrap()
+}
+
+async fn cycle_with(engine: &Engine, opts: CycleOptions) -> CycleReport {
+    engine.run_cycle(&opts).await.unwrap()
+}
+
+const MANAGED: [&str; 3] = [
+    "archives-download",
+    "archives-preview-download",
+    "archives-show",
+];
+
+#[tokio::test]
+async fn creates_users_with_permissions_then_sends_nothing() {
+    let (lab, engine) = setup(20, 20, "", &[]).await;
+    let r = cycle(&engine).await;
+    assert_eq!(r.result, "ok", "{r:?}");
+    assert_eq!(r.operations.create, 40);
+    let data = lab.vms.data().users.clone();
+    assert_eq!(data.len(), 40);
+    let bm = lab.bm.data().accounts.clone();
+    for a in &bm {
+        let login = a.email.trim().to_lowercase();
+        let u = &data[&login];
+        assert_eq!(u.user_type, "b2c");
+        assert_eq!(
+            u.billing_info["billing_id"],
+            format!("billmanager-{}", a.id)
+        );
+        assert_eq!(u.properties[0]["type"], "phone");
+        // The default rule: balance + credit >= 0 grants every managed permission.
+        let balance: f64 = a.balance.parse().unwrap();
+        let credit: f64 = a
+            .credit_limits
+            .iter()
+            .map(|c| c.parse::<f64>().unwrap())
+            .sum();
+        let paying = a.status == "1" && balance + credit >= 0.0;
+        for p in MANAGED {
+            assert_eq!(u.permissions.contains(p), paying, "{login} {p}");
+        }
+        assert_eq!(u.status, if a.status == "1" { "active" } else { "blocked" });
+        // Permissions billsync does not manage are left alone.
+        assert!(u.permissions.contains("camera-events-index"));
+    }
+    let before = lab.vms.requests();
+    let r = cycle(&engine).await;
+    assert_eq!(r.result, "ok");
+    assert_eq!(
+        lab.vms.requests(),
+        before,
+        "an unchanged world sends nothing"
+    );
+    assert_eq!(
+        r.operations.create + r.operations.update + r.operations.delete,
+        0
+    );
+}
+
+#[tokio::test]
+async fn profile_status_and_permission_updates() {
+    let (lab, engine) = setup(10, 0, "", &[]).await;
+    cycle(&engine).await;
+    {
+        let mut d = lab.bm.data();
+        d.accounts[0].status = "1".into();
+        d.accounts[0].balance = "-500.00".into(); // loses the paying rule
+        d.accounts[1].status = "2".into(); // suspended -> blocked
+        d.accounts[2].phone = "+7 000 111-22-33".into(); // profile change (details)
+        d.accounts[2].balance = "77.00".into(); // list row change -> details re-read
+    }
+    let r = cycle(&engine).await;
+    assert_eq!(r.result, "ok", "{r:?}");
+    let u0 = lab.vms.user("user1@bm.example.com").unwrap();
+    assert!(
+        MANAGED.iter().all(|p| !u0.permissions.contains(*p)),
+        "{:?}",
+        u0.permissions
+    );
+    assert_eq!(u0.status, "active");
+    let u1 = lab.vms.user("user2@bm.example.com").unwrap();
+    assert_eq!(u1.status, "blocked");
+    assert!(MANAGED.iter().all(|p| !u1.permissions.contains(*p)));
+    assert!(u1.permissions.contains("camera-events-index"));
+    let u2 = lab.vms.user("user3@bm.example.com").unwrap();
+    assert_eq!(u2.properties[0]["value"], "+70001112233");
+}
+
+#[tokio::test]
+async fn deletion_after_the_grace_period() {
+    let (lab, engine) = setup(10, 0, "", &[]).await;
+    cycle(&engine).await;
+    lab.bm.data().accounts.retain(|a| a.id != 4);
+    let before = lab.vms.requests();
+    let r = cycle(&engine).await;
+    assert_eq!(
+        lab.vms.requests(),
+        before,
+        "first missing cycle: within grace"
+    );
+    assert_eq!(r.result, "ok");
+    cycle(&engine).await;
+    let u = lab.vms.user("user4@bm.example.com").unwrap();
+    assert_eq!(
+        u.status, "blocked",
+        "second missing cycle: deleted (blocked)"
+    );
+    assert!(MANAGED.iter().all(|p| !u.permissions.contains(*p)));
+}
+
+#[tokio::test]
+async fn on_deleted_delete_removes_the_user() {
+    let (lab, engine) = setup(
+        6,
+        0,
+        "",
+        &[
+            ("BILLSYNC__VMS__ON_DELETED", "delete"),
+            ("BILLSYNC__DAEMON__MISSING_GRACE_CYCLES", "1"),
+        ],
+    )
+    .await;
+    cycle(&engine).await;
+    lab.bm.data().accounts[2].status = "3".into(); // deleted in BILLmanager
+    lab.bm.data().accounts.retain(|a| a.id != 5);
+    cycle(&engine).await;
+    assert!(lab.vms.user("user3@bm.example.com").is_none());
+    assert!(lab.vms.user("user5@bm.example.com").is_none());
+    assert_eq!(lab.vms.count("DELETE", 204), 2);
+    // Deleted on first sight: never created.
+    lab.bm
+        .data()
+        .accounts
+        .push(billsync::emulators::billmanager::BmAccount {
+            id: 99,
+            name: "Late".into(),
+            email: "late@bm.example.com".into(),
+            phone: String::new(),
+            status: "3".into(),
+            balance: "0".into(),
+            credit_limits: vec![],
+        });
+    cycle(&engine).await;
+    assert_eq!(lab.vms.count_for("POST", "late@bm.example.com"), 0);
+}
+
+#[tokio::test]
+async fn safety_threshold_holds_until_approved() {
+    let (lab, engine) = setup(
+        30,
+        0,
+        "",
+        &[
+            ("BILLSYNC__SAFETY__MAX_DEPROVISION", "3"),
+            ("BILLSYNC__DAEMON__MISSING_GRACE_CYCLES", "1"),
+        ],
+    )
+    .await;
+    cycle(&engine).await;
+    lab.bm.data().accounts.truncate(20); // 10 gone: over the limit of 3
+    lab.bm.data().accounts[0].phone = "+1 555".into();
+    lab.bm.data().accounts[0].balance = "1.00".into(); // a non-destructive change still goes out
+    let r = cycle(&engine).await;
+    assert_eq!(r.result, "held", "{r:?}");
+    assert_eq!(r.held, 10);
+    assert_eq!(
+        lab.vms.user("user25@bm.example.com").unwrap().status,
+        "active"
+    );
+    assert_eq!(
+        lab.vms.user("user1@bm.example.com").unwrap().properties[0]["value"],
+        "+1555"
+    );
+    // Still held next cycle.
+    assert_eq!(cycle(&engine).await.result, "held");
+    engine.store.request("approve", None).await.unwrap();
+    let r = cycle(&engine).await;
+    assert_eq!(r.result, "ok", "{r:?}");
+    assert_eq!(
+        lab.vms.user("user25@bm.example.com").unwrap().status,
+        "blocked"
+    );
+    // The approval was used up.
+    assert!(!engine.store.pending_requests().await.unwrap().approve);
+}
+
+#[tokio::test]
+async fn empty_or_failing_source_deprovisions_nothing() {
+    let (lab, engine) = setup(
+        10,
+        10,
+        "",
+        &[("BILLSYNC__DAEMON__MISSING_GRACE_CYCLES", "1")],
+    )
+    .await;
+    cycle(&engine).await;
+    let snapshot = lab.vms.data().users.clone();
+    lab.bm.faults.always("account", Fault::EmptyListing);
+    lab.ap.faults.always("accounts.json", Fault::Status(503));
+    for _ in 0..3 {
+        let r = cycle(&engine).await;
+        assert_eq!(r.result, "failed", "every source failed: {r:?}");
+    }
+    assert_eq!(lab.vms.data().users, snapshot);
+    // One source failing, the other fine: partial, and still no deprovision.
+    lab.bm.faults.clear();
+    let r = cycle(&engine).await;
+    assert_eq!(r.result, "partial");
+    assert_eq!(lab.vms.data().users, snapshot);
+}
+
+#[tokio::test]
+async fn quarantine_and_release() {
+    let (lab, engine) = setup(5, 0, "", &[]).await;
+    lab.vms
+        .data()
+        .force_422
+        .insert("user2@bm.example.com".into());
+    let r = cycle(&engine).await;
+    assert_eq!(r.result, "partial");
+    assert_eq!(r.quarantined, 1);
+    let q = engine.store.load_quarantine().await.unwrap();
+    assert_eq!(q[0].key, "user2@bm.example.com");
+    assert!(q[0].error.contains("422"), "{}", q[0].error);
+    // Not retried while the account is unchanged.
+    let n = lab.vms.count_for("POST", "user2@bm.example.com");
+    cycle(&engine).await;
+    assert_eq!(lab.vms.count_for("POST", "user2@bm.example.com"), n);
+    // Released by the operator: pushed again.
+    lab.vms.data().force_422.clear();
+    engine
+        .store
+        .release_quarantine(Some(&["user2@bm.example.com".to_string()]))
+        .await
+        .unwrap();
+    let r = cycle(&engine).await;
+    assert_eq!(r.result, "ok", "{r:?}");
+    assert!(lab.vms.user("user2@bm.example.com").is_some());
+}
+
+#[tokio::test]
+async fn adopts_an_existing_login() {
+    let (lab, engine) = setup(3, 0, "", &[]).await;
+    // The user exists already (created by hand, or by a run that died).
+    let v = lab.vms_srv.base_url();
+    let client = reqwest::Client::new();
+    let resp = client
+        .post(format!("{v}/api/v1/billing/user/manage"))
+        .json(&serde_json::json!({"login": "user2@bm.example.com", "password": "x", "type": "b2c", "status": "blocked"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let r = cycle(&engine).await;
+    assert_eq!(r.result, "ok", "{r:?}");
+    let u = lab.vms.user("user2@bm.example.com").unwrap();
+    assert_eq!(
+        u.status, "active",
+        "adopted and brought to the desired state"
+    );
+    assert_eq!(lab.vms.count("POST", 422), 1);
+    assert_eq!(lab.vms.count_for("POST", "user2@bm.example.com"), 2);
+}
+
+#[tokio::test]
+async fn retry_after_is_honoured() {
+    let (lab, engine) = setup(1, 0, "", &[]).await;
+    lab.vms.faults.once("POST user/manage", Fault::TooMany(1));
+    let t = Instant::now();
+    let r = cycle(&engine).await;
+    assert_eq!(r.result, "ok", "{r:?}");
+    assert!(
+        t.elapsed() >= Duration::from_millis(950),
+        "waited {:?}",
+        t.elapsed()
+    );
+    assert_eq!(lab.vms.count("POST", 429), 1);
+    assert_eq!(lab.vms.count("POST", 200), 1);
+}
+
+#[tokio::test]
+async fn transient_faults_converge_over_cycles() {
+    let (lab, engine) = setup(8, 0, "", &[("BILLSYNC__VMS__MAX_ATTEMPTS", "2")]).await;
+    lab.vms
+        .faults
+        .always("POST user/manage user3", Fault::Status(503));
+    lab.vms.faults.always("POST user/manage user4", Fault::Html);
+    lab.vms.faults.always(
+        "POST user/manage user5",
+        Fault::Delay(Duration::from_secs(6)),
+    );
+    let r = cycle(&engine).await;
+    assert_eq!(r.result, "partial", "{r:?}");
+    assert_eq!(r.pending, 3);
+    let status = billsync::status::status_json(&engine.store).await.unwrap();
+    assert_eq!(status["pending"].as_array().unwrap().len(), 3, "{status}");
+    lab.vms.faults.clear();
+    let r = cycle(&engine).await;
+    assert_eq!(r.result, "ok", "{r:?}");
+    assert_eq!(lab.vms.data().users.len(), 8);
+    assert!(engine.store.load_retries().await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn circuit_breaker_stops_a_dead_vms() {
+    let (lab, engine) = setup(
+        30,
+        0,
+        "",
+        &[
+            ("BILLSYNC__VMS__CIRCUIT_BREAKER_FAILURES", "5"),
+            ("BILLSYNC__VMS__MAX_ATTEMPTS", "2"),
+        ],
+    )
+    .await;
+    lab.vms.faults.always("", Fault::Status(502));
+    let r = cycle(&engine).await;
+    assert_eq!(r.result, "failed", "{r:?}");
+    assert!(
+        lab.vms.requests() < 12,
+        "stopped early: {}",
+        lab.vms.requests()
+    );
+    assert_eq!(r.pending, 30);
+    lab.vms.faults.clear();
+    assert_eq!(cycle(&engine).await.result, "ok");
+    assert_eq!(lab.vms.data().users.len(), 30);
+}
+
+#[tokio::test]
+async fn dry_run_changes_nothing_anywhere() {
+    let (lab, engine) = setup(5, 5, "", &[]).await;
+    cycle(&engine).await;
+    lab.bm.data().accounts[0].balance = "-1000".into();
+    lab.ap.data().accounts.push(
+        billsync::emulators::activeplatform::generate(6, 7)
+            .pop()
+            .unwrap(),
+    );
+    let applied = engine.store.load_applied().await.unwrap();
+    let cycles = engine.store.last_cycles(100).await.unwrap().len();
+    let requests = lab.vms.requests();
+    let r = cycle_with(
+        &engine,
+        CycleOptions {
+            dry_run: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    assert!(r.dry_run);
+    let actions: Vec<(&str, &str)> = r
+        .plan
+        .iter()
+        .map(|p| (p.login.as_str(), p.action.as_str()))
+        .collect();
+    assert!(
+        actions.contains(&("user1@bm.example.com", "detach")),
+        "{actions:?}"
+    );
+    assert!(
+        actions.contains(&("client6@ap.example.com", "create")),
+        "{actions:?}"
+    );
+    assert_eq!(lab.vms.requests(), requests);
+    assert_eq!(engine.store.load_applied().await.unwrap(), applied);
+    assert_eq!(engine.store.last_cycles(100).await.unwrap().len(), cycles);
+    assert!(
+        engine
+            .store
+            .account_index(billsync::core::model::SourceKind::Activeplatform)
+            .await
+            .unwrap()
+            .len()
+            == 5
+    );
+}
+
+#[tokio::test]
+async fn tree_elements_are_created_and_renamed() {
+    let (lab, engine) = setup(
+        3,
+        2,
+        "[vms.tree]\nenabled = true\ntype = \"cameras\"\n",
+        &[],
+    )
+    .await;
+    cycle(&engine).await;
+    let tree = lab.vms.data().tree.clone();
+    assert_eq!(tree.len(), 5);
+    assert!(tree
+        .iter()
+        .any(|t| t.external_id == "billmanager-2" && t.name == "Customer 2"));
+    lab.bm.data().accounts[1].name = "Renamed Ltd".into();
+    cycle(&engine).await;
+    let tree = lab.vms.data().tree.clone();
+    assert_eq!(tree.len(), 5);
+    assert!(tree
+        .iter()
+        .any(|t| t.external_id == "billmanager-2" && t.name == "Renamed Ltd"));
+    let renames = lab
+        .vms
+        .data()
+        .events
+        .iter()
+        .filter(|e| e.method == "PATCH" && e.path == "tree")
+        .count();
+    assert_eq!(renames, 1);
+    let before = lab.vms.requests();
+    cycle(&engine).await;
+    assert_eq!(lab.vms.requests(), before);
+}
+
+#[tokio::test]
+async fn writeback_is_sent_once() {
+    let (lab, engine) = setup(
+        0,
+        4,
+        "",
+        &[(
+            "BILLSYNC__SOURCES__ACTIVEPLATFORM__WRITEBACK_ATTRIBUTE",
+            "vms_login",
+        )],
+    )
+    .await;
+    cycle(&engine).await;
+    assert_eq!(lab.ap.puts.lock().unwrap().len(), 4);
+    let acc = lab.ap.data().accounts[0].clone();
+    assert_eq!(acc.custom_attributes.get("vms_login"), Some(&acc.email));
+    cycle(&engine).await;
+    cycle(&engine).await;
+    assert_eq!(lab.ap.puts.lock().unwrap().len(), 4, "written once");
+}
+
+#[tokio::test]
+async fn a_user_removed_by_hand_is_recreated() {
+    let (lab, engine) = setup(3, 0, "", &[]).await;
+    cycle(&engine).await;
+    lab.vms.data().users.remove("user2@bm.example.com");
+    // An incremental cycle does not notice (there is no read endpoint)...
+    lab.bm.data().accounts[1].balance = "-999".into();
+    cycle(&engine).await;
+    // ...until its PATCH answers 422 on the login: re-created, full state.
+    let u = lab.vms.user("user2@bm.example.com").unwrap();
+    assert!(MANAGED.iter().all(|p| !u.permissions.contains(*p)));
+    lab.vms.data().users.remove("user3@bm.example.com");
+    let r = cycle_with(
+        &engine,
+        CycleOptions {
+            full: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(r.kind, "full");
+    assert!(
+        lab.vms.user("user3@bm.example.com").is_some(),
+        "a full resync re-creates"
+    );
+}
+
+#[tokio::test]
+async fn login_change_moves_the_user() {
+    let (lab, engine) = setup(3, 0, "", &[]).await;
+    cycle(&engine).await;
+    lab.bm.data().accounts[0].email = "new-address@bm.example.com".into();
+    lab.bm.data().accounts[0].balance = "5.00".into(); // list row change: details re-read
+    cycle(&engine).await;
+    assert!(lab.vms.user("new-address@bm.example.com").is_some());
+    let old = lab.vms.user("user1@bm.example.com").unwrap();
+    assert_eq!(old.status, "blocked");
+}
+
+#[tokio::test]
+async fn conflicts_go_to_the_priority_source() {
+    let (lab, engine) = setup(2, 2, "", &[]).await;
+    lab.ap.data().accounts[0].email = "user1@bm.example.com".into();
+    let r = cycle(&engine).await;
+    assert_eq!(r.conflicts, 1);
+    let u = lab.vms.user("user1@bm.example.com").unwrap();
+    assert_eq!(u.billing_info["billing_id"], "billmanager-1");
+    let status = billsync::status::status_json(&engine.store).await.unwrap();
+    assert_eq!(status["conflicts"][0]["login"], "user1@bm.example.com");
+}
+
+#[tokio::test]
+async fn named_resync_pushes_those_logins_in_full() {
+    let (lab, engine) = setup(4, 0, "", &[]).await;
+    cycle(&engine).await;
+    let before = lab.vms.requests();
+    engine
+        .store
+        .request("resync", Some(&["user2@bm.example.com".to_string()]))
+        .await
+        .unwrap();
+    let r = cycle(&engine).await;
+    assert_eq!(r.operations.update, 1);
+    assert_eq!(lab.vms.requests(), before + 1);
+    assert_eq!(lab.vms.count_for("PATCH", "user2@bm.example.com"), 2);
+}
