@@ -253,7 +253,7 @@ async fn kill_9_mid_cycle_loses_nothing_and_creates_once() {
     assert_eq!(status.code(), None, "killed by a signal");
     let created_before = lab.vms.data().users.len();
     assert!(
-        created_before >= 60 && created_before < 300,
+        (60..300).contains(&created_before),
         "killed mid-cycle at {created_before}"
     );
     lab.vms.faults.set_latency(Duration::ZERO);
