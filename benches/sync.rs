@@ -1,1 +1,206 @@
-fn main() {}
+//! Whole-cycle benchmark: the emulators (10 ms VMS latency) seeded with N
+//! accounts, an initial full sync with `vms.concurrency = 8`, then no-op
+//! incremental cycles. Every phase runs in its own process, so each peak RSS
+//! is that phase's alone; the emulators run in another.
+//!
+//! cargo bench --bench sync -- [N ...]   (default 10000 100000)
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use billsync::emulators::lab::Lab;
+use billsync::engine::{CycleOptions, Engine};
+
+const LATENCY_MS: u64 = 10;
+const CONCURRENCY: u32 = 8;
+
+fn peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse::<f64>().ok())
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(f64::NAN)
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    match std::env::var("BILLSYNC_BENCH_ROLE").as_deref() {
+        Ok("emulators") => return rt.block_on(emulators(args[0].parse().unwrap())),
+        Ok("cycle") => return rt.block_on(cycle(&args[0], args[1] == "full")),
+        _ => {}
+    }
+    let sizes: Vec<usize> = if args.is_empty() {
+        vec![10_000, 100_000]
+    } else {
+        args.iter().filter_map(|a| a.parse().ok()).collect()
+    };
+    println!("VMS latency {LATENCY_MS} ms, vms.concurrency {CONCURRENCY}; accounts split evenly between the two sources");
+    println!("| accounts | cycle | time (s) | VMS requests | push phase (s) | ops/s in push | VMS req/s in push | source detail calls | result | peak RSS (MB) |");
+    println!("|---:|---|---:|---:|---:|---:|---:|---:|---|---:|");
+    for n in sizes {
+        bench(n);
+    }
+}
+
+struct Emus {
+    child: Child,
+    stdin: ChildStdin,
+    lines: std::io::Lines<BufReader<ChildStdout>>,
+}
+
+impl Emus {
+    fn ask(&mut self, cmd: &str) -> serde_json::Value {
+        writeln!(self.stdin, "{cmd}").unwrap();
+        self.stdin.flush().unwrap();
+        serde_json::from_str(&self.lines.next().unwrap().unwrap()).unwrap()
+    }
+}
+
+fn bench(n: usize) {
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .arg(n.to_string())
+        .env("BILLSYNC_BENCH_ROLE", "emulators")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdin = child.stdin.take().unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let config = lines.next().unwrap().unwrap();
+    let mut emus = Emus {
+        child,
+        stdin,
+        lines,
+    };
+    for (label, full) in [
+        ("initial full sync", true),
+        ("no-op incremental", false),
+        ("no-op incremental", false),
+    ] {
+        let before = emus.ask("stats");
+        let out = Command::new(std::env::current_exe().unwrap())
+            .args([config.as_str(), if full { "full" } else { "incremental" }])
+            .env("BILLSYNC_BENCH_ROLE", "cycle")
+            .output()
+            .unwrap();
+        let r: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
+        let after = emus.ask("stats");
+        let d = |k: &str| after[k].as_u64().unwrap() - before[k].as_u64().unwrap();
+        let secs = r["secs"].as_f64().unwrap();
+        let vms = d("vms");
+        let push = r["push_secs"].as_f64().unwrap_or(0.0);
+        let rate = |x: f64| {
+            if push > 0.0 {
+                format!("{:.0}", x / push)
+            } else {
+                "-".into()
+            }
+        };
+        println!(
+            "| {n} | {label} | {secs:.2} | {vms} | {push:.2} | {} | {} | {} | {} | {:.1} |",
+            rate(r["applied"].as_f64().unwrap_or(0.0)),
+            rate(vms as f64),
+            d("details"),
+            r["result"].as_str().unwrap_or("?"),
+            r["peak_rss_mb"].as_f64().unwrap()
+        );
+    }
+    let _ = emus.ask("quit");
+    let _ = emus.child.wait();
+}
+
+async fn emulators(n: usize) {
+    let lab = Lab::start(n / 2, n - n / 2).await.unwrap();
+    lab.vms
+        .faults
+        .set_latency(Duration::from_millis(LATENCY_MS));
+    lab.vms.data().record_events = false;
+    let extra = "[vms.tree]\nenabled = false\n";
+    lab.settings(&extra, &[]).unwrap();
+    // The lab's config with the benchmark's VMS settings.
+    let text = lab
+        .config_text(&extra)
+        .replace("concurrency = 4", &format!("concurrency = {CONCURRENCY}"))
+        .replace(
+            "max_requests_per_second = 1000",
+            "max_requests_per_second = 100000",
+        )
+        .replace("page_size = 100", "page_size = 500");
+    std::fs::write(lab.config_path(), text).unwrap();
+    println!("{}", lab.config_path().display());
+    std::io::stdout().flush().unwrap();
+    // Answer commands as they come: a blocking reader thread feeds a channel.
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    std::thread::spawn(move || {
+        for line in std::io::stdin().lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    while let Some(cmd) = rx.recv().await {
+        match cmd.as_str() {
+            "stats" => {
+                let details =
+                    lab.bm.calls("account.edit") + lab.bm.calls("subaccount") + lab.ap.calls("get");
+                println!(
+                    "{}",
+                    serde_json::json!({"vms": lab.vms.served(), "details": details})
+                );
+            }
+            _ => {
+                println!("{{}}");
+                std::io::stdout().flush().unwrap();
+                break;
+            }
+        }
+        std::io::stdout().flush().unwrap();
+    }
+}
+
+async fn cycle(config: &str, full: bool) {
+    let (settings, _) = billsync::config::load(std::path::Path::new(config), &[]).unwrap();
+    let engine = Engine::new(settings).await.unwrap();
+    // When the push phase starts and ends, from the engine's progress events.
+    let push = std::sync::Arc::new(std::sync::Mutex::new((None::<Instant>, None::<Instant>)));
+    let p = push.clone();
+    let progress: billsync::engine::Progress = std::sync::Arc::new(move |phase: &str, _, _| {
+        if phase == "pushing" {
+            let mut g = p.lock().unwrap();
+            g.0.get_or_insert_with(Instant::now);
+            g.1 = Some(Instant::now());
+        }
+    });
+    let t = Instant::now();
+    let r = engine
+        .run_cycle(&CycleOptions {
+            full,
+            progress: Some(progress),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let secs = t.elapsed().as_secs_f64();
+    let (first, last) = *push.lock().unwrap();
+    let push_secs = match (first, last) {
+        (Some(a), Some(b)) => (b - a).as_secs_f64(),
+        _ => 0.0,
+    };
+    engine.store.close().await;
+    println!(
+        "{}",
+        serde_json::json!({"secs": secs, "push_secs": push_secs, "result": r.result, "applied": r.applied, "peak_rss_mb": peak_rss_mb()})
+    );
+}

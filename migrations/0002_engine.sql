@@ -35,6 +35,7 @@ CREATE TABLE plan_ops (
     deprovision INTEGER NOT NULL,
     state       TEXT NOT NULL          -- planned | held
 );
+CREATE INDEX plan_ops_by_login ON plan_ops (login);
 
 CREATE TABLE retry_state (
     login           TEXT PRIMARY KEY,

@@ -62,6 +62,7 @@ pub struct VmsData {
 pub struct VmsEmulator {
     pub data: Mutex<VmsData>,
     pub faults: Faults,
+    served: std::sync::atomic::AtomicU64,
 }
 
 impl VmsEmulator {
@@ -77,7 +78,13 @@ impl VmsEmulator {
                 next_id: 1,
             }),
             faults: Faults::default(),
+            served: Default::default(),
         })
+    }
+
+    /// Requests received, faults included (counted even with events off).
+    pub fn served(&self) -> u64 {
+        self.served.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub async fn serve(self: &Arc<Self>) -> std::io::Result<Server> {
@@ -188,6 +195,8 @@ async fn user(
     method: Method,
     body: axum::body::Bytes,
 ) -> Response {
+    emu.served
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let parsed: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
     let login = parsed
         .get("login")
@@ -357,6 +366,8 @@ async fn tree(
     method: Method,
     body: axum::body::Bytes,
 ) -> Response {
+    emu.served
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let parsed: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
     let ext = parsed
         .get("external_id")

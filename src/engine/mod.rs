@@ -378,65 +378,39 @@ impl Engine {
         let mut audit = vec![];
         let mut done = 0u64;
         let mut live: HashSet<String> = HashSet::new();
+        // Bookkeeping happens inside each op's future: awaiting the store in
+        // the loop body would leave buffered futures unpolled while they hold
+        // pool connections.
+        let retries = &retries;
         let mut results = futures::stream::iter(the_plan.ops.iter().map(|op| {
             let pusher = &pusher;
-            async move { (op, pusher.execute(op).await) }
+            async move {
+                let outcome = pusher.execute(op).await;
+                let settled = self.settle(store, op, &outcome, retries, now).await;
+                (op, outcome, settled)
+            }
         }))
         .buffer_unordered(self.settings.vms.concurrency.max(1) as usize);
-        while let Some((op, outcome)) = results.next().await {
+        while let Some((op, outcome, settled)) = results.next().await {
+            let (result, detail) = settled?;
             done += 1;
             if let Some(p) = progress {
                 p("pushing", done, Some(total));
             }
-            let label = op.label(&self.core.status_blocked);
-            let metric_op = match &op.action {
-                Action::Create => "create",
-                Action::Update { .. } => "update",
-                Action::Delete => "delete",
-            };
-            let (result, detail) = match &outcome {
-                Outcome::Applied { adopted } => {
+            match &outcome {
+                Outcome::Applied { .. } => {
                     summary.applied += 1;
                     if !op.target.gone {
                         live.insert(op.login.clone());
                     }
-                    store.plan_done(&op.login).await?;
-                    if retries.contains_key(&op.login) {
-                        store.clear_retry(&op.login).await?;
-                    }
-                    (
-                        "applied",
-                        if *adopted {
-                            "adopted existing user".to_string()
-                        } else {
-                            String::new()
-                        },
-                    )
                 }
-                Outcome::Pending(e) => {
-                    summary.pending += 1;
-                    let attempts = retries.get(&op.login).map(|r| r.attempts).unwrap_or(0) + 1;
-                    let info = RetryInfo {
-                        attempts,
-                        next_attempt_at: next_attempt(
-                            now,
-                            attempts,
-                            self.settings.vms.requeue_base_secs,
-                        ),
-                        last_error: e.clone(),
-                    };
-                    store.set_retry(&op.login, &info).await?;
-                    ("retry", e.clone())
-                }
-                Outcome::Quarantined(e) => {
-                    tracing::warn!(login = %op.login, error = %e, "quarantined after a permanent VMS error");
-                    store
-                        .quarantine(&op.login, "user", e, &state_hash(&op.target))
-                        .await?;
-                    store.clear_retry(&op.login).await?;
-                    store.plan_done(&op.login).await?;
-                    ("quarantined", e.clone())
-                }
+                Outcome::Pending(_) => summary.pending += 1,
+                Outcome::Quarantined(_) => {}
+            }
+            let metric_op = match &op.action {
+                Action::Create => "create",
+                Action::Update { .. } => "update",
+                Action::Delete => "delete",
             };
             metrics::get()
                 .operations
@@ -447,7 +421,7 @@ impl Engine {
                 .inc();
             audit.push(AuditRow {
                 login: op.login.clone(),
-                action: label.into(),
+                action: op.label(&self.core.status_blocked).into(),
                 result: result.into(),
                 detail,
             });
@@ -558,6 +532,54 @@ impl Engine {
         store.audit(cycle_id, &audit).await?;
         summary.breaker_open = pusher.breaker.is_open();
         Ok(summary)
+    }
+
+    /// Records how one op ended: retry state, quarantine, the plan row.
+    async fn settle(
+        &self,
+        store: &Store,
+        op: &plan::Op,
+        outcome: &Outcome,
+        retries: &std::collections::HashMap<String, RetryInfo>,
+        now: DateTime<Utc>,
+    ) -> Result<(&'static str, String), StoreError> {
+        Ok(match outcome {
+            Outcome::Applied { adopted } => {
+                store.plan_done(&op.login).await?;
+                if retries.contains_key(&op.login) {
+                    store.clear_retry(&op.login).await?;
+                }
+                let detail = if *adopted {
+                    "adopted existing user"
+                } else {
+                    ""
+                };
+                ("applied", detail.to_string())
+            }
+            Outcome::Pending(e) => {
+                let attempts = retries.get(&op.login).map(|r| r.attempts).unwrap_or(0) + 1;
+                let info = RetryInfo {
+                    attempts,
+                    next_attempt_at: next_attempt(
+                        now,
+                        attempts,
+                        self.settings.vms.requeue_base_secs,
+                    ),
+                    last_error: e.clone(),
+                };
+                store.set_retry(&op.login, &info).await?;
+                ("retry", e.clone())
+            }
+            Outcome::Quarantined(e) => {
+                tracing::warn!(login = %op.login, error = %e, "quarantined after a permanent VMS error");
+                store
+                    .quarantine(&op.login, "user", e, &state_hash(&op.target))
+                    .await?;
+                store.clear_retry(&op.login).await?;
+                store.plan_done(&op.login).await?;
+                ("quarantined", e.clone())
+            }
+        })
     }
 }
 
