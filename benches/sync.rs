@@ -128,10 +128,10 @@ async fn emulators(n: usize) {
         .set_latency(Duration::from_millis(LATENCY_MS));
     lab.vms.data().record_events = false;
     let extra = "[vms.tree]\nenabled = false\n";
-    lab.settings(&extra, &[]).unwrap();
+    lab.settings(extra, &[]).unwrap();
     // The lab's config with the benchmark's VMS settings.
     let text = lab
-        .config_text(&extra)
+        .config_text(extra)
         .replace("concurrency = 4", &format!("concurrency = {CONCURRENCY}"))
         .replace(
             "max_requests_per_second = 1000",
