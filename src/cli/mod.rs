@@ -40,6 +40,12 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Run as a daemon: scheduled cycles, admin HTTP, systemd notify
+    Run {
+        /// Start with a full resync
+        #[arg(long)]
+        resync: bool,
+    },
     /// Run one sync cycle and exit (0 done, 1 work left, 2 config, 3 aborted)
     Sync {
         /// Full resync: re-read every account and push every user in full
@@ -91,6 +97,9 @@ pub enum Command {
         /// Generated accounts (split between the two billing systems)
         #[arg(long, default_value_t = 50)]
         accounts: usize,
+        /// Exit after the first full sync instead of running until Ctrl-C
+        #[arg(long)]
+        once: bool,
     },
 }
 
@@ -113,6 +122,9 @@ pub enum QuarantineAction {
 pub fn run(cli: Cli) -> ExitCode {
     let path = cli.config.clone();
     let code = match cli.command {
+        Command::Run { resync } => {
+            with_settings(path.as_deref(), |s| runtime(crate::daemon::run(s, resync)))
+        }
         Command::Sync {
             full,
             dry_run,
@@ -137,9 +149,9 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::CheckConfig { connect } => {
             with_settings(path.as_deref(), |s| runtime(check_config::run(s, connect)))
         }
-        Command::Sandbox { accounts } => {
+        Command::Sandbox { accounts, once } => {
             crate::telemetry::init(crate::config::LogFormat::Pretty, "warn");
-            runtime(sandbox::run(accounts))
+            runtime(sandbox::run(accounts, once))
         }
     };
     ExitCode::from(code)

@@ -5,9 +5,9 @@
 use std::collections::BTreeMap;
 
 use crate::emulators::lab::Lab;
-use crate::engine::{CycleOptions, Engine};
+use crate::engine::CycleReport;
 
-pub async fn run(accounts: usize) -> u8 {
+pub async fn run(accounts: usize, once: bool) -> u8 {
     let bm_n = accounts / 2;
     let ap_n = accounts - bm_n;
     let lab = match Lab::start(bm_n, ap_n).await {
@@ -27,7 +27,86 @@ pub async fn run(accounts: usize) -> u8 {
         lab.ap
             .add_payment(2_000_000 + i, "15.00", "completed", &today.to_rfc3339());
     }
-    let extra = r#"
+    // The admin token lives in a 0600 file, never on the screen.
+    let token_path = lab.dir.path().join("admin.token");
+    let token = crate::vms::random_password();
+    if let Err(e) = write_private(&token_path, &token) {
+        eprintln!("billsync: cannot write {}: {e}", token_path.display());
+        return super::EXIT_ABORTED;
+    }
+    let token_file = token_path.display().to_string();
+    let settings = match lab.settings(
+        EXTRA,
+        &[("BILLSYNC__ADMIN__TOKEN_FILE", token_file.as_str())],
+    ) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("billsync: sandbox config: {e}");
+            return super::EXIT_CONFIG;
+        }
+    };
+    println!("billsync sandbox: {bm_n} BILLmanager and {ap_n} ActivePlatform accounts on loopback");
+    println!("  BILLmanager     {}/billmgr", lab.bm_srv.base_url());
+    println!("  ActivePlatform  {}", lab.ap_srv.base_url());
+    println!("  VMS             {}", lab.vms_srv.base_url());
+    println!("  config          {}", lab.config_path().display());
+    println!("  state           {}", lab.state_path().display());
+    let store_path = settings.daemon.state_path.clone();
+    let (daemon, lock) = match crate::daemon::start(settings, true).await {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("billsync: {e}");
+            return super::EXIT_ABORTED;
+        }
+    };
+    println!("  admin           http://{}", daemon.admin_addr);
+    println!();
+    println!("running the first (full) sync...");
+    let store = match crate::store::Store::open(&store_path).await {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("billsync: {e}");
+            return super::EXIT_ABORTED;
+        }
+    };
+    let report = loop {
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        let last = store.last_cycles(1).await.unwrap_or_default();
+        if let Some(r) = last.into_iter().next() {
+            if let Ok(r) = serde_json::from_value::<CycleReport>(r) {
+                break r;
+            }
+        }
+    };
+    super::sync::print_human(&report);
+    println!();
+    print_pushed(&lab);
+    println!();
+    let admin = format!("http://{}", daemon.admin_addr);
+    println!("the daemon keeps running incremental cycles every 2 s. Try:");
+    println!("  curl {admin}/status");
+    println!("  curl {admin}/metrics");
+    println!(
+        "  curl -X POST -H \"Authorization: Bearer $(cat {})\" {admin}/resync",
+        token_path.display()
+    );
+    println!("  billsync --config {} status", lab.config_path().display());
+    let code = super::sync::exit_code(&report);
+    if once {
+        daemon.stop().await;
+        drop(lock);
+        store.close().await;
+        return code;
+    }
+    println!("Ctrl-C stops the daemon and the emulators.");
+    crate::daemon::wait_for_signal().await;
+    daemon.stop().await;
+    drop(lock);
+    store.close().await;
+    super::EXIT_OK
+}
+
+const EXTRA: &str = r#"
 [vms.tree]
 enabled = true
 type = "cameras"
@@ -45,65 +124,17 @@ name = "paid in the last 30 days"
 paid_within_days = 30
 grant = ["archives-download"]
 "#;
-    let settings = match lab.settings(extra, &[]) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("billsync: sandbox config: {e}");
-            return super::EXIT_CONFIG;
-        }
-    };
-    println!("billsync sandbox: {bm_n} BILLmanager and {ap_n} ActivePlatform accounts on loopback");
-    println!("  BILLmanager     {}/billmgr", lab.bm_srv.base_url());
-    println!("  ActivePlatform  {}", lab.ap_srv.base_url());
-    println!("  VMS             {}", lab.vms_srv.base_url());
-    println!("  config          {}", lab.config_path().display());
-    println!("  state           {}", lab.state_path().display());
-    let engine = match Engine::new(settings).await {
-        Ok(e) => e,
-        Err(e) => {
-            eprintln!("billsync: {e}");
-            return super::EXIT_ABORTED;
-        }
-    };
-    let bar = super::progress::terminal();
-    let opts = CycleOptions {
-        full: true,
-        progress: bar.as_ref().map(|(p, _)| p.clone()),
-        ..Default::default()
-    };
-    let report = engine.run_cycle(&opts).await;
-    if let Some((_, b)) = bar {
-        b.finish_and_clear();
-    }
-    let report = match report {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("billsync: cycle aborted: {e}");
-            return super::EXIT_ABORTED;
-        }
-    };
-    println!();
-    super::sync::print_human(&report);
-    println!();
-    print_pushed(&lab);
-    let second = engine.run_cycle(&CycleOptions::default()).await;
-    if let Ok(r) = second {
-        println!();
-        println!(
-            "a second, incremental cycle: {} ({} operations planned, {} VMS requests in all so far)",
-            r.result,
-            r.operations.create + r.operations.update + r.operations.delete,
-            lab.vms.requests()
-        );
-    }
-    println!();
-    println!(
-        "Try it against the same emulators while they run: e.g. `billsync --config {} status`",
-        lab.config_path().display()
-    );
-    println!("(they stop when this command exits)");
-    engine.store.close().await;
-    super::sync::exit_code(&report)
+
+fn write_private(path: &std::path::Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(text.as_bytes())
 }
 
 fn print_pushed(lab: &Lab) {

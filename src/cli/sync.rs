@@ -31,6 +31,7 @@ pub async fn run(
         dry_run,
         allow_deprovision,
         progress: bar.as_ref().map(|(p, _)| p.clone()),
+        stop: None,
     };
     let result = engine.run_cycle(&opts).await;
     if let Some((_, bar)) = bar {

@@ -45,6 +45,8 @@ pub struct CycleOptions {
     pub dry_run: bool,
     pub allow_deprovision: bool,
     pub progress: Option<Progress>,
+    /// Shutdown: finish what is in flight, start nothing new.
+    pub stop: Option<Arc<std::sync::atomic::AtomicBool>>,
 }
 
 pub struct Engine {
@@ -292,9 +294,7 @@ impl Engine {
         }
 
         let all_failed = !report.sources.is_empty() && report.sources.values().all(|s| !s.complete);
-        let outcome = self
-            .push(store, &the_plan, cycle_id, opts.progress.as_ref())
-            .await?;
+        let outcome = self.push(store, &the_plan, cycle_id, opts).await?;
         report.applied = outcome.applied;
         report.pending = outcome.pending + skip.iter().filter(|l| retries.contains_key(*l)).count();
         let quarantined = store.load_quarantine().await?;
@@ -368,9 +368,11 @@ impl Engine {
         store: &Store,
         the_plan: &plan::Plan,
         cycle_id: i64,
-        progress: Option<&Progress>,
+        opts: &CycleOptions,
     ) -> Result<PushSummary, EngineError> {
-        let pusher = push::Pusher::new(&self.vms, store, &self.core, &self.settings.vms);
+        let progress = opts.progress.as_ref();
+        let mut pusher = push::Pusher::new(&self.vms, store, &self.core, &self.settings.vms);
+        pusher.stop = opts.stop.clone();
         let now = Utc::now();
         let retries = store.load_retries().await?;
         let total = the_plan.ops.len() as u64;
@@ -382,14 +384,14 @@ impl Engine {
         // the loop body would leave buffered futures unpolled while they hold
         // pool connections.
         let retries = &retries;
-        let mut results = futures::stream::iter(the_plan.ops.iter().map(|op| {
-            let pusher = &pusher;
-            async move {
-                let outcome = pusher.execute(op).await;
-                let settled = self.settle(store, op, &outcome, retries, now).await;
-                (op, outcome, settled)
-            }
-        }))
+        let mut results = futures::stream::iter(OpFutures {
+            engine: self,
+            pusher: &pusher,
+            store,
+            ops: the_plan.ops.iter(),
+            retries,
+            now,
+        })
         .buffer_unordered(self.settings.vms.concurrency.max(1) as usize);
         while let Some((op, outcome, settled)) = results.next().await {
             let (result, detail) = settled?;
@@ -456,7 +458,7 @@ impl Engine {
             .map(|q| q.key)
             .collect();
         for t in &the_plan.tree {
-            if tree_q.contains(&t.external_id) || pusher.breaker.is_open() {
+            if tree_q.contains(&t.external_id) || pusher.breaker.is_open() || pusher.stopping() {
                 continue;
             }
             let op = if t.create {
@@ -501,7 +503,9 @@ impl Engine {
             let applied_now = store.load_applied().await?;
             for w in &the_plan.writebacks {
                 let Some(ap) = ap else { break };
-                if !applied_now.users.contains_key(&w.login) && !live.contains(&w.login) {
+                if pusher.stopping()
+                    || !applied_now.users.contains_key(&w.login) && !live.contains(&w.login)
+                {
                     continue;
                 }
                 let result = match ap.write_attribute(&w.account.id, attr, &w.login).await {
@@ -532,6 +536,23 @@ impl Engine {
         store.audit(cycle_id, &audit).await?;
         summary.breaker_open = pusher.breaker.is_open();
         Ok(summary)
+    }
+
+    /// One op pushed and settled. Boxed with one named lifetime, which keeps
+    /// the cycle future `Send` for the daemon's spawn.
+    fn push_one<'a>(
+        &'a self,
+        pusher: &'a push::Pusher<'a>,
+        store: &'a Store,
+        op: &'a plan::Op,
+        retries: &'a std::collections::HashMap<String, RetryInfo>,
+        now: DateTime<Utc>,
+    ) -> futures::future::BoxFuture<'a, Pushed<'a>> {
+        Box::pin(async move {
+            let outcome = pusher.execute(op).await;
+            let settled = self.settle(store, op, &outcome, retries, now).await;
+            (op, outcome, settled)
+        })
     }
 
     /// Records how one op ended: retry state, quarantine, the plan row.
@@ -582,6 +603,36 @@ impl Engine {
         })
     }
 }
+
+/// Yields each op's future. A plain iterator rather than `map` with a
+/// closure: a closure over `&Op` here makes the cycle future lose `Send`
+/// (a known limit of higher-ranked lifetimes in auto traits).
+struct OpFutures<'a> {
+    engine: &'a Engine,
+    pusher: &'a push::Pusher<'a>,
+    store: &'a Store,
+    ops: std::slice::Iter<'a, plan::Op>,
+    retries: &'a std::collections::HashMap<String, RetryInfo>,
+    now: DateTime<Utc>,
+}
+
+impl<'a> Iterator for OpFutures<'a> {
+    type Item = futures::future::BoxFuture<'a, Pushed<'a>>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let op = self.ops.next()?;
+        Some(
+            self.engine
+                .push_one(self.pusher, self.store, op, self.retries, self.now),
+        )
+    }
+}
+
+type Pushed<'a> = (
+    &'a plan::Op,
+    Outcome,
+    Result<(&'static str, String), StoreError>,
+);
 
 #[derive(Debug, Default)]
 struct PushSummary {

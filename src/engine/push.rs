@@ -71,6 +71,8 @@ pub struct Pusher<'a> {
     pub store: &'a Store,
     pub core: &'a CoreConfig,
     pub breaker: Breaker,
+    /// Set on shutdown: requests in flight finish, no new one starts.
+    pub stop: Option<std::sync::Arc<AtomicBool>>,
     limiter: DefaultDirectRateLimiter,
     max_attempts: u32,
     max_retry_after: Duration,
@@ -105,10 +107,17 @@ impl<'a> Pusher<'a> {
             store,
             core,
             breaker: Breaker::new(settings.circuit_breaker_failures),
+            stop: None,
             limiter: RateLimiter::direct(Quota::per_second(rps).allow_burst(NonZeroU32::MIN)),
             max_attempts: settings.max_attempts.max(1),
             max_retry_after: Duration::from_secs(settings.max_retry_after_secs),
         }
+    }
+
+    pub fn stopping(&self) -> bool {
+        self.stop
+            .as_ref()
+            .is_some_and(|s| s.load(Ordering::Relaxed))
     }
 
     /// One request with in-cycle retries. 429 waits `min(Retry-After, cap)`.
@@ -121,6 +130,12 @@ impl<'a> Pusher<'a> {
         let attempt = || async {
             if self.breaker.is_open() {
                 return Err(breaker_error());
+            }
+            if self.stopping() {
+                return Err(VmsError {
+                    message: "shutting down; not sent".into(),
+                    ..breaker_error()
+                });
             }
             self.limiter.until_ready().await;
             let fut = {
@@ -143,7 +158,7 @@ impl<'a> Pusher<'a> {
                     .with_max_delay(Duration::from_secs(10))
                     .with_max_times(self.max_attempts.saturating_sub(1) as usize),
             )
-            .when(|e: &VmsError| e.is_transient() && !self.breaker.is_open())
+            .when(|e: &VmsError| e.is_transient() && !self.breaker.is_open() && !self.stopping())
             .adjust(move |e: &VmsError, d| match (d, e.retry_after) {
                 (None, _) => None,
                 (Some(_), Some(ra)) => Some(ra.min(cap)),

@@ -176,10 +176,15 @@ pub async fn read_source(
     let mut fetched: Vec<(String, RawAccount)> = vec![];
     let mut failed: HashSet<String> = HashSet::new();
     let mut gone: HashSet<String> = HashSet::new();
-    let mut results = futures::stream::iter(wanted.into_iter().map(|id| async move {
-        let r = source.details(&id).await;
-        (id, r)
-    }))
+    type Fetched = (String, Result<Details, crate::http::FetchError>);
+    let mut results = futures::stream::iter(wanted.into_iter().map(
+        |id| -> futures::future::BoxFuture<'_, Fetched> {
+            Box::pin(async move {
+                let r = source.details(&id).await;
+                (id, r)
+            })
+        },
+    ))
     .buffer_unordered(DETAIL_CONCURRENCY);
     let mut detail_error = None;
     while let Some((id, r)) = results.next().await {

@@ -1,0 +1,68 @@
+//! systemd notification: READY=1, WATCHDOG=1 fed by the cycle loop's
+//! heartbeat, STOPPING=1. Silent when `NOTIFY_SOCKET` is unset.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use sd_notify::NotifyState;
+
+pub fn ready() {
+    if let Err(e) = sd_notify::notify(false, &[NotifyState::Ready]) {
+        tracing::warn!(error = %e, "could not tell systemd READY=1");
+    }
+}
+
+pub fn stopping() {
+    let _ = sd_notify::notify(false, &[NotifyState::Stopping]);
+}
+
+/// The loop's last sign of life, in milliseconds since `start`.
+pub struct Heartbeat {
+    start: Instant,
+    last_ms: AtomicU64,
+}
+
+impl Heartbeat {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self {
+            start: Instant::now(),
+            last_ms: AtomicU64::new(0),
+        })
+    }
+
+    pub fn beat(&self) {
+        self.last_ms
+            .store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    pub fn age(&self) -> Duration {
+        let now = self.start.elapsed().as_millis() as u64;
+        Duration::from_millis(now.saturating_sub(self.last_ms.load(Ordering::Relaxed)))
+    }
+}
+
+/// Pings the watchdog at half its interval, but only while the loop's
+/// heartbeat is fresher than the interval: a stuck loop stops the pings and
+/// systemd restarts the service.
+pub fn spawn_watchdog(heartbeat: Arc<Heartbeat>) -> Option<tokio::task::JoinHandle<()>> {
+    let mut usec = 0u64;
+    if !sd_notify::watchdog_enabled(false, &mut usec) || usec == 0 {
+        return None;
+    }
+    let interval = Duration::from_micros(usec);
+    Some(tokio::spawn(async move {
+        let mut tick = tokio::time::interval(interval / 2);
+        loop {
+            tick.tick().await;
+            if heartbeat.age() < interval {
+                let _ = sd_notify::notify(false, &[NotifyState::Watchdog]);
+            } else {
+                tracing::warn!(
+                    stale_ms = heartbeat.age().as_millis() as u64,
+                    "cycle loop shows no progress; not feeding the watchdog"
+                );
+            }
+        }
+    }))
+}
