@@ -42,14 +42,25 @@ impl Heartbeat {
     }
 }
 
+/// `WATCHDOG_USEC`, as libsystemd reads it: `WATCHDOG_PID`, when set, must
+/// be this process (sd-notify's own check also demands that it be set).
+fn watchdog_usec() -> Option<u64> {
+    let usec = std::env::var("WATCHDOG_USEC")
+        .ok()?
+        .parse::<u64>()
+        .ok()
+        .filter(|u| *u > 0)?;
+    match std::env::var("WATCHDOG_PID") {
+        Ok(pid) if pid.parse::<u32>().ok() != Some(std::process::id()) => None,
+        _ => Some(usec),
+    }
+}
+
 /// Pings the watchdog at half its interval, but only while the loop's
 /// heartbeat is fresher than the interval: a stuck loop stops the pings and
 /// systemd restarts the service.
 pub fn spawn_watchdog(heartbeat: Arc<Heartbeat>) -> Option<tokio::task::JoinHandle<()>> {
-    let mut usec = 0u64;
-    if !sd_notify::watchdog_enabled(false, &mut usec) || usec == 0 {
-        return None;
-    }
+    let usec = watchdog_usec()?;
     let interval = Duration::from_micros(usec);
     Some(tokio::spawn(async move {
         let mut tick = tokio::time::interval(interval / 2);

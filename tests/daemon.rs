@@ -1,0 +1,481 @@
+//! `billsync run` as a real process against the emulators: the admin
+//! endpoints, metrics, non-overlapping cycles, SIGTERM mid-cycle, the state
+//! lock, and systemd notifications over a fake NOTIFY_SOCKET.
+
+use std::os::unix::net::UnixDatagram;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use billsync::emulators::lab::Lab;
+use billsync::emulators::Fault;
+use billsync::store::Store;
+
+const BIN: &str = env!("CARGO_BIN_EXE_billsync");
+const TOKEN: &str = "test-admin-token-0123456789";
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Running {
+    child: Child,
+    admin: String,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn lab(bm: usize, ap: usize) -> Lab {
+    let lab = Lab::start(bm, ap).await.unwrap();
+    lab.settings("", &[]).unwrap();
+    lab
+}
+
+fn spawn(lab: &Lab, env: &[(&str, &str)], args: &[&str]) -> (Child, String) {
+    let port = free_port();
+    let admin = format!("127.0.0.1:{port}");
+    let mut cmd = Command::new(BIN);
+    cmd.arg("--config")
+        .arg(lab.config_path())
+        .arg("run")
+        .args(args)
+        .env("BILLSYNC__ADMIN__LISTEN", &admin)
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    (cmd.spawn().unwrap(), format!("http://{admin}"))
+}
+
+async fn start(lab: &Lab, env: &[(&str, &str)], args: &[&str]) -> Running {
+    let (child, admin) = spawn(lab, env, args);
+    let r = Running { child, admin };
+    let t = Instant::now();
+    loop {
+        if let Ok(resp) = reqwest::get(format!("{}/livez", r.admin)).await {
+            if resp.status() == 200 {
+                return r;
+            }
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "daemon did not come up"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while !f() {
+        assert!(t.elapsed() < limit, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn cycles_finished(admin: &str) -> usize {
+    let v: serde_json::Value = reqwest::get(format!("{admin}/status"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    v["cycles"].as_array().map(|a| a.len()).unwrap_or(0)
+}
+
+const RARE: (&str, &str) = ("BILLSYNC__DAEMON__SCHEDULE", "0 0 0 1 1 *");
+
+#[tokio::test(flavor = "multi_thread")]
+async fn health_metrics_and_authenticated_resync() {
+    let lab = lab(6, 4).await;
+    let d = start(
+        &lab,
+        &[RARE, ("BILLSYNC__ADMIN__TOKEN", TOKEN)],
+        &["--resync"],
+    )
+    .await;
+    // --resync: the first cycle runs at once, in full.
+    let t = Instant::now();
+    while cycles_finished(&d.admin).await < 1 {
+        assert!(t.elapsed() < Duration::from_secs(20));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(lab.vms.data().users.len(), 10);
+    let health = reqwest::get(format!("{}/healthz", d.admin)).await.unwrap();
+    assert_eq!(health.status(), 200);
+    let h: serde_json::Value = health.json().await.unwrap();
+    assert_eq!(h["checks"]["state_store"]["ok"], true);
+    assert_eq!(h["checks"]["last_cycle"]["result"], "ok");
+    assert_eq!(
+        reqwest::get(format!("{}/readyz", d.admin))
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+
+    let metrics = reqwest::get(format!("{}/metrics", d.admin))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for name in [
+        "billsync_cycles_total",
+        "billsync_cycle_duration_seconds_bucket",
+        "billsync_last_success_timestamp_seconds",
+        "billsync_source_accounts",
+        "billsync_source_requests_total",
+        "billsync_vms_requests_total",
+        "billsync_operations_total",
+        "billsync_pending_operations",
+        "billsync_quarantined_accounts",
+        "billsync_held_deprovisions",
+        "billsync_invalid_records_total",
+    ] {
+        assert!(metrics.contains(name), "{name} missing");
+    }
+    assert!(
+        metrics.contains(r#"billsync_cycles_total{kind="full",result="ok"} 1"#),
+        "{metrics}"
+    );
+    assert!(metrics.contains(r#"billsync_source_accounts{source="billmanager"} 6"#));
+    assert!(!metrics.contains("@example.com"), "no login in a label");
+    assert!(!metrics.contains(TOKEN));
+
+    let client = reqwest::Client::new();
+    let url = format!("{}/resync", d.admin);
+    assert_eq!(client.post(&url).send().await.unwrap().status(), 401);
+    assert_eq!(
+        client
+            .post(&url)
+            .bearer_auth("wrong")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        401
+    );
+    let logins: Vec<String> = lab.vms.data().users.keys().cloned().collect();
+    let before: Vec<usize> = logins
+        .iter()
+        .map(|l| lab.vms.count_for("PATCH", l))
+        .collect();
+    let resp = client.post(&url).bearer_auth(TOKEN).send().await.unwrap();
+    assert_eq!(resp.status(), 202);
+    // The full push reaches the VMS: every user gets a full-state PATCH.
+    let t = Instant::now();
+    loop {
+        let after: Vec<usize> = logins
+            .iter()
+            .map(|l| lab.vms.count_for("PATCH", l))
+            .collect();
+        if after.iter().zip(&before).all(|(a, b)| a > b) {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(20), "no full push seen");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // A named resync, with a body.
+    let resp = client
+        .post(&url)
+        .bearer_auth(TOKEN)
+        .json(&serde_json::json!({"logins": ["user1@bm.example.com"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 202);
+    let resp = client
+        .post(&url)
+        .bearer_auth(TOKEN)
+        .body("not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    let approve = format!("{}/approve", d.admin);
+    assert_eq!(client.post(&approve).send().await.unwrap().status(), 401);
+    assert_eq!(
+        client
+            .post(&approve)
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        202
+    );
+    let status: serde_json::Value = reqwest::get(format!("{}/status", d.admin))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    for key in [
+        "cycles",
+        "pending",
+        "quarantined",
+        "held",
+        "conflicts",
+        "invalid",
+        "resync_requested",
+        "approval_pending",
+    ] {
+        assert!(status.get(key).is_some(), "{key}");
+    }
+    assert!(!status.to_string().contains(TOKEN));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn post_endpoints_are_forbidden_without_a_token() {
+    let lab = lab(1, 0).await;
+    let d = start(&lab, &[RARE], &[]).await;
+    let client = reqwest::Client::new();
+    for path in ["resync", "approve"] {
+        let r = client
+            .post(format!("{}/{path}", d.admin))
+            .bearer_auth("anything")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 403, "{path}");
+    }
+    // No cycle is due yet after start: healthy.
+    assert_eq!(
+        reqwest::get(format!("{}/healthz", d.admin))
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cycles_never_overlap_when_the_vms_is_slow() {
+    let lab = lab(12, 0).await;
+    // Every cycle reads at least two pages: each cycle outlasts a tick.
+    lab.bm.faults.set_latency(Duration::from_millis(700));
+    let d = start(&lab, &[("BILLSYNC__DAEMON__SCHEDULE", "* * * * * *")], &[]).await;
+    let t = Instant::now();
+    loop {
+        let metrics = reqwest::get(format!("{}/metrics", d.admin))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let skipped = metrics
+            .lines()
+            .find(|l| {
+                l.starts_with(r#"billsync_cycles_total{kind="incremental",result="skipped"}"#)
+            })
+            .and_then(|l| l.split_whitespace().last())
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0);
+        if skipped >= 2.0 && cycles_finished(&d.admin).await >= 2 {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(40),
+            "no skipped ticks seen"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let status: serde_json::Value = reqwest::get(format!("{}/status", d.admin))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let mut spans: Vec<(String, String)> = status["cycles"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["started_at"].as_str().unwrap().to_string(),
+                c["finished_at"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    spans.sort();
+    for w in spans.windows(2) {
+        let (a_end, b_start) = (
+            chrono::DateTime::parse_from_rfc3339(&w[0].1).unwrap(),
+            chrono::DateTime::parse_from_rfc3339(&w[1].0).unwrap(),
+        );
+        assert!(b_start >= a_end, "cycles overlap: {w:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_mid_cycle_exits_0_with_a_consistent_store() {
+    let lab = lab(60, 0).await;
+    lab.vms.faults.set_latency(Duration::from_millis(200));
+    let mut d = start(
+        &lab,
+        &[RARE, ("BILLSYNC__DAEMON__SHUTDOWN_GRACE_SECS", "10")],
+        &["--resync"],
+    )
+    .await;
+    wait_until("some users", Duration::from_secs(30), || {
+        lab.vms.data().users.len() >= 8
+    })
+    .await;
+    let pid = d.child.id().to_string();
+    let t = Instant::now();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let status = loop {
+        if let Some(s) = d.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(15),
+            "not stopped within the grace"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(status.code(), Some(0));
+    let vms_users = lab.vms.data().users.clone();
+    assert!(
+        vms_users.len() < 60,
+        "stopped mid-cycle ({} users)",
+        vms_users.len()
+    );
+    let store = Store::open(&lab.state_path()).await.unwrap();
+    let applied = store.load_applied().await.unwrap();
+    // Everything recorded as applied is on the VMS, as recorded.
+    for (login, a) in &applied.users {
+        let u = vms_users
+            .get(login)
+            .unwrap_or_else(|| panic!("{login} applied but not on the VMS"));
+        assert_eq!(u.status, a.state.status);
+        for p in &a.state.permissions {
+            assert!(u.permissions.contains(p), "{login}: {p}");
+        }
+    }
+    // The interrupted cycle was recorded as finished.
+    let cycles = store.last_cycles(10).await.unwrap();
+    assert_eq!(cycles.len(), 1);
+    assert_eq!(cycles[0]["result"], "partial");
+    store.close().await;
+    // And the next run finishes the job.
+    lab.vms.faults.set_latency(Duration::ZERO);
+    let out = Command::new(BIN)
+        .arg("--config")
+        .arg(lab.config_path())
+        .args(["sync"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(lab.vms.data().users.len(), 60);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_daemon_refuses_to_start() {
+    let lab = lab(1, 0).await;
+    let _first = start(&lab, &[RARE], &[]).await;
+    let (mut second, _) = spawn(&lab, &[RARE], &[]);
+    let t = Instant::now();
+    let status = loop {
+        if let Some(s) = second.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the second daemon kept running"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(status.code(), Some(3));
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut second.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(err.contains("in use by another billsync"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn systemd_ready_and_watchdog_stop_while_stuck() {
+    let lab = lab(3, 0).await;
+    let dir = tempfile::tempdir().unwrap();
+    let sock_path = dir.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let sock_str = sock_path.display().to_string();
+    let d = start(
+        &lab,
+        &[
+            RARE,
+            ("BILLSYNC__ADMIN__TOKEN", TOKEN),
+            ("BILLSYNC__VMS__TIMEOUT_SECS", "30"),
+            ("NOTIFY_SOCKET", sock_str.as_str()),
+            ("WATCHDOG_USEC", "400000"),
+        ],
+        &[],
+    )
+    .await;
+    let mut buf = [0u8; 256];
+    let mut read = |limit: Duration| -> Vec<String> {
+        let t = Instant::now();
+        let mut got = vec![];
+        while t.elapsed() < limit {
+            if let Ok(n) = sock.recv(&mut buf) {
+                got.push(String::from_utf8_lossy(&buf[..n]).to_string());
+            }
+        }
+        got
+    };
+    let first = read(Duration::from_secs(2));
+    assert!(first.iter().any(|m| m.contains("READY=1")), "{first:?}");
+    assert!(
+        first.iter().filter(|m| m.contains("WATCHDOG=1")).count() >= 2,
+        "{first:?}"
+    );
+    // Stick the loop: the VMS holds every request for 5 s.
+    lab.vms
+        .faults
+        .always("", Fault::Delay(Duration::from_secs(5)));
+    let served = lab.vms.served();
+    let r = reqwest::Client::new()
+        .post(format!("{}/resync", d.admin))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    wait_until("a stuck request", Duration::from_secs(10), || {
+        lab.vms.served() > served
+    })
+    .await;
+    let _ = read(Duration::from_millis(600)); // pings already on their way
+    let stuck = read(Duration::from_secs(2));
+    assert!(
+        !stuck.iter().any(|m| m.contains("WATCHDOG=1")),
+        "pinged while stuck: {stuck:?}"
+    );
+    // Unstuck: the pings come back.
+    lab.vms.faults.clear();
+    let later = read(Duration::from_secs(8));
+    assert!(later.iter().any(|m| m.contains("WATCHDOG=1")), "{later:?}");
+    drop(d);
+}
