@@ -12,7 +12,10 @@ use std::time::{Duration, Instant};
 use billsync::emulators::lab::Lab;
 use billsync::engine::{CycleOptions, Engine};
 
-const LATENCY_MS: u64 = 10;
+/// `BILLSYNC_BENCH_LATENCY_MS` overrides, for profiling the no-op cycle.
+fn latency_ms() -> u64 {
+    std::env::var("BILLSYNC_BENCH_LATENCY_MS").ok().and_then(|v| v.parse().ok()).unwrap_or(10)
+}
 const CONCURRENCY: u32 = 8;
 
 fn peak_rss_mb() -> f64 {
@@ -45,7 +48,7 @@ fn main() {
     } else {
         args.iter().filter_map(|a| a.parse().ok()).collect()
     };
-    println!("VMS latency {LATENCY_MS} ms, vms.concurrency {CONCURRENCY}; accounts split evenly between the two sources");
+    println!("VMS latency {} ms, vms.concurrency {CONCURRENCY}; accounts split evenly between the two sources", latency_ms());
     println!("| accounts | cycle | time (s) | VMS requests | push phase (s) | ops/s in push | VMS req/s in push | source detail calls | result | peak RSS (MB) |");
     println!("|---:|---|---:|---:|---:|---:|---:|---:|---|---:|");
     for n in sizes {

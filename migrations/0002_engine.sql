@@ -16,6 +16,7 @@ CREATE TABLE applied_users (
     source      TEXT NOT NULL,
     account_id  TEXT NOT NULL,
     state_json  TEXT NOT NULL,
+    hash        TEXT NOT NULL,         -- content hash of state_json's state
     applied_at  TEXT NOT NULL
 ) WITHOUT ROWID;
 

@@ -28,6 +28,26 @@ pub struct CoreConfig {
     pub writeback_attribute: Option<String>,
 }
 
+impl Desired {
+    /// The same desired state limited to `logins` (tree, conflicts and
+    /// source flags kept whole): what a cycle plans when most users match
+    /// their applied hash.
+    pub fn subset(&self, logins: &HashSet<String>) -> Desired {
+        Desired {
+            users: self
+                .users
+                .iter()
+                .filter(|(l, _)| logins.contains(*l))
+                .map(|(l, u)| (l.clone(), u.clone()))
+                .collect(),
+            tree: self.tree.clone(),
+            conflicts: self.conflicts.clone(),
+            incomplete: self.incomplete.clone(),
+            protected: self.protected.clone(),
+        }
+    }
+}
+
 impl CoreConfig {
     pub fn from_settings(s: &Settings) -> Self {
         Self {
@@ -66,6 +86,8 @@ pub struct DesiredUser {
     pub login: String,
     pub owner: AccountKey,
     pub state: UserState,
+    /// `content_hash(state)`: equal to the applied hash means nothing to do.
+    pub hash: String,
     pub rules: Vec<String>,
     /// The account's current write-back attribute value, if it has one.
     pub writeback_seen: Option<String>,
@@ -199,17 +221,19 @@ fn desired_user(
         CanonicalStatus::Active => cfg.status_active.clone(),
         _ => cfg.status_blocked.clone(),
     };
-    DesiredUser {
-        login: account.login.clone(),
-        owner: account.key.clone(),
-        state: UserState {
+    let state = UserState {
             user_type: cfg.user_type.clone(),
             status: vms_status,
             billing_id: account.billing_id.clone(),
             properties,
             permissions,
             gone: status == CanonicalStatus::Deleted,
-        },
+        };
+    DesiredUser {
+        login: account.login.clone(),
+        owner: account.key.clone(),
+        hash: super::model::content_hash(&state),
+        state,
         rules: matched,
         writeback_seen: cfg
             .writeback_attribute

@@ -204,6 +204,13 @@ impl fmt::Display for Invalid {
     }
 }
 
+/// A short, stable content hash (for change detection, not security).
+pub fn content_hash(value: &impl Serialize) -> String {
+    use sha2::{Digest, Sha256};
+    let bytes = serde_json::to_vec(value).unwrap_or_default();
+    hex::encode(&Sha256::digest(&bytes)[..16])
+}
+
 /// What one VMS user looks like, as desired or as last applied. Only
 /// managed permissions are ever recorded here.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]

@@ -64,7 +64,8 @@ pub struct ApData {
 }
 
 pub struct ApEmulator {
-    pub data: Mutex<ApData>,
+    data: Mutex<ApData>,
+    rows: super::RowCache,
     pub faults: Faults,
     calls: Mutex<HashMap<String, u64>>,
     /// Every PUT received: (account id, form pairs).
@@ -90,6 +91,7 @@ impl ApEmulator {
                 balance_as_string: false,
                 max_page_size: 500,
             }),
+            rows: Default::default(),
             faults: Faults::default(),
             calls: Mutex::new(HashMap::new()),
             puts: Mutex::new(vec![]),
@@ -108,7 +110,14 @@ impl ApEmulator {
         Server::start(router).await
     }
 
+    /// For handlers that only read: keeps the rendered-row cache.
+    fn read(&self) -> std::sync::MutexGuard<'_, ApData> {
+        self.data.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The data, for reading or changing; drops the rendered-row cache.
     pub fn data(&self) -> std::sync::MutexGuard<'_, ApData> {
+        self.rows.invalidate();
         self.data.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -256,19 +265,27 @@ async fn list_accounts(
     if let Err(r) = authorized(&q) {
         return r;
     }
-    let data = emu.data();
+    let data = emu.read();
     let (page, per) = paging(&q, data.max_page_size);
-    let rows: Vec<Value> = if fault == Some(Fault::EmptyListing) {
-        vec![]
-    } else {
+    let rendered = emu.rows.get_or_build(|| {
         data.accounts
             .iter()
-            .skip((page - 1) * per)
-            .take(per)
-            .map(|a| account_json(a, false, data.balance_as_string))
+            .map(|a| account_json(a, false, data.balance_as_string).to_string())
             .collect()
+    });
+    let rows: Vec<&str> = if fault == Some(Fault::EmptyListing) {
+        vec![]
+    } else {
+        rendered.iter().skip((page - 1) * per).take(per).map(String::as_str).collect()
     };
-    Json(wrap(rows, data.envelope)).into_response()
+    let list = format!("[{}]", rows.join(","));
+    let body = match data.envelope {
+        Envelope::Bare => list,
+        Envelope::Data => format!("{{\"data\":{list},\"meta\":{{\"total\":null}}}}"),
+        Envelope::Accounts => format!("{{\"accounts\":{list}}}"),
+        Envelope::Items => format!("{{\"items\":{list},\"page\":{page}}}"),
+    };
+    ([("content-type", "application/json")], body).into_response()
 }
 
 fn account_id(file: &str) -> Option<u64> {
@@ -287,7 +304,7 @@ async fn get_account(
     if let Err(r) = authorized(&q) {
         return r;
     }
-    let data = emu.data();
+    let data = emu.read();
     match account_id(&file).and_then(|id| data.find(id)) {
         Some(a) => Json(account_json(a, true, data.balance_as_string)).into_response(),
         None => (StatusCode::NOT_FOUND, Json(json!({"error": "Not found"}))).into_response(),
@@ -354,7 +371,7 @@ async fn list_payments(
     if let Err(r) = authorized(&q) {
         return r;
     }
-    let data = emu.data();
+    let data = emu.read();
     let (page, per) = paging(&q, data.max_page_size);
     let since = q.get("filters[updated_at]").cloned().unwrap_or_default();
     let rows: Vec<Value> = if fault == Some(Fault::EmptyListing) {

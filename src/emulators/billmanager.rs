@@ -55,7 +55,8 @@ pub struct BmData {
 }
 
 pub struct BmEmulator {
-    pub data: Mutex<BmData>,
+    data: Mutex<BmData>,
+    rows: super::RowCache,
     pub faults: Faults,
     calls: Mutex<HashMap<String, u64>>,
     next_session: AtomicU64,
@@ -81,6 +82,7 @@ impl BmEmulator {
                 max_page_size: 1000,
                 sessions: vec![],
             }),
+            rows: Default::default(),
             faults: Faults::default(),
             calls: Mutex::new(HashMap::new()),
             next_session: AtomicU64::new(1),
@@ -94,7 +96,14 @@ impl BmEmulator {
         Server::start(router).await
     }
 
+    /// For handlers that only read: keeps the rendered-row cache.
+    fn read(&self) -> std::sync::MutexGuard<'_, BmData> {
+        self.data.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The data, for reading or changing; drops the rendered-row cache.
     pub fn data(&self) -> std::sync::MutexGuard<'_, BmData> {
+        self.rows.invalidate();
         self.data.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -246,12 +255,12 @@ async fn handle(
             "sess{:08}",
             emu.next_session.fetch_add(1, Ordering::Relaxed)
         );
-        emu.data().sessions.push(sid.clone());
+        emu.read().sessions.push(sid.clone());
         return doc(json!({"auth": {"$id": sid, "$": sid}}));
     }
     let authed = match (params.get("authinfo"), params.get("auth")) {
         (Some(info), _) => info == &format!("{USER}:{PASSWORD}"),
-        (None, Some(sid)) => emu.data().sessions.contains(sid),
+        (None, Some(sid)) => emu.read().sessions.contains(sid),
         _ => false,
     };
     if !authed {
@@ -260,12 +269,15 @@ async fn handle(
     let empty = fault == Some(Fault::EmptyListing);
     match func.as_str() {
         "account" => {
-            let data = emu.data();
-            let accounts: &[BmAccount] = if empty { &[] } else { &data.accounts };
-            page(accounts, &params, data.max_page_size, account_row)
+            let data = emu.read();
+            let rows = emu
+                .rows
+                .get_or_build(|| data.accounts.iter().map(|a| account_row(a).to_string()).collect());
+            let rows: &[String] = if empty { &[] } else { &rows };
+            rendered_page(rows, &params, data.max_page_size)
         }
         "account.edit" => {
-            let data = emu.data();
+            let data = emu.read();
             let id = params.get("elid").and_then(|e| e.parse::<u64>().ok());
             match id.and_then(|id| data.find(id)) {
                 None => error("missed", "Account not found"),
@@ -282,7 +294,7 @@ async fn handle(
             }
         }
         "subaccount" => {
-            let data = emu.data();
+            let data = emu.read();
             let id = params
                 .get("elid")
                 .or_else(|| params.get("plid"))
@@ -304,7 +316,7 @@ async fn handle(
             }
         }
         "payment" => {
-            let data = emu.data();
+            let data = emu.read();
             let start = params.get("createdatestart").cloned().unwrap_or_default();
             let end = params
                 .get("createdateend")
@@ -364,16 +376,8 @@ fn account_row(a: &BmAccount) -> Value {
     row
 }
 
-/// Pages like BILLmanager: `p_cnt` capped by the server, and a `p_num` past
-/// the end clamped to the last page. One row comes as an object, none as an
-/// absent `elem`. Only the page's rows are rendered.
-fn page<T>(
-    rows: &[T],
-    params: &HashMap<String, String>,
-    cap: usize,
-    render: impl Fn(&T) -> Value,
-) -> Response {
-    let total = rows.len();
+/// `(p_cnt, p_num)` as BILLmanager applies them: capped and clamped.
+fn window(total: usize, params: &HashMap<String, String>, cap: usize) -> (usize, usize) {
     let cnt = params
         .get("p_cnt")
         .and_then(|c| c.parse::<usize>().ok())
@@ -385,6 +389,32 @@ fn page<T>(
         .and_then(|n| n.parse::<usize>().ok())
         .unwrap_or(1)
         .clamp(1, last_page);
+    (cnt, num)
+}
+
+/// `page` over rows already rendered as JSON text.
+fn rendered_page(rows: &[String], params: &HashMap<String, String>, cap: usize) -> Response {
+    let total = rows.len();
+    let (cnt, num) = window(total, params, cap);
+    let start = ((num - 1) * cnt).min(total);
+    let slice = &rows[start..(start + cnt).min(total)];
+    let elem = match slice.len() {
+        0 => String::new(),
+        1 => format!("\"elem\":{},", slice[0]),
+        _ => format!("\"elem\":[{}],", slice.join(",")),
+    };
+    let body = format!(
+        "{{\"doc\":{{{elem}\"p_elems\":{{\"$\":\"{total}\"}},\"p_num\":{{\"$\":\"{num}\"}},\"p_cnt\":{{\"$\":\"{cnt}\"}}}}}}"
+    );
+    ([("content-type", "application/json")], body).into_response()
+}
+
+/// Pages like BILLmanager: `p_cnt` capped by the server, and a `p_num` past
+/// the end clamped to the last page. One row comes as an object, none as an
+/// absent `elem`. Only the page's rows are rendered.
+fn page<T>(rows: &[T], params: &HashMap<String, String>, cap: usize, render: impl Fn(&T) -> Value) -> Response {
+    let total = rows.len();
+    let (cnt, num) = window(total, params, cap);
     let slice: Vec<Value> = rows
         .iter()
         .skip((num - 1) * cnt)

@@ -93,3 +93,20 @@ impl Seq {
         self.next_u64() % n.max(1)
     }
 }
+
+/// Rendered JSON rows of a large listing, kept between requests so a
+/// benchmark measures billsync, not the emulator's JSON encoder. Emptied by
+/// every `data()` access, through which tests change the data.
+#[derive(Default)]
+pub struct RowCache(std::sync::Mutex<Option<std::sync::Arc<Vec<String>>>>);
+
+impl RowCache {
+    pub fn invalidate(&self) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    pub fn get_or_build(&self, build: impl FnOnce() -> Vec<String>) -> std::sync::Arc<Vec<String>> {
+        let mut g = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        g.get_or_insert_with(|| std::sync::Arc::new(build())).clone()
+    }
+}

@@ -216,7 +216,38 @@ impl Engine {
             .read_all(store, full, started, opts.progress.as_ref())
             .await?;
         let desired = desired::build(&self.core, &inputs, started);
-        let applied = store.load_applied().await?;
+        drop(inputs);
+        // Only logins whose desired hash differs from the applied one (or
+        // that nobody desires any more) need their applied state and a plan.
+        let hashes = store.applied_hashes().await?;
+        let known_users = hashes.len();
+        let need: Option<HashSet<String>> = if full {
+            None
+        } else {
+            let written = if self.core.writeback_attribute.is_some() {
+                store.load_applied_subset(Some(&HashSet::new())).await?.written
+            } else {
+                Default::default()
+            };
+            let mut need: HashSet<String> = desired
+                .users
+                .iter()
+                .filter(|(login, d)| {
+                    hashes.get(*login) != Some(&d.hash)
+                        || requests.resync_logins.contains(*login)
+                        || self.core.writeback_attribute.is_some()
+                            && d.owner.source == SourceKind::Activeplatform
+                            && written.get(&d.owner) != Some(*login)
+                })
+                .map(|(login, _)| login.clone())
+                .collect();
+            need.extend(hashes.keys().filter(|l| !desired.users.contains_key(*l)).cloned());
+            Some(need)
+        };
+        drop(hashes);
+        let applied = store.load_applied_subset(need.as_ref()).await?;
+        let planned = need.as_ref().map(|n| desired.subset(n));
+        let plan_desired = planned.as_ref().unwrap_or(&desired);
 
         // Quarantined logins wait until their desired user changes.
         let mut skip: HashSet<String> = HashSet::new();
@@ -225,7 +256,7 @@ impl Engine {
                 continue;
             }
             match desired.users.get(&q.key) {
-                Some(d) if state_hash(&d.state) == q.hash => {
+                Some(d) if d.hash == q.hash => {
                     skip.insert(q.key);
                 }
                 _ => {
@@ -250,11 +281,11 @@ impl Engine {
             full_logins: requests.resync_logins.clone(),
             skip: skip.clone(),
         };
-        let mut the_plan = plan::plan(&self.core, &desired, &applied, &plan_opts);
+        let mut the_plan = plan::plan(&self.core, plan_desired, &applied, &plan_opts);
         let limit = plan::threshold(
             self.settings.safety.max_deprovision,
             self.settings.safety.max_deprovision_ratio,
-            applied.users.len(),
+            known_users,
         );
         plan::apply_safety(&self.core, &mut the_plan, &applied, limit, approved);
         if !the_plan.held.is_empty() {

@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use backon::{ExponentialBuilder, Retryable};
 use chrono::NaiveDate;
-use sha2::{Digest, Sha256};
 
 use crate::config::Settings;
 use crate::core::model::{RawAccount, RawPayment, SourceKind};
@@ -66,8 +65,7 @@ pub struct PaymentListing {
 }
 
 pub fn hash_raw(raw: &impl serde::Serialize) -> String {
-    let bytes = serde_json::to_vec(raw).unwrap_or_default();
-    hex::encode(&Sha256::digest(&bytes)[..16])
+    crate::core::model::content_hash(raw)
 }
 
 /// Whether the store lacks this `(id, row_hash)`: then the row's JSON is kept.

@@ -25,7 +25,7 @@ fn state(text: &str) -> Result<UserState> {
 }
 
 pub fn state_hash(s: &UserState) -> String {
-    crate::sources::hash_raw(s)
+    crate::core::model::content_hash(s)
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -62,19 +62,41 @@ pub struct AuditRow {
 
 impl Store {
     pub async fn load_applied(&self) -> Result<Applied> {
+        self.load_applied_subset(None).await
+    }
+
+    /// Applied hashes by login: enough to tell which logins need planning.
+    pub async fn applied_hashes(&self) -> Result<HashMap<String, String>> {
+        use futures::TryStreamExt;
+        let mut out = HashMap::new();
+        let mut rows = sqlx::query("SELECT login, hash FROM applied_users").fetch(&self.pool);
+        while let Some(r) = rows.try_next().await? {
+            out.insert(r.get(0), r.get(1));
+        }
+        Ok(out)
+    }
+
+    /// The applied state of `logins` (all when None), with the whole tree
+    /// and write-back record. Rows are streamed and only the wanted decoded.
+    pub async fn load_applied_subset(&self, logins: Option<&HashSet<String>>) -> Result<Applied> {
+        use futures::TryStreamExt;
         let mut out = Applied::default();
-        let rows = sqlx::query("SELECT login, source, account_id, state_json FROM applied_users")
-            .fetch_all(&self.pool)
-            .await?;
-        for r in rows {
+        let mut rows = sqlx::query("SELECT login, source, account_id, state_json FROM applied_users")
+            .fetch(&self.pool);
+        while let Some(r) = rows.try_next().await? {
+            let login: String = r.get(0);
+            if logins.is_some_and(|l| !l.contains(&login)) {
+                continue;
+            }
             out.users.insert(
-                r.get(0),
+                login,
                 AppliedUser {
                     owner: key(&r.get::<String, _>(1), r.get(2))?,
                     state: state(&r.get::<String, _>(3))?,
                 },
             );
         }
+        drop(rows);
         for r in sqlx::query("SELECT external_id, name FROM applied_tree")
             .fetch_all(&self.pool)
             .await?
@@ -94,16 +116,17 @@ impl Store {
     /// One 2xx, recorded at once in its own transaction.
     pub async fn record_applied(&self, login: &str, user: &AppliedUser) -> Result<()> {
         sqlx::query(
-            "INSERT INTO applied_users (login, source, account_id, state_json, applied_at)
-             VALUES (?1, ?2, ?3, ?4, ?5)
+            "INSERT INTO applied_users (login, source, account_id, state_json, hash, applied_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)
              ON CONFLICT (login) DO UPDATE SET source = excluded.source,
                 account_id = excluded.account_id, state_json = excluded.state_json,
-                applied_at = excluded.applied_at",
+                hash = excluded.hash, applied_at = excluded.applied_at",
         )
         .bind(login)
         .bind(user.owner.source.as_str())
         .bind(&user.owner.id)
         .bind(serde_json::to_string(&user.state).unwrap_or_default())
+        .bind(state_hash(&user.state))
         .bind(ts(Utc::now()))
         .execute(&self.pool)
         .await?;
@@ -163,8 +186,8 @@ impl Store {
             .collect();
         let mut tx = self.pool.begin().await?;
         for (login, d) in &desired.users {
-            let hash = state_hash(&d.state);
-            if known.get(login) == Some(&hash) {
+            let hash = &d.hash;
+            if known.get(login) == Some(hash) {
                 continue;
             }
             sqlx::query(
