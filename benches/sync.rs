@@ -14,7 +14,10 @@ use billsync::engine::{CycleOptions, Engine};
 
 /// `BILLSYNC_BENCH_LATENCY_MS` overrides, for profiling the no-op cycle.
 fn latency_ms() -> u64 {
-    std::env::var("BILLSYNC_BENCH_LATENCY_MS").ok().and_then(|v| v.parse().ok()).unwrap_or(10)
+    std::env::var("BILLSYNC_BENCH_LATENCY_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10)
 }
 const CONCURRENCY: u32 = 8;
 
@@ -95,6 +98,7 @@ fn bench(n: usize) {
         let out = Command::new(std::env::current_exe().unwrap())
             .args([config.as_str(), if full { "full" } else { "incremental" }])
             .env("BILLSYNC_BENCH_ROLE", "cycle")
+            .stderr(Stdio::inherit())
             .output()
             .unwrap();
         let r: serde_json::Value = serde_json::from_slice(&out.stdout)
@@ -128,7 +132,7 @@ async fn emulators(n: usize) {
     let lab = Lab::start(n / 2, n - n / 2).await.unwrap();
     lab.vms
         .faults
-        .set_latency(Duration::from_millis(LATENCY_MS));
+        .set_latency(Duration::from_millis(latency_ms()));
     lab.vms.data().record_events = false;
     let extra = "[vms.tree]\nenabled = false\n";
     lab.settings(extra, &[]).unwrap();
@@ -174,6 +178,7 @@ async fn emulators(n: usize) {
 }
 
 async fn cycle(config: &str, full: bool) {
+    billsync::telemetry::init(billsync::config::LogFormat::Pretty, "warn");
     let (settings, _) = billsync::config::load(std::path::Path::new(config), &[]).unwrap();
     let engine = Engine::new(settings).await.unwrap();
     // When the push phase starts and ends, from the engine's progress events.

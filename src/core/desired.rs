@@ -222,13 +222,13 @@ fn desired_user(
         _ => cfg.status_blocked.clone(),
     };
     let state = UserState {
-            user_type: cfg.user_type.clone(),
-            status: vms_status,
-            billing_id: account.billing_id.clone(),
-            properties,
-            permissions,
-            gone: status == CanonicalStatus::Deleted,
-        };
+        user_type: cfg.user_type.clone(),
+        status: vms_status,
+        billing_id: account.billing_id.clone(),
+        properties,
+        permissions,
+        gone: status == CanonicalStatus::Deleted,
+    };
     DesiredUser {
         login: account.login.clone(),
         owner: account.key.clone(),

@@ -276,7 +276,12 @@ async fn list_accounts(
     let rows: Vec<&str> = if fault == Some(Fault::EmptyListing) {
         vec![]
     } else {
-        rendered.iter().skip((page - 1) * per).take(per).map(String::as_str).collect()
+        rendered
+            .iter()
+            .skip((page - 1) * per)
+            .take(per)
+            .map(String::as_str)
+            .collect()
     };
     let list = format!("[{}]", rows.join(","));
     let body = match data.envelope {

@@ -270,9 +270,12 @@ async fn handle(
     match func.as_str() {
         "account" => {
             let data = emu.read();
-            let rows = emu
-                .rows
-                .get_or_build(|| data.accounts.iter().map(|a| account_row(a).to_string()).collect());
+            let rows = emu.rows.get_or_build(|| {
+                data.accounts
+                    .iter()
+                    .map(|a| account_row(a).to_string())
+                    .collect()
+            });
             let rows: &[String] = if empty { &[] } else { &rows };
             rendered_page(rows, &params, data.max_page_size)
         }
@@ -412,7 +415,12 @@ fn rendered_page(rows: &[String], params: &HashMap<String, String>, cap: usize) 
 /// Pages like BILLmanager: `p_cnt` capped by the server, and a `p_num` past
 /// the end clamped to the last page. One row comes as an object, none as an
 /// absent `elem`. Only the page's rows are rendered.
-fn page<T>(rows: &[T], params: &HashMap<String, String>, cap: usize, render: impl Fn(&T) -> Value) -> Response {
+fn page<T>(
+    rows: &[T],
+    params: &HashMap<String, String>,
+    cap: usize,
+    render: impl Fn(&T) -> Value,
+) -> Response {
     let total = rows.len();
     let (cnt, num) = window(total, params, cap);
     let slice: Vec<Value> = rows

@@ -107,6 +107,7 @@ impl RowCache {
 
     pub fn get_or_build(&self, build: impl FnOnce() -> Vec<String>) -> std::sync::Arc<Vec<String>> {
         let mut g = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        g.get_or_insert_with(|| std::sync::Arc::new(build())).clone()
+        g.get_or_insert_with(|| std::sync::Arc::new(build()))
+            .clone()
     }
 }

@@ -215,8 +215,14 @@ impl Engine {
         let (inputs, sources, invalid) = self
             .read_all(store, full, started, opts.progress.as_ref())
             .await?;
+        tracing::debug!(ms = clock.elapsed().as_millis() as u64, "sources read");
         let desired = desired::build(&self.core, &inputs, started);
         drop(inputs);
+        tracing::debug!(
+            ms = clock.elapsed().as_millis() as u64,
+            users = desired.users.len(),
+            "desired state built"
+        );
         // Only logins whose desired hash differs from the applied one (or
         // that nobody desires any more) need their applied state and a plan.
         let hashes = store.applied_hashes().await?;
@@ -225,7 +231,10 @@ impl Engine {
             None
         } else {
             let written = if self.core.writeback_attribute.is_some() {
-                store.load_applied_subset(Some(&HashSet::new())).await?.written
+                store
+                    .load_applied_subset(Some(&HashSet::new()))
+                    .await?
+                    .written
             } else {
                 Default::default()
             };
@@ -241,7 +250,12 @@ impl Engine {
                 })
                 .map(|(login, _)| login.clone())
                 .collect();
-            need.extend(hashes.keys().filter(|l| !desired.users.contains_key(*l)).cloned());
+            need.extend(
+                hashes
+                    .keys()
+                    .filter(|l| !desired.users.contains_key(*l))
+                    .cloned(),
+            );
             Some(need)
         };
         drop(hashes);
@@ -281,6 +295,11 @@ impl Engine {
             full_logins: requests.resync_logins.clone(),
             skip: skip.clone(),
         };
+        tracing::debug!(
+            ms = clock.elapsed().as_millis() as u64,
+            planned_logins = plan_desired.users.len(),
+            "applied state loaded"
+        );
         let mut the_plan = plan::plan(&self.core, plan_desired, &applied, &plan_opts);
         let limit = plan::threshold(
             self.settings.safety.max_deprovision,
@@ -299,6 +318,11 @@ impl Engine {
             .persist_plan(cycle_id, &desired, &the_plan, &self.core.status_blocked)
             .await?;
 
+        tracing::debug!(
+            ms = clock.elapsed().as_millis() as u64,
+            ops = the_plan.ops.len(),
+            "plan persisted"
+        );
         let mut report = CycleReport::new(
             kind,
             opts.dry_run,

@@ -81,8 +81,9 @@ impl Store {
     pub async fn load_applied_subset(&self, logins: Option<&HashSet<String>>) -> Result<Applied> {
         use futures::TryStreamExt;
         let mut out = Applied::default();
-        let mut rows = sqlx::query("SELECT login, source, account_id, state_json FROM applied_users")
-            .fetch(&self.pool);
+        let mut rows =
+            sqlx::query("SELECT login, source, account_id, state_json FROM applied_users")
+                .fetch(&self.pool);
         while let Some(r) = rows.try_next().await? {
             let login: String = r.get(0);
             if logins.is_some_and(|l| !l.contains(&login)) {
