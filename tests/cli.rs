@@ -283,3 +283,52 @@ async fn kill_9_mid_cycle_loses_nothing_and_creates_once() {
     assert_eq!(v["operations"]["create"], 0);
     assert_eq!(v["operations"]["update"], 0);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_example_config_is_valid_with_credentials() {
+    let dir = tempfile::tempdir().unwrap();
+    let creds = dir.path().join("creds");
+    std::fs::create_dir(&creds).unwrap();
+    for (name, value) in [
+        ("billmanager_password", "bm-secret-value\n"),
+        ("activeplatform_api_token", "ap-secret-value\n"),
+        ("admin_token", "admin-secret-value\n"),
+    ] {
+        std::fs::write(creds.join(name), value).unwrap();
+    }
+    let example =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/billsync.toml"))
+            .unwrap();
+    let state = dir.path().join("state.db");
+    let config = dir.path().join("billsync.toml");
+    std::fs::write(
+        &config,
+        example.replace("/var/lib/billsync/state.db", &state.display().to_string()),
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .arg("--config")
+        .arg(&config)
+        .arg("check-config")
+        .env("CREDENTIALS_DIRECTORY", &creds)
+        .output()
+        .unwrap();
+    let all = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{all}");
+    assert!(all.contains("# config OK"), "{all}");
+    assert!(!all.contains("secret-value"), "{all}");
+    // Without the credentials directory the relative secret paths fail, naming the key.
+    let out = Command::new(BIN)
+        .arg("--config")
+        .arg(&config)
+        .arg("check-config")
+        .env_remove("CREDENTIALS_DIRECTORY")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("_file"),
+        "{}",
+        text(&out)
+    );
+}
