@@ -8,24 +8,15 @@ use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
-use billsync::core::model::SourceKind;
+mod common;
+use common::peak_rss_mb;
+
 use billsync::core::normalize::Normalizer;
 use billsync::emulators::activeplatform::{self as ap_emu, ApEmulator};
 use billsync::emulators::billmanager::{self as bm_emu, BmEmulator};
 use billsync::engine::read::{read_source, ReadOptions};
 use billsync::sources::Source;
 use billsync::store::Store;
-
-fn peak_rss_mb() -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|kb| kb.parse::<f64>().ok())
-        .map(|kb| kb / 1024.0)
-        .unwrap_or(f64::NAN)
-}
 
 fn main() {
     let args: Vec<String> = std::env::args()
@@ -94,17 +85,7 @@ async fn run(n: usize, bm_url: &str, ap_url: &str) {
     println!("|---|---|---:|---:|---:|---:|");
     for source in Source::from_settings(&settings).unwrap() {
         let kind = source.kind();
-        let (l, b, m) = match kind {
-            SourceKind::Billmanager => {
-                let c = settings.bm().unwrap();
-                (&c.login_template, &c.billing_id_template, &c.status_map)
-            }
-            SourceKind::Activeplatform => {
-                let c = settings.ap().unwrap();
-                (&c.login_template, &c.billing_id_template, &c.status_map)
-            }
-        };
-        let normalizer = Normalizer::new(kind, l, b, m).unwrap();
+        let normalizer = Normalizer::from_settings(&settings, kind).unwrap();
         for (label, full) in [("initial", false), ("unchanged", false)] {
             let opts = ReadOptions {
                 full,

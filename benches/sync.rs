@@ -9,6 +9,9 @@ use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
+mod common;
+use common::peak_rss_mb;
+
 use billsync::emulators::lab::Lab;
 use billsync::engine::{CycleOptions, Engine};
 
@@ -20,17 +23,6 @@ fn latency_ms() -> u64 {
         .unwrap_or(10)
 }
 const CONCURRENCY: u32 = 8;
-
-fn peak_rss_mb() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|kb| kb.parse::<f64>().ok())
-        .map(|kb| kb / 1024.0)
-        .unwrap_or(f64::NAN)
-}
 
 fn main() {
     let args: Vec<String> = std::env::args()

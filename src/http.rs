@@ -76,6 +76,16 @@ impl FetchError {
     }
 }
 
+/// A base URL that `join` extends instead of replacing its last segment.
+pub fn base_url(text: &str) -> Result<url::Url, url::ParseError> {
+    let mut base = url::Url::parse(text)?;
+    if !base.path().ends_with('/') {
+        let p = format!("{}/", base.path());
+        base.set_path(&p);
+    }
+    Ok(base)
+}
+
 pub struct ClientOptions<'a> {
     pub timeout: Duration,
     pub ca_file: &'a str,

@@ -114,11 +114,7 @@ impl VmsClient {
             headers,
             pool_size: cfg.concurrency as usize,
         })?;
-        let mut base = Url::parse(&cfg.url)?;
-        if !base.path().ends_with('/') {
-            let p = format!("{}/", base.path());
-            base.set_path(&p);
-        }
+        let base = http::base_url(&cfg.url)?;
         Ok(Self {
             http,
             base,

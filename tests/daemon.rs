@@ -131,19 +131,7 @@ async fn health_metrics_and_authenticated_resync() {
         .text()
         .await
         .unwrap();
-    for name in [
-        "billsync_cycles_total",
-        "billsync_cycle_duration_seconds_bucket",
-        "billsync_last_success_timestamp_seconds",
-        "billsync_source_accounts",
-        "billsync_source_requests_total",
-        "billsync_vms_requests_total",
-        "billsync_operations_total",
-        "billsync_pending_operations",
-        "billsync_quarantined_accounts",
-        "billsync_held_deprovisions",
-        "billsync_invalid_records_total",
-    ] {
+    for name in billsync::telemetry::metrics::SPEC_NAMES {
         assert!(metrics.contains(name), "{name} missing");
     }
     assert!(

@@ -1,19 +1,17 @@
 //! The read side over real loopback HTTP: both readers against their
 //! emulators, every quirk and injected fault, through the state store.
 
-mod common;
-
 use std::time::Duration;
 
 use billsync::core::model::{CanonicalStatus, InvalidCode, SourceKind};
 use billsync::core::normalize::Normalizer;
 use billsync::emulators::activeplatform::Envelope;
+use billsync::emulators::lab::Lab as World;
 use billsync::emulators::Fault;
 use billsync::engine::read::{read_source, ReadOptions, SourceRead};
 use billsync::http::ErrorClass;
 use billsync::sources::Source;
 use billsync::store::Store;
-use common::World;
 use rust_decimal::Decimal;
 
 fn source(settings: &billsync::config::Settings, kind: SourceKind) -> Source {
@@ -25,17 +23,7 @@ fn source(settings: &billsync::config::Settings, kind: SourceKind) -> Source {
 }
 
 fn normalizer(settings: &billsync::config::Settings, kind: SourceKind) -> Normalizer {
-    let (l, b, m) = match kind {
-        SourceKind::Billmanager => {
-            let c = settings.bm().unwrap();
-            (&c.login_template, &c.billing_id_template, &c.status_map)
-        }
-        SourceKind::Activeplatform => {
-            let c = settings.ap().unwrap();
-            (&c.login_template, &c.billing_id_template, &c.status_map)
-        }
-    };
-    Normalizer::new(kind, l, b, m).unwrap()
+    Normalizer::from_settings(settings, kind).unwrap()
 }
 
 fn opts(full: bool) -> ReadOptions {
@@ -48,7 +36,7 @@ fn opts(full: bool) -> ReadOptions {
 }
 
 async fn read(w: &World, store: &Store, kind: SourceKind, full: bool) -> SourceRead {
-    let s = w.settings("");
+    let s = w.settings("", &[]).unwrap();
     read_source(
         store,
         &source(&s, kind),
@@ -63,7 +51,7 @@ async fn read(w: &World, store: &Store, kind: SourceKind, full: bool) -> SourceR
 #[tokio::test]
 async fn billmanager_reads_every_size_completely() {
     for n in [0usize, 1, 100, 101, 2500] {
-        let w = World::new(n, 0).await;
+        let w = World::start(n, 0).await.unwrap();
         let store = Store::open(&w.state_path()).await.unwrap();
         let r = read(&w, &store, SourceKind::Billmanager, false).await;
         assert!(r.complete, "n={n}: {:?}", r.error);
@@ -84,7 +72,7 @@ async fn billmanager_reads_every_size_completely() {
 
 #[tokio::test]
 async fn billmanager_accounts_are_normalized() {
-    let w = World::new(40, 0).await;
+    let w = World::start(40, 0).await.unwrap();
     let store = Store::open(&w.state_path()).await.unwrap();
     let r = read(&w, &store, SourceKind::Billmanager, false).await;
     let by_id = |id: &str| r.accounts.iter().find(|a| a.key.id == id).unwrap().clone();
@@ -112,7 +100,7 @@ async fn billmanager_accounts_are_normalized() {
 
 #[tokio::test]
 async fn billmanager_survives_server_page_cap_and_clamping() {
-    let w = World::new(250, 0).await;
+    let w = World::start(250, 0).await.unwrap();
     // The server caps p_cnt at 30 although we ask for 100, and clamps.
     w.bm.data().max_page_size = 30;
     let store = Store::open(&w.state_path()).await.unwrap();
@@ -125,7 +113,7 @@ async fn billmanager_survives_server_page_cap_and_clamping() {
 
 #[tokio::test]
 async fn incremental_read_fetches_details_only_for_changes() {
-    let w = World::new(300, 0).await;
+    let w = World::start(300, 0).await.unwrap();
     let store = Store::open(&w.state_path()).await.unwrap();
     read(&w, &store, SourceKind::Billmanager, false).await;
     w.bm.reset_calls();
@@ -147,8 +135,8 @@ async fn incremental_read_fetches_details_only_for_changes() {
 
 #[tokio::test]
 async fn billmanager_errors_in_200_are_classified() {
-    let w = World::new(5, 0).await;
-    let s = w.settings("");
+    let w = World::start(5, 0).await.unwrap();
+    let s = w.settings("", &[]).unwrap();
     let src = source(&s, SourceKind::Billmanager);
     w.bm.faults
         .always("account", Fault::ErrorBody("access".into()));
@@ -157,13 +145,15 @@ async fn billmanager_errors_in_200_are_classified() {
     assert!(e.message.contains("(access)"), "{e}");
     w.bm.faults.clear();
     // Wrong password: 200 with an auth error, permanent, and no secret in it.
-    let bad = w.settings_env(
-        "",
-        &[(
-            "BILLSYNC__SOURCES__BILLMANAGER__PASSWORD",
-            "wrong-password-xyz",
-        )],
-    );
+    let bad = w
+        .settings(
+            "",
+            &[(
+                "BILLSYNC__SOURCES__BILLMANAGER__PASSWORD",
+                "wrong-password-xyz",
+            )],
+        )
+        .unwrap();
     let e = source(&bad, SourceKind::Billmanager)
         .list_accounts(&|_| {}, &|_, _| true)
         .await
@@ -180,11 +170,13 @@ async fn billmanager_errors_in_200_are_classified() {
 
 #[tokio::test]
 async fn billmanager_session_auth_relogs_once() {
-    let w = World::new(120, 0).await;
-    let s = w.settings_env(
-        "",
-        &[("BILLSYNC__SOURCES__BILLMANAGER__AUTH_MODE", "session")],
-    );
+    let w = World::start(120, 0).await.unwrap();
+    let s = w
+        .settings(
+            "",
+            &[("BILLSYNC__SOURCES__BILLMANAGER__AUTH_MODE", "session")],
+        )
+        .unwrap();
     let src = source(&s, SourceKind::Billmanager);
     assert_eq!(
         src.list_accounts(&|_| {}, &|_, _| true)
@@ -215,14 +207,16 @@ async fn billmanager_session_auth_relogs_once() {
 
 #[tokio::test]
 async fn transport_faults_are_transient_and_retried() {
-    let w = World::new(150, 150).await;
-    let s = w.settings_env(
-        "",
-        &[
-            ("BILLSYNC__SOURCES__BILLMANAGER__TIMEOUT_SECS", "1"),
-            ("BILLSYNC__SOURCES__ACTIVEPLATFORM__TIMEOUT_SECS", "1"),
-        ],
-    );
+    let w = World::start(150, 150).await.unwrap();
+    let s = w
+        .settings(
+            "",
+            &[
+                ("BILLSYNC__SOURCES__BILLMANAGER__TIMEOUT_SECS", "1"),
+                ("BILLSYNC__SOURCES__ACTIVEPLATFORM__TIMEOUT_SECS", "1"),
+            ],
+        )
+        .unwrap();
     let bm = source(&s, SourceKind::Billmanager);
     let ap = source(&s, SourceKind::Activeplatform);
     // One fault of each kind is absorbed by the in-read retry.
@@ -281,7 +275,7 @@ async fn transport_faults_are_transient_and_retried() {
 
 #[tokio::test]
 async fn failing_or_empty_source_is_incomplete_and_keeps_accounts() {
-    let w = World::new(60, 0).await;
+    let w = World::start(60, 0).await.unwrap();
     let store = Store::open(&w.state_path()).await.unwrap();
     assert!(
         read(&w, &store, SourceKind::Billmanager, false)
@@ -325,7 +319,7 @@ async fn failing_or_empty_source_is_incomplete_and_keeps_accounts() {
 
 #[tokio::test]
 async fn bad_records_are_skipped_and_reported() {
-    let w = World::new(30, 30).await;
+    let w = World::start(30, 30).await.unwrap();
     {
         let mut d = w.bm.data();
         d.accounts[2].status = "42".into(); // unknown raw status
@@ -376,7 +370,7 @@ async fn activeplatform_reads_every_size_and_envelope() {
         (101, Envelope::Items),
         (2500, Envelope::Bare),
     ] {
-        let w = World::new(0, n).await;
+        let w = World::start(0, n).await.unwrap();
         w.ap.data().envelope = envelope;
         let store = Store::open(&w.state_path()).await.unwrap();
         let r = read(&w, &store, SourceKind::Activeplatform, false).await;
@@ -413,15 +407,17 @@ async fn activeplatform_reads_every_size_and_envelope() {
 
 #[tokio::test]
 async fn activeplatform_string_balances_and_auth_errors() {
-    let w = World::new(0, 20).await;
+    let w = World::start(0, 20).await.unwrap();
     w.ap.data().balance_as_string = true;
     let store = Store::open(&w.state_path()).await.unwrap();
     let r = read(&w, &store, SourceKind::Activeplatform, false).await;
     assert_eq!(r.accounts.len(), 20);
-    let bad = w.settings_env(
-        "",
-        &[("BILLSYNC__SOURCES__ACTIVEPLATFORM__API_TOKEN", "nope-nope")],
-    );
+    let bad = w
+        .settings(
+            "",
+            &[("BILLSYNC__SOURCES__ACTIVEPLATFORM__API_TOKEN", "nope-nope")],
+        )
+        .unwrap();
     let e = source(&bad, SourceKind::Activeplatform)
         .list_accounts(&|_| {}, &|_, _| true)
         .await
@@ -433,7 +429,7 @@ async fn activeplatform_string_balances_and_auth_errors() {
 
 #[tokio::test]
 async fn payments_feed_last_paid_and_resolve_by_name() {
-    let w = World::new(10, 10).await;
+    let w = World::start(10, 10).await.unwrap();
     let today = chrono::Utc::now()
         .date_naive()
         .format("%Y-%m-%d")
@@ -469,7 +465,7 @@ async fn payments_feed_last_paid_and_resolve_by_name() {
 
 #[tokio::test]
 async fn detail_failures_are_retried_next_cycle() {
-    let w = World::new(20, 0).await;
+    let w = World::start(20, 0).await.unwrap();
     let store = Store::open(&w.state_path()).await.unwrap();
     w.bm.faults.always("account.edit", Fault::Status(500));
     let r = read(&w, &store, SourceKind::Billmanager, false).await;

@@ -34,11 +34,7 @@ impl ActivePlatformClient {
             headers: Default::default(),
             pool_size: 4,
         })?;
-        let mut base = Url::parse(&cfg.url)?;
-        if !base.path().ends_with('/') {
-            let p = format!("{}/", base.path());
-            base.set_path(&p);
-        }
+        let base = http::base_url(&cfg.url)?;
         Ok(Self {
             http,
             base,

@@ -81,6 +81,27 @@ impl Store {
     pub async fn load_applied_subset(&self, logins: Option<&HashSet<String>>) -> Result<Applied> {
         use futures::TryStreamExt;
         let mut out = Applied::default();
+        // A few logins: by primary key. Many: one pass over the table.
+        if let Some(set) = logins.filter(|s| s.len() <= 2000) {
+            for login in set {
+                let row = sqlx::query(
+                    "SELECT source, account_id, state_json FROM applied_users WHERE login = ?",
+                )
+                .bind(login)
+                .fetch_optional(&self.pool)
+                .await?;
+                if let Some(r) = row {
+                    out.users.insert(
+                        login.clone(),
+                        AppliedUser {
+                            owner: key(&r.get::<String, _>(0), r.get(1))?,
+                            state: state(&r.get::<String, _>(2))?,
+                        },
+                    );
+                }
+            }
+            return self.load_tree_and_written(out).await;
+        }
         let mut rows =
             sqlx::query("SELECT login, source, account_id, state_json FROM applied_users")
                 .fetch(&self.pool);
@@ -98,6 +119,10 @@ impl Store {
             );
         }
         drop(rows);
+        self.load_tree_and_written(out).await
+    }
+
+    async fn load_tree_and_written(&self, mut out: Applied) -> Result<Applied> {
         for r in sqlx::query("SELECT external_id, name FROM applied_tree")
             .fetch_all(&self.pool)
             .await?

@@ -70,6 +70,21 @@ pub struct Metrics {
     pub invalid_records: Family<SourceReason, Counter>,
 }
 
+/// Every metric of SPEC §6 as it appears in the exposition.
+pub const SPEC_NAMES: [&str; 11] = [
+    "billsync_cycles_total",
+    "billsync_cycle_duration_seconds_bucket",
+    "billsync_last_success_timestamp_seconds",
+    "billsync_source_accounts",
+    "billsync_source_requests_total",
+    "billsync_vms_requests_total",
+    "billsync_operations_total",
+    "billsync_pending_operations",
+    "billsync_quarantined_accounts",
+    "billsync_held_deprovisions",
+    "billsync_invalid_records_total",
+];
+
 pub const CYCLE_KINDS: [&str; 2] = ["incremental", "full"];
 pub const CYCLE_RESULTS: [&str; 5] = ["ok", "partial", "held", "failed", "skipped"];
 pub const VMS_OPS: [&str; 5] = ["create", "update", "delete", "tree_create", "tree_update"];
@@ -248,19 +263,7 @@ mod tests {
     #[test]
     fn every_spec_metric_is_exported_from_start() {
         let text = super::get().encode();
-        for name in [
-            "billsync_cycles_total",
-            "billsync_cycle_duration_seconds_bucket",
-            "billsync_last_success_timestamp_seconds",
-            "billsync_source_accounts",
-            "billsync_source_requests_total",
-            "billsync_vms_requests_total",
-            "billsync_operations_total",
-            "billsync_pending_operations",
-            "billsync_quarantined_accounts",
-            "billsync_held_deprovisions",
-            "billsync_invalid_records_total",
-        ] {
+        for name in super::SPEC_NAMES {
             assert!(text.contains(name), "{name} missing from:\n{text}");
         }
         assert!(text.contains(r#"billsync_cycles_total{kind="full",result="skipped"} 0"#));
