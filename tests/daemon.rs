@@ -353,7 +353,7 @@ async fn sigterm_mid_cycle_exits_0_with_a_consistent_store() {
             .get(login)
             .unwrap_or_else(|| panic!("{login} applied but not on the VMS"));
         assert_eq!(u.status, a.state.status);
-        for p in &a.state.permissions {
+        for p in a.state.permissions.iter() {
             assert!(u.permissions.contains(p), "{login}: {p}");
         }
     }

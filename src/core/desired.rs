@@ -4,6 +4,8 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
+use std::sync::Arc;
+
 use chrono::{DateTime, Utc};
 
 use super::model::{Account, AccountKey, CanonicalStatus, SourceKind, UserState};
@@ -88,7 +90,8 @@ pub struct DesiredUser {
     pub state: UserState,
     /// `content_hash(state)`: equal to the applied hash means nothing to do.
     pub hash: String,
-    pub rules: Vec<String>,
+    /// Names of the matching rules (shared, like the permission sets).
+    pub rules: Arc<Vec<String>>,
     /// The account's current write-back attribute value, if it has one.
     pub writeback_seen: Option<String>,
 }
@@ -110,9 +113,6 @@ pub struct Desired {
     pub protected: HashSet<AccountKey>,
 }
 
-/// (deleted?, source priority, user, tree element): sorted, the first wins.
-type Candidate = (usize, usize, DesiredUser, Option<(String, String)>);
-
 /// Builds the desired state from every source's accounts.
 pub fn build(
     cfg: &CoreConfig,
@@ -120,9 +120,41 @@ pub fn build(
     now: DateTime<Utc>,
 ) -> Desired {
     let mut out = Desired::default();
-    // Candidates per login: (rank, key, user). Lower rank wins: live accounts
-    // before deleted ones, then source priority, then account id.
-    let mut candidates: BTreeMap<String, Vec<Candidate>> = BTreeMap::new();
+    let effective = |input: &SourceInput, account: &Account| {
+        let missing = input.missing.get(&account.key.id).copied().unwrap_or(0);
+        if input.complete && missing > 0 && missing >= cfg.missing_grace_cycles {
+            CanonicalStatus::Deleted
+        } else {
+            account.status
+        }
+    };
+    let prio = |kind: &SourceKind| {
+        cfg.priority
+            .iter()
+            .position(|p| p == kind)
+            .unwrap_or(usize::MAX)
+    };
+    // Pass 1: the owner of each login. Lower rank wins: live accounts before
+    // deleted ones, then source priority, then account id. Only borrowed
+    // strings here, so 100k accounts cost no copies.
+    type Rank<'a> = (bool, usize, &'a str);
+    let mut owner: HashMap<&str, (Rank<'_>, SourceKind, usize)> = HashMap::new();
+    for (kind, input) in inputs {
+        for (i, account) in input.accounts.iter().enumerate() {
+            let dead = effective(input, account) == CanonicalStatus::Deleted;
+            let rank = (dead, prio(kind), account.key.id.as_str());
+            owner
+                .entry(account.login.as_str())
+                .and_modify(|best| {
+                    if rank < best.0 {
+                        *best = (rank, *kind, i);
+                    }
+                })
+                .or_insert((rank, *kind, i));
+        }
+    }
+    // Pass 2: desired users for the owners; everyone else is a conflict.
+    let mut shared = Shared::default();
     for (kind, input) in inputs {
         if !input.complete {
             out.incomplete.insert(*kind);
@@ -133,60 +165,54 @@ pub fn build(
                 id: id.clone(),
             });
         }
-        let prio = cfg
-            .priority
-            .iter()
-            .position(|p| p == kind)
-            .unwrap_or(usize::MAX);
         let ctx = RuleContext {
             last_paid: &input.last_paid,
             now,
         };
-        for account in &input.accounts {
-            let missing = input.missing.get(&account.key.id).copied().unwrap_or(0);
-            let gone_by_absence =
-                input.complete && missing > 0 && missing >= cfg.missing_grace_cycles;
-            let status = if gone_by_absence {
-                CanonicalStatus::Deleted
-            } else {
-                account.status
+        for (i, account) in input.accounts.iter().enumerate() {
+            let Some(&(_, wkind, wi)) = owner.get(account.login.as_str()) else {
+                continue;
             };
-            let user = desired_user(cfg, account, status, &ctx);
-            let tree = (status != CanonicalStatus::Deleted && cfg.tree_type.is_some()).then(|| {
-                (
+            if (wkind, wi) != (*kind, i) {
+                out.conflicts.push(Conflict {
+                    login: account.login.clone(),
+                    winner: inputs[&wkind].accounts[wi].key.clone(),
+                    loser: account.key.clone(),
+                });
+                continue;
+            }
+            let status = effective(input, account);
+            if status != CanonicalStatus::Deleted && cfg.tree_type.is_some() {
+                out.tree.insert(
                     account.billing_id.clone(),
                     account
                         .name
                         .clone()
                         .unwrap_or_else(|| account.login.clone()),
-                )
-            });
-            let live = usize::from(status == CanonicalStatus::Deleted);
-            candidates
-                .entry(account.login.clone())
-                .or_default()
-                .push((live, prio, user, tree));
+                );
+            }
+            out.users.insert(
+                account.login.clone(),
+                desired_user(cfg, account, status, &ctx, &mut shared),
+            );
         }
     }
-    for (login, mut list) in candidates {
-        list.sort_by(|a, b| (a.0, a.1, &a.2.owner.id).cmp(&(b.0, b.1, &b.2.owner.id)));
-        let mut iter = list.into_iter();
-        let Some((_, _, winner, tree)) = iter.next() else {
-            continue;
-        };
-        for (_, _, loser, _) in iter {
-            out.conflicts.push(Conflict {
-                login: login.clone(),
-                winner: winner.owner.clone(),
-                loser: loser.owner,
-            });
-        }
-        if let Some((ext, name)) = tree {
-            out.tree.insert(ext, name);
-        }
-        out.users.insert(login, winner);
-    }
+    out.conflicts
+        .sort_by(|a, b| (&a.login, &a.loser).cmp(&(&b.login, &b.loser)));
     out
+}
+
+/// Interned permission sets and rule lists: one allocation per distinct value.
+#[derive(Default)]
+struct Shared {
+    permissions: HashMap<BTreeSet<String>, Arc<BTreeSet<String>>>,
+    rules: HashMap<Vec<String>, Arc<Vec<String>>>,
+}
+
+fn intern<T: std::hash::Hash + Eq + Clone>(map: &mut HashMap<T, Arc<T>>, value: T) -> Arc<T> {
+    map.entry(value.clone())
+        .or_insert_with(|| Arc::new(value))
+        .clone()
 }
 
 fn desired_user(
@@ -194,15 +220,17 @@ fn desired_user(
     account: &Account,
     status: CanonicalStatus,
     ctx: &RuleContext<'_>,
+    shared: &mut Shared,
 ) -> DesiredUser {
-    let mut effective = account.clone();
-    effective.status = status;
+    // `status` is the account's own, or Deleted: rules only see active ones.
     let (permissions, matched) = if status == CanonicalStatus::Active {
-        let (p, m) = rules::grants(&cfg.rules, &cfg.managed, &effective, ctx);
+        let (p, m) = rules::grants(&cfg.rules, &cfg.managed, account, ctx);
         (p, m.into_iter().map(String::from).collect())
     } else {
         (BTreeSet::new(), vec![])
     };
+    let permissions = intern(&mut shared.permissions, permissions);
+    let matched = intern(&mut shared.rules, matched);
     let mut properties: Vec<(String, String)> = cfg
         .properties
         .iter()

@@ -222,7 +222,8 @@ pub struct UserState {
     pub billing_id: String,
     /// `(type, value)` pairs, sorted by type.
     pub properties: Vec<(String, String)>,
-    pub permissions: std::collections::BTreeSet<String>,
+    /// Shared: 100k users hold a handful of distinct sets.
+    pub permissions: std::sync::Arc<std::collections::BTreeSet<String>>,
     /// The source account is deleted (blocked, or removed with on_deleted = delete).
     #[serde(default)]
     pub gone: bool,

@@ -129,7 +129,7 @@ fn deprovisioned(cfg: &CoreConfig, applied: &UserState) -> Option<UserState> {
         OnDeleted::Delete => None,
         OnDeleted::Block => Some(UserState {
             status: cfg.status_blocked.clone(),
-            permissions: BTreeSet::new(),
+            permissions: Default::default(),
             gone: true,
             ..applied.clone()
         }),
@@ -173,7 +173,7 @@ fn update_op(
     let deprovision = blocks || !detach.is_empty();
     let (attach, detach) = if full {
         (
-            target.permissions.clone(),
+            (*target.permissions).clone(),
             cfg.managed
                 .iter()
                 .filter(|p| !target.permissions.contains(*p))
@@ -346,7 +346,8 @@ pub fn apply_safety(
             let mut safe = op.target.clone();
             safe.status = a.state.status.clone();
             safe.gone = a.state.gone;
-            safe.permissions = a.state.permissions.union(attach).cloned().collect();
+            safe.permissions =
+                std::sync::Arc::new(a.state.permissions.union(attach).cloned().collect());
             if let Some(rest) = update_op(cfg, &op.login, &op.owner, &a.state, &safe, false) {
                 debug_assert!(!rest.deprovision);
                 plan.ops.push(rest);
@@ -537,7 +538,7 @@ mod tests {
             let mut a = Applied::default();
             for (login, du) in &d.users {
                 let mut st = du.state.clone();
-                st.permissions.insert(extra.clone());
+                std::sync::Arc::make_mut(&mut st.permissions).insert(extra.clone());
                 a.users.insert(login.clone(), AppliedUser { owner: du.owner.clone(), state: st });
             }
             for full in [false, true] {

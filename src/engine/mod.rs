@@ -215,11 +215,11 @@ impl Engine {
         let (inputs, sources, invalid) = self
             .read_all(store, full, started, opts.progress.as_ref())
             .await?;
-        tracing::debug!(ms = clock.elapsed().as_millis() as u64, "sources read");
+        tracing::debug!(ms = clock.elapsed().as_millis() as u64, rss_mb = ?crate::telemetry::rss_mb(), "sources read");
         let desired = desired::build(&self.core, &inputs, started);
         drop(inputs);
         tracing::debug!(
-            ms = clock.elapsed().as_millis() as u64,
+            ms = clock.elapsed().as_millis() as u64, rss_mb = ?crate::telemetry::rss_mb(),
             users = desired.users.len(),
             "desired state built"
         );
@@ -296,7 +296,7 @@ impl Engine {
             skip: skip.clone(),
         };
         tracing::debug!(
-            ms = clock.elapsed().as_millis() as u64,
+            ms = clock.elapsed().as_millis() as u64, rss_mb = ?crate::telemetry::rss_mb(),
             planned_logins = plan_desired.users.len(),
             "applied state loaded"
         );
@@ -319,7 +319,7 @@ impl Engine {
             .await?;
 
         tracing::debug!(
-            ms = clock.elapsed().as_millis() as u64,
+            ms = clock.elapsed().as_millis() as u64, rss_mb = ?crate::telemetry::rss_mb(),
             ops = the_plan.ops.len(),
             "plan persisted"
         );
@@ -412,7 +412,7 @@ impl Engine {
             pending = report.pending,
             quarantined = report.quarantined,
             held = report.held,
-            ms = clock.elapsed().as_millis() as u64,
+            ms = clock.elapsed().as_millis() as u64, rss_mb = ?crate::telemetry::rss_mb(),
             "cycle finished"
         );
         Ok(report)

@@ -217,7 +217,7 @@ impl<'a> Pusher<'a> {
         {
             Ok(()) => {
                 let mut bare = t.clone();
-                bare.permissions.clear();
+                bare.permissions = Default::default();
                 self.record(op, &bare).await.map_err(store_err)?;
                 if !t.permissions.is_empty() {
                     let none = BTreeSet::new();

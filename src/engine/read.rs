@@ -93,7 +93,7 @@ pub async fn read_source(
         Err(error) => return incomplete(store, kind, normalizer, out, error).await,
     };
     out.listed = listing.accounts.len();
-    tracing::debug!(source = %kind, ms = t0.elapsed().as_millis() as u64, "listed");
+    tracing::debug!(source = %kind, ms = t0.elapsed().as_millis() as u64, rss_mb = ?crate::telemetry::rss_mb(), "listed");
     out.invalid
         .extend(bad_rows(std::mem::take(&mut listing.bad), "account"));
 
@@ -217,7 +217,7 @@ pub async fn read_source(
     store.save_details(kind, &fetched, opts.now).await?;
     store.save_payments(&to_save, opts.now).await?;
 
-    tracing::debug!(source = %kind, ms = t0.elapsed().as_millis() as u64, "saved");
+    tracing::debug!(source = %kind, ms = t0.elapsed().as_millis() as u64, rss_mb = ?crate::telemetry::rss_mb(), "saved");
     drop(listing);
     drop(index);
     // Normalize from the store, one row at a time: list rows merged with
@@ -259,7 +259,7 @@ pub async fn read_source(
             }
         })
         .await?;
-    tracing::debug!(source = %kind, ms = t0.elapsed().as_millis() as u64, "normalized");
+    tracing::debug!(source = %kind, ms = t0.elapsed().as_millis() as u64, rss_mb = ?crate::telemetry::rss_mb(), "normalized");
     out.last_paid = store.last_paid(kind).await?;
     out.complete = true;
     finish(store, kind, &mut out).await?;

@@ -10,6 +10,22 @@ use tracing_subscriber::EnvFilter;
 
 use crate::config::LogFormat;
 
+/// Resident and peak resident memory in MB (Linux; 0 elsewhere), for the
+/// debug-level phase logs.
+pub fn rss_mb() -> (u64, u64) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|kb| kb.parse::<u64>().ok())
+            .map(|kb| kb / 1024)
+            .unwrap_or(0)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
 /// Installs the global subscriber. `RUST_LOG` wins over `level`.
 pub fn init(format: LogFormat, level: &str) {
     let filter = EnvFilter::try_from_default_env()
