@@ -120,7 +120,7 @@ async fn explain(
             protected: Default::default(),
         },
     );
-    let d = desired::build(&core, &inputs, Utc::now());
+    let d = desired::build(&core, inputs, Utc::now());
     let login = account.login.clone();
     let du = d.users.get(&login);
     doc["rules_matched"] = json!(du.map(|u| u.rules.clone()).unwrap_or_default());

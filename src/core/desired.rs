@@ -116,7 +116,7 @@ pub struct Desired {
 /// Builds the desired state from every source's accounts.
 pub fn build(
     cfg: &CoreConfig,
-    inputs: &BTreeMap<SourceKind, SourceInput>,
+    mut inputs: BTreeMap<SourceKind, SourceInput>,
     now: DateTime<Utc>,
 ) -> Desired {
     let mut out = Desired::default();
@@ -135,27 +135,49 @@ pub fn build(
             .unwrap_or(usize::MAX)
     };
     // Pass 1: the owner of each login. Lower rank wins: live accounts before
-    // deleted ones, then source priority, then account id. Only borrowed
-    // strings here, so 100k accounts cost no copies.
-    type Rank<'a> = (bool, usize, &'a str);
-    let mut owner: HashMap<&str, (Rank<'_>, SourceKind, usize)> = HashMap::new();
-    for (kind, input) in inputs {
-        for (i, account) in input.accounts.iter().enumerate() {
-            let dead = effective(input, account) == CanonicalStatus::Deleted;
-            let rank = (dead, prio(kind), account.key.id.as_str());
-            owner
-                .entry(account.login.as_str())
-                .and_modify(|best| {
-                    if rank < best.0 {
-                        *best = (rank, *kind, i);
-                    }
-                })
-                .or_insert((rank, *kind, i));
+    // deleted ones, then source priority, then account id. Borrowed strings
+    // only; everyone but the owner is a conflict.
+    let mut winners: HashSet<(SourceKind, usize)> = HashSet::new();
+    {
+        type Rank<'a> = (bool, usize, &'a str);
+        let mut owner: HashMap<&str, (Rank<'_>, SourceKind, usize)> = HashMap::new();
+        for (kind, input) in &inputs {
+            for (i, account) in input.accounts.iter().enumerate() {
+                let dead = effective(input, account) == CanonicalStatus::Deleted;
+                let rank = (dead, prio(kind), account.key.id.as_str());
+                owner
+                    .entry(account.login.as_str())
+                    .and_modify(|best| {
+                        if rank < best.0 {
+                            *best = (rank, *kind, i);
+                        }
+                    })
+                    .or_insert((rank, *kind, i));
+            }
+        }
+        for (kind, input) in &inputs {
+            for (i, account) in input.accounts.iter().enumerate() {
+                let Some(&(_, wkind, wi)) = owner.get(account.login.as_str()) else {
+                    continue;
+                };
+                if (wkind, wi) == (*kind, i) {
+                    winners.insert((wkind, wi));
+                } else {
+                    out.conflicts.push(Conflict {
+                        login: account.login.clone(),
+                        winner: inputs[&wkind].accounts[wi].key.clone(),
+                        loser: account.key.clone(),
+                    });
+                }
+            }
         }
     }
-    // Pass 2: desired users for the owners; everyone else is a conflict.
+    out.conflicts
+        .sort_by(|a, b| (&a.login, &a.loser).cmp(&(&b.login, &b.loser)));
+    // Pass 2: desired users for the owners, consuming the accounts so their
+    // memory is reused rather than doubled.
     let mut shared = Shared::default();
-    for (kind, input) in inputs {
+    for (kind, input) in inputs.iter_mut() {
         if !input.complete {
             out.incomplete.insert(*kind);
         }
@@ -165,23 +187,16 @@ pub fn build(
                 id: id.clone(),
             });
         }
+        let accounts = std::mem::take(&mut input.accounts);
         let ctx = RuleContext {
             last_paid: &input.last_paid,
             now,
         };
-        for (i, account) in input.accounts.iter().enumerate() {
-            let Some(&(_, wkind, wi)) = owner.get(account.login.as_str()) else {
-                continue;
-            };
-            if (wkind, wi) != (*kind, i) {
-                out.conflicts.push(Conflict {
-                    login: account.login.clone(),
-                    winner: inputs[&wkind].accounts[wi].key.clone(),
-                    loser: account.key.clone(),
-                });
+        for (i, account) in accounts.into_iter().enumerate() {
+            if !winners.contains(&(*kind, i)) {
                 continue;
             }
-            let status = effective(input, account);
+            let status = effective(input, &account);
             if status != CanonicalStatus::Deleted && cfg.tree_type.is_some() {
                 out.tree.insert(
                     account.billing_id.clone(),
@@ -191,14 +206,10 @@ pub fn build(
                         .unwrap_or_else(|| account.login.clone()),
                 );
             }
-            out.users.insert(
-                account.login.clone(),
-                desired_user(cfg, account, status, &ctx, &mut shared),
-            );
+            let user = desired_user(cfg, account, status, &ctx, &mut shared);
+            out.users.insert(user.login.clone(), user);
         }
     }
-    out.conflicts
-        .sort_by(|a, b| (&a.login, &a.loser).cmp(&(&b.login, &b.loser)));
     out
 }
 
@@ -217,14 +228,14 @@ fn intern<T: std::hash::Hash + Eq + Clone>(map: &mut HashMap<T, Arc<T>>, value: 
 
 fn desired_user(
     cfg: &CoreConfig,
-    account: &Account,
+    mut account: Account,
     status: CanonicalStatus,
     ctx: &RuleContext<'_>,
     shared: &mut Shared,
 ) -> DesiredUser {
     // `status` is the account's own, or Deleted: rules only see active ones.
     let (permissions, matched) = if status == CanonicalStatus::Active {
-        let (p, m) = rules::grants(&cfg.rules, &cfg.managed, account, ctx);
+        let (p, m) = rules::grants(&cfg.rules, &cfg.managed, &account, ctx);
         (p, m.into_iter().map(String::from).collect())
     } else {
         (BTreeSet::new(), vec![])
@@ -236,9 +247,9 @@ fn desired_user(
         .iter()
         .filter_map(|p| {
             let value = match p.as_str() {
-                "phone" => account.phone.clone(),
-                "email" => account.email.clone(),
-                "name" => account.name.clone(),
+                "phone" => account.phone.take(),
+                "email" => account.email.take(),
+                "name" => account.name.take(),
                 _ => None,
             }?;
             Some((p.clone(), value))
@@ -252,21 +263,22 @@ fn desired_user(
     let state = UserState {
         user_type: cfg.user_type.clone(),
         status: vms_status,
-        billing_id: account.billing_id.clone(),
+        billing_id: std::mem::take(&mut account.billing_id),
         properties,
         permissions,
         gone: status == CanonicalStatus::Deleted,
     };
+    let writeback_seen = cfg
+        .writeback_attribute
+        .as_ref()
+        .filter(|_| account.key.source == SourceKind::Activeplatform)
+        .and_then(|a| account.attributes.remove(a));
     DesiredUser {
-        login: account.login.clone(),
-        owner: account.key.clone(),
+        login: account.login,
+        owner: account.key,
         hash: super::model::content_hash(&state),
         state,
         rules: matched,
-        writeback_seen: cfg
-            .writeback_attribute
-            .as_ref()
-            .filter(|_| account.key.source == SourceKind::Activeplatform)
-            .and_then(|a| account.attributes.get(a).cloned()),
+        writeback_seen,
     }
 }

@@ -517,10 +517,10 @@ mod tests {
         fn plan_converges(before in arb_accounts(), after in arb_accounts(), delete in any::<bool>(), full in any::<bool>()) {
             let cfg = cfg(if delete { OnDeleted::Delete } else { OnDeleted::Block });
             let now = Utc::now();
-            let d0 = build(&cfg, &inputs(&before, &HashMap::new(), true), now);
+            let d0 = build(&cfg, inputs(&before, &HashMap::new(), true), now);
             let a0 = apply(&Applied::default(), &plan(&cfg, &d0, &Applied::default(), &PlanOptions::default()));
             converged(&cfg, &d0, &a0);
-            let d1 = build(&cfg, &inputs(&after, &HashMap::new(), true), now);
+            let d1 = build(&cfg, inputs(&after, &HashMap::new(), true), now);
             let opts = PlanOptions { full, ..Default::default() };
             let p1 = plan(&cfg, &d1, &a0, &opts);
             let a1 = apply(&a0, &p1);
@@ -534,7 +534,7 @@ mod tests {
         #[test]
         fn only_managed_permissions_are_touched(accounts in arb_accounts(), extra in "[a-z]{3,8}") {
             let cfg = cfg(OnDeleted::Block);
-            let d = build(&cfg, &inputs(&accounts, &HashMap::new(), true), Utc::now());
+            let d = build(&cfg, inputs(&accounts, &HashMap::new(), true), Utc::now());
             let mut a = Applied::default();
             for (login, du) in &d.users {
                 let mut st = du.state.clone();
@@ -558,13 +558,13 @@ mod tests {
         fn incomplete_source_never_deprovisions(before in arb_accounts(), after in arb_accounts()) {
             let cfg = cfg(OnDeleted::Delete);
             let now = Utc::now();
-            let d0 = build(&cfg, &inputs(&before, &HashMap::new(), true), now);
+            let d0 = build(&cfg, inputs(&before, &HashMap::new(), true), now);
             let a0 = apply(&Applied::default(), &plan(&cfg, &d0, &Applied::default(), &PlanOptions::default()));
             // Both sources incomplete, with whatever accounts (or none).
-            let d1 = build(&cfg, &inputs(&after, &HashMap::new(), false), now);
+            let d1 = build(&cfg, inputs(&after, &HashMap::new(), false), now);
             let p = plan(&cfg, &d1, &a0, &PlanOptions::default());
             prop_assert!(p.ops.iter().all(|o| !o.deprovision), "{:?}", p.ops);
-            let d_empty = build(&cfg, &inputs(&[], &HashMap::new(), false), now);
+            let d_empty = build(&cfg, inputs(&[], &HashMap::new(), false), now);
             prop_assert!(plan(&cfg, &d_empty, &a0, &PlanOptions::default()).ops.is_empty());
         }
     }
@@ -576,7 +576,7 @@ mod tests {
         let acc = account(SourceKind::Billmanager, 1, 1, CanonicalStatus::Active, 1);
         let d0 = build(
             &cfg,
-            &inputs(std::slice::from_ref(&acc), &HashMap::new(), true),
+            inputs(std::slice::from_ref(&acc), &HashMap::new(), true),
             now,
         );
         let a0 = apply(
@@ -585,19 +585,19 @@ mod tests {
         );
         assert!(!a0.users["u1@x"].state.permissions.is_empty());
         let once = HashMap::from([(acc.key.clone(), 1)]);
-        let d1 = build(&cfg, &inputs(std::slice::from_ref(&acc), &once, true), now);
+        let d1 = build(&cfg, inputs(std::slice::from_ref(&acc), &once, true), now);
         assert!(
             plan(&cfg, &d1, &a0, &PlanOptions::default()).ops.is_empty(),
             "within grace"
         );
         let twice = HashMap::from([(acc.key.clone(), 2)]);
-        let d2 = build(&cfg, &inputs(std::slice::from_ref(&acc), &twice, true), now);
+        let d2 = build(&cfg, inputs(std::slice::from_ref(&acc), &twice, true), now);
         let p = plan(&cfg, &d2, &a0, &PlanOptions::default());
         assert_eq!(p.ops.len(), 1);
         assert!(p.ops[0].deprovision);
         assert_eq!(p.ops[0].target.status, "blocked");
         // The same absence from an incomplete source deletes nothing.
-        let d3 = build(&cfg, &inputs(&[acc], &twice, false), now);
+        let d3 = build(&cfg, inputs(&[acc], &twice, false), now);
         assert!(plan(&cfg, &d3, &a0, &PlanOptions::default()).ops.is_empty());
     }
 
@@ -608,7 +608,7 @@ mod tests {
         let ap = account(SourceKind::Activeplatform, 2, 7, CanonicalStatus::Active, 1);
         let d = build(
             &cfg,
-            &inputs(&[bm.clone(), ap.clone()], &HashMap::new(), true),
+            inputs(&[bm.clone(), ap.clone()], &HashMap::new(), true),
             Utc::now(),
         );
         assert_eq!(d.users["u7@x"].owner, bm.key);
@@ -619,7 +619,7 @@ mod tests {
         dead.status = CanonicalStatus::Deleted;
         let d = build(
             &cfg,
-            &inputs(&[dead, ap.clone()], &HashMap::new(), true),
+            inputs(&[dead, ap.clone()], &HashMap::new(), true),
             Utc::now(),
         );
         assert_eq!(d.users["u7@x"].owner, ap.key);
@@ -632,7 +632,7 @@ mod tests {
         let a = account(SourceKind::Activeplatform, 1, 1, CanonicalStatus::Active, 1);
         let d0 = build(
             &cfg,
-            &inputs(std::slice::from_ref(&a), &HashMap::new(), true),
+            inputs(std::slice::from_ref(&a), &HashMap::new(), true),
             now,
         );
         let a0 = apply(
@@ -641,7 +641,7 @@ mod tests {
         );
         let mut moved = a.clone();
         moved.login = "new@x".into();
-        let d1 = build(&cfg, &inputs(&[moved], &HashMap::new(), true), now);
+        let d1 = build(&cfg, inputs(&[moved], &HashMap::new(), true), now);
         let p = plan(&cfg, &d1, &a0, &PlanOptions::default());
         let kinds: Vec<_> = p
             .ops
@@ -660,7 +660,7 @@ mod tests {
         let accounts: Vec<Account> = (0..20)
             .map(|i| account(SourceKind::Billmanager, i, i, CanonicalStatus::Active, 1))
             .collect();
-        let d0 = build(&cfg, &inputs(&accounts, &HashMap::new(), true), now);
+        let d0 = build(&cfg, inputs(&accounts, &HashMap::new(), true), now);
         let a0 = apply(
             &Applied::default(),
             &plan(&cfg, &d0, &Applied::default(), &PlanOptions::default()),
@@ -678,7 +678,7 @@ mod tests {
             CanonicalStatus::Active,
             1,
         ));
-        let d1 = build(&cfg, &inputs(&after, &HashMap::new(), true), now);
+        let d1 = build(&cfg, inputs(&after, &HashMap::new(), true), now);
         let mut p = plan(&cfg, &d1, &a0, &PlanOptions::default());
         assert_eq!(p.deprovision_logins(), 15);
         assert_eq!(threshold(10, 0.05, 20), 10);
@@ -707,7 +707,7 @@ mod tests {
         let a = account(SourceKind::Activeplatform, 5, 5, CanonicalStatus::Active, 1);
         let d = build(
             &cfg,
-            &inputs(std::slice::from_ref(&a), &HashMap::new(), true),
+            inputs(std::slice::from_ref(&a), &HashMap::new(), true),
             now,
         );
         let p = plan(&cfg, &d, &Applied::default(), &PlanOptions::default());
@@ -724,7 +724,7 @@ mod tests {
         assert_eq!(plan(&cfg, &d, &applied, &full).writebacks.len(), 1);
         let mut b = a.clone();
         b.attributes.insert("vms_login".into(), "u5@x".into());
-        let d = build(&cfg, &inputs(&[b], &HashMap::new(), true), now);
+        let d = build(&cfg, inputs(&[b], &HashMap::new(), true), now);
         assert!(plan(&cfg, &d, &applied, &full).writebacks.is_empty());
     }
 }

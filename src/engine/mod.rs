@@ -216,8 +216,7 @@ impl Engine {
             .read_all(store, full, started, opts.progress.as_ref())
             .await?;
         tracing::debug!(ms = clock.elapsed().as_millis() as u64, rss_mb = ?crate::telemetry::rss_mb(), "sources read");
-        let desired = desired::build(&self.core, &inputs, started);
-        drop(inputs);
+        let desired = desired::build(&self.core, inputs, started);
         tracing::debug!(
             ms = clock.elapsed().as_millis() as u64, rss_mb = ?crate::telemetry::rss_mb(),
             users = desired.users.len(),
@@ -225,8 +224,21 @@ impl Engine {
         );
         // Only logins whose desired hash differs from the applied one (or
         // that nobody desires any more) need their applied state and a plan.
-        let hashes = store.applied_hashes().await?;
-        let known_users = hashes.len();
+        let mut known_users = 0usize;
+        let mut matched: HashSet<&str> = HashSet::new();
+        let mut orphans: Vec<String> = vec![];
+        store
+            .scan_applied_hashes(|login, hash| {
+                known_users += 1;
+                match desired.users.get_key_value(login) {
+                    Some((key, d)) if d.hash == hash => {
+                        matched.insert(key.as_str());
+                    }
+                    Some(_) => {}
+                    None => orphans.push(login.to_string()),
+                }
+            })
+            .await?;
         let need: Option<HashSet<String>> = if full {
             None
         } else {
@@ -242,7 +254,7 @@ impl Engine {
                 .users
                 .iter()
                 .filter(|(login, d)| {
-                    hashes.get(*login) != Some(&d.hash)
+                    !matched.contains(login.as_str())
                         || requests.resync_logins.contains(*login)
                         || self.core.writeback_attribute.is_some()
                             && d.owner.source == SourceKind::Activeplatform
@@ -250,15 +262,10 @@ impl Engine {
                 })
                 .map(|(login, _)| login.clone())
                 .collect();
-            need.extend(
-                hashes
-                    .keys()
-                    .filter(|l| !desired.users.contains_key(*l))
-                    .cloned(),
-            );
+            need.extend(orphans);
             Some(need)
         };
-        drop(hashes);
+        drop(matched);
         let applied = store.load_applied_subset(need.as_ref()).await?;
         let planned = need.as_ref().map(|n| desired.subset(n));
         let plan_desired = planned.as_ref().unwrap_or(&desired);

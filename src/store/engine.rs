@@ -65,15 +65,15 @@ impl Store {
         self.load_applied_subset(None).await
     }
 
-    /// Applied hashes by login: enough to tell which logins need planning.
-    pub async fn applied_hashes(&self) -> Result<HashMap<String, String>> {
+    /// Streams `(login, hash)` of every applied user: enough to tell which
+    /// logins need planning without holding 100k rows.
+    pub async fn scan_applied_hashes(&self, mut f: impl FnMut(&str, &str)) -> Result<()> {
         use futures::TryStreamExt;
-        let mut out = HashMap::new();
         let mut rows = sqlx::query("SELECT login, hash FROM applied_users").fetch(&self.pool);
         while let Some(r) = rows.try_next().await? {
-            out.insert(r.get(0), r.get(1));
+            f(r.get::<&str, _>(0), r.get::<&str, _>(1));
         }
-        Ok(out)
+        Ok(())
     }
 
     /// The applied state of `logins` (all when None), with the whole tree
@@ -204,16 +204,28 @@ impl Store {
         plan: &Plan,
         status_blocked: &str,
     ) -> Result<()> {
-        let known: HashMap<String, String> = sqlx::query("SELECT login, hash FROM desired_users")
-            .fetch_all(&self.pool)
-            .await?
-            .into_iter()
-            .map(|r| (r.get(0), r.get(1)))
-            .collect();
+        // Which stored rows are current, and which are gone: streamed, so a
+        // no-op cycle holds no copy of 100k rows.
+        let mut current: std::collections::HashSet<&str> = Default::default();
+        let mut gone: Vec<String> = vec![];
+        {
+            use futures::TryStreamExt;
+            let mut rows = sqlx::query("SELECT login, hash FROM desired_users").fetch(&self.pool);
+            while let Some(r) = rows.try_next().await? {
+                let login: &str = r.get(0);
+                match desired.users.get_key_value(login) {
+                    Some((key, d)) if d.hash == r.get::<&str, _>(1) => {
+                        current.insert(key.as_str());
+                    }
+                    Some(_) => {}
+                    None => gone.push(login.to_string()),
+                }
+            }
+        }
         let mut tx = self.pool.begin().await?;
         for (login, d) in &desired.users {
             let hash = &d.hash;
-            if known.get(login) == Some(hash) {
+            if current.contains(login.as_str()) {
                 continue;
             }
             sqlx::query(
@@ -232,13 +244,11 @@ impl Store {
             .execute(&mut *tx)
             .await?;
         }
-        for login in known.keys() {
-            if !desired.users.contains_key(login) {
-                sqlx::query("DELETE FROM desired_users WHERE login = ?")
-                    .bind(login)
-                    .execute(&mut *tx)
-                    .await?;
-            }
+        for login in &gone {
+            sqlx::query("DELETE FROM desired_users WHERE login = ?")
+                .bind(login)
+                .execute(&mut *tx)
+                .await?;
         }
         sqlx::query("DELETE FROM plan_ops")
             .execute(&mut *tx)
