@@ -16,6 +16,8 @@ use crate::telemetry::metrics;
 
 /// Detail calls in flight per source.
 const DETAIL_CONCURRENCY: usize = 4;
+/// Details saved per transaction while they arrive.
+const DETAIL_BATCH: usize = 500;
 
 #[derive(Debug, Clone)]
 pub struct ReadOptions {
@@ -159,7 +161,7 @@ pub async fn read_source(
     }
 
     // Details for what is new, changed, never detailed, or newly paid.
-    let wanted: Vec<String> = listing
+    let wanted: Vec<(String, String)> = listing
         .accounts
         .iter()
         .filter(|a| source.needs_details(&a.raw) || opts.full)
@@ -171,26 +173,51 @@ pub async fn read_source(
                 }
                 || paid_accounts.contains(&a.raw.id)
         })
-        .map(|a| a.raw.id.clone())
+        .map(|a| (a.raw.id.clone(), a.row_hash.clone()))
         .collect();
-    let mut fetched: Vec<(String, RawAccount)> = vec![];
+    // Rows awaiting details are stored with no hash until their details are:
+    // a crash in between makes the next cycle ask again.
+    let awaiting: HashSet<&str> = wanted.iter().map(|(id, _)| id.as_str()).collect();
+    for a in listing.accounts.iter_mut() {
+        if awaiting.contains(a.raw.id.as_str()) {
+            a.row_hash = String::new();
+        }
+    }
+    drop(awaiting);
+    // The listing goes to the store first so it can leave memory before the
+    // detail calls; details are saved in batches as they arrive.
+    store
+        .save_listing(kind, &listing.accounts, &index, opts.now)
+        .await?;
+    store.save_payments(&to_save, opts.now).await?;
+    drop(listing);
+    let expected = index.len().max(out.listed);
+    drop(index);
+    let mut batch: Vec<(String, String, RawAccount)> = Vec::with_capacity(DETAIL_BATCH);
     let mut failed: HashSet<String> = HashSet::new();
     let mut gone: HashSet<String> = HashSet::new();
-    type Fetched = (String, Result<Details, crate::http::FetchError>);
+    type Fetched = (String, String, Result<Details, crate::http::FetchError>);
     let mut results = futures::stream::iter(wanted.into_iter().map(
-        |id| -> futures::future::BoxFuture<'_, Fetched> {
+        |(id, hash)| -> futures::future::BoxFuture<'_, Fetched> {
             Box::pin(async move {
                 let r = source.details(&id).await;
-                (id, r)
+                (id, hash, r)
             })
         },
     ))
     .buffer_unordered(DETAIL_CONCURRENCY);
     let mut detail_error = None;
-    while let Some((id, r)) = results.next().await {
+    while let Some((id, hash, r)) = results.next().await {
         out.detail_calls += 1;
         match r {
-            Ok(Details::Found(raw)) => fetched.push((id, raw)),
+            Ok(Details::Found(raw)) => {
+                batch.push((id, hash, raw));
+                // The buffered futures hold no pool connection: safe to await.
+                if batch.len() >= DETAIL_BATCH {
+                    store.save_details(kind, &batch, opts.now).await?;
+                    batch.clear();
+                }
+            }
             Ok(Details::Gone) => {
                 gone.insert(id);
             }
@@ -201,25 +228,13 @@ pub async fn read_source(
         }
     }
     drop(results);
+    store.save_details(kind, &batch, opts.now).await?;
+    drop(batch);
     if let Some(e) = &detail_error {
         tracing::warn!(source = %kind, failed = failed.len(), error = %e, "some account details could not be read; retried next cycle");
     }
-    // A failed detail read leaves the row hash unrecorded, so the next cycle
-    // asks again.
-    for a in listing.accounts.iter_mut() {
-        if failed.contains(&a.raw.id) || gone.contains(&a.raw.id) {
-            a.row_hash = String::new();
-        }
-    }
-    store
-        .save_listing(kind, &listing.accounts, &index, opts.now)
-        .await?;
-    store.save_details(kind, &fetched, opts.now).await?;
-    store.save_payments(&to_save, opts.now).await?;
-
     tracing::debug!(source = %kind, ms = t0.elapsed().as_millis() as u64, rss_mb = ?crate::telemetry::rss_mb(), "saved");
-    drop(listing);
-    drop(index);
+    out.accounts.reserve_exact(expected);
     // Normalize from the store, one row at a time: list rows merged with
     // details; absent accounts come with their missing count.
     store

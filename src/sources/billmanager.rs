@@ -171,6 +171,14 @@ impl BillmanagerClient {
                 .and_then(scalar)
                 .and_then(|t| t.trim().parse::<usize>().ok())
                 .or(total);
+            // Size the result once: 100k rows grown by doubling would
+            // briefly need half as much again.
+            if page == 1 {
+                if let Some(t) = total.filter(|t| *t <= 10_000_000) {
+                    out.reserve_exact(t);
+                    seen.reserve(t);
+                }
+            }
             let effective_cnt = doc
                 .get("p_cnt")
                 .and_then(scalar)

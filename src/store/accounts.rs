@@ -77,7 +77,9 @@ impl Store {
         for a in listing {
             listed.insert(a.raw.id.as_str());
             let known = index.get(&a.raw.id);
-            let changed = known.is_none_or(|k| k.row_hash != a.row_hash);
+            // An empty hash marks a row whose details are still to come:
+            // always written, so its list fields are current.
+            let changed = a.row_hash.is_empty() || known.is_none_or(|k| k.row_hash != a.row_hash);
             if changed {
                 let list_raw = serde_json::to_string(&a.raw).unwrap_or_default();
                 sqlx::query(
@@ -159,20 +161,21 @@ impl Store {
     pub async fn save_details(
         &self,
         source: SourceKind,
-        details: &[(String, RawAccount)],
+        details: &[(String, String, RawAccount)],
         now: DateTime<Utc>,
     ) -> Result<()> {
         let now_s = ts(now);
         let mut tx = self.pool.begin().await?;
-        for (id, raw) in details {
+        for (id, row_hash, raw) in details {
             sqlx::query(
-                "UPDATE source_accounts SET details_json = ?3, details_at = ?4
+                "UPDATE source_accounts SET details_json = ?3, details_at = ?4, row_hash = ?5
                  WHERE source = ?1 AND id = ?2",
             )
             .bind(source.as_str())
             .bind(id)
             .bind(serde_json::to_string(raw).unwrap_or_default())
             .bind(&now_s)
+            .bind(row_hash)
             .execute(&mut *tx)
             .await?;
         }
