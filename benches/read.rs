@@ -2,7 +2,7 @@
 //! reader. The emulators run in a child process (this binary re-executed),
 //! so the RSS measured here is the reader's alone.
 //!
-//! cargo bench --bench read -- [N]   (default 100000)
+//! cargo bench --bench read -- [N] [billmanager|activeplatform]   (default 100000, both)
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
@@ -83,8 +83,13 @@ async fn run(n: usize, bm_url: &str, ap_url: &str) {
     println!("reading {n} accounts per source from loopback emulators");
     println!("| source | read | accounts | detail calls | time (s) | reader peak RSS (MB) |");
     println!("|---|---|---:|---:|---:|---:|");
+    // `-- N billmanager` reads one source only: its own peak RSS.
+    let only = std::env::args().skip(1).find(|a| a == "billmanager" || a == "activeplatform");
     for source in Source::from_settings(&settings).unwrap() {
         let kind = source.kind();
+        if only.as_deref().is_some_and(|o| o != kind.as_str()) {
+            continue;
+        }
         let normalizer = Normalizer::from_settings(&settings, kind).unwrap();
         for (label, full) in [("initial", false), ("unchanged", false)] {
             let opts = ReadOptions {
