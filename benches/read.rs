@@ -84,7 +84,9 @@ async fn run(n: usize, bm_url: &str, ap_url: &str) {
     println!("| source | read | accounts | detail calls | time (s) | reader peak RSS (MB) |");
     println!("|---|---|---:|---:|---:|---:|");
     // `-- N billmanager` reads one source only: its own peak RSS.
-    let only = std::env::args().skip(1).find(|a| a == "billmanager" || a == "activeplatform");
+    let only = std::env::args()
+        .skip(1)
+        .find(|a| a == "billmanager" || a == "activeplatform");
     for source in Source::from_settings(&settings).unwrap() {
         let kind = source.kind();
         if only.as_deref().is_some_and(|o| o != kind.as_str()) {
