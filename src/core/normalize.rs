@@ -260,6 +260,13 @@ fn clean_text(raw: &str) -> String {
 
 /// `+digits`: separators dropped, a `00` international prefix becomes `+`.
 /// No digits at all: no phone.
+///
+/// ```
+/// use billsync::core::normalize::normalize_phone;
+/// assert_eq!(normalize_phone("+7 (912) 345-67-89").as_deref(), Some("+79123456789"));
+/// assert_eq!(normalize_phone("00 375 29 074 59 30").as_deref(), Some("+375290745930"));
+/// assert_eq!(normalize_phone("n/a"), None);
+/// ```
 pub fn normalize_phone(raw: &str) -> Option<String> {
     let digits: String = raw.chars().filter(|c| c.is_ascii_digit()).collect();
     let digits = match digits.strip_prefix("00") {
@@ -274,6 +281,14 @@ pub fn normalize_phone(raw: &str) -> Option<String> {
 
 /// Parses money as sources write it: `"1234.50"`, `"1 234,50"`, `"20.00 RUB"`,
 /// `"1,234.50"`, `"-5"`. Absurd or ambiguous text is an error.
+///
+/// ```
+/// use billsync::core::normalize::parse_decimal;
+/// use rust_decimal::Decimal;
+/// assert_eq!(parse_decimal("1 234,50").unwrap(), Decimal::new(123450, 2));
+/// assert_eq!(parse_decimal("20.00 RUB").unwrap(), Decimal::new(20, 0));
+/// assert!(parse_decimal("1e400").is_err());
+/// ```
 pub fn parse_decimal(raw: &str) -> Result<Decimal, String> {
     let text = raw.trim();
     if text.is_empty() {
