@@ -35,6 +35,15 @@ fn opts(full: bool) -> ReadOptions {
     }
 }
 
+/// A complete listing's size.
+async fn listed(src: &Source) -> usize {
+    src.list_accounts(&|_| {}, &|_, _| true)
+        .await
+        .unwrap()
+        .accounts
+        .len()
+}
+
 async fn read(w: &World, store: &Store, kind: SourceKind, full: bool) -> SourceRead {
     let s = w.settings("", &[]).unwrap();
     read_source(
@@ -178,24 +187,10 @@ async fn billmanager_session_auth_relogs_once() {
         )
         .unwrap();
     let src = source(&s, SourceKind::Billmanager);
-    assert_eq!(
-        src.list_accounts(&|_| {}, &|_, _| true)
-            .await
-            .unwrap()
-            .accounts
-            .len(),
-        120
-    );
+    assert_eq!(listed(&src).await, 120);
     assert_eq!(w.bm.calls("auth"), 1);
     w.bm.expire_sessions();
-    assert_eq!(
-        src.list_accounts(&|_| {}, &|_, _| true)
-            .await
-            .unwrap()
-            .accounts
-            .len(),
-        120
-    );
+    assert_eq!(listed(&src).await, 120);
     assert_eq!(w.bm.calls("auth"), 2);
     // A session that is refused right after a fresh login: permanent.
     w.bm.faults
@@ -228,25 +223,9 @@ async fn transport_faults_are_transient_and_retried() {
         Fault::WrongShape,
     ] {
         w.bm.faults.once("account", fault.clone());
-        assert_eq!(
-            bm.list_accounts(&|_| {}, &|_, _| true)
-                .await
-                .unwrap()
-                .accounts
-                .len(),
-            150,
-            "{fault:?}"
-        );
+        assert_eq!(listed(&bm).await, 150, "{fault:?}");
         w.ap.faults.once("accounts.json", fault.clone());
-        assert_eq!(
-            ap.list_accounts(&|_| {}, &|_, _| true)
-                .await
-                .unwrap()
-                .accounts
-                .len(),
-            150,
-            "{fault:?}"
-        );
+        assert_eq!(listed(&ap).await, 150, "{fault:?}");
     }
     // Persistent ones fail the read as transient.
     for fault in [
