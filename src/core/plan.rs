@@ -101,14 +101,27 @@ impl Plan {
             && self.held.is_empty()
     }
 
-    /// Logins with at least one deprovision (the threshold counts logins).
+    /// What the safety threshold counts: logins with a deprovision, plus the
+    /// new login of each login change (SPEC §2.2: both count).
     pub fn deprovision_logins(&self) -> usize {
-        self.ops
+        let deprovisioned: HashSet<&str> = self
+            .ops
             .iter()
             .filter(|o| o.deprovision)
             .map(|o| o.login.as_str())
-            .collect::<HashSet<_>>()
-            .len()
+            .collect();
+        let moved_owners: HashSet<&AccountKey> = self
+            .ops
+            .iter()
+            .filter(|o| o.deprovision && o.target.gone)
+            .map(|o| &o.owner)
+            .collect();
+        let moved_to = self
+            .ops
+            .iter()
+            .filter(|o| o.action == Action::Create && moved_owners.contains(&o.owner))
+            .count();
+        deprovisioned.len() + moved_to
     }
 }
 
@@ -650,7 +663,11 @@ mod tests {
             .collect();
         assert!(kinds.contains(&("new@x", Action::Create)));
         assert!(kinds.contains(&("u1@x", Action::Delete)));
-        assert_eq!(p.deprovision_logins(), 1);
+        assert_eq!(
+            p.deprovision_logins(),
+            2,
+            "both logins count toward the threshold"
+        );
     }
 
     #[test]
