@@ -307,16 +307,31 @@ async fn transient_faults_converge_over_cycles() {
         "POST user/manage user5",
         Fault::Delay(Duration::from_secs(6)),
     );
+    // A proxy's login page behind a 200 is not the VMS saying yes.
+    lab.vms
+        .faults
+        .always("PATCH user/manage user6", Fault::Html200);
     let r = cycle(&engine).await;
     assert_eq!(r.result, "partial", "{r:?}");
-    assert_eq!(r.pending, 3);
+    assert_eq!(r.pending, 4);
     let status = billsync::status::status_json(&engine.store).await.unwrap();
-    assert_eq!(status["pending"].as_array().unwrap().len(), 3, "{status}");
+    assert_eq!(status["pending"].as_array().unwrap().len(), 4, "{status}");
+    let applied = engine.store.load_applied().await.unwrap();
+    let user6 = &applied.users["user6@bm.example.com"].state;
+    assert!(user6.permissions.is_empty(), "the attach was not confirmed");
     lab.vms.faults.clear();
     let r = cycle(&engine).await;
     assert_eq!(r.result, "ok", "{r:?}");
     assert_eq!(lab.vms.data().users.len(), 8);
     assert!(engine.store.load_retries().await.unwrap().is_empty());
+    let applied = engine.store.load_applied().await.unwrap();
+    for (login, a) in &applied.users {
+        let on_vms = lab.vms.user(login).unwrap().permissions;
+        assert!(
+            a.state.permissions.iter().all(|p| on_vms.contains(p)),
+            "{login}"
+        );
+    }
 }
 
 #[tokio::test]
