@@ -5,6 +5,18 @@ use serde_json::{json, Value};
 
 use crate::store::{Store, StoreError};
 
+/// The top-level keys of the status document (SPEC §6a): scripts rely on them.
+pub const KEYS: [&str; 8] = [
+    "cycles",
+    "pending",
+    "quarantined",
+    "held",
+    "conflicts",
+    "invalid",
+    "resync_requested",
+    "approval_pending",
+];
+
 pub async fn status_json(store: &Store) -> Result<Value, StoreError> {
     let cycles = store.last_cycles(10).await?;
     let retries = store.load_retries().await?;

@@ -96,16 +96,7 @@ async fn sync_json_and_exit_codes() {
     // status, quarantine and explain speak JSON.
     let out = run(&lab, &["status", "--json"]).await;
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    for key in [
-        "cycles",
-        "pending",
-        "quarantined",
-        "held",
-        "conflicts",
-        "invalid",
-        "resync_requested",
-        "approval_pending",
-    ] {
+    for key in billsync::status::KEYS {
         assert!(v.get(key).is_some(), "missing {key}");
     }
     assert_eq!(v["quarantined"][0]["login"], "user1@bm.example.com");

@@ -76,6 +76,22 @@ async fn start(lab: &Lab, env: &[(&str, &str)], args: &[&str]) -> Running {
     }
 }
 
+/// The child's exit status, once it exits; fails the test past `limit`.
+async fn wait_exit(
+    child: &mut Child,
+    since: Instant,
+    limit: Duration,
+    what: &str,
+) -> std::process::ExitStatus {
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s;
+        }
+        assert!(since.elapsed() < limit, "{what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 async fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
     let t = Instant::now();
     while !f() {
@@ -210,16 +226,7 @@ async fn health_metrics_and_authenticated_resync() {
         .json()
         .await
         .unwrap();
-    for key in [
-        "cycles",
-        "pending",
-        "quarantined",
-        "held",
-        "conflicts",
-        "invalid",
-        "resync_requested",
-        "approval_pending",
-    ] {
+    for key in billsync::status::KEYS {
         assert!(status.get(key).is_some(), "{key}");
     }
     assert!(!status.to_string().contains(TOKEN));
@@ -337,16 +344,13 @@ async fn sigterm_mid_cycle_exits_0_with_a_consistent_store() {
         .status()
         .unwrap()
         .success());
-    let status = loop {
-        if let Some(s) = d.child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(15),
-            "not stopped within the grace"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let status = wait_exit(
+        &mut d.child,
+        t,
+        Duration::from_secs(15),
+        "not stopped within the grace",
+    )
+    .await;
     assert_eq!(status.code(), Some(0));
     let vms_users = lab.vms.data().users.clone();
     assert!(
@@ -394,16 +398,13 @@ async fn a_second_daemon_refuses_to_start() {
     let _first = start(&lab, &[RARE], &[]).await;
     let (mut second, _) = spawn(&lab, &[RARE], &[]);
     let t = Instant::now();
-    let status = loop {
-        if let Some(s) = second.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(10),
-            "the second daemon kept running"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let status = wait_exit(
+        &mut second,
+        t,
+        Duration::from_secs(10),
+        "the second daemon kept running",
+    )
+    .await;
     assert_eq!(status.code(), Some(3));
     let mut err = String::new();
     std::io::Read::read_to_string(&mut second.stderr.take().unwrap(), &mut err).unwrap();
