@@ -11,11 +11,9 @@ use std::time::Instant;
 mod common;
 use common::peak_rss_mb;
 
-use billsync::core::normalize::Normalizer;
 use billsync::emulators::activeplatform::{self as ap_emu, ApEmulator};
 use billsync::emulators::billmanager::{self as bm_emu, BmEmulator};
 use billsync::engine::read::{read_source, ReadOptions};
-use billsync::sources::Source;
 use billsync::store::Store;
 
 fn main() {
@@ -87,12 +85,12 @@ async fn run(n: usize, bm_url: &str, ap_url: &str) {
     let only = std::env::args()
         .skip(1)
         .find(|a| a == "billmanager" || a == "activeplatform");
-    for source in Source::from_settings(&settings).unwrap() {
+    for source in billsync::sources::from_settings(&settings).unwrap() {
         let kind = source.kind();
         if only.as_deref().is_some_and(|o| o != kind.as_str()) {
             continue;
         }
-        let normalizer = Normalizer::from_settings(&settings, kind).unwrap();
+        let normalizer = settings.normalizer(kind).unwrap();
         for (label, full) in [("initial", false), ("unchanged", false)] {
             let opts = ReadOptions {
                 full,

@@ -8,7 +8,12 @@ use rust_decimal::Decimal;
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 
+pub use crate::core::model::OnDeleted;
+pub use crate::core::rules::Rule;
+
+use crate::core::desired::CoreConfig;
 use crate::core::model::{CanonicalStatus, SourceKind};
+use crate::core::normalize::{Normalizer, TEMPLATE_VARS};
 use crate::telemetry::redact;
 
 pub const DEFAULT_PATH: &str = "/etc/billsync/billsync.toml";
@@ -185,11 +190,48 @@ impl Default for SourcesSettings {
     }
 }
 
-/// Connection settings shared by every HTTP peer.
-#[derive(Debug, Clone, Serialize, Deserialize, Default)]
-pub struct TlsSettings {
+/// What every billing system's section shares. Flattened into each section,
+/// so the TOML keys stay where they were.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SourceCommon {
+    pub enabled: bool,
+    pub url: String,
+    pub timeout_secs: u64,
+    pub payment_window_days: u32,
+    pub login_template: String,
+    pub billing_id_template: String,
     pub ca_file: String,
     pub insecure_skip_tls_verify: bool,
+}
+
+impl Default for SourceCommon {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            url: String::new(),
+            timeout_secs: 30,
+            payment_window_days: 3,
+            login_template: "{email}".into(),
+            billing_id_template: "{source}-{id}".into(),
+            ca_file: String::new(),
+            insecure_skip_tls_verify: false,
+        }
+    }
+}
+
+/// One enabled source's settings as the engine sees them, whatever the
+/// system. `page_size` and `status_map` live in each section because their
+/// defaults differ per system.
+#[derive(Debug, Clone, Copy)]
+pub struct SourceSettings<'a> {
+    pub kind: SourceKind,
+    pub common: &'a SourceCommon,
+    pub page_size: u32,
+    pub status_map: &'a BTreeMap<String, CanonicalStatus>,
+    /// The custom attribute that receives the VMS login, for systems that
+    /// can take a write-back.
+    pub writeback_attribute: Option<&'a str>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -204,37 +246,26 @@ pub enum BmAuthMode {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BillmanagerSettings {
-    pub enabled: bool,
-    pub url: String,
+    #[serde(flatten)]
+    pub common: SourceCommon,
     pub username: String,
     pub password: Secret,
     #[serde(skip_serializing)]
     pub password_file: Option<PathBuf>,
     pub auth_mode: BmAuthMode,
     pub page_size: u32,
-    pub timeout_secs: u64,
-    pub payment_window_days: u32,
-    pub login_template: String,
-    pub billing_id_template: String,
     pub status_map: BTreeMap<String, CanonicalStatus>,
-    pub ca_file: String,
-    pub insecure_skip_tls_verify: bool,
 }
 
 impl Default for BillmanagerSettings {
     fn default() -> Self {
         Self {
-            enabled: true,
-            url: String::new(),
+            common: SourceCommon::default(),
             username: String::new(),
             password: Secret::default(),
             password_file: None,
             auth_mode: BmAuthMode::Authinfo,
             page_size: 500,
-            timeout_secs: 30,
-            payment_window_days: 3,
-            login_template: "{email}".into(),
-            billing_id_template: "{source}-{id}".into(),
             status_map: [
                 ("1", CanonicalStatus::Active),
                 ("2", CanonicalStatus::Suspended),
@@ -243,8 +274,6 @@ impl Default for BillmanagerSettings {
             .into_iter()
             .map(|(k, v)| (k.to_string(), v))
             .collect(),
-            ca_file: String::new(),
-            insecure_skip_tls_verify: false,
         }
     }
 }
@@ -252,35 +281,24 @@ impl Default for BillmanagerSettings {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ActivePlatformSettings {
-    pub enabled: bool,
-    pub url: String,
+    #[serde(flatten)]
+    pub common: SourceCommon,
     pub api_token: Secret,
     #[serde(skip_serializing)]
     pub api_token_file: Option<PathBuf>,
     pub page_size: u32,
-    pub timeout_secs: u64,
-    pub payment_window_days: u32,
-    pub login_template: String,
-    pub billing_id_template: String,
     pub status_map: BTreeMap<String, CanonicalStatus>,
     pub writeback_attribute: String,
-    pub ca_file: String,
-    pub insecure_skip_tls_verify: bool,
 }
 
 impl Default for ActivePlatformSettings {
     fn default() -> Self {
         use CanonicalStatus::*;
         Self {
-            enabled: true,
-            url: String::new(),
+            common: SourceCommon::default(),
             api_token: Secret::default(),
             api_token_file: None,
             page_size: 100,
-            timeout_secs: 30,
-            payment_window_days: 3,
-            login_template: "{email}".into(),
-            billing_id_template: "{source}-{id}".into(),
             status_map: [
                 ("active", Active),
                 ("administrative hold", Suspended),
@@ -293,17 +311,8 @@ impl Default for ActivePlatformSettings {
             .map(|(k, v)| (k.to_string(), v))
             .collect(),
             writeback_attribute: String::new(),
-            ca_file: String::new(),
-            insecure_skip_tls_verify: false,
         }
     }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum OnDeleted {
-    Block,
-    Delete,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -407,57 +416,6 @@ impl Default for PermissionSettings {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct Rule {
-    pub name: String,
-    #[serde(default)]
-    pub sources: Vec<SourceKind>,
-    /// balance + credit_limit must be >= this; omitted: no condition.
-    #[serde(default, with = "opt_decimal")]
-    pub min_available: Option<Decimal>,
-    #[serde(default)]
-    pub paid_within_days: u32,
-    #[serde(default)]
-    pub attributes: BTreeMap<String, String>,
-    #[serde(default)]
-    pub grant: Vec<String>,
-}
-
-/// Decimals arrive from TOML as floats or integers; keep them exact via text.
-mod opt_decimal {
-    use rust_decimal::Decimal;
-    use serde::{Deserialize, Deserializer, Serializer};
-    use std::str::FromStr;
-
-    pub fn serialize<S: Serializer>(v: &Option<Decimal>, s: S) -> Result<S::Ok, S::Error> {
-        match v {
-            Some(d) => s.serialize_str(&d.to_string()),
-            None => s.serialize_none(),
-        }
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Decimal>, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Num {
-            I(i64),
-            F(f64),
-            S(String),
-        }
-        let parsed = match Option::<Num>::deserialize(d)? {
-            None => return Ok(None),
-            Some(Num::I(i)) => Decimal::from(i),
-            Some(Num::F(f)) => Decimal::from_str(&f.to_string())
-                .map_err(|_| serde::de::Error::custom("not a finite number"))?,
-            Some(Num::S(s)) => {
-                Decimal::from_str(s.trim()).map_err(|_| serde::de::Error::custom("not a number"))?
-            }
-        };
-        Ok(Some(parsed))
-    }
-}
-
 /// Warnings found while loading, to be logged once logging is up.
 #[derive(Debug, Default, Clone)]
 pub struct LoadReport {
@@ -487,11 +445,10 @@ pub fn load(path: &Path, env: &[(String, String)]) -> Result<(Settings, LoadRepo
     serde_path_to_error::deserialize::<_, Settings>(toml::Deserializer::new(&text)).map_err(
         |e| {
             let key = e.path().to_string();
+            let doc = toml::from_str::<toml::Value>(&text).ok();
+            let section = section_of(&key, |k| doc.as_ref()?.get("sources")?.get(k).cloned());
             let msg = e.inner().message().to_string();
-            ConfigError::new(
-                if key == "." { "config".into() } else { key },
-                strip_secrets(&msg),
-            )
+            ConfigError::new(field_key(key, section), strip_secrets(&msg))
         },
     )?;
     let mut builder = config::Config::builder()
@@ -511,10 +468,13 @@ pub fn load(path: &Path, env: &[(String, String)]) -> Result<(Settings, LoadRepo
     let cfg = builder
         .build()
         .map_err(|e| ConfigError::new(config_error_key(&e), strip_secrets(&e.to_string())))?;
-    let mut settings: Settings = serde_path_to_error::deserialize(cfg).map_err(|e| {
+    let mut settings: Settings = serde_path_to_error::deserialize(cfg.clone()).map_err(|e| {
         let key = e.path().to_string();
+        let section = section_of(&key, |k| {
+            cfg.get::<config::Value>(&format!("sources.{k}")).ok()
+        });
         ConfigError::new(
-            if key == "." { "config".into() } else { key },
+            field_key(key, section),
             strip_secrets(&e.inner().to_string()),
         )
     })?;
@@ -540,6 +500,26 @@ pub fn load(path: &Path, env: &[(String, String)]) -> Result<(Settings, LoadRepo
         }
     }
     Ok((settings, report))
+}
+
+/// A source section's value when `key` names one (an error inside it);
+/// `get` looks a section up by source name.
+fn section_of<V>(key: &str, get: impl Fn(&str) -> Option<V>) -> Option<V> {
+    let kind = SourceKind::parse(key.strip_prefix("sources.")?)?;
+    get(kind.as_str())
+}
+
+/// The key of an error. Errors in a source's shared fields lose their last
+/// segment (serde buffers flattened fields), so the section is read again
+/// on its own to find the field.
+fn field_key<'de, D: serde::Deserializer<'de>>(key: String, section: Option<D>) -> String {
+    if key == "." {
+        return "config".into();
+    }
+    match section.map(serde_path_to_error::deserialize::<_, SourceCommon>) {
+        Some(Err(e)) => format!("{key}.{}", e.path()),
+        _ => key,
+    }
 }
 
 /// Reads the process environment for `load`.
@@ -709,22 +689,18 @@ fn world_readable(_: &Path) -> bool {
     false
 }
 
-fn insecure_flags(s: &Settings) -> Vec<(&'static str, bool)> {
+fn insecure_flags(s: &Settings) -> Vec<(String, bool)> {
     let mut v = vec![(
-        "vms.insecure_skip_tls_verify",
+        "vms.insecure_skip_tls_verify".to_string(),
         s.vms.insecure_skip_tls_verify,
     )];
-    if let Some(bm) = &s.sources.billmanager {
-        v.push((
-            "sources.billmanager.insecure_skip_tls_verify",
-            bm.insecure_skip_tls_verify,
-        ));
-    }
-    if let Some(ap) = &s.sources.activeplatform {
-        v.push((
-            "sources.activeplatform.insecure_skip_tls_verify",
-            ap.insecure_skip_tls_verify,
-        ));
+    for kind in SourceKind::ALL {
+        if let Some(c) = s.configured(kind) {
+            v.push((
+                format!("sources.{kind}.insecure_skip_tls_verify"),
+                c.insecure_skip_tls_verify,
+            ));
+        }
     }
     v
 }
@@ -787,6 +763,49 @@ fn croner_check(expr: &str) -> Result<(), String> {
         .map_err(|e| format!("\"{expr}\" is not a valid schedule ({e})"))
 }
 
+/// What every enabled source needs, then its own secret and extras.
+fn validate_source(s: &Settings, kind: SourceKind) -> Result<(), ConfigError> {
+    let Some(src) = s.source(kind) else {
+        return Ok(());
+    };
+    let k = |f: &str| format!("sources.{kind}.{f}");
+    let c = src.common;
+    check_url(&k("url"), &c.url)?;
+    check_positive(&k("page_size"), src.page_size.into())?;
+    check_positive(&k("timeout_secs"), c.timeout_secs)?;
+    check_template(&k("login_template"), &c.login_template, &TEMPLATE_VARS)?;
+    check_template(
+        &k("billing_id_template"),
+        &c.billing_id_template,
+        &TEMPLATE_VARS,
+    )?;
+    check_ca(&k("ca_file"), &c.ca_file)?;
+    let required = |set: bool, key: &str| match set {
+        true => Ok(()),
+        false => Err(ConfigError::new(
+            k(key),
+            format!("is required (or {key}_file)"),
+        )),
+    };
+    match kind {
+        SourceKind::Billmanager => {
+            let bm = s.sources.billmanager.as_ref().expect("enabled");
+            if bm.username.is_empty() {
+                return Err(ConfigError::new(k("username"), "is required"));
+            }
+            required(bm.password.is_set(), "password")?;
+            if bm.username.contains(':') {
+                return Err(ConfigError::new(k("username"), "must not contain ':'"));
+            }
+        }
+        SourceKind::Activeplatform => {
+            let ap = s.sources.activeplatform.as_ref().expect("enabled");
+            required(ap.api_token.is_set(), "api_token")?;
+        }
+    }
+    Ok(())
+}
+
 fn validate(s: &Settings) -> Result<(), ConfigError> {
     let d = &s.daemon;
     if d.state_path.as_os_str().is_empty() {
@@ -826,57 +845,8 @@ fn validate(s: &Settings) -> Result<(), ConfigError> {
             ));
         }
     }
-    if let Some(bm) = s.sources.billmanager.as_ref().filter(|b| b.enabled) {
-        let k = |f: &str| format!("sources.billmanager.{f}");
-        check_url(&k("url"), &bm.url)?;
-        if bm.username.is_empty() {
-            return Err(ConfigError::new(k("username"), "is required"));
-        }
-        if !bm.password.is_set() {
-            return Err(ConfigError::new(
-                k("password"),
-                "is required (or password_file)",
-            ));
-        }
-        if bm.username.contains(':') {
-            return Err(ConfigError::new(k("username"), "must not contain ':'"));
-        }
-        check_positive(&k("page_size"), bm.page_size.into())?;
-        check_positive(&k("timeout_secs"), bm.timeout_secs)?;
-        check_template(
-            &k("login_template"),
-            &bm.login_template,
-            &["email", "id", "source"],
-        )?;
-        check_template(
-            &k("billing_id_template"),
-            &bm.billing_id_template,
-            &["email", "id", "source"],
-        )?;
-        check_ca(&k("ca_file"), &bm.ca_file)?;
-    }
-    if let Some(ap) = s.sources.activeplatform.as_ref().filter(|a| a.enabled) {
-        let k = |f: &str| format!("sources.activeplatform.{f}");
-        check_url(&k("url"), &ap.url)?;
-        if !ap.api_token.is_set() {
-            return Err(ConfigError::new(
-                k("api_token"),
-                "is required (or api_token_file)",
-            ));
-        }
-        check_positive(&k("page_size"), ap.page_size.into())?;
-        check_positive(&k("timeout_secs"), ap.timeout_secs)?;
-        check_template(
-            &k("login_template"),
-            &ap.login_template,
-            &["email", "id", "source"],
-        )?;
-        check_template(
-            &k("billing_id_template"),
-            &ap.billing_id_template,
-            &["email", "id", "source"],
-        )?;
-        check_ca(&k("ca_file"), &ap.ca_file)?;
+    for kind in enabled {
+        validate_source(s, kind)?;
     }
     let v = &s.vms;
     check_url("vms.url", &v.url)?;
@@ -952,18 +922,10 @@ fn validate(s: &Settings) -> Result<(), ConfigError> {
 impl Settings {
     /// Enabled sources in priority order.
     pub fn enabled_sources(&self) -> Vec<SourceKind> {
-        let mut v = vec![];
-        if self.sources.billmanager.as_ref().is_some_and(|b| b.enabled) {
-            v.push(SourceKind::Billmanager);
-        }
-        if self
-            .sources
-            .activeplatform
-            .as_ref()
-            .is_some_and(|a| a.enabled)
-        {
-            v.push(SourceKind::Activeplatform);
-        }
+        let mut v: Vec<SourceKind> = SourceKind::ALL
+            .into_iter()
+            .filter(|k| self.source(*k).is_some())
+            .collect();
         v.sort_by_key(|s| {
             self.sources
                 .priority
@@ -979,12 +941,89 @@ impl Settings {
         toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
     }
 
+    /// The shared part of a source's section, enabled or not (None: absent).
+    pub fn configured(&self, kind: SourceKind) -> Option<&SourceCommon> {
+        match kind {
+            SourceKind::Billmanager => self.sources.billmanager.as_ref().map(|b| &b.common),
+            SourceKind::Activeplatform => self.sources.activeplatform.as_ref().map(|a| &a.common),
+        }
+    }
+
+    /// An enabled source's settings; None when absent or disabled.
+    pub fn source(&self, kind: SourceKind) -> Option<SourceSettings<'_>> {
+        let view = match kind {
+            SourceKind::Billmanager => self.sources.billmanager.as_ref().map(|b| SourceSettings {
+                kind,
+                common: &b.common,
+                page_size: b.page_size,
+                status_map: &b.status_map,
+                writeback_attribute: None,
+            }),
+            SourceKind::Activeplatform => {
+                self.sources
+                    .activeplatform
+                    .as_ref()
+                    .map(|a| SourceSettings {
+                        kind,
+                        common: &a.common,
+                        page_size: a.page_size,
+                        status_map: &a.status_map,
+                        writeback_attribute: Some(a.writeback_attribute.as_str())
+                            .filter(|w| !w.is_empty()),
+                    })
+            }
+        };
+        view.filter(|v| v.common.enabled)
+    }
+
     pub fn bm(&self) -> Option<&BillmanagerSettings> {
-        self.sources.billmanager.as_ref().filter(|b| b.enabled)
+        self.sources
+            .billmanager
+            .as_ref()
+            .filter(|b| b.common.enabled)
     }
 
     pub fn ap(&self) -> Option<&ActivePlatformSettings> {
-        self.sources.activeplatform.as_ref().filter(|a| a.enabled)
+        self.sources
+            .activeplatform
+            .as_ref()
+            .filter(|a| a.common.enabled)
+    }
+
+    /// The settings the pure core reads, in its own types.
+    pub fn core_config(&self) -> CoreConfig {
+        CoreConfig {
+            priority: self.sources.priority.clone(),
+            missing_grace_cycles: self.daemon.missing_grace_cycles,
+            rules: self.permissions.rules.clone(),
+            managed: self.permissions.managed.clone(),
+            user_type: self.vms.user_type.clone(),
+            properties: self.vms.properties.clone(),
+            status_active: self.vms.status_active.clone(),
+            status_blocked: self.vms.status_blocked.clone(),
+            on_deleted: self.vms.on_deleted,
+            tree_type: self.vms.tree.enabled.then(|| self.vms.tree.kind.clone()),
+            writeback: SourceKind::ALL
+                .into_iter()
+                .filter_map(|k| {
+                    let attr = self.source(k)?.writeback_attribute?;
+                    Some((k, attr.to_string()))
+                })
+                .collect(),
+        }
+    }
+
+    /// How an enabled source's records are normalized.
+    pub fn normalizer(&self, kind: SourceKind) -> Result<Normalizer, String> {
+        let src = self
+            .source(kind)
+            .ok_or_else(|| format!("{kind} is not enabled"))?;
+        Normalizer::new(
+            kind,
+            &src.common.login_template,
+            &src.common.billing_id_template,
+            src.status_map,
+        )
     }
 }
 
@@ -1079,6 +1118,45 @@ api_token = "tok-123456"
         let shown = s.to_masked_toml();
         assert!(!shown.contains("from-file-secret"), "{shown}");
         assert!(shown.contains("***"));
+    }
+
+    /// The shared source fields are flattened: the section still rejects
+    /// unknown keys and names the key of a wrong type.
+    #[test]
+    fn source_sections_stay_strict() {
+        let with =
+            |line: &str| write(&MINIMAL.replace("api_token = ", &format!("{line}\napi_token = ")));
+        let e = load(with("urll = \"http://x\"").path(), &[]).unwrap_err();
+        assert!(e.message.contains("urll"), "{e}");
+        let e = load(with("timeout_secs = \"soon\"").path(), &[]).unwrap_err();
+        assert_eq!(e.key, "sources.activeplatform.timeout_secs", "{e}");
+        let e = load(with("enabled = 3").path(), &[]).unwrap_err();
+        assert_eq!(e.key, "sources.activeplatform.enabled", "{e}");
+        let env = [(
+            "BILLSYNC__SOURCES__ACTIVEPLATFORM__PAYMENT_WINDOW_DAYS".to_string(),
+            "7".to_string(),
+        )];
+        let (s, _) = load(with("page_size = 50").path(), &env).unwrap();
+        let late = [(
+            "BILLSYNC__SOURCES__ACTIVEPLATFORM__TIMEOUT_SECS".to_string(),
+            "soon".to_string(),
+        )];
+        let e = load(with("page_size = 50").path(), &late).unwrap_err();
+        assert_eq!(e.key, "sources.activeplatform.timeout_secs", "{e}");
+        let ap = s.source(SourceKind::Activeplatform).unwrap();
+        assert_eq!((ap.page_size, ap.common.payment_window_days), (50, 7));
+        assert_eq!(ap.common.login_template, "{email}");
+    }
+
+    #[test]
+    fn masked_config_reads_back() {
+        let f = write(&MINIMAL.replace("[vms]", "[sources.billmanager]\nenabled = false\n[vms]"));
+        let (s, _) = load(f.path(), &[]).unwrap();
+        let shown = s.to_masked_toml();
+        let back: Settings = toml::from_str(&shown).unwrap();
+        assert_eq!(back.enabled_sources(), vec![SourceKind::Activeplatform]);
+        assert!(back.configured(SourceKind::Billmanager).is_some());
+        assert_eq!(back.sources.activeplatform.unwrap().page_size, 100);
     }
 
     #[test]

@@ -3,10 +3,11 @@
 
 use serde_json::{json, Value};
 
-use crate::store::{Store, StoreError};
+use crate::store::{PlanState, Store, StoreError};
 
-/// The top-level keys of the status document (SPEC §6a): scripts rely on them.
-pub const KEYS: [&str; 8] = [
+/// The top-level keys of the status document (SPEC §6a, plus `notices`):
+/// scripts rely on them.
+pub const KEYS: [&str; 9] = [
     "cycles",
     "pending",
     "quarantined",
@@ -15,6 +16,7 @@ pub const KEYS: [&str; 8] = [
     "invalid",
     "resync_requested",
     "approval_pending",
+    "notices",
 ];
 
 pub async fn status_json(store: &Store) -> Result<Value, StoreError> {
@@ -23,8 +25,9 @@ pub async fn status_json(store: &Store) -> Result<Value, StoreError> {
     let plan = store.plan_rows().await?;
     let mut pending: Vec<Value> = vec![];
     let mut seen = std::collections::HashSet::new();
-    for (login, _action, state) in &plan {
-        if state != "planned" || !seen.insert(login.clone()) {
+    for row in &plan {
+        let login = &row.login;
+        if row.state != PlanState::Planned || !seen.insert(login.clone()) {
             continue;
         }
         let r = retries.get(login);
@@ -52,7 +55,7 @@ pub async fn status_json(store: &Store) -> Result<Value, StoreError> {
         .map(|q| {
             json!({
                 "login": q.key,
-                "part": q.part,
+                "part": q.part.as_str(),
                 "error": q.error,
                 "since": q.since.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
             })
@@ -60,22 +63,20 @@ pub async fn status_json(store: &Store) -> Result<Value, StoreError> {
         .collect();
     let held: Vec<Value> = plan
         .iter()
-        .filter(|(_, _, state)| state == "held")
-        .map(|(login, action, _)| json!({"login": login, "action": action}))
+        .filter(|row| row.state == PlanState::Held)
+        .map(|row| json!({"login": row.login, "action": row.action}))
         .collect();
     let conflicts: Vec<Value> = store
         .conflicts()
         .await?
         .into_iter()
-        .map(|(login, sources)| json!({"login": login, "sources": sources}))
+        .map(|c| json!({"login": c.login, "sources": c.sources}))
         .collect();
     let invalid: Vec<Value> = store
         .invalid_records()
         .await?
         .into_iter()
-        .map(|(source, id, reason, detail)| {
-            json!({"source": source, "id": id, "reason": reason, "detail": detail})
-        })
+        .map(|r| json!({"source": r.source, "id": r.id, "reason": r.reason, "detail": r.detail}))
         .collect();
     let requests = store.pending_requests().await?;
     Ok(json!({
@@ -87,5 +88,6 @@ pub async fn status_json(store: &Store) -> Result<Value, StoreError> {
         "invalid": invalid,
         "resync_requested": requests.resync_all || !requests.resync_logins.is_empty(),
         "approval_pending": requests.approve,
+        "notices": store.notices().await?,
     }))
 }

@@ -3,9 +3,11 @@
 
 use std::time::{Duration, Instant};
 
+use billsync::core::cycle::{CycleKind, CycleResult};
 use billsync::emulators::lab::Lab;
 use billsync::emulators::Fault;
 use billsync::engine::{CycleOptions, CycleReport, Engine};
+use billsync::store::RequestKind;
 
 async fn setup(bm: usize, ap: usize, extra: &str, env: &[(&str, &str)]) -> (Lab, Engine) {
     let lab = Lab::start(bm, ap).await.unwrap();
@@ -32,7 +34,7 @@ const MANAGED: [&str; 3] = [
 async fn creates_users_with_permissions_then_sends_nothing() {
     let (lab, engine) = setup(20, 20, "", &[]).await;
     let r = cycle(&engine).await;
-    assert_eq!(r.result, "ok", "{r:?}");
+    assert_eq!(r.result, CycleResult::Ok, "{r:?}");
     assert_eq!(r.operations.create, 40);
     let data = lab.vms.data().users.clone();
     assert_eq!(data.len(), 40);
@@ -63,7 +65,7 @@ async fn creates_users_with_permissions_then_sends_nothing() {
     }
     let before = lab.vms.requests();
     let r = cycle(&engine).await;
-    assert_eq!(r.result, "ok");
+    assert_eq!(r.result, CycleResult::Ok);
     assert_eq!(
         lab.vms.requests(),
         before,
@@ -88,7 +90,7 @@ async fn profile_status_and_permission_updates() {
         d.accounts[2].balance = "77.00".into(); // list row change -> details re-read
     }
     let r = cycle(&engine).await;
-    assert_eq!(r.result, "ok", "{r:?}");
+    assert_eq!(r.result, CycleResult::Ok, "{r:?}");
     let u0 = lab.vms.user("user1@bm.example.com").unwrap();
     assert!(
         MANAGED.iter().all(|p| !u0.permissions.contains(*p)),
@@ -116,7 +118,7 @@ async fn deletion_after_the_grace_period() {
         before,
         "first missing cycle: within grace"
     );
-    assert_eq!(r.result, "ok");
+    assert_eq!(r.result, CycleResult::Ok);
     cycle(&engine).await;
     let u = lab.vms.user("user4@bm.example.com").unwrap();
     assert_eq!(
@@ -179,7 +181,7 @@ async fn safety_threshold_holds_until_approved() {
     lab.bm.data().accounts[0].phone = "+1 555".into();
     lab.bm.data().accounts[0].balance = "1.00".into(); // a non-destructive change still goes out
     let r = cycle(&engine).await;
-    assert_eq!(r.result, "held", "{r:?}");
+    assert_eq!(r.result, CycleResult::Held, "{r:?}");
     assert_eq!(r.held, 10);
     assert_eq!(
         lab.vms.user("user25@bm.example.com").unwrap().status,
@@ -190,10 +192,14 @@ async fn safety_threshold_holds_until_approved() {
         "+1555"
     );
     // Still held next cycle.
-    assert_eq!(cycle(&engine).await.result, "held");
-    engine.store.request("approve", None).await.unwrap();
+    assert_eq!(cycle(&engine).await.result, CycleResult::Held);
+    engine
+        .store
+        .request(RequestKind::Approve, None)
+        .await
+        .unwrap();
     let r = cycle(&engine).await;
-    assert_eq!(r.result, "ok", "{r:?}");
+    assert_eq!(r.result, CycleResult::Ok, "{r:?}");
     assert_eq!(
         lab.vms.user("user25@bm.example.com").unwrap().status,
         "blocked"
@@ -217,13 +223,13 @@ async fn empty_or_failing_source_deprovisions_nothing() {
     lab.ap.faults.always("accounts.json", Fault::Status(503));
     for _ in 0..3 {
         let r = cycle(&engine).await;
-        assert_eq!(r.result, "failed", "every source failed: {r:?}");
+        assert_eq!(r.result, CycleResult::Failed, "every source failed: {r:?}");
     }
     assert_eq!(lab.vms.data().users, snapshot);
     // One source failing, the other fine: partial, and still no deprovision.
     lab.bm.faults.clear();
     let r = cycle(&engine).await;
-    assert_eq!(r.result, "partial");
+    assert_eq!(r.result, CycleResult::Partial);
     assert_eq!(lab.vms.data().users, snapshot);
 }
 
@@ -235,7 +241,7 @@ async fn quarantine_and_release() {
         .force_422
         .insert("user2@bm.example.com".into());
     let r = cycle(&engine).await;
-    assert_eq!(r.result, "partial");
+    assert_eq!(r.result, CycleResult::Partial);
     assert_eq!(r.quarantined, 1);
     let q = engine.store.load_quarantine().await.unwrap();
     assert_eq!(q[0].key, "user2@bm.example.com");
@@ -252,7 +258,7 @@ async fn quarantine_and_release() {
         .await
         .unwrap();
     let r = cycle(&engine).await;
-    assert_eq!(r.result, "ok", "{r:?}");
+    assert_eq!(r.result, CycleResult::Ok, "{r:?}");
     assert!(lab.vms.user("user2@bm.example.com").is_some());
 }
 
@@ -270,7 +276,7 @@ async fn adopts_an_existing_login() {
         .unwrap();
     assert_eq!(resp.status(), 200);
     let r = cycle(&engine).await;
-    assert_eq!(r.result, "ok", "{r:?}");
+    assert_eq!(r.result, CycleResult::Ok, "{r:?}");
     let u = lab.vms.user("user2@bm.example.com").unwrap();
     assert_eq!(
         u.status, "active",
@@ -286,7 +292,7 @@ async fn retry_after_is_honoured() {
     lab.vms.faults.once("POST user/manage", Fault::TooMany(1));
     let t = Instant::now();
     let r = cycle(&engine).await;
-    assert_eq!(r.result, "ok", "{r:?}");
+    assert_eq!(r.result, CycleResult::Ok, "{r:?}");
     assert!(
         t.elapsed() >= Duration::from_millis(950),
         "waited {:?}",
@@ -312,7 +318,7 @@ async fn transient_faults_converge_over_cycles() {
         .faults
         .always("PATCH user/manage user6", Fault::Html200);
     let r = cycle(&engine).await;
-    assert_eq!(r.result, "partial", "{r:?}");
+    assert_eq!(r.result, CycleResult::Partial, "{r:?}");
     assert_eq!(r.pending, 4);
     let status = billsync::status::status_json(&engine.store).await.unwrap();
     assert_eq!(status["pending"].as_array().unwrap().len(), 4, "{status}");
@@ -321,7 +327,7 @@ async fn transient_faults_converge_over_cycles() {
     assert!(user6.permissions.is_empty(), "the attach was not confirmed");
     lab.vms.faults.clear();
     let r = cycle(&engine).await;
-    assert_eq!(r.result, "ok", "{r:?}");
+    assert_eq!(r.result, CycleResult::Ok, "{r:?}");
     assert_eq!(lab.vms.data().users.len(), 8);
     assert!(engine.store.load_retries().await.unwrap().is_empty());
     let applied = engine.store.load_applied().await.unwrap();
@@ -348,7 +354,7 @@ async fn circuit_breaker_stops_a_dead_vms() {
     .await;
     lab.vms.faults.always("", Fault::Status(502));
     let r = cycle(&engine).await;
-    assert_eq!(r.result, "failed", "{r:?}");
+    assert_eq!(r.result, CycleResult::Failed, "{r:?}");
     assert!(
         lab.vms.requests() < 12,
         "stopped early: {}",
@@ -356,7 +362,7 @@ async fn circuit_breaker_stops_a_dead_vms() {
     );
     assert_eq!(r.pending, 30);
     lab.vms.faults.clear();
-    assert_eq!(cycle(&engine).await.result, "ok");
+    assert_eq!(cycle(&engine).await.result, CycleResult::Ok);
     assert_eq!(lab.vms.data().users.len(), 30);
 }
 
@@ -485,7 +491,7 @@ async fn a_user_removed_by_hand_is_recreated() {
         },
     )
     .await;
-    assert_eq!(r.kind, "full");
+    assert_eq!(r.kind, CycleKind::Full);
     assert!(
         lab.vms.user("user3@bm.example.com").is_some(),
         "a full resync re-creates"
@@ -523,7 +529,10 @@ async fn named_resync_pushes_those_logins_in_full() {
     let before = lab.vms.requests();
     engine
         .store
-        .request("resync", Some(&["user2@bm.example.com".to_string()]))
+        .request(
+            RequestKind::Resync,
+            Some(&["user2@bm.example.com".to_string()]),
+        )
         .await
         .unwrap();
     let r = cycle(&engine).await;

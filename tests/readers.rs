@@ -10,12 +10,12 @@ use billsync::emulators::lab::Lab as World;
 use billsync::emulators::Fault;
 use billsync::engine::read::{read_source, ReadOptions, SourceRead};
 use billsync::http::ErrorClass;
-use billsync::sources::Source;
+use billsync::sources::{self, Source};
 use billsync::store::Store;
 use rust_decimal::Decimal;
 
 fn source(settings: &billsync::config::Settings, kind: SourceKind) -> Source {
-    Source::from_settings(settings)
+    sources::from_settings(settings)
         .unwrap()
         .into_iter()
         .find(|s| s.kind() == kind)
@@ -23,7 +23,7 @@ fn source(settings: &billsync::config::Settings, kind: SourceKind) -> Source {
 }
 
 fn normalizer(settings: &billsync::config::Settings, kind: SourceKind) -> Normalizer {
-    Normalizer::from_settings(settings, kind).unwrap()
+    settings.normalizer(kind).unwrap()
 }
 
 fn opts(full: bool) -> ReadOptions {

@@ -5,9 +5,8 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use crate::config::Settings;
-use crate::core::normalize::Normalizer;
 use crate::http;
-use crate::sources::Source;
+use crate::sources;
 
 pub async fn run(settings: Settings, connect: bool) -> u8 {
     println!("{}", settings.to_masked_toml());
@@ -16,7 +15,7 @@ pub async fn run(settings: Settings, connect: bool) -> u8 {
         return super::EXIT_OK;
     }
     let mut ok = true;
-    let sources = match Source::from_settings(&settings) {
+    let sources = match sources::from_settings(&settings) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("billsync: {e}");
@@ -25,7 +24,7 @@ pub async fn run(settings: Settings, connect: bool) -> u8 {
     };
     for source in &sources {
         let kind = source.kind();
-        let normalizer = match Normalizer::from_settings(&settings, kind) {
+        let normalizer = match settings.normalizer(kind) {
             Ok(n) => n,
             Err(e) => {
                 eprintln!("billsync: {e}");

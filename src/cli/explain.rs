@@ -1,15 +1,14 @@
 //! `explain LOGIN|SOURCE:ID [--json]`: one account traced like a
 //! provision-on-demand, from the state store, without touching any system.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 
 use chrono::Utc;
 use serde_json::{json, Value};
 
 use crate::config::Settings;
-use crate::core::desired::{self, CoreConfig, SourceInput};
+use crate::core::desired::{self, SourceInput};
 use crate::core::model::{AccountKey, SourceKind};
-use crate::core::normalize::Normalizer;
 use crate::core::plan::{self, Applied, PlanOptions};
 use crate::engine::report_entries;
 
@@ -50,11 +49,15 @@ async fn resolve(
             }));
         }
     }
-    if let Some((owner, _, _)) = store.desired_user(target).await? {
-        return Ok(Some(owner));
+    if let Some(row) = store.desired_user(target).await? {
+        return Ok(Some(row.owner));
     }
-    let applied = store.load_applied().await?;
-    Ok(applied.users.get(target).map(|a| a.owner.clone()))
+    let applied = store.load_applied_users(Some(&one(target))).await?;
+    Ok(applied.get(target).map(|a| a.owner.clone()))
+}
+
+fn one(login: &str) -> HashSet<String> {
+    HashSet::from([login.to_string()])
 }
 
 async fn explain(
@@ -77,8 +80,8 @@ async fn explain(
         Some(d) => stored.list.merged_with(d),
         None => stored.list.clone(),
     };
-    let core = CoreConfig::from_settings(settings);
-    let normalized = Normalizer::from_settings(settings, key.source).map(|n| n.account(&merged));
+    let core = settings.core_config();
+    let normalized = settings.normalizer(key.source).map(|n| n.account(&merged));
     let mut doc = json!({
         "target": target,
         "found": true,
@@ -125,18 +128,15 @@ async fn explain(
     let du = d.users.get(&login);
     doc["rules_matched"] = json!(du.map(|u| u.rules.clone()).unwrap_or_default());
     doc["desired"] = serde_json::to_value(du.map(|u| &u.state)).unwrap_or(Value::Null);
-    let all = store.load_applied().await?;
-    let mut applied = Applied::default();
-    if let Some(a) = all.users.get(&login) {
-        applied.users.insert(login.clone(), a.clone());
+    let mut applied = Applied {
+        users: store.load_applied_users(Some(&one(&login))).await?,
+        ..Default::default()
+    };
+    if let Some(name) = store.load_tree().await?.remove(&account.billing_id) {
+        applied.tree.insert(account.billing_id.clone(), name);
     }
-    if let Some(name) = all.tree.get(&account.billing_id) {
-        applied
-            .tree
-            .insert(account.billing_id.clone(), name.clone());
-    }
-    if let Some(w) = all.written.get(&key) {
-        applied.written.insert(key.clone(), w.clone());
+    if let Some(w) = store.load_written().await?.remove(&key) {
+        applied.written.insert(key.clone(), w);
     }
     doc["applied"] =
         serde_json::to_value(applied.users.get(&login).map(|a| &a.state)).unwrap_or(Value::Null);
@@ -155,14 +155,9 @@ async fn explain(
         .conflicts()
         .await?
         .into_iter()
-        .find(|(l, _)| *l == login);
-    doc["conflict"] = json!(conflict.map(|(_, s)| s));
-    doc["recent_audit"] = json!(store
-        .audit_of(&login, 10)
-        .await?
-        .into_iter()
-        .map(|(at, action, result, detail)| json!({"at": at, "action": action, "result": result, "detail": detail}))
-        .collect::<Vec<_>>());
+        .find(|c| c.login == login);
+    doc["conflict"] = json!(conflict.map(|c| c.sources));
+    doc["recent_audit"] = json!(store.audit_of(&login, 10).await?);
     Ok(doc)
 }
 

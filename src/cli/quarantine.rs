@@ -29,7 +29,7 @@ pub async fn run(settings: Settings, action: QuarantineAction) -> u8 {
                         println!(
                             "{}  {}  {}  {}",
                             q.key,
-                            q.part,
+                            q.part.as_str(),
                             q.since.to_rfc3339(),
                             q.error
                         );

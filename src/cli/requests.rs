@@ -2,6 +2,7 @@
 //! store, acted on by the running daemon or the next `sync`.
 
 use crate::config::Settings;
+use crate::store::{PlanState, RequestKind};
 
 pub async fn resync(settings: Settings, logins: Vec<String>) -> u8 {
     let store = match super::open_store(&settings).await {
@@ -9,7 +10,7 @@ pub async fn resync(settings: Settings, logins: Vec<String>) -> u8 {
         Err(code) => return code,
     };
     let named = (!logins.is_empty()).then_some(logins.as_slice());
-    match store.request("resync", named).await {
+    match store.request(RequestKind::Resync, named).await {
         Ok(_) => {
             match named {
                 None => {
@@ -34,9 +35,9 @@ pub async fn approve(settings: Settings) -> u8 {
     let held = store
         .plan_rows()
         .await
-        .map(|rows| rows.iter().filter(|(_, _, s)| s == "held").count())
+        .map(|rows| rows.iter().filter(|r| r.state == PlanState::Held).count())
         .unwrap_or(0);
-    match store.request("approve", None).await {
+    match store.request(RequestKind::Approve, None).await {
         Ok(_) => {
             println!(
                 "approval recorded: the next cycle sends its deprovisions whatever their number ({held} held now)"

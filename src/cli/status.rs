@@ -75,6 +75,13 @@ pub async fn run(settings: Settings, json: bool) -> u8 {
             println!("  ... and {} more (see --json)", items.len() - 50);
         }
     }
+    for n in list("notices") {
+        println!(
+            "notice ({}): {}",
+            n["at"].as_str().unwrap_or(""),
+            n["message"].as_str().unwrap_or("")
+        );
+    }
     if doc["resync_requested"].as_bool() == Some(true) {
         println!("a resync is requested and waits for the next cycle");
     }

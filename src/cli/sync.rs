@@ -1,6 +1,7 @@
 //! `sync [--full] [--dry-run] [--allow-deprovision] [--json]`: one cycle.
 
 use crate::config::Settings;
+use crate::core::cycle::CycleResult;
 use crate::engine::{CycleOptions, CycleReport, Engine};
 use crate::store::StateLock;
 
@@ -56,12 +57,13 @@ pub async fn run(
     exit_code(&report)
 }
 
+/// SPEC §4: 0 done, 1 work left, 3 aborted; a dry run that ran is 0.
 pub fn exit_code(r: &CycleReport) -> u8 {
-    match r.result.as_str() {
-        "failed" => super::EXIT_ABORTED,
+    match r.result {
+        CycleResult::Failed => super::EXIT_ABORTED,
         _ if r.dry_run => super::EXIT_OK,
-        "ok" => super::EXIT_OK,
-        _ => super::EXIT_UNFINISHED,
+        CycleResult::Ok => super::EXIT_OK,
+        CycleResult::Partial | CycleResult::Held => super::EXIT_UNFINISHED,
     }
 }
 

@@ -8,11 +8,10 @@ use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 
-use super::model::{Account, AccountKey, CanonicalStatus, SourceKind, UserState};
-use super::rules::{self, RuleContext};
-use crate::config::{OnDeleted, Rule, Settings};
+use super::model::{Account, AccountKey, CanonicalStatus, OnDeleted, SourceKind, UserState};
+use super::rules::{self, Rule, RuleContext};
 
-/// The settings the core reads, detached from the config types.
+/// The settings the core reads, in its own types (`Settings::core_config`).
 #[derive(Debug, Clone)]
 pub struct CoreConfig {
     pub priority: Vec<SourceKind>,
@@ -26,8 +25,8 @@ pub struct CoreConfig {
     pub on_deleted: OnDeleted,
     /// `Some(type)` when tree sync is on.
     pub tree_type: Option<String>,
-    /// ActivePlatform custom attribute to write the login to.
-    pub writeback_attribute: Option<String>,
+    /// Sources that take a write-back of the login, and into which attribute.
+    pub writeback: BTreeMap<SourceKind, String>,
 }
 
 impl Desired {
@@ -46,27 +45,6 @@ impl Desired {
             conflicts: self.conflicts.clone(),
             incomplete: self.incomplete.clone(),
             protected: self.protected.clone(),
-        }
-    }
-}
-
-impl CoreConfig {
-    pub fn from_settings(s: &Settings) -> Self {
-        Self {
-            priority: s.sources.priority.clone(),
-            missing_grace_cycles: s.daemon.missing_grace_cycles,
-            rules: s.permissions.rules.clone(),
-            managed: s.permissions.managed.clone(),
-            user_type: s.vms.user_type.clone(),
-            properties: s.vms.properties.clone(),
-            status_active: s.vms.status_active.clone(),
-            status_blocked: s.vms.status_blocked.clone(),
-            on_deleted: s.vms.on_deleted,
-            tree_type: s.vms.tree.enabled.then(|| s.vms.tree.kind.clone()),
-            writeback_attribute: s
-                .ap()
-                .map(|a| a.writeback_attribute.clone())
-                .filter(|a| !a.is_empty()),
         }
     }
 }
@@ -269,14 +247,13 @@ fn desired_user(
         gone: status == CanonicalStatus::Deleted,
     };
     let writeback_seen = cfg
-        .writeback_attribute
-        .as_ref()
-        .filter(|_| account.key.source == SourceKind::Activeplatform)
+        .writeback
+        .get(&account.key.source)
         .and_then(|a| account.attributes.remove(a));
     DesiredUser {
         login: account.login,
         owner: account.key,
-        hash: super::model::content_hash(&state),
+        hash: super::plan::state_hash(&state),
         state,
         rules: matched,
         writeback_seen,

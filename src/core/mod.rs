@@ -1,6 +1,8 @@
 //! The pure core: normalize -> desired state -> diff -> plan. No I/O here, so
-//! all of it is unit- and property-testable.
+//! all of it is unit- and property-testable. The core imports no adapter
+//! (sources, store, VMS client) and no config type: it takes its own.
 
+pub mod cycle;
 pub mod desired;
 pub mod model;
 pub mod normalize;

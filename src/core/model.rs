@@ -102,6 +102,26 @@ impl RawAccount {
     }
 }
 
+/// One row of a complete listing.
+#[derive(Debug, Clone)]
+pub struct ListedAccount {
+    pub raw: RawAccount,
+    /// Hash of the fields billsync uses from the list row: a change means
+    /// the details are fetched again.
+    pub row_hash: String,
+    /// The row as the source sent it (kept for `explain`); only for rows the
+    /// store does not already hold, so a large unchanged listing stays small.
+    pub row_json: Option<String>,
+}
+
+/// What a payment's raw status means; each source knows its own codes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PaymentState {
+    pub paid: bool,
+    /// No later change is expected (paid for good, returned, cancelled).
+    pub is_final: bool,
+}
+
 /// A payment as a source delivered it.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct RawPayment {
@@ -202,6 +222,14 @@ impl fmt::Display for Invalid {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}: {}", self.code.as_str(), self.detail)
     }
+}
+
+/// What happens to the VMS user of a deleted account (`vms.on_deleted`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnDeleted {
+    Block,
+    Delete,
 }
 
 /// A short, stable content hash (for change detection, not security).

@@ -8,8 +8,8 @@ use chrono::{DateTime, NaiveDate, NaiveDateTime, TimeZone, Utc};
 use rust_decimal::Decimal;
 
 use super::model::{
-    Account, AccountKey, CanonicalStatus, Invalid, InvalidCode, Payment, RawAccount, RawPayment,
-    SourceKind,
+    Account, AccountKey, CanonicalStatus, Invalid, InvalidCode, Payment, PaymentState, RawAccount,
+    RawPayment, SourceKind,
 };
 
 /// Longest text accepted for a number; longer is certainly not a balance.
@@ -115,33 +115,6 @@ impl Normalizer {
             billing_id: Template::parse(billing_id_template, &TEMPLATE_VARS)?,
             status_map: status_map.clone(),
         })
-    }
-
-    /// The normalizer of an enabled source.
-    pub fn from_settings(
-        settings: &crate::config::Settings,
-        kind: SourceKind,
-    ) -> Result<Self, String> {
-        match kind {
-            SourceKind::Billmanager => {
-                let c = settings.bm().ok_or("billmanager is not enabled")?;
-                Self::new(
-                    kind,
-                    &c.login_template,
-                    &c.billing_id_template,
-                    &c.status_map,
-                )
-            }
-            SourceKind::Activeplatform => {
-                let c = settings.ap().ok_or("activeplatform is not enabled")?;
-                Self::new(
-                    kind,
-                    &c.login_template,
-                    &c.billing_id_template,
-                    &c.status_map,
-                )
-            }
-        }
     }
 
     pub fn status(&self, raw: &str) -> Option<CanonicalStatus> {
@@ -372,27 +345,13 @@ pub fn parse_date(raw: &str) -> Option<DateTime<Utc>> {
     None
 }
 
-/// BILLmanager payment status codes (API-NOTES): 4 credited is the only
-/// paid one; 4, 6, 7 and 9 are final.
-fn bm_payment_state(code: &str) -> (bool, bool) {
-    match code.trim() {
-        "4" => (true, true),
-        "6" | "7" | "9" => (false, true),
-        _ => (false, false),
-    }
-}
-
-/// ActivePlatform payment statuses; the wire may use underscores.
-fn ap_payment_state(status: &str) -> (bool, bool) {
-    let s = status.trim().to_lowercase().replace('_', " ");
-    match s.as_str() {
-        "completed" | "receipt creating" | "receipt sent" => (true, s == "receipt sent"),
-        "cancelled" | "canceled" => (false, true),
-        _ => (false, false),
-    }
-}
-
-pub fn payment(source: SourceKind, raw: &RawPayment) -> Result<Payment, Invalid> {
+/// A raw payment to a normalized one; `state_of` is the source's own reading
+/// of its status vocabulary.
+pub fn payment(
+    source: SourceKind,
+    raw: &RawPayment,
+    state_of: impl Fn(&str) -> PaymentState,
+) -> Result<Payment, Invalid> {
     let id = raw.id.trim();
     if id.is_empty() {
         return Err(Invalid::new(
@@ -404,10 +363,7 @@ pub fn payment(source: SourceKind, raw: &RawPayment) -> Result<Payment, Invalid>
         .status
         .as_deref()
         .ok_or_else(|| Invalid::new(InvalidCode::MissingField, "payment without status"))?;
-    let (paid, is_final) = match source {
-        SourceKind::Billmanager => bm_payment_state(status),
-        SourceKind::Activeplatform => ap_payment_state(status),
-    };
+    let PaymentState { paid, is_final } = state_of(status);
     let amount = match raw.amount.as_deref() {
         Some(a) => parse_decimal(a)
             .map_err(|e| Invalid::new(InvalidCode::BadNumber, format!("payment amount: {e}")))?,
@@ -524,12 +480,19 @@ mod tests {
     }
 
     fn ap() -> Normalizer {
-        let cfg = crate::config::ActivePlatformSettings::default();
+        let status_map = [
+            ("active", CanonicalStatus::Active),
+            ("credit hold", CanonicalStatus::Suspended),
+            ("deleted", CanonicalStatus::Deleted),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
         Normalizer::new(
             SourceKind::Activeplatform,
-            &cfg.login_template,
-            &cfg.billing_id_template,
-            &cfg.status_map,
+            "{email}",
+            "{source}-{id}",
+            &status_map,
         )
         .unwrap()
     }
@@ -588,8 +551,16 @@ mod tests {
         );
     }
 
+    /// "4" paid for good, "2" still open: a stand-in for a source's codes.
+    fn codes(status: &str) -> PaymentState {
+        PaymentState {
+            paid: status == "4",
+            is_final: status == "4",
+        }
+    }
+
     #[test]
-    fn payments_paid_and_final() {
+    fn payments_take_the_sources_reading_dates_and_amounts() {
         let bm = RawPayment {
             id: "1".into(),
             account_name: Some("ACME".into()),
@@ -598,27 +569,30 @@ mod tests {
             created_date: Some("2026-11-20".into()),
             ..Default::default()
         };
-        let p = payment(SourceKind::Billmanager, &bm).unwrap();
+        let p = payment(SourceKind::Billmanager, &bm, codes).unwrap();
         assert!(p.paid && p.is_final);
         assert_eq!(p.amount, dec("20"));
         let mut pending = bm.clone();
         pending.status = Some("2".into());
-        let p = payment(SourceKind::Billmanager, &pending).unwrap();
+        let p = payment(SourceKind::Billmanager, &pending, codes).unwrap();
         assert!(!p.paid && !p.is_final);
         let ap = RawPayment {
             id: "9".into(),
             account_id: Some("5".into()),
-            status: Some("receipt_creating".into()),
+            status: Some("4".into()),
             amount: Some("15".into()),
             paid_date: Some("2026-11-20T10:00:00.000+03:00".into()),
             ..Default::default()
         };
-        let p = payment(SourceKind::Activeplatform, &ap).unwrap();
+        let p = payment(SourceKind::Activeplatform, &ap, codes).unwrap();
         assert!(p.paid);
         assert_eq!(p.paid_at.unwrap().to_rfc3339(), "2026-11-20T07:00:00+00:00");
         let mut orphan = ap.clone();
         orphan.account_id = None;
-        assert!(payment(SourceKind::Activeplatform, &orphan).is_err());
+        assert!(payment(SourceKind::Activeplatform, &orphan, codes).is_err());
+        let mut undated = ap.clone();
+        undated.paid_date = None;
+        assert!(payment(SourceKind::Activeplatform, &undated, codes).is_err());
     }
 
     proptest! {

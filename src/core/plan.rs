@@ -6,8 +6,30 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use serde::{Deserialize, Serialize};
 
 use super::desired::{CoreConfig, Desired};
-use super::model::{AccountKey, SourceKind, UserState};
-use crate::config::OnDeleted;
+use super::model::{AccountKey, OnDeleted, UserState};
+
+/// The fields of a user the diff compares, and nothing else. `user_type` is
+/// not among them: the VMS cannot change it for an existing user.
+#[derive(Serialize)]
+struct Compared<'a> {
+    status: &'a str,
+    billing_id: &'a str,
+    properties: &'a [(String, String)],
+    permissions: &'a BTreeSet<String>,
+    gone: bool,
+}
+
+/// The one definition of "changed": two states with equal hashes yield no
+/// operation, and two that yield none have equal hashes (property-tested).
+pub fn state_hash(s: &UserState) -> String {
+    super::model::content_hash(&Compared {
+        status: &s.status,
+        billing_id: &s.billing_id,
+        properties: &s.properties,
+        permissions: &s.permissions,
+        gone: s.gone,
+    })
+}
 
 /// What billsync last confirmed the VMS accepted for one login.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -298,9 +320,9 @@ pub fn plan(cfg: &CoreConfig, desired: &Desired, applied: &Applied, opts: &PlanO
             Some(_) => {}
         }
     }
-    if cfg.writeback_attribute.is_some() {
+    if !cfg.writeback.is_empty() {
         for (login, d) in &desired.users {
-            if d.owner.source != SourceKind::Activeplatform
+            if !cfg.writeback.contains_key(&d.owner.source)
                 || d.state.gone
                 || opts.skip.contains(login)
             {
@@ -369,8 +391,46 @@ pub fn apply_safety(
     }
 }
 
-/// The applied state after every op of `plan` succeeded: what the engine
-/// records, one 2xx at a time.
+/// What a VMS answer proved about one login.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Proof {
+    /// The user exists with the op's profile and no managed permission.
+    Created,
+    /// The user has the op's whole target state.
+    Updated,
+    /// The VMS no longer has the user (deleted, or it said it never knew it).
+    Removed,
+}
+
+impl Op {
+    /// The proofs a fully successful op collects, in order.
+    pub fn proofs(&self) -> &'static [Proof] {
+        match self.action {
+            Action::Create => &[Proof::Created, Proof::Updated],
+            Action::Update { .. } => &[Proof::Updated],
+            Action::Delete => &[Proof::Removed],
+        }
+    }
+}
+
+/// The applied record a proof leaves for the op's login (None: no record).
+/// The engine records through this, and `apply` below is built on it.
+pub fn applied_after(op: &Op, proof: Proof) -> Option<AppliedUser> {
+    let state = match proof {
+        Proof::Removed => return None,
+        Proof::Created => UserState {
+            permissions: Default::default(),
+            ..op.target.clone()
+        },
+        Proof::Updated => op.target.clone(),
+    };
+    Some(AppliedUser {
+        owner: op.owner.clone(),
+        state,
+    })
+}
+
+/// The applied state after every op of `plan` succeeded.
 pub fn apply(applied: &Applied, plan: &Plan) -> Applied {
     let mut out = applied.clone();
     for op in &plan.ops {
@@ -386,19 +446,11 @@ pub fn apply(applied: &Applied, plan: &Plan) -> Applied {
 }
 
 pub fn apply_op(applied: &mut Applied, op: &Op) {
-    match &op.action {
-        Action::Delete => {
-            applied.users.remove(&op.login);
-        }
-        Action::Create | Action::Update { .. } => {
-            applied.users.insert(
-                op.login.clone(),
-                AppliedUser {
-                    owner: op.owner.clone(),
-                    state: op.target.clone(),
-                },
-            );
-        }
+    for proof in op.proofs() {
+        match applied_after(op, *proof) {
+            Some(user) => applied.users.insert(op.login.clone(), user),
+            None => applied.users.remove(&op.login),
+        };
     }
 }
 
@@ -406,18 +458,62 @@ pub fn apply_op(applied: &mut Applied, op: &Op) {
 mod tests {
     use super::*;
     use crate::core::desired::{build, SourceInput};
-    use crate::core::model::{Account, CanonicalStatus};
+    use crate::core::model::{Account, CanonicalStatus, SourceKind};
     use chrono::Utc;
     use proptest::prelude::*;
     use rust_decimal::Decimal;
 
+    const MANAGED: [&str; 3] = [
+        "archives-show",
+        "archives-download",
+        "archives-preview-download",
+    ];
+
     fn cfg(on_deleted: OnDeleted) -> CoreConfig {
-        let s = crate::config::Settings::default();
-        let mut c = CoreConfig::from_settings(&s);
-        c.on_deleted = on_deleted;
-        c.tree_type = Some("cameras".into());
-        c.writeback_attribute = Some("vms_login".into());
-        c
+        let managed: Vec<String> = MANAGED.iter().map(|p| p.to_string()).collect();
+        CoreConfig {
+            priority: vec![SourceKind::Billmanager, SourceKind::Activeplatform],
+            missing_grace_cycles: 2,
+            rules: vec![crate::core::rules::Rule {
+                name: "paying".into(),
+                sources: vec![],
+                min_available: Some(Decimal::ZERO),
+                paid_within_days: 0,
+                attributes: Default::default(),
+                grant: managed.clone(),
+            }],
+            managed,
+            user_type: "b2c".into(),
+            properties: vec!["phone".into()],
+            status_active: "active".into(),
+            status_blocked: "blocked".into(),
+            on_deleted,
+            tree_type: Some("cameras".into()),
+            writeback: [(SourceKind::Activeplatform, "vms_login".to_string())].into(),
+        }
+    }
+
+    fn arb_state() -> impl Strategy<Value = UserState> {
+        (
+            prop_oneof![Just("b2c"), Just("b2b")],
+            prop_oneof![Just("active"), Just("blocked")],
+            0u8..3,
+            proptest::option::of(0u8..3),
+            proptest::collection::btree_set(proptest::sample::select(MANAGED.to_vec()), 0..=3),
+            any::<bool>(),
+        )
+            .prop_map(
+                |(user_type, status, billing, phone, perms, gone)| UserState {
+                    user_type: user_type.into(),
+                    status: status.into(),
+                    billing_id: format!("bm-{billing}"),
+                    properties: phone
+                        .map(|p| vec![("phone".to_string(), format!("+7{p}"))])
+                        .unwrap_or_default(),
+                    permissions: std::sync::Arc::new(perms.into_iter().map(String::from).collect()),
+                    gone,
+                },
+            )
     }
 
     fn account(
@@ -523,6 +619,17 @@ mod tests {
 
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(300))]
+
+        /// One definition of "changed": equal hashes exactly when the diff
+        /// finds nothing to send (SPEC §2.1 step 6; a setting the VMS cannot
+        /// apply, like `user_type`, must not make every user look changed).
+        #[test]
+        fn equal_hashes_iff_no_operation(applied in arb_state(), target in arb_state()) {
+            let cfg = cfg(OnDeleted::Block);
+            let owner = AccountKey { source: SourceKind::Billmanager, id: "1".into() };
+            let op = update_op(&cfg, "u@x", &owner, &applied, &target, false);
+            prop_assert_eq!(state_hash(&applied) == state_hash(&target), op.is_none(), "{:?}", op);
+        }
 
         /// Applying a plan to the applied state yields the desired state, and
         /// planning again yields nothing.

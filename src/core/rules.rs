@@ -2,12 +2,64 @@
 //! condition it states holds; the grant is the union over matching rules,
 //! limited to `permissions.managed`.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use chrono::{DateTime, Duration, Utc};
+use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
 
-use super::model::{Account, CanonicalStatus};
-use crate::config::Rule;
+use super::model::{Account, CanonicalStatus, SourceKind};
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Rule {
+    pub name: String,
+    #[serde(default)]
+    pub sources: Vec<SourceKind>,
+    /// balance + credit_limit must be >= this; omitted: no condition.
+    #[serde(default, with = "opt_decimal")]
+    pub min_available: Option<Decimal>,
+    #[serde(default)]
+    pub paid_within_days: u32,
+    #[serde(default)]
+    pub attributes: BTreeMap<String, String>,
+    #[serde(default)]
+    pub grant: Vec<String>,
+}
+
+/// Decimals arrive from TOML as floats or integers; keep them exact via text.
+mod opt_decimal {
+    use rust_decimal::Decimal;
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::str::FromStr;
+
+    pub fn serialize<S: Serializer>(v: &Option<Decimal>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(d) => s.serialize_str(&d.to_string()),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Decimal>, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Num {
+            I(i64),
+            F(f64),
+            S(String),
+        }
+        let parsed = match Option::<Num>::deserialize(d)? {
+            None => return Ok(None),
+            Some(Num::I(i)) => Decimal::from(i),
+            Some(Num::F(f)) => Decimal::from_str(&f.to_string())
+                .map_err(|_| serde::de::Error::custom("not a finite number"))?,
+            Some(Num::S(s)) => {
+                Decimal::from_str(s.trim()).map_err(|_| serde::de::Error::custom("not a number"))?
+            }
+        };
+        Ok(Some(parsed))
+    }
+}
 
 /// What a rule looks at besides the account.
 pub struct RuleContext<'a> {

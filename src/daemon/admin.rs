@@ -17,6 +17,7 @@ use chrono::Utc;
 use serde_json::{json, Value};
 
 use super::Shared;
+use crate::store::{LastCycle, RequestKind};
 use crate::telemetry::metrics;
 
 pub fn router(shared: Arc<Shared>) -> Router {
@@ -58,12 +59,15 @@ async fn healthz(State(s): State<Arc<Shared>>) -> Response {
     };
     let limit = s.period * 3;
     let uptime = s.started.elapsed();
-    let last = match s.store.last_cycle_result().await {
-        Ok(Some((result, at))) if at >= s.started_at => {
+    let last = match s.store.last_cycle().await {
+        Ok(Some(LastCycle {
+            result,
+            finished_at: at,
+        })) if at >= s.started_at => {
             let age = (Utc::now() - at).to_std().unwrap_or_default();
-            let good = ["ok", "partial", "held"].contains(&result.as_str()) && age <= limit;
+            let good = result.completed() && age <= limit;
             let due = uptime > limit;
-            let pass = good || !due && result != "failed";
+            let pass = good || !due && result.completed();
             ok &= pass;
             json!({"ok": pass, "result": result, "finished_at": at, "age_secs": age.as_secs(), "limit_secs": limit.as_secs()})
         }
@@ -175,7 +179,11 @@ async fn resync(
             Err(_) => return bad_request("body must be JSON: {\"logins\": [...]} or empty"),
         }
     };
-    match s.store.request("resync", logins.as_deref()).await {
+    match s
+        .store
+        .request(RequestKind::Resync, logins.as_deref())
+        .await
+    {
         Ok(id) => {
             s.wake.notify_one();
             (
@@ -196,7 +204,7 @@ async fn approve(State(s): State<Arc<Shared>>, headers: HeaderMap) -> Response {
     if let Err(r) = authorize(&s, &headers) {
         return r;
     }
-    match s.store.request("approve", None).await {
+    match s.store.request(RequestKind::Approve, None).await {
         Ok(id) => {
             s.wake.notify_one();
             (

@@ -15,8 +15,9 @@ use tokio::sync::{mpsc, watch, Notify};
 use tokio_cron_scheduler::{Job, JobScheduler};
 
 use crate::config::Settings;
+use crate::core::cycle::{CycleKind, CycleResult};
 use crate::engine::{CycleOptions, Engine, Progress};
-use crate::store::{StateLock, Store};
+use crate::store::{RequestKind, StateLock, Store};
 use crate::telemetry::metrics;
 
 /// What the loop, the scheduler and the admin server share.
@@ -31,21 +32,6 @@ pub struct Shared {
     pub started_at: DateTime<Utc>,
     /// The incremental schedule's period (for health).
     pub period: Duration,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kind {
-    Incremental,
-    Full,
-}
-
-impl Kind {
-    fn label(self) -> &'static str {
-        match self {
-            Kind::Incremental => "incremental",
-            Kind::Full => "full",
-        }
-    }
 }
 
 /// Seconds between two fires of a cron expression (with seconds).
@@ -108,7 +94,7 @@ pub async fn start(settings: Settings, resync: bool) -> Result<(Daemon, StateLoc
     }
     if resync {
         store
-            .request("resync", None)
+            .request(RequestKind::Resync, None)
             .await
             .map_err(|e| StartError::Other(e.to_string()))?;
     }
@@ -144,13 +130,16 @@ pub async fn start(settings: Settings, resync: bool) -> Result<(Daemon, StateLoc
     tracing::info!(admin = %admin_addr, state = %settings.daemon.state_path.display(), "billsync is running");
 
     // Schedules only send ticks; the loop runs the cycles, one at a time.
-    let (tick_tx, tick_rx) = mpsc::channel::<Kind>(1);
+    let (tick_tx, tick_rx) = mpsc::channel::<CycleKind>(1);
     let mut scheduler = JobScheduler::new()
         .await
         .map_err(|e| StartError::Other(format!("scheduler: {e}")))?;
-    let mut schedules = vec![(settings.daemon.schedule.clone(), Kind::Incremental)];
+    let mut schedules = vec![(settings.daemon.schedule.clone(), CycleKind::Incremental)];
     if !settings.daemon.full_resync_schedule.is_empty() {
-        schedules.push((settings.daemon.full_resync_schedule.clone(), Kind::Full));
+        schedules.push((
+            settings.daemon.full_resync_schedule.clone(),
+            CycleKind::Full,
+        ));
     }
     for (expr, kind) in schedules {
         let tx = tick_tx.clone();
@@ -160,15 +149,9 @@ pub async fn start(settings: Settings, resync: bool) -> Result<(Daemon, StateLoc
             let sh = sh.clone();
             Box::pin(async move {
                 if sh.running.load(Ordering::Relaxed) || tx.try_send(kind).is_err() {
-                    metrics::get()
-                        .cycles
-                        .get_or_create(&metrics::KindResult {
-                            kind: kind.label().into(),
-                            result: "skipped".into(),
-                        })
-                        .inc();
+                    metrics::get().cycle(kind, metrics::SKIPPED);
                     tracing::info!(
-                        kind = kind.label(),
+                        kind = kind.as_str(),
                         "a cycle is still running; this tick is skipped"
                     );
                 }
@@ -210,7 +193,7 @@ pub async fn start(settings: Settings, resync: bool) -> Result<(Daemon, StateLoc
 async fn cycle_loop(
     engine: Engine,
     shared: Arc<Shared>,
-    mut ticks: mpsc::Receiver<Kind>,
+    mut ticks: mpsc::Receiver<CycleKind>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let poll = Duration::from_secs(shared.settings.daemon.control_poll_secs.max(1));
@@ -240,7 +223,7 @@ async fn cycle_loop(
         let hb = shared.heartbeat.clone();
         let progress: Progress = Arc::new(move |_: &str, _, _| hb.beat());
         let opts = CycleOptions {
-            full: kind == Kind::Full,
+            full: kind.is_full(),
             progress: Some(progress),
             stop: Some(stop.clone()),
             ..Default::default()
@@ -263,13 +246,7 @@ async fn cycle_loop(
             Some(Ok(r)) => tracing::debug!(result = %r.result, "cycle done"),
             Some(Err(e)) => {
                 tracing::error!(error = %e, "cycle aborted");
-                metrics::get()
-                    .cycles
-                    .get_or_create(&metrics::KindResult {
-                        kind: kind.label().into(),
-                        result: "failed".into(),
-                    })
-                    .inc();
+                metrics::get().cycle(kind, CycleResult::Failed.as_str());
             }
             None => tracing::warn!("the cycle did not finish within the shutdown grace; its unfinished work is redone at the next start"),
         }
@@ -293,10 +270,10 @@ async fn stopped(rx: &mut watch::Receiver<bool>) {
 }
 
 /// A pending operator request, as the kind of cycle it asks for.
-async fn requested(store: &Store) -> Option<Kind> {
+async fn requested(store: &Store) -> Option<CycleKind> {
     match store.pending_requests().await {
-        Ok(r) if r.resync_all => Some(Kind::Full),
-        Ok(r) if r.approve || !r.resync_logins.is_empty() => Some(Kind::Incremental),
+        Ok(r) if r.resync_all => Some(CycleKind::Full),
+        Ok(r) if r.approve || !r.resync_logins.is_empty() => Some(CycleKind::Incremental),
         Ok(_) => None,
         Err(e) => {
             tracing::warn!(error = %e, "cannot read operator requests");

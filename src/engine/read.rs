@@ -1,23 +1,32 @@
-//! The read phase of a cycle, per source: list completely, fetch details for
-//! what is new or changed, read payments, persist, normalize. A failure makes
-//! the source *incomplete*: its known accounts are kept as the store has them,
-//! and nothing of it is deprovisioned.
+//! Phase 2, read, per source: list completely, read payments, fetch details
+//! for what is new or changed, persist, normalize. A failed listing or
+//! payment read makes the source *incomplete*: its known accounts are kept
+//! as the store has them, and nothing of it is deprovisioned. A failed
+//! detail call does not: that account alone is left out this cycle and its
+//! user left alone (`unusable`).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use chrono::{DateTime, Duration as ChronoDuration, Utc};
 use futures::StreamExt;
 
-use crate::core::model::{Account, Invalid, InvalidCode, RawAccount, SourceKind};
+use super::report::SourceSummary;
+use super::{Engine, EngineError, Intent, Progress};
+use crate::core::desired::SourceInput;
+use crate::core::model::{
+    Account, Invalid, InvalidCode, ListedAccount, Payment, RawAccount, SourceKind,
+};
 use crate::core::normalize::{self, Normalizer};
-use crate::sources::{BadRow, Details, ListedAccount, Source};
-use crate::store::Store;
+use crate::sources::{BadRow, Details, ListedPayment, Listing, PaymentListing, Source};
+use crate::store::{AccountIndexEntry, Store, StoreError};
 use crate::telemetry::metrics;
 
 /// Detail calls in flight per source.
 const DETAIL_CONCURRENCY: usize = 4;
 /// Details saved per transaction while they arrive.
 const DETAIL_BATCH: usize = 500;
+/// Used when a source section names no payment window.
+const DEFAULT_PAYMENT_WINDOW_DAYS: u32 = 3;
 
 #[derive(Debug, Clone)]
 pub struct ReadOptions {
@@ -58,6 +67,79 @@ pub struct SourceRead {
     pub unusable: Vec<String>,
 }
 
+/// Every source's contribution to a cycle.
+pub struct Reads {
+    pub inputs: BTreeMap<SourceKind, SourceInput>,
+    pub summaries: BTreeMap<String, SourceSummary>,
+    pub invalid: usize,
+}
+
+impl Engine {
+    /// Reads every enabled source, in priority order.
+    pub(super) async fn read_all(
+        &self,
+        store: &Store,
+        intent: &Intent,
+        progress: Option<&Progress>,
+    ) -> Result<Reads, EngineError> {
+        let history = self.core.rules.iter().map(|r| r.paid_within_days).max();
+        let mut out = Reads {
+            inputs: BTreeMap::new(),
+            summaries: BTreeMap::new(),
+            invalid: 0,
+        };
+        for source in &self.sources {
+            let kind = source.kind();
+            let window = self
+                .settings
+                .source(kind)
+                .map(|s| s.common.payment_window_days);
+            let opts = ReadOptions {
+                full: intent.kind.is_full(),
+                payment_window_days: window.unwrap_or(DEFAULT_PAYMENT_WINDOW_DAYS),
+                paid_history_days: history.unwrap_or(0),
+                now: intent.started,
+            };
+            let label = format!("reading {kind}");
+            let cb = |n: usize| {
+                if let Some(p) = progress {
+                    p(&label, n as u64, None);
+                }
+            };
+            let r = read_source(store, source, &self.normalizers[&kind], &opts, &cb).await?;
+            out.add(kind, r);
+        }
+        Ok(out)
+    }
+}
+
+impl Reads {
+    fn add(&mut self, kind: SourceKind, r: SourceRead) {
+        self.invalid += r.invalid.len();
+        let summary = SourceSummary {
+            accounts: r.listed,
+            complete: r.complete,
+            error: r.error,
+        };
+        self.summaries.insert(kind.as_str().to_string(), summary);
+        let mut protected: HashSet<String> = r
+            .invalid
+            .into_iter()
+            .filter(|i| i.kind == "account")
+            .map(|i| i.id)
+            .collect();
+        protected.extend(r.unusable);
+        let input = SourceInput {
+            complete: r.complete,
+            accounts: r.accounts,
+            missing: r.missing,
+            last_paid: r.last_paid,
+            protected,
+        };
+        self.inputs.insert(kind, input);
+    }
+}
+
 fn bad_rows(rows: Vec<BadRow>, kind: &'static str) -> Vec<InvalidRecord> {
     rows.into_iter()
         .map(|b| InvalidRecord {
@@ -74,12 +156,57 @@ pub async fn read_source(
     normalizer: &Normalizer,
     opts: &ReadOptions,
     progress: &(dyn Fn(usize) + Sync),
-) -> Result<SourceRead, crate::store::StoreError> {
+) -> Result<SourceRead, StoreError> {
     let kind = source.kind();
     let t0 = std::time::Instant::now();
     let index = store.account_index(kind).await?;
     let mut out = SourceRead::default();
+    let (mut listing, payments) = match list(source, &index, opts, progress).await {
+        Ok(read) => read,
+        Err(error) => return incomplete(store, kind, normalizer, out, error).await,
+    };
+    out.listed = listing.accounts.len();
+    debug_step(kind, "listed", t0);
+    out.invalid
+        .extend(bad_rows(std::mem::take(&mut listing.bad), "account"));
+    out.invalid.extend(bad_rows(payments.bad, "payment"));
+    let (paid, to_save) =
+        new_payments(store, source, payments.payments, &listing, &mut out).await?;
+    let wanted = wanted_details(source, &mut listing, &index, &paid, opts.full);
+    // The listing goes to the store first (rows awaiting details without
+    // their hash, so a crash re-asks), then the payments that asked for
+    // them; the listing leaves memory before the detail calls.
+    store
+        .save_listing(kind, &listing.accounts, &index, opts.now)
+        .await?;
+    store.save_payments(&to_save, opts.now).await?;
+    drop(listing);
+    let expected = index.len().max(out.listed);
+    drop(index);
+    let gone = fetch_details(store, source, wanted, opts.now, &mut out).await?;
+    debug_step(kind, "saved", t0);
+    out.accounts.reserve_exact(expected);
+    normalize_stored(store, source, normalizer, &gone, &mut out).await?;
+    debug_step(kind, "normalized", t0);
+    out.last_paid = store.last_paid(kind).await?;
+    out.complete = true;
+    finish(store, kind, &mut out).await?;
+    Ok(out)
+}
 
+fn debug_step(kind: SourceKind, what: &str, t0: std::time::Instant) {
+    tracing::debug!(source = %kind, ms = t0.elapsed().as_millis() as u64, rss_mb = ?crate::telemetry::rss_mb(), "{what}");
+}
+
+/// The complete listing and the payment window; the error text of the first
+/// read that failed. An empty listing while the store knows accounts is a
+/// failed read.
+async fn list(
+    source: &Source,
+    index: &HashMap<String, AccountIndexEntry>,
+    opts: &ReadOptions,
+    progress: &(dyn Fn(usize) + Sync),
+) -> Result<(Listing, PaymentListing), String> {
     // Only rows the store lacks keep their JSON in memory.
     let keep = |id: &str, hash: &str| index.get(id).is_none_or(|k| k.row_hash != hash);
     let listing = match source.list_accounts(progress, &keep).await {
@@ -89,114 +216,107 @@ pub async fn read_source(
         )),
         Ok(l) => Ok(l),
         Err(e) => Err(format!("account listing failed: {e}")),
-    };
-    let mut listing = match listing {
-        Ok(l) => l,
-        Err(error) => return incomplete(store, kind, normalizer, out, error).await,
-    };
-    out.listed = listing.accounts.len();
-    tracing::debug!(source = %kind, ms = t0.elapsed().as_millis() as u64, rss_mb = ?crate::telemetry::rss_mb(), "listed");
-    out.invalid
-        .extend(bad_rows(std::mem::take(&mut listing.bad), "account"));
-
-    // Payments: new or changed ones also trigger a detail fetch.
-    let days = if opts.full {
-        opts.payment_window_days.max(opts.paid_history_days)
-    } else {
-        opts.payment_window_days
+    }?;
+    let days = match opts.full {
+        true => opts.payment_window_days.max(opts.paid_history_days),
+        false => opts.payment_window_days,
     };
     let today = opts.now.date_naive();
     let since = today - ChronoDuration::days(i64::from(days));
-    let payments = match source.payments(since, today).await {
-        Ok(p) => p,
-        Err(e) => {
-            return incomplete(
-                store,
-                kind,
-                normalizer,
-                out,
-                format!("payment listing failed: {e}"),
-            )
-            .await
-        }
-    };
-    out.invalid.extend(bad_rows(payments.bad, "payment"));
-    let pay_index = store.payment_index(kind).await?;
+    let payments = source
+        .payments(since, today)
+        .await
+        .map_err(|e| format!("payment listing failed: {e}"))?;
+    Ok((listing, payments))
+}
+
+/// New and changed payments, normalized, and the accounts they belong to
+/// (whose details are fetched again).
+async fn new_payments(
+    store: &Store,
+    source: &Source,
+    payments: Vec<ListedPayment>,
+    listing: &Listing,
+    out: &mut SourceRead,
+) -> Result<(HashSet<String>, Vec<(Payment, String)>), StoreError> {
+    let kind = source.kind();
+    let known = store.payment_index(kind).await?;
     let names = unique_names(&listing.accounts);
-    let mut paid_accounts: HashSet<String> = HashSet::new();
+    let mut paid_accounts = HashSet::new();
     let mut to_save = vec![];
-    for lp in payments.payments {
-        if pay_index.get(&lp.raw.id) == Some(&lp.row_hash) {
+    for lp in payments {
+        if known.get(&lp.raw.id) == Some(&lp.row_hash) {
             continue;
         }
-        match normalize::payment(kind, &lp.raw) {
-            Ok(mut p) => {
-                if p.account_id.is_none() {
-                    match p.account_name.as_ref().and_then(|n| names.get(n)) {
-                        Some(Some(id)) => p.account_id = Some(id.clone()),
-                        _ => {
-                            out.invalid.push(InvalidRecord {
-                                id: p.id.clone(),
-                                kind: "payment",
-                                invalid: Invalid::new(
-                                    InvalidCode::UnknownAccount,
-                                    "payment's account_name matches no single account",
-                                ),
-                            });
-                            continue;
-                        }
-                    }
-                }
-                if let Some(a) = &p.account_id {
-                    paid_accounts.insert(a.clone());
-                }
-                to_save.push((p, lp.row_hash));
+        let normalized = normalize::payment(kind, &lp.raw, |s| source.payment_state(s));
+        let mut p = match normalized {
+            Ok(p) => p,
+            Err(invalid) => {
+                out.invalid
+                    .push(invalid_payment(lp.raw.id.clone(), invalid));
+                continue;
             }
-            Err(invalid) => out.invalid.push(InvalidRecord {
-                id: lp.raw.id.clone(),
-                kind: "payment",
-                invalid,
-            }),
-        }
-    }
-
-    // Details for what is new, changed, never detailed, or newly paid.
-    let wanted: Vec<(String, String)> = listing
-        .accounts
-        .iter()
-        .filter(|a| source.needs_details(&a.raw) || opts.full)
-        .filter(|a| {
-            opts.full
-                || match index.get(&a.raw.id) {
-                    None => true,
-                    Some(k) => k.row_hash != a.row_hash || !k.has_details,
+        };
+        if p.account_id.is_none() {
+            match p.account_name.as_ref().and_then(|n| names.get(n)) {
+                Some(Some(id)) => p.account_id = Some(id.clone()),
+                _ => {
+                    let why = "payment's account_name matches no single account";
+                    let invalid = Invalid::new(InvalidCode::UnknownAccount, why);
+                    out.invalid.push(invalid_payment(p.id.clone(), invalid));
+                    continue;
                 }
-                || paid_accounts.contains(&a.raw.id)
-        })
-        .map(|a| (a.raw.id.clone(), a.row_hash.clone()))
-        .collect();
-    // Rows awaiting details are stored with no hash until their details are:
-    // a crash in between makes the next cycle ask again.
-    let awaiting: HashSet<&str> = wanted.iter().map(|(id, _)| id.as_str()).collect();
+            }
+        }
+        paid_accounts.extend(p.account_id.clone());
+        to_save.push((p, lp.row_hash));
+    }
+    Ok((paid_accounts, to_save))
+}
+
+fn invalid_payment(id: String, invalid: Invalid) -> InvalidRecord {
+    InvalidRecord {
+        id,
+        kind: "payment",
+        invalid,
+    }
+}
+
+/// `(id, row hash)` of the accounts whose details are fetched: new, changed,
+/// never detailed or newly paid (all on a full read). Their rows are stored
+/// with no hash until their details are: a crash in between re-asks.
+fn wanted_details(
+    source: &Source,
+    listing: &mut Listing,
+    index: &HashMap<String, AccountIndexEntry>,
+    paid: &HashSet<String>,
+    full: bool,
+) -> Vec<(String, String)> {
+    let stale = |a: &ListedAccount| match index.get(&a.raw.id) {
+        None => true,
+        Some(k) => k.row_hash != a.row_hash || !k.has_details,
+    };
+    let mut wanted = vec![];
     for a in listing.accounts.iter_mut() {
-        if awaiting.contains(a.raw.id.as_str()) {
-            a.row_hash = String::new();
+        let due = full || stale(a) || paid.contains(&a.raw.id);
+        if (full || source.needs_details(&a.raw)) && due {
+            wanted.push((a.raw.id.clone(), std::mem::take(&mut a.row_hash)));
         }
     }
-    drop(awaiting);
-    // The listing goes to the store first so it can leave memory before the
-    // detail calls; details are saved in batches as they arrive.
-    store
-        .save_listing(kind, &listing.accounts, &index, opts.now)
-        .await?;
-    store.save_payments(&to_save, opts.now).await?;
-    drop(listing);
-    let expected = index.len().max(out.listed);
-    drop(index);
-    let mut batch: Vec<(String, String, RawAccount)> = Vec::with_capacity(DETAIL_BATCH);
-    let mut failed: HashSet<String> = HashSet::new();
-    let mut gone: HashSet<String> = HashSet::new();
+    wanted
+}
+
+/// Fetches details with bounded concurrency, saving them in batches.
+/// Returns the ids the source says are gone.
+async fn fetch_details(
+    store: &Store,
+    source: &Source,
+    wanted: Vec<(String, String)>,
+    now: DateTime<Utc>,
+    out: &mut SourceRead,
+) -> Result<HashSet<String>, StoreError> {
     type Fetched = (String, String, Result<Details, crate::http::FetchError>);
+    let kind = source.kind();
     let mut results = futures::stream::iter(wanted.into_iter().map(
         |(id, hash)| -> futures::future::BoxFuture<'_, Fetched> {
             Box::pin(async move {
@@ -206,65 +326,63 @@ pub async fn read_source(
         },
     ))
     .buffer_unordered(DETAIL_CONCURRENCY);
-    let mut detail_error = None;
+    let mut batch: Vec<(String, String, RawAccount)> = Vec::with_capacity(DETAIL_BATCH);
+    let (mut gone, mut failed) = (HashSet::new(), 0usize);
+    let mut first_error = None;
     while let Some((id, hash, r)) = results.next().await {
         out.detail_calls += 1;
         match r {
-            Ok(Details::Found(raw)) => {
-                batch.push((id, hash, raw));
-                // The buffered futures hold no pool connection: safe to await.
-                if batch.len() >= DETAIL_BATCH {
-                    store.save_details(kind, &batch, opts.now).await?;
-                    batch.clear();
-                }
-            }
+            Ok(Details::Found(raw)) => batch.push((id, hash, raw)),
             Ok(Details::Gone) => {
                 gone.insert(id);
             }
             Err(e) => {
-                detail_error.get_or_insert_with(|| e.to_string());
-                failed.insert(id);
+                first_error.get_or_insert_with(|| e.to_string());
+                failed += 1;
             }
+        }
+        // The buffered futures hold no pool connection: safe to await.
+        if batch.len() >= DETAIL_BATCH {
+            store.save_details(kind, &batch, now).await?;
+            batch.clear();
         }
     }
     drop(results);
-    store.save_details(kind, &batch, opts.now).await?;
-    drop(batch);
-    if let Some(e) = &detail_error {
-        tracing::warn!(source = %kind, failed = failed.len(), error = %e, "some account details could not be read; retried next cycle");
+    store.save_details(kind, &batch, now).await?;
+    if let Some(e) = &first_error {
+        tracing::warn!(source = %kind, failed, error = %e, "some account details could not be read; retried next cycle");
     }
-    tracing::debug!(source = %kind, ms = t0.elapsed().as_millis() as u64, rss_mb = ?crate::telemetry::rss_mb(), "saved");
-    out.accounts.reserve_exact(expected);
-    // Normalize from the store, one row at a time: list rows merged with
-    // details; absent accounts come with their missing count.
+    Ok(gone)
+}
+
+/// Normalizes from the store, one row at a time: list rows merged with
+/// details; absent accounts come with their missing count.
+async fn normalize_stored(
+    store: &Store,
+    source: &Source,
+    normalizer: &Normalizer,
+    gone: &HashSet<String>,
+    out: &mut SourceRead,
+) -> Result<(), StoreError> {
     store
-        .scan_accounts(kind, |list, details, missing| {
+        .scan_accounts(source.kind(), |list, details, missing| {
             let id = list.id.clone();
             if missing > 0 {
                 out.missing.insert(id, missing);
-                let merged = match &details {
-                    Some(d) => list.merged_with(d),
-                    None => list,
-                };
-                if let Ok(acc) = normalizer.account(&merged) {
-                    out.accounts.push(acc);
-                }
+                let merged = merge(list, details);
+                out.accounts.extend(normalizer.account(&merged).ok());
                 return;
             }
             if gone.contains(&id) {
                 out.unusable.push(id);
                 return;
             }
-            let merged = match &details {
-                Some(d) => list.merged_with(d),
-                None if source.needs_details(&list) => {
-                    out.details_unavailable += 1;
-                    out.unusable.push(id);
-                    return;
-                }
-                None => list,
-            };
-            match normalizer.account(&merged) {
+            if details.is_none() && source.needs_details(&list) {
+                out.details_unavailable += 1;
+                out.unusable.push(id);
+                return;
+            }
+            match normalizer.account(&merge(list, details)) {
                 Ok(acc) => out.accounts.push(acc),
                 Err(invalid) => out.invalid.push(InvalidRecord {
                     id,
@@ -273,12 +391,14 @@ pub async fn read_source(
                 }),
             }
         })
-        .await?;
-    tracing::debug!(source = %kind, ms = t0.elapsed().as_millis() as u64, rss_mb = ?crate::telemetry::rss_mb(), "normalized");
-    out.last_paid = store.last_paid(kind).await?;
-    out.complete = true;
-    finish(store, kind, &mut out).await?;
-    Ok(out)
+        .await
+}
+
+fn merge(list: RawAccount, details: Option<RawAccount>) -> RawAccount {
+    match &details {
+        Some(d) => list.merged_with(d),
+        None => list,
+    }
 }
 
 /// Accounts by name, `None` where a name is shared (ambiguous).
@@ -300,7 +420,7 @@ async fn incomplete(
     normalizer: &Normalizer,
     mut out: SourceRead,
     error: String,
-) -> Result<SourceRead, crate::store::StoreError> {
+) -> Result<SourceRead, StoreError> {
     tracing::warn!(source = %kind, error = %error, "source read failed; it is incomplete this cycle");
     store.record_source_error(kind, &error).await?;
     store
@@ -308,13 +428,8 @@ async fn incomplete(
             if missing > 0 {
                 out.missing.insert(list.id.clone(), missing);
             }
-            let merged = match &details {
-                Some(d) => list.merged_with(d),
-                None => list,
-            };
-            if let Ok(acc) = normalizer.account(&merged) {
-                out.accounts.push(acc);
-            }
+            out.accounts
+                .extend(normalizer.account(&merge(list, details)).ok());
         })
         .await?;
     out.last_paid = store.last_paid(kind).await?;
@@ -323,11 +438,7 @@ async fn incomplete(
     Ok(out)
 }
 
-async fn finish(
-    store: &Store,
-    kind: SourceKind,
-    out: &mut SourceRead,
-) -> Result<(), crate::store::StoreError> {
+async fn finish(store: &Store, kind: SourceKind, out: &mut SourceRead) -> Result<(), StoreError> {
     let m = metrics::get();
     m.source_accounts
         .get_or_create(&metrics::Source {

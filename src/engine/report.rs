@@ -5,6 +5,8 @@ use std::collections::BTreeMap;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+use super::{Intent, Planned};
+use crate::core::cycle::{CycleKind, CycleResult};
 use crate::core::desired::{CoreConfig, Desired};
 use crate::core::plan::{Action, Plan};
 
@@ -34,8 +36,8 @@ pub struct PlanEntry {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CycleReport {
-    pub kind: String,
-    pub result: String,
+    pub kind: CycleKind,
+    pub result: CycleResult,
     pub dry_run: bool,
     pub started_at: DateTime<Utc>,
     pub finished_at: DateTime<Utc>,
@@ -51,18 +53,8 @@ pub struct CycleReport {
     pub plan: Vec<PlanEntry>,
 }
 
-impl CycleReport {
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        kind: &str,
-        dry_run: bool,
-        started_at: DateTime<Utc>,
-        sources: BTreeMap<String, SourceSummary>,
-        invalid: usize,
-        desired: &Desired,
-        plan: &Plan,
-        _core: &CoreConfig,
-    ) -> Self {
+impl OperationCounts {
+    fn of(plan: &Plan) -> Self {
         let mut ops = OperationCounts::default();
         for op in &plan.ops {
             match op.action {
@@ -79,18 +71,31 @@ impl CycleReport {
             }
         }
         ops.writeback = plan.writebacks.len();
+        ops
+    }
+}
+
+impl CycleReport {
+    /// The report of a planned cycle; the push and `finish` fill in the rest.
+    pub fn new(
+        intent: &Intent,
+        sources: BTreeMap<String, SourceSummary>,
+        invalid: usize,
+        desired: &Desired,
+        planned: &Planned,
+    ) -> Self {
         Self {
-            kind: kind.into(),
-            result: String::new(),
-            dry_run,
-            started_at,
-            finished_at: started_at,
+            kind: intent.kind,
+            result: CycleResult::Ok,
+            dry_run: intent.dry_run,
+            started_at: intent.started,
+            finished_at: intent.started,
             sources,
-            operations: ops,
+            operations: OperationCounts::of(&planned.plan),
             applied: 0,
             pending: 0,
             quarantined: 0,
-            held: plan.held.len(),
+            held: planned.plan.held.len(),
             invalid,
             conflicts: desired.conflicts.len(),
             plan: vec![],

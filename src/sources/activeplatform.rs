@@ -8,11 +8,14 @@ use chrono::NaiveDate;
 use serde_json::{Map, Value};
 use url::Url;
 
+use async_trait::async_trait;
+
 use super::{
-    json_text, with_retry, BadRow, Details, ListedAccount, ListedPayment, Listing, PaymentListing,
+    json_text, with_retry, BadRow, BillingSource, Details, ListedAccount, ListedPayment, Listing,
+    PaymentListing, WriteBack,
 };
 use crate::config::{ActivePlatformSettings, Secret};
-use crate::core::model::{RawAccount, RawPayment, SourceKind};
+use crate::core::model::{PaymentState, RawAccount, RawPayment, SourceKind};
 use crate::http::{self, FetchError};
 use crate::telemetry::metrics;
 
@@ -23,23 +26,25 @@ pub struct ActivePlatformClient {
     base: Url,
     token: Secret,
     page_size: u32,
+    writeback_attribute: Option<String>,
 }
 
 impl ActivePlatformClient {
     pub fn new(cfg: &ActivePlatformSettings) -> anyhow::Result<Self> {
         let http = http::build_client(http::ClientOptions {
-            timeout: Duration::from_secs(cfg.timeout_secs),
-            ca_file: &cfg.ca_file,
-            insecure: cfg.insecure_skip_tls_verify,
+            timeout: Duration::from_secs(cfg.common.timeout_secs),
+            ca_file: &cfg.common.ca_file,
+            insecure: cfg.common.insecure_skip_tls_verify,
             headers: Default::default(),
             pool_size: 4,
         })?;
-        let base = http::base_url(&cfg.url)?;
+        let base = http::base_url(&cfg.common.url)?;
         Ok(Self {
             http,
             base,
             token: cfg.api_token.clone(),
             page_size: cfg.page_size,
+            writeback_attribute: Some(cfg.writeback_attribute.clone()).filter(|a| !a.is_empty()),
         })
     }
 
@@ -146,8 +151,32 @@ impl ActivePlatformClient {
         }
         Ok((out, bad, requests))
     }
+}
 
-    pub async fn list_accounts(
+#[async_trait]
+impl BillingSource for ActivePlatformClient {
+    fn kind(&self) -> SourceKind {
+        SourceKind::Activeplatform
+    }
+
+    /// A detail GET only when the list row lacks e-mail or status.
+    fn needs_details(&self, raw: &RawAccount) -> bool {
+        raw.email.is_none() || raw.status.is_none()
+    }
+
+    /// `completed` and the two `receipt …` states are paid; the wire may use
+    /// underscores.
+    fn payment_state(&self, status: &str) -> PaymentState {
+        payment_state(status)
+    }
+
+    fn writeback(&self) -> Option<&dyn WriteBack> {
+        self.writeback_attribute
+            .as_ref()
+            .map(|_| self as &dyn WriteBack)
+    }
+
+    async fn list_accounts(
         &self,
         progress: &(dyn Fn(usize) + Sync),
         keep: super::KeepRow<'_>,
@@ -168,7 +197,7 @@ impl ActivePlatformClient {
         })
     }
 
-    pub async fn first_page(&self) -> Result<Listing, FetchError> {
+    async fn first_page(&self) -> Result<Listing, FetchError> {
         let (accounts, bad, requests) = self
             .page_all("api/vendor/v1/accounts.json", &[], &|_| {}, 1, |row, id| {
                 account_row(row, id, &|_, _| true)
@@ -181,7 +210,7 @@ impl ActivePlatformClient {
         })
     }
 
-    pub async fn details(&self, id: &str) -> Result<Details, FetchError> {
+    async fn details(&self, id: &str) -> Result<Details, FetchError> {
         let path = format!("api/vendor/v1/accounts/{}.json", urlencode(id));
         match with_retry(|| self.get(&path, &[])).await {
             Ok(body) => {
@@ -209,7 +238,12 @@ impl ActivePlatformClient {
         }
     }
 
-    pub async fn payments(&self, since: NaiveDate) -> Result<PaymentListing, FetchError> {
+    /// `filters[updated_at]` takes one date; what comes back is kept.
+    async fn payments(
+        &self,
+        since: NaiveDate,
+        _until: NaiveDate,
+    ) -> Result<PaymentListing, FetchError> {
         let extra = [("filters[updated_at]", since.format("%Y-%m-%d").to_string())];
         let (payments, bad, _) = self
             .page_all(
@@ -236,14 +270,13 @@ impl ActivePlatformClient {
             .await?;
         Ok(PaymentListing { payments, bad })
     }
+}
 
-    /// Stores `value` in the custom attribute `key` (SPEC §2.2 write-back).
-    pub async fn write_attribute(
-        &self,
-        id: &str,
-        key: &str,
-        value: &str,
-    ) -> Result<(), FetchError> {
+#[async_trait]
+impl WriteBack for ActivePlatformClient {
+    /// Stores the login in the configured custom attribute (SPEC §2.2).
+    async fn write_login(&self, id: &str, value: &str) -> Result<(), FetchError> {
+        let key = self.writeback_attribute.clone().unwrap_or_default();
         let url = self.endpoint(&format!("api/vendor/v1/accounts/{}.json", urlencode(id)))?;
         let form = [
             ("custom_attributes[][key]", key.to_string()),
@@ -261,6 +294,16 @@ impl ActivePlatformClient {
             .body(body);
         self.request(req).await.map(|_| ())
     }
+}
+
+fn payment_state(status: &str) -> PaymentState {
+    let s = status.trim().to_lowercase().replace('_', " ");
+    let (paid, is_final) = match s.as_str() {
+        "completed" | "receipt creating" | "receipt sent" => (true, s == "receipt sent"),
+        "cancelled" | "canceled" => (false, true),
+        _ => (false, false),
+    };
+    PaymentState { paid, is_final }
 }
 
 fn serde_urlencoded_pairs(pairs: &[(&str, String)]) -> String {

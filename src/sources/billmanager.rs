@@ -10,9 +10,14 @@ use serde_json::{Map, Value};
 use tokio::sync::Mutex;
 use url::Url;
 
-use super::{with_retry, BadRow, Details, ListedAccount, ListedPayment, Listing, PaymentListing};
+use async_trait::async_trait;
+
+use super::{
+    with_retry, BadRow, BillingSource, Details, ListedAccount, ListedPayment, Listing,
+    PaymentListing,
+};
 use crate::config::{BillmanagerSettings, BmAuthMode, Secret};
-use crate::core::model::{RawAccount, RawPayment, SourceKind};
+use crate::core::model::{PaymentState, RawAccount, RawPayment, SourceKind};
 use crate::core::normalize::parse_decimal;
 use crate::http::{self, FetchError};
 use crate::telemetry::metrics;
@@ -36,15 +41,15 @@ type Doc = Map<String, Value>;
 impl BillmanagerClient {
     pub fn new(cfg: &BillmanagerSettings) -> anyhow::Result<Self> {
         let http = http::build_client(http::ClientOptions {
-            timeout: Duration::from_secs(cfg.timeout_secs),
-            ca_file: &cfg.ca_file,
-            insecure: cfg.insecure_skip_tls_verify,
+            timeout: Duration::from_secs(cfg.common.timeout_secs),
+            ca_file: &cfg.common.ca_file,
+            insecure: cfg.common.insecure_skip_tls_verify,
             headers: Default::default(),
             pool_size: 4,
         })?;
         Ok(Self {
             http,
-            url: Url::parse(&cfg.url)?,
+            url: Url::parse(&cfg.common.url)?,
             username: cfg.username.clone(),
             password: cfg.password.clone(),
             mode: cfg.auth_mode,
@@ -235,8 +240,27 @@ impl BillmanagerClient {
         }
         Ok((out, bad, requests))
     }
+}
 
-    pub async fn list_accounts(
+#[async_trait]
+impl BillingSource for BillmanagerClient {
+    fn kind(&self) -> SourceKind {
+        SourceKind::Billmanager
+    }
+
+    /// The list has neither e-mail nor phone, and the credit limit comes
+    /// from subaccounts: every account needs its details.
+    fn needs_details(&self, _raw: &RawAccount) -> bool {
+        true
+    }
+
+    /// Status codes (API-NOTES): 4 credited is the only paid one; 4, 6, 7
+    /// and 9 are final.
+    fn payment_state(&self, status: &str) -> PaymentState {
+        payment_state(status)
+    }
+
+    async fn list_accounts(
         &self,
         progress: &(dyn Fn(usize) + Sync),
         keep: super::KeepRow<'_>,
@@ -253,7 +277,7 @@ impl BillmanagerClient {
         })
     }
 
-    pub async fn first_page(&self) -> Result<Listing, FetchError> {
+    async fn first_page(&self) -> Result<Listing, FetchError> {
         let params = [
             ("p_num", "1".to_string()),
             ("p_cnt", self.page_size.to_string()),
@@ -281,7 +305,7 @@ impl BillmanagerClient {
     }
 
     /// `account.edit` (e-mail, phone, names) and the subaccounts' credit limits.
-    pub async fn details(&self, id: &str) -> Result<Details, FetchError> {
+    async fn details(&self, id: &str) -> Result<Details, FetchError> {
         let params = [("elid", id.to_string())];
         let doc = match with_retry(|| self.call("account.edit", &params)).await {
             Ok(doc) => doc,
@@ -319,7 +343,7 @@ impl BillmanagerClient {
     }
 
     /// Payments created in `[since, until]`, all pages.
-    pub async fn payments(
+    async fn payments(
         &self,
         since: NaiveDate,
         until: NaiveDate,
@@ -350,6 +374,15 @@ impl BillmanagerClient {
             .await?;
         Ok(PaymentListing { payments, bad })
     }
+}
+
+fn payment_state(code: &str) -> PaymentState {
+    let (paid, is_final) = match code.trim() {
+        "4" => (true, true),
+        "6" | "7" | "9" => (false, true),
+        _ => (false, false),
+    };
+    PaymentState { paid, is_final }
 }
 
 fn account_row(row: &Map<String, Value>, id: String, keep: super::KeepRow<'_>) -> ListedAccount {

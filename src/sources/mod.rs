@@ -1,33 +1,25 @@
-//! The read side: one module per billing system. Each reader lists accounts
-//! completely, fetches details, and reads payments, decoding whatever shape
-//! the API sends into `RawAccount` / `RawPayment`.
+//! The read side: one module per billing system, each implementing
+//! `BillingSource`. A reader lists accounts completely, fetches details, and
+//! reads payments, decoding whatever shape its API sends into `RawAccount` /
+//! `RawPayment`; it also knows its own payment statuses and whether it can
+//! take a write-back. Adding a system: ARCHITECTURE.md, "Adding a source".
 
 pub mod activeplatform;
 pub mod billmanager;
 
 use std::time::Duration;
 
+use async_trait::async_trait;
 use backon::{ExponentialBuilder, Retryable};
 use chrono::NaiveDate;
 
 use crate::config::Settings;
-use crate::core::model::{RawAccount, RawPayment, SourceKind};
+pub use crate::core::model::ListedAccount;
+use crate::core::model::{PaymentState, RawAccount, RawPayment, SourceKind};
 use crate::http::FetchError;
 
 pub use activeplatform::ActivePlatformClient;
 pub use billmanager::BillmanagerClient;
-
-/// One row of a complete listing.
-#[derive(Debug, Clone)]
-pub struct ListedAccount {
-    pub raw: RawAccount,
-    /// Hash of the fields billsync uses from the list row: a change means
-    /// the details are fetched again.
-    pub row_hash: String,
-    /// The row as the source sent it (kept for `explain`); only for rows the
-    /// store does not already hold, so a large unchanged listing stays small.
-    pub row_json: Option<String>,
-}
 
 /// Details of one account, fetched on demand.
 #[derive(Debug, Clone)]
@@ -71,86 +63,66 @@ pub fn hash_raw(raw: &impl serde::Serialize) -> String {
 /// Whether the store lacks this `(id, row_hash)`: then the row's JSON is kept.
 pub type KeepRow<'a> = &'a (dyn Fn(&str, &str) -> bool + Sync);
 
-/// A configured source. An enum, not a trait object: there are two, and the
-/// engine matches on them rarely.
-pub enum Source {
-    Billmanager(BillmanagerClient),
-    Activeplatform(ActivePlatformClient),
-}
+/// One billing system, as the engine reads it.
+#[async_trait]
+pub trait BillingSource: Send + Sync {
+    fn kind(&self) -> SourceKind;
 
-impl Source {
-    pub fn from_settings(settings: &Settings) -> anyhow::Result<Vec<Source>> {
-        let mut out = vec![];
-        for kind in settings.enabled_sources() {
-            match kind {
-                SourceKind::Billmanager => {
-                    let bm = settings.bm().expect("enabled");
-                    out.push(Source::Billmanager(BillmanagerClient::new(bm)?));
-                }
-                SourceKind::Activeplatform => {
-                    let ap = settings.ap().expect("enabled");
-                    out.push(Source::Activeplatform(ActivePlatformClient::new(ap)?));
-                }
-            }
-        }
-        Ok(out)
-    }
+    /// Whether this list row lacks fields that only details carry.
+    fn needs_details(&self, raw: &RawAccount) -> bool;
 
-    pub fn kind(&self) -> SourceKind {
-        match self {
-            Source::Billmanager(_) => SourceKind::Billmanager,
-            Source::Activeplatform(_) => SourceKind::Activeplatform,
-        }
+    /// What one of this system's payment statuses means.
+    fn payment_state(&self, status: &str) -> PaymentState;
+
+    /// The write-back capability, for systems that can store the VMS login
+    /// on the account and are configured to.
+    fn writeback(&self) -> Option<&dyn WriteBack> {
+        None
     }
 
     /// The complete listing; any failure makes the source incomplete.
-    pub async fn list_accounts(
+    async fn list_accounts(
         &self,
         progress: &(dyn Fn(usize) + Sync),
         keep: KeepRow<'_>,
-    ) -> Result<Listing, FetchError> {
-        match self {
-            Source::Billmanager(c) => c.list_accounts(progress, keep).await,
-            Source::Activeplatform(c) => c.list_accounts(progress, keep).await,
-        }
-    }
+    ) -> Result<Listing, FetchError>;
 
-    pub async fn details(&self, id: &str) -> Result<Details, FetchError> {
-        match self {
-            Source::Billmanager(c) => c.details(id).await,
-            Source::Activeplatform(c) => c.details(id).await,
-        }
-    }
+    /// First page only, for `check-config --connect`.
+    async fn first_page(&self) -> Result<Listing, FetchError>;
+
+    async fn details(&self, id: &str) -> Result<Details, FetchError>;
 
     /// Payments created/changed from `since` (inclusive) to `until`.
-    pub async fn payments(
+    async fn payments(
         &self,
         since: NaiveDate,
         until: NaiveDate,
-    ) -> Result<PaymentListing, FetchError> {
-        match self {
-            Source::Billmanager(c) => c.payments(since, until).await,
-            Source::Activeplatform(c) => c.payments(since).await,
-        }
-    }
+    ) -> Result<PaymentListing, FetchError>;
+}
 
-    /// First page only, for `check-config --connect`.
-    pub async fn first_page(&self) -> Result<Listing, FetchError> {
-        match self {
-            Source::Billmanager(c) => c.first_page().await,
-            Source::Activeplatform(c) => c.first_page().await,
-        }
-    }
+/// Storing the VMS login on a source account (SPEC §2.2 write-back).
+#[async_trait]
+pub trait WriteBack: Send + Sync {
+    async fn write_login(&self, id: &str, login: &str) -> Result<(), FetchError>;
+}
 
-    /// Whether this source's list rows lack fields that only details carry.
-    pub fn needs_details(&self, raw: &RawAccount) -> bool {
-        match self {
-            // The list has neither e-mail nor phone; credit limit comes from
-            // subaccounts.
-            Source::Billmanager(_) => true,
-            Source::Activeplatform(_) => raw.email.is_none() || raw.status.is_none(),
-        }
+pub type Source = Box<dyn BillingSource>;
+
+/// The enabled sources, in priority order: the one place that knows which
+/// module reads which system.
+pub fn from_settings(settings: &Settings) -> anyhow::Result<Vec<Source>> {
+    let mut out: Vec<Source> = vec![];
+    for kind in settings.enabled_sources() {
+        out.push(match kind {
+            SourceKind::Billmanager => {
+                Box::new(BillmanagerClient::new(settings.bm().expect("enabled"))?)
+            }
+            SourceKind::Activeplatform => {
+                Box::new(ActivePlatformClient::new(settings.ap().expect("enabled"))?)
+            }
+        });
     }
+    Ok(out)
 }
 
 /// Retries a transient source failure a few times within one read; a

@@ -5,9 +5,8 @@ use std::collections::HashMap;
 use chrono::{DateTime, Utc};
 use sqlx::Row;
 
-use super::{parse_ts, ts, Result, Store, StoreError};
-use crate::core::model::{Payment, RawAccount, SourceKind};
-use crate::sources::ListedAccount;
+use super::{decode_json, parse_ts, ts, Result, Store};
+use crate::core::model::{ListedAccount, Payment, RawAccount, SourceKind};
 
 #[derive(Debug, Clone)]
 pub struct AccountIndexEntry {
@@ -16,16 +15,17 @@ pub struct AccountIndexEntry {
     pub missing_cycles: u32,
 }
 
-#[derive(Debug, Clone)]
-pub struct StoredPayment {
-    pub id: String,
-    pub account_id: Option<String>,
-    pub paid: bool,
-    pub paid_at: Option<DateTime<Utc>>,
+fn decode_raw(text: &str) -> Result<RawAccount> {
+    decode_json(text)
 }
 
-fn decode_raw(text: &str) -> Result<RawAccount> {
-    serde_json::from_str(text).map_err(|e| StoreError::Decode(e.to_string()))
+/// A record a source sent that could not be used, as `status` lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InvalidRow {
+    pub source: String,
+    pub id: String,
+    pub reason: String,
+    pub detail: String,
 }
 
 impl Store {
@@ -152,7 +152,7 @@ impl Store {
         )
         .bind(source.as_str())
         .bind(error)
-        .bind(ts(super::now()))
+        .bind(ts(Utc::now()))
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -183,23 +183,6 @@ impl Store {
         Ok(())
     }
 
-    /// Stored details of every account of a source that has them.
-    pub async fn load_details(&self, source: SourceKind) -> Result<HashMap<String, RawAccount>> {
-        let rows = sqlx::query(
-            "SELECT id, details_json FROM source_accounts
-             WHERE source = ? AND details_json IS NOT NULL",
-        )
-        .bind(source.as_str())
-        .fetch_all(&self.pool)
-        .await?;
-        let mut out = HashMap::with_capacity(rows.len());
-        for r in rows {
-            let text: String = r.get(1);
-            out.insert(r.get::<String, _>(0), decode_raw(&text)?);
-        }
-        Ok(out)
-    }
-
     /// Streams every stored account of a source: list row, details (if
     /// fetched) and missing count, one row at a time so 100k accounts never
     /// sit in memory twice.
@@ -223,49 +206,6 @@ impl Store {
             f(list, details, r.get::<i64, _>(2).max(0) as u32);
         }
         Ok(())
-    }
-
-    /// Every stored account of a source, list row merged with details, and
-    /// its missing count: the input of an incomplete cycle.
-    pub async fn load_accounts(&self, source: SourceKind) -> Result<Vec<(RawAccount, u32)>> {
-        let rows = sqlx::query(
-            "SELECT list_raw, details_json, missing_cycles FROM source_accounts WHERE source = ?",
-        )
-        .bind(source.as_str())
-        .fetch_all(&self.pool)
-        .await?;
-        let mut out = Vec::with_capacity(rows.len());
-        for r in rows {
-            let list = decode_raw(&r.get::<String, _>(0))?;
-            let merged = match r.get::<Option<String>, _>(1) {
-                Some(d) => list.merged_with(&decode_raw(&d)?),
-                None => list,
-            };
-            out.push((merged, r.get::<i64, _>(2).max(0) as u32));
-        }
-        Ok(out)
-    }
-
-    /// Missing counts of accounts that are currently missing.
-    pub async fn missing_counts(&self, source: SourceKind) -> Result<HashMap<String, u32>> {
-        let rows = sqlx::query(
-            "SELECT id, missing_cycles FROM source_accounts WHERE source = ? AND missing_cycles > 0",
-        )
-        .bind(source.as_str())
-        .fetch_all(&self.pool)
-        .await?;
-        Ok(rows
-            .into_iter()
-            .map(|r| (r.get(0), r.get::<i64, _>(1).max(0) as u32))
-            .collect())
-    }
-
-    pub async fn count_accounts(&self, source: SourceKind) -> Result<u64> {
-        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM source_accounts WHERE source = ?")
-            .bind(source.as_str())
-            .fetch_one(&self.pool)
-            .await?;
-        Ok(n.max(0) as u64)
     }
 
     /// Payment hashes by id, to spot new and changed payments.
@@ -330,30 +270,6 @@ impl Store {
         Ok(out)
     }
 
-    pub async fn payments_of(
-        &self,
-        source: SourceKind,
-        account_id: &str,
-    ) -> Result<Vec<StoredPayment>> {
-        let rows = sqlx::query(
-            "SELECT id, account_id, paid, paid_at FROM payments
-             WHERE source = ? AND account_id = ? ORDER BY paid_at DESC LIMIT 50",
-        )
-        .bind(source.as_str())
-        .bind(account_id)
-        .fetch_all(&self.pool)
-        .await?;
-        Ok(rows
-            .into_iter()
-            .map(|r| StoredPayment {
-                id: r.get(0),
-                account_id: r.get(1),
-                paid: r.get(2),
-                paid_at: r.get::<Option<String>, _>(3).as_deref().and_then(parse_ts),
-            })
-            .collect())
-    }
-
     /// Drops payments that no rule can use any more.
     pub async fn prune_payments(&self, older_than: DateTime<Utc>) -> Result<u64> {
         let done = sqlx::query(
@@ -396,8 +312,8 @@ impl Store {
         Ok(())
     }
 
-    /// `(source, id, reason, detail)` of every invalid record.
-    pub async fn invalid_records(&self) -> Result<Vec<(String, String, String, String)>> {
+    /// Every invalid record (at most 1000).
+    pub async fn invalid_records(&self) -> Result<Vec<InvalidRow>> {
         let rows = sqlx::query(
             "SELECT source, id, reason, detail FROM invalid_records ORDER BY source, id LIMIT 1000",
         )
@@ -405,7 +321,12 @@ impl Store {
         .await?;
         Ok(rows
             .into_iter()
-            .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+            .map(|r| InvalidRow {
+                source: r.get(0),
+                id: r.get(1),
+                reason: r.get(2),
+                detail: r.get(3),
+            })
             .collect())
     }
 }

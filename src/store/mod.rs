@@ -1,13 +1,20 @@
 //! The SQLite state store: sqlx, migrations embedded from `migrations/`,
-//! WAL, a busy timeout, and a file created with mode 0600.
+//! WAL, a busy timeout, and a file created with mode 0600. One module per
+//! aggregate: source accounts (read side), applied state, plan, retry and
+//! quarantine, history. It imports the core's types, never a source.
 
 mod accounts;
-mod engine;
+mod applied;
+mod history;
 mod lock;
+mod plan;
+mod retry;
 
-pub use accounts::{AccountIndexEntry, StoredAccount, StoredPayment};
-pub use engine::{state_hash, AuditRow, QuarantineEntry, Requests, RetryInfo};
+pub use accounts::{AccountIndexEntry, InvalidRow, StoredAccount};
+pub use history::{AuditEntry, AuditRow, LastCycle, Notice, RequestKind, Requests};
 pub use lock::StateLock;
+pub use plan::{ConflictRow, DesiredRow, PlanRow, PlanState};
+pub use retry::{QuarantineEntry, QuarantinePart, RetryInfo};
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -16,6 +23,8 @@ use std::time::Duration;
 use chrono::{DateTime, SecondsFormat, Utc};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::SqlitePool;
+
+use crate::core::model::{AccountKey, SourceKind};
 
 #[derive(Clone)]
 pub struct Store {
@@ -37,8 +46,20 @@ pub enum StoreError {
 
 pub type Result<T> = std::result::Result<T, StoreError>;
 
-pub fn now() -> DateTime<Utc> {
-    Utc::now()
+/// Which definition of `state_hash` the stored hashes follow.
+const HASH_KEY: &str = "state_hash";
+const HASH_VERSION: &str = "2-compared-fields";
+
+fn account_key(source: &str, id: String) -> Result<AccountKey> {
+    Ok(AccountKey {
+        source: SourceKind::parse(source)
+            .ok_or_else(|| StoreError::Decode(format!("unknown source {source}")))?,
+        id,
+    })
+}
+
+fn decode_json<T: serde::de::DeserializeOwned>(text: &str) -> Result<T> {
+    serde_json::from_str(text).map_err(|e| StoreError::Decode(e.to_string()))
 }
 
 pub fn ts(t: DateTime<Utc>) -> String {
@@ -77,10 +98,35 @@ impl Store {
             .await
             .map_err(|e| open_err(e.to_string()))?;
         sqlx::migrate!("./migrations").run(&pool).await?;
-        Ok(Self {
+        let store = Self {
             pool,
             path: path.to_path_buf(),
-        })
+        };
+        store.upgrade_hashes().await?;
+        Ok(store)
+    }
+
+    /// Stored hashes follow `core::plan::state_hash`; rows written under an
+    /// older definition are re-hashed once, or every login would look
+    /// changed for ever.
+    async fn upgrade_hashes(&self) -> Result<()> {
+        if self.meta(HASH_KEY).await?.as_deref() == Some(HASH_VERSION) {
+            return Ok(());
+        }
+        let n = self.rehash_states().await?;
+        if n > 0 {
+            tracing::info!(rows = n, "state hashes re-derived after an upgrade");
+        }
+        self.set_meta(HASH_KEY, HASH_VERSION).await
+    }
+
+    /// Copies the database to `dest` (for a dry run that must change nothing).
+    pub async fn snapshot_to(&self, dest: &std::path::Path) -> Result<()> {
+        sqlx::query("VACUUM INTO ?")
+            .bind(dest.display().to_string())
+            .execute(&self.pool)
+            .await?;
+        Ok(())
     }
 
     pub fn path(&self) -> &Path {

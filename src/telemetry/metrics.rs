@@ -11,6 +11,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
+use crate::core::cycle::{CycleKind, CycleResult};
 use crate::core::model::{InvalidCode, SourceKind};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -85,8 +86,8 @@ pub const SPEC_NAMES: [&str; 11] = [
     "billsync_invalid_records_total",
 ];
 
-pub const CYCLE_KINDS: [&str; 2] = ["incremental", "full"];
-pub const CYCLE_RESULTS: [&str; 5] = ["ok", "partial", "held", "failed", "skipped"];
+/// The `result` of a schedule tick that found a cycle running.
+pub const SKIPPED: &str = "skipped";
 pub const VMS_OPS: [&str; 5] = ["create", "update", "delete", "tree_create", "tree_update"];
 pub const OP_RESULTS: [&str; 4] = ["applied", "retry", "quarantined", "held"];
 
@@ -167,9 +168,10 @@ impl Metrics {
         );
 
         // Known label values start at 0, so dashboards see them from start.
-        for kind in CYCLE_KINDS {
+        for kind in CycleKind::ALL.map(CycleKind::as_str) {
             let _ = cycle_duration.get_or_create(&Kind { kind: kind.into() });
-            for result in CYCLE_RESULTS {
+            let results = CycleResult::ALL.map(CycleResult::as_str);
+            for result in results.into_iter().chain([SKIPPED]) {
                 let _ = cycles.get_or_create(&KindResult {
                     kind: kind.into(),
                     result: result.into(),
@@ -229,6 +231,26 @@ impl Metrics {
             .get_or_create(&SourceResult {
                 source: source.as_str().into(),
                 result: if ok { "ok" } else { "error" }.into(),
+            })
+            .inc();
+    }
+
+    /// `billsync_operations_total{op, result}`.
+    pub fn operation(&self, op: &str, result: &str) {
+        self.operations
+            .get_or_create(&OpResult {
+                op: op.into(),
+                result: result.into(),
+            })
+            .inc();
+    }
+
+    /// `billsync_cycles_total{kind, result}`; `result` may be `SKIPPED`.
+    pub fn cycle(&self, kind: CycleKind, result: &str) {
+        self.cycles
+            .get_or_create(&KindResult {
+                kind: kind.as_str().into(),
+                result: result.into(),
             })
             .inc();
     }

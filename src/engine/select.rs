@@ -1,0 +1,214 @@
+//! Phases 4 and 5: which logins changed, and their plan with the safety
+//! threshold. Quarantine, retry state and write-back memory are loaded once
+//! per cycle (`Memory`) and passed on.
+
+use std::collections::{HashMap, HashSet};
+
+use super::{Engine, Intent};
+use crate::core::desired::{CoreConfig, Desired};
+use crate::core::model::AccountKey;
+use crate::core::plan::{self, Applied, Plan, PlanOptions};
+use crate::store::{QuarantinePart, RetryInfo, Store, StoreError};
+
+/// What the store remembers about failed and finished work, read once.
+#[derive(Debug, Default)]
+pub struct Memory {
+    /// Quarantined users: login -> desired hash when quarantined.
+    pub quarantined_users: HashMap<String, String>,
+    /// Quarantined tree elements, by external id.
+    pub tree_quarantined: HashSet<String>,
+    pub retries: HashMap<String, RetryInfo>,
+    /// Write-backs done: account -> value written.
+    pub written: HashMap<AccountKey, String>,
+}
+
+impl Memory {
+    pub async fn load(store: &Store) -> Result<Self, StoreError> {
+        let mut out = Memory {
+            retries: store.load_retries().await?,
+            written: store.load_written().await?,
+            ..Default::default()
+        };
+        for q in store.load_quarantine().await? {
+            match q.part {
+                QuarantinePart::User => {
+                    out.quarantined_users.insert(q.key, q.hash);
+                }
+                QuarantinePart::Tree => {
+                    out.tree_quarantined.insert(q.key);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Quarantine entries still standing.
+    pub fn quarantined(&self) -> usize {
+        self.quarantined_users.len() + self.tree_quarantined.len()
+    }
+}
+
+/// The logins a cycle plans.
+#[derive(Debug)]
+pub struct Need {
+    /// None: every login (a full cycle).
+    pub logins: Option<HashSet<String>>,
+    /// Applied users the store holds (the threshold's base).
+    pub known_users: usize,
+}
+
+/// Phase 4: logins whose desired hash differs from the applied one, applied
+/// logins nobody desires any more, named resyncs, and write-backs not done.
+pub async fn changed(
+    store: &Store,
+    core: &CoreConfig,
+    desired: &Desired,
+    intent: &Intent,
+    memory: &Memory,
+) -> Result<Need, StoreError> {
+    let mut known_users = 0usize;
+    let mut matched: HashSet<&str> = HashSet::new();
+    let mut orphans: Vec<String> = vec![];
+    store
+        .scan_applied_hashes(|login, hash| {
+            known_users += 1;
+            match desired.users.get_key_value(login) {
+                Some((key, d)) if d.hash == hash => {
+                    matched.insert(key.as_str());
+                }
+                Some(_) => {}
+                None => orphans.push(login.to_string()),
+            }
+        })
+        .await?;
+    if intent.kind.is_full() {
+        return Ok(Need {
+            logins: None,
+            known_users,
+        });
+    }
+    let writeback_due = |login: &String, owner: &AccountKey| {
+        core.writeback.contains_key(&owner.source) && memory.written.get(owner) != Some(login)
+    };
+    let mut logins: HashSet<String> = desired
+        .users
+        .iter()
+        .filter(|(login, d)| {
+            !matched.contains(login.as_str())
+                || intent.resync_logins.contains(*login)
+                || writeback_due(login, &d.owner)
+        })
+        .map(|(login, _)| login.clone())
+        .collect();
+    logins.extend(orphans);
+    Ok(Need {
+        logins: Some(logins),
+        known_users,
+    })
+}
+
+/// A cycle's plan, with what the push needs to know about it.
+#[derive(Debug)]
+pub struct Planned {
+    pub plan: Plan,
+    /// The applied state of the planned logins, before the push.
+    pub applied: Applied,
+    /// Logins left pending because they are backing off.
+    pub backing_off: usize,
+}
+
+/// Logins left alone this cycle, and quarantines the desired state lifted.
+struct Holds {
+    skip: HashSet<String>,
+    release: Vec<String>,
+    backing_off: usize,
+}
+
+/// Quarantined logins wait until their desired user changes; logins backing
+/// off wait for their time, unless this cycle resyncs them.
+fn holds(desired: &Desired, memory: &Memory, intent: &Intent) -> Holds {
+    let mut skip = HashSet::new();
+    let mut release = vec![];
+    for (login, hash) in &memory.quarantined_users {
+        match desired.users.get(login) {
+            Some(d) if d.hash == *hash => skip.insert(login.clone()),
+            _ => {
+                release.push(login.clone());
+                false
+            }
+        };
+    }
+    if !intent.kind.is_full() {
+        for (login, r) in &memory.retries {
+            if r.next_attempt_at > intent.started && !intent.resync_logins.contains(login) {
+                skip.insert(login.clone());
+            }
+        }
+    }
+    let backing_off = skip
+        .iter()
+        .filter(|l| memory.retries.contains_key(*l))
+        .count();
+    Holds {
+        skip,
+        release,
+        backing_off,
+    }
+}
+
+impl Engine {
+    /// Phase 5: the plan of the needed logins, deprovisions held over the
+    /// safety threshold unless approved.
+    pub(super) async fn plan_with_safety(
+        &self,
+        store: &Store,
+        desired: &Desired,
+        need: &Need,
+        intent: &Intent,
+        memory: &mut Memory,
+    ) -> Result<Planned, StoreError> {
+        let applied = Applied {
+            users: store.load_applied_users(need.logins.as_ref()).await?,
+            tree: store.load_tree().await?,
+            written: std::mem::take(&mut memory.written),
+        };
+        let holds = holds(desired, memory, intent);
+        for login in &holds.release {
+            memory.quarantined_users.remove(login);
+        }
+        if !intent.dry_run && !holds.release.is_empty() {
+            store.release_quarantine(Some(&holds.release)).await?;
+        }
+        let subset = need.logins.as_ref().map(|n| desired.subset(n));
+        let opts = PlanOptions {
+            full: intent.kind.is_full(),
+            full_logins: intent.resync_logins.clone(),
+            skip: holds.skip,
+        };
+        let mut plan = plan::plan(
+            &self.core,
+            subset.as_ref().unwrap_or(desired),
+            &applied,
+            &opts,
+        );
+        let safety = &self.settings.safety;
+        let limit = plan::threshold(
+            safety.max_deprovision,
+            safety.max_deprovision_ratio,
+            need.known_users,
+        );
+        plan::apply_safety(&self.core, &mut plan, &applied, limit, intent.approved);
+        if !plan.held.is_empty() {
+            tracing::warn!(
+                held = plan.held.len(),
+                limit,
+                "deprovisions exceed the safety threshold and are held; approve with `billsync approve`"
+            );
+        }
+        Ok(Planned {
+            plan,
+            applied,
+            backing_off: holds.backing_off,
+        })
+    }
+}

@@ -1,0 +1,190 @@
+//! The applied state: what the VMS confirmed, per login; the tree elements;
+//! and the write-backs done. The only memory of the VMS.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use chrono::Utc;
+use futures::TryStreamExt;
+use sqlx::Row;
+
+use super::{account_key, decode_json, ts, Result, Store};
+use crate::core::model::AccountKey;
+use crate::core::plan::{state_hash, Applied, AppliedUser};
+
+/// Above this many logins, one pass over the table beats lookups by key.
+const BY_KEY_LIMIT: usize = 2000;
+
+impl Store {
+    /// Everything applied: users, tree and write-backs.
+    pub async fn load_applied(&self) -> Result<Applied> {
+        Ok(Applied {
+            users: self.load_applied_users(None).await?,
+            tree: self.load_tree().await?,
+            written: self.load_written().await?,
+        })
+    }
+
+    /// Streams `(login, hash)` of every applied user: enough to tell which
+    /// logins need planning without holding 100k rows.
+    pub async fn scan_applied_hashes(&self, mut f: impl FnMut(&str, &str)) -> Result<()> {
+        let mut rows = sqlx::query("SELECT login, hash FROM applied_users").fetch(&self.pool);
+        while let Some(r) = rows.try_next().await? {
+            f(r.get::<&str, _>(0), r.get::<&str, _>(1));
+        }
+        Ok(())
+    }
+
+    /// The applied users among `logins` (all when None).
+    pub async fn load_applied_users(
+        &self,
+        logins: Option<&HashSet<String>>,
+    ) -> Result<BTreeMap<String, AppliedUser>> {
+        match logins {
+            Some(set) if set.len() <= BY_KEY_LIMIT => self.applied_by_key(set).await,
+            _ => self.applied_by_scan(logins).await,
+        }
+    }
+
+    async fn applied_by_key(
+        &self,
+        logins: &HashSet<String>,
+    ) -> Result<BTreeMap<String, AppliedUser>> {
+        let mut out = BTreeMap::new();
+        for login in logins {
+            let row = sqlx::query(
+                "SELECT source, account_id, state_json FROM applied_users WHERE login = ?",
+            )
+            .bind(login)
+            .fetch_optional(&self.pool)
+            .await?;
+            if let Some(r) = row {
+                out.insert(login.clone(), applied_user(&r, 0)?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Rows are streamed and only the wanted ones decoded.
+    async fn applied_by_scan(
+        &self,
+        logins: Option<&HashSet<String>>,
+    ) -> Result<BTreeMap<String, AppliedUser>> {
+        let mut out = BTreeMap::new();
+        let mut rows =
+            sqlx::query("SELECT login, source, account_id, state_json FROM applied_users")
+                .fetch(&self.pool);
+        while let Some(r) = rows.try_next().await? {
+            let login: String = r.get(0);
+            if logins.is_some_and(|l| !l.contains(&login)) {
+                continue;
+            }
+            out.insert(login, applied_user(&r, 1)?);
+        }
+        Ok(out)
+    }
+
+    pub async fn load_tree(&self) -> Result<BTreeMap<String, String>> {
+        let rows = sqlx::query("SELECT external_id, name FROM applied_tree")
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows.into_iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
+    /// Write-backs done: account -> value written.
+    pub async fn load_written(&self) -> Result<HashMap<AccountKey, String>> {
+        let rows = sqlx::query("SELECT source, account_id, value FROM writebacks")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.into_iter()
+            .map(|r| Ok((account_key(&r.get::<String, _>(0), r.get(1))?, r.get(2))))
+            .collect()
+    }
+
+    /// Records what one confirmed answer proved, at once, in its own
+    /// transaction: `Some` is the login's new applied state, `None` that the
+    /// VMS no longer has the user.
+    pub async fn set_applied(&self, login: &str, user: Option<&AppliedUser>) -> Result<()> {
+        let Some(user) = user else {
+            sqlx::query("DELETE FROM applied_users WHERE login = ?")
+                .bind(login)
+                .execute(&self.pool)
+                .await?;
+            return Ok(());
+        };
+        sqlx::query(
+            "INSERT INTO applied_users (login, source, account_id, state_json, hash, applied_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+             ON CONFLICT (login) DO UPDATE SET source = excluded.source,
+                account_id = excluded.account_id, state_json = excluded.state_json,
+                hash = excluded.hash, applied_at = excluded.applied_at",
+        )
+        .bind(login)
+        .bind(user.owner.source.as_str())
+        .bind(&user.owner.id)
+        .bind(serde_json::to_string(&user.state).unwrap_or_default())
+        .bind(state_hash(&user.state))
+        .bind(ts(Utc::now()))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn record_tree(&self, external_id: &str, name: &str) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO applied_tree (external_id, name, applied_at) VALUES (?1, ?2, ?3)
+             ON CONFLICT (external_id) DO UPDATE SET name = excluded.name, applied_at = excluded.applied_at",
+        )
+        .bind(external_id)
+        .bind(name)
+        .bind(ts(Utc::now()))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn record_writeback(&self, account: &AccountKey, value: &str) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO writebacks (source, account_id, value, written_at) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (source, account_id) DO UPDATE SET value = excluded.value,
+                written_at = excluded.written_at",
+        )
+        .bind(account.source.as_str())
+        .bind(&account.id)
+        .bind(value)
+        .bind(ts(Utc::now()))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Re-derives every stored hash from its state (after the definition of
+    /// "changed" moved; see `core::plan::state_hash`).
+    pub(super) async fn rehash_states(&self) -> Result<u64> {
+        let mut n = 0;
+        for table in ["applied_users", "desired_users"] {
+            let rows = sqlx::query(&format!("SELECT login, state_json FROM {table}"))
+                .fetch_all(&self.pool)
+                .await?;
+            let mut tx = self.pool.begin().await?;
+            for r in rows {
+                let state = decode_json(&r.get::<String, _>(1))?;
+                sqlx::query(&format!("UPDATE {table} SET hash = ?2 WHERE login = ?1"))
+                    .bind(r.get::<String, _>(0))
+                    .bind(state_hash(&state))
+                    .execute(&mut *tx)
+                    .await?;
+                n += 1;
+            }
+            tx.commit().await?;
+        }
+        Ok(n)
+    }
+}
+
+/// `(source, account_id, state_json)` from column `first` on.
+fn applied_user(r: &sqlx::sqlite::SqliteRow, first: usize) -> Result<AppliedUser> {
+    Ok(AppliedUser {
+        owner: account_key(&r.get::<String, _>(first), r.get(first + 1))?,
+        state: decode_json(&r.get::<String, _>(first + 2))?,
+    })
+}

@@ -1,0 +1,284 @@
+//! What happened and what was asked: cycles, the audit log, operator
+//! requests and notices, each pruned after `audit_retention_days`.
+
+use std::collections::HashSet;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use sqlx::Row;
+
+use super::{parse_ts, ts, Result, Store};
+use crate::core::cycle::{CycleKind, CycleResult};
+
+/// What an operator asked for (`resync`, `approve`, `POST /resync|/approve`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestKind {
+    Resync,
+    Approve,
+}
+
+impl RequestKind {
+    fn as_str(self) -> &'static str {
+        match self {
+            RequestKind::Resync => "resync",
+            RequestKind::Approve => "approve",
+        }
+    }
+}
+
+/// The unconsumed operator requests, merged.
+#[derive(Debug, Clone, Default)]
+pub struct Requests {
+    pub ids: Vec<i64>,
+    pub resync_all: bool,
+    pub resync_logins: HashSet<String>,
+    pub approve: bool,
+}
+
+/// One audit line to write: what was done to a login and how it ended.
+#[derive(Debug, Clone, Serialize)]
+pub struct AuditRow {
+    pub login: String,
+    pub action: String,
+    pub result: String,
+    pub detail: String,
+}
+
+/// One audit line as read back, with its time.
+#[derive(Debug, Clone, Serialize)]
+pub struct AuditEntry {
+    pub at: String,
+    pub action: String,
+    pub result: String,
+    pub detail: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LastCycle {
+    pub result: CycleResult,
+    pub finished_at: DateTime<Utc>,
+}
+
+/// Something an operator should read once: a setting the VMS cannot apply.
+#[derive(Debug, Clone, Serialize)]
+pub struct Notice {
+    pub at: DateTime<Utc>,
+    pub message: String,
+}
+
+impl Store {
+    pub async fn start_cycle(&self, kind: CycleKind, started: DateTime<Utc>) -> Result<i64> {
+        let id = sqlx::query("INSERT INTO cycles (kind, started_at) VALUES (?1, ?2)")
+            .bind(kind.as_str())
+            .bind(ts(started))
+            .execute(&self.pool)
+            .await?
+            .last_insert_rowid();
+        Ok(id)
+    }
+
+    pub async fn finish_cycle(
+        &self,
+        id: i64,
+        result: CycleResult,
+        summary: &serde_json::Value,
+    ) -> Result<()> {
+        sqlx::query("UPDATE cycles SET finished_at = ?2, result = ?3, summary = ?4 WHERE id = ?1")
+            .bind(id)
+            .bind(ts(Utc::now()))
+            .bind(result.as_str())
+            .bind(summary.to_string())
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Summaries of the last `n` finished cycles, newest first.
+    pub async fn last_cycles(&self, n: u32) -> Result<Vec<serde_json::Value>> {
+        let rows = sqlx::query(
+            "SELECT summary FROM cycles WHERE summary IS NOT NULL ORDER BY id DESC LIMIT ?",
+        )
+        .bind(i64::from(n))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|r| serde_json::from_str(&r.get::<String, _>(0)).ok())
+            .collect())
+    }
+
+    /// The newest finished cycle.
+    pub async fn last_cycle(&self) -> Result<Option<LastCycle>> {
+        let row = sqlx::query(
+            "SELECT result, finished_at FROM cycles WHERE finished_at IS NOT NULL ORDER BY id DESC LIMIT 1",
+        )
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.and_then(|r| {
+            Some(LastCycle {
+                result: CycleResult::parse(r.get::<&str, _>(0))?,
+                finished_at: parse_ts(&r.get::<String, _>(1))?,
+            })
+        }))
+    }
+
+    /// A cycle that never finished (the process died): closed as failed.
+    pub async fn close_abandoned_cycles(&self) -> Result<u64> {
+        Ok(sqlx::query(
+            "UPDATE cycles SET finished_at = started_at, result = 'failed' WHERE finished_at IS NULL",
+        )
+        .execute(&self.pool)
+        .await?
+        .rows_affected())
+    }
+
+    pub async fn audit(&self, cycle_id: i64, rows: &[AuditRow]) -> Result<()> {
+        let now = ts(Utc::now());
+        let mut tx = self.pool.begin().await?;
+        for r in rows {
+            sqlx::query(
+                "INSERT INTO audit (cycle_id, at, login, action, result, detail) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )
+            .bind(cycle_id)
+            .bind(&now)
+            .bind(&r.login)
+            .bind(&r.action)
+            .bind(&r.result)
+            .bind(&r.detail)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// The newest `limit` audit lines of one login.
+    pub async fn audit_of(&self, login: &str, limit: u32) -> Result<Vec<AuditEntry>> {
+        let rows = sqlx::query(
+            "SELECT at, action, result, detail FROM audit WHERE login = ? ORDER BY id DESC LIMIT ?",
+        )
+        .bind(login)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| AuditEntry {
+                at: r.get(0),
+                action: r.get(1),
+                result: r.get(2),
+                detail: r.get(3),
+            })
+            .collect())
+    }
+
+    pub async fn prune_history(&self, older_than: DateTime<Utc>) -> Result<()> {
+        let cutoff = ts(older_than);
+        for sql in [
+            "DELETE FROM audit WHERE at < ?",
+            "DELETE FROM cycles WHERE finished_at IS NOT NULL AND finished_at < ?",
+            "DELETE FROM control_requests WHERE consumed_at IS NOT NULL AND consumed_at < ?",
+            "DELETE FROM notices WHERE at < ?",
+        ] {
+            sqlx::query(sql).bind(&cutoff).execute(&self.pool).await?;
+        }
+        Ok(())
+    }
+
+    /// Writes an operator request; `logins` narrows a resync.
+    pub async fn request(&self, kind: RequestKind, logins: Option<&[String]>) -> Result<i64> {
+        let logins = logins.map(|l| serde_json::to_string(l).unwrap_or_default());
+        Ok(sqlx::query(
+            "INSERT INTO control_requests (kind, logins, requested_at) VALUES (?1, ?2, ?3)",
+        )
+        .bind(kind.as_str())
+        .bind(logins)
+        .bind(ts(Utc::now()))
+        .execute(&self.pool)
+        .await?
+        .last_insert_rowid())
+    }
+
+    pub async fn pending_requests(&self) -> Result<Requests> {
+        let rows = sqlx::query(
+            "SELECT id, kind, logins FROM control_requests WHERE consumed_at IS NULL ORDER BY id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let mut out = Requests::default();
+        for r in rows {
+            out.ids.push(r.get(0));
+            let logins: Option<String> = r.get(2);
+            match (r.get::<&str, _>(1), logins) {
+                ("approve", _) => out.approve = true,
+                ("resync", None) => out.resync_all = true,
+                ("resync", Some(text)) => out
+                    .resync_logins
+                    .extend(serde_json::from_str::<Vec<String>>(&text).unwrap_or_default()),
+                _ => {}
+            }
+        }
+        Ok(out)
+    }
+
+    pub async fn consume_requests(&self, ids: &[i64], cycle_id: i64) -> Result<()> {
+        let now = ts(Utc::now());
+        for id in ids {
+            sqlx::query(
+                "UPDATE control_requests SET consumed_at = ?2, cycle_id = ?3 WHERE id = ?1",
+            )
+            .bind(id)
+            .bind(&now)
+            .bind(cycle_id)
+            .execute(&self.pool)
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// A small remembered value (`meta` table).
+    pub async fn meta(&self, key: &str) -> Result<Option<String>> {
+        let row = sqlx::query("SELECT value FROM meta WHERE key = ?")
+            .bind(key)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.map(|r| r.get(0)))
+    }
+
+    pub async fn set_meta(&self, key: &str, value: &str) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO meta (key, value) VALUES (?1, ?2)
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        )
+        .bind(key)
+        .bind(value)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn add_notice(&self, message: &str) -> Result<()> {
+        sqlx::query("INSERT INTO notices (at, message) VALUES (?1, ?2)")
+            .bind(ts(Utc::now()))
+            .bind(message)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Notices, newest first.
+    pub async fn notices(&self) -> Result<Vec<Notice>> {
+        let rows = sqlx::query("SELECT at, message FROM notices ORDER BY id DESC")
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|r| {
+                Some(Notice {
+                    at: parse_ts(&r.get::<String, _>(0))?,
+                    message: r.get(1),
+                })
+            })
+            .collect())
+    }
+}

@@ -1,0 +1,235 @@
+//! The desired state, the plan and the login conflicts: written in one
+//! transaction before any push, read by `status` and `explain`.
+
+use std::collections::{BTreeMap, HashSet};
+
+use futures::TryStreamExt;
+use sqlx::{Row, Sqlite, Transaction};
+
+use super::{account_key, decode_json, Result, Store};
+use crate::core::desired::{Conflict, Desired};
+use crate::core::model::{AccountKey, UserState};
+use crate::core::plan::{Op, Plan};
+
+/// Whether a persisted op is waiting to be pushed or held for approval.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PlanState {
+    Planned,
+    Held,
+}
+
+impl PlanState {
+    fn as_str(self) -> &'static str {
+        match self {
+            PlanState::Planned => "planned",
+            PlanState::Held => "held",
+        }
+    }
+}
+
+/// One persisted op, as `status` lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlanRow {
+    pub login: String,
+    /// The SPEC §6a action: create, update, block or delete.
+    pub action: String,
+    pub state: PlanState,
+}
+
+/// A login's desired user, as last persisted.
+#[derive(Debug, Clone)]
+pub struct DesiredRow {
+    pub owner: AccountKey,
+    pub state: UserState,
+    /// Names of the rules that matched.
+    pub rules: Vec<String>,
+}
+
+/// A login that several accounts yield: the owner first, then the others.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConflictRow {
+    pub login: String,
+    pub sources: Vec<String>,
+}
+
+impl Store {
+    /// Desired state, plan and conflicts in one transaction, before any push.
+    /// Only desired rows that changed are written.
+    pub async fn persist_plan(
+        &self,
+        cycle_id: i64,
+        desired: &Desired,
+        plan: &Plan,
+        status_blocked: &str,
+    ) -> Result<()> {
+        let (current, gone) = self.desired_delta(desired).await?;
+        let mut tx = self.pool.begin().await?;
+        for (login, d) in &desired.users {
+            if current.contains(login.as_str()) {
+                continue;
+            }
+            sqlx::query(
+                "INSERT INTO desired_users (login, source, account_id, state_json, hash, rules)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                 ON CONFLICT (login) DO UPDATE SET source = excluded.source,
+                    account_id = excluded.account_id, state_json = excluded.state_json,
+                    hash = excluded.hash, rules = excluded.rules",
+            )
+            .bind(login)
+            .bind(d.owner.source.as_str())
+            .bind(&d.owner.id)
+            .bind(serde_json::to_string(&d.state).unwrap_or_default())
+            .bind(&d.hash)
+            .bind(serde_json::to_string(&d.rules).unwrap_or_default())
+            .execute(&mut *tx)
+            .await?;
+        }
+        for login in &gone {
+            sqlx::query("DELETE FROM desired_users WHERE login = ?")
+                .bind(login)
+                .execute(&mut *tx)
+                .await?;
+        }
+        write_plan(&mut tx, cycle_id, plan, status_blocked).await?;
+        write_conflicts(&mut tx, &desired.conflicts).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Stored desired rows that are current, and logins nobody desires:
+    /// streamed, so a no-op cycle holds no copy of 100k rows.
+    async fn desired_delta<'d>(
+        &self,
+        desired: &'d Desired,
+    ) -> Result<(HashSet<&'d str>, Vec<String>)> {
+        let mut current = HashSet::new();
+        let mut gone = vec![];
+        let mut rows = sqlx::query("SELECT login, hash FROM desired_users").fetch(&self.pool);
+        while let Some(r) = rows.try_next().await? {
+            let login: &str = r.get(0);
+            match desired.users.get_key_value(login) {
+                Some((key, d)) if d.hash == r.get::<&str, _>(1) => {
+                    current.insert(key.as_str());
+                }
+                Some(_) => {}
+                None => gone.push(login.to_string()),
+            }
+        }
+        Ok((current, gone))
+    }
+
+    /// A login's planned op is done: it leaves the pending list.
+    pub async fn plan_done(&self, login: &str) -> Result<()> {
+        sqlx::query("DELETE FROM plan_ops WHERE login = ? AND state = 'planned'")
+            .bind(login)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// The persisted plan, in order.
+    pub async fn plan_rows(&self) -> Result<Vec<PlanRow>> {
+        let rows = sqlx::query("SELECT login, action, state FROM plan_ops ORDER BY seq")
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| PlanRow {
+                login: r.get(0),
+                action: r.get(1),
+                state: match r.get::<&str, _>(2) {
+                    "held" => PlanState::Held,
+                    _ => PlanState::Planned,
+                },
+            })
+            .collect())
+    }
+
+    pub async fn desired_user(&self, login: &str) -> Result<Option<DesiredRow>> {
+        let row = sqlx::query(
+            "SELECT source, account_id, state_json, rules FROM desired_users WHERE login = ?",
+        )
+        .bind(login)
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some(r) = row else { return Ok(None) };
+        Ok(Some(DesiredRow {
+            owner: account_key(&r.get::<String, _>(0), r.get(1))?,
+            state: decode_json(&r.get::<String, _>(2))?,
+            rules: serde_json::from_str(&r.get::<String, _>(3)).unwrap_or_default(),
+        }))
+    }
+
+    pub async fn conflicts(&self) -> Result<Vec<ConflictRow>> {
+        let rows = sqlx::query("SELECT login, sources FROM conflicts ORDER BY login")
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| ConflictRow {
+                login: r.get(0),
+                sources: serde_json::from_str(&r.get::<String, _>(1)).unwrap_or_default(),
+            })
+            .collect())
+    }
+}
+
+async fn write_plan(
+    tx: &mut Transaction<'_, Sqlite>,
+    cycle_id: i64,
+    plan: &Plan,
+    status_blocked: &str,
+) -> Result<()> {
+    sqlx::query("DELETE FROM plan_ops")
+        .execute(&mut **tx)
+        .await?;
+    let rows = (plan.ops.iter().map(|o| (o, PlanState::Planned)))
+        .chain(plan.held.iter().map(|o| (o, PlanState::Held)));
+    for (op, state) in rows {
+        insert_op(tx, cycle_id, op, state, status_blocked).await?;
+    }
+    Ok(())
+}
+
+async fn insert_op(
+    tx: &mut Transaction<'_, Sqlite>,
+    cycle_id: i64,
+    op: &Op,
+    state: PlanState,
+    status_blocked: &str,
+) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO plan_ops (cycle_id, login, action, payload, deprovision, state)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )
+    .bind(cycle_id)
+    .bind(&op.login)
+    .bind(op.label(status_blocked))
+    .bind(serde_json::to_string(op).unwrap_or_default())
+    .bind(op.deprovision)
+    .bind(state.as_str())
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+async fn write_conflicts(tx: &mut Transaction<'_, Sqlite>, conflicts: &[Conflict]) -> Result<()> {
+    sqlx::query("DELETE FROM conflicts")
+        .execute(&mut **tx)
+        .await?;
+    let mut by_login: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+    for c in conflicts {
+        by_login
+            .entry(c.login.as_str())
+            .or_insert_with(|| vec![c.winner.to_string()])
+            .push(c.loser.to_string());
+    }
+    for (login, sources) in by_login {
+        sqlx::query("INSERT INTO conflicts (login, sources) VALUES (?1, ?2)")
+            .bind(login)
+            .bind(serde_json::to_string(&sources).unwrap_or_default())
+            .execute(&mut **tx)
+            .await?;
+    }
+    Ok(())
+}
