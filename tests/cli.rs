@@ -18,6 +18,15 @@ fn billsync(lab: &Lab, args: &[&str]) -> Command {
     c
 }
 
+/// Waits for `f`; fails the test when `limit` passes first.
+async fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while !f() {
+        assert!(t.elapsed() < limit, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 async fn run(lab: &Lab, args: &[&str]) -> Output {
     let mut cmd = billsync(lab, args);
     tokio::task::spawn_blocking(move || cmd.output().unwrap())
@@ -115,12 +124,17 @@ async fn sync_json_and_exit_codes() {
             .any(|o| o["action"] == "detach"),
         "{v}"
     );
-    let out = run(&lab, &["explain", "user1@bm.example.com"]).await;
-    assert!(
-        String::from_utf8_lossy(&out.stdout).contains("quarantine"),
-        "{}",
-        text(&out)
-    );
+    // The quarantined login's trace shows its quarantine and the VMS's words.
+    let out = run(&lab, &["explain", "user1@bm.example.com", "--json"]).await;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["normalized"]["login"], "user1@bm.example.com", "{v}");
+    let q = v["quarantine"].as_array().unwrap();
+    assert_eq!(q.len(), 1, "{v}");
+    assert_eq!(q[0]["part"], "user");
+    assert!(q[0]["error"].as_str().unwrap().contains("HTTP 422"), "{v}");
+    let human = run(&lab, &["explain", "user2@bm.example.com"]).await;
+    let shown = String::from_utf8_lossy(&human.stdout);
+    assert!(shown.contains("quarantine: []"), "{shown}");
     // Release, approve and resync file requests and say so.
     let out = run(&lab, &["quarantine", "release", "--all"]).await;
     assert!(
@@ -209,10 +223,10 @@ async fn a_second_writer_is_refused() {
         .spawn()
         .unwrap();
     // Wait until the first one is pushing, so it holds the lock.
-    let t = Instant::now();
-    while lab.vms.requests() == 0 && t.elapsed() < Duration::from_secs(20) {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until("the first sync to push", Duration::from_secs(20), || {
+        lab.vms.requests() > 0
+    })
+    .await;
     let out = run(&lab, &["sync"]).await;
     assert_eq!(out.status.code(), Some(3), "{}", text(&out));
     assert!(
@@ -235,10 +249,10 @@ async fn kill_9_mid_cycle_loses_nothing_and_creates_once() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let t = Instant::now();
-    while lab.vms.data().users.len() < 60 && t.elapsed() < Duration::from_secs(60) {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    wait_until("60 users created", Duration::from_secs(60), || {
+        lab.vms.data().users.len() >= 60
+    })
+    .await;
     child.kill().unwrap(); // SIGKILL
     let status = child.wait().unwrap();
     assert_eq!(status.code(), None, "killed by a signal");

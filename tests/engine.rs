@@ -540,3 +540,110 @@ async fn named_resync_pushes_those_logins_in_full() {
     assert_eq!(lab.vms.requests(), before + 1);
     assert_eq!(lab.vms.count_for("PATCH", "user2@bm.example.com"), 2);
 }
+
+#[tokio::test]
+async fn a_login_backing_off_is_skipped_until_its_time_or_a_resync() {
+    let (lab, engine) = setup(
+        4,
+        0,
+        "",
+        &[
+            ("BILLSYNC__VMS__MAX_ATTEMPTS", "1"),
+            ("BILLSYNC__VMS__REQUEUE_BASE_SECS", "3600"),
+        ],
+    )
+    .await;
+    lab.vms
+        .faults
+        .always("POST user/manage user2", Fault::Status(503));
+    let r = cycle(&engine).await;
+    assert_eq!((r.result, r.pending), (CycleResult::Partial, 1), "{r:?}");
+    let retry = engine.store.load_retries().await.unwrap()["user2@bm.example.com"].clone();
+    assert_eq!(retry.attempts, 1);
+    let wait = retry.next_attempt_at - chrono::Utc::now();
+    assert!(wait > chrono::Duration::minutes(25), "backs off: {wait}");
+    // The VMS is fine again, but the login waits for its time.
+    lab.vms.faults.clear();
+    let before = lab.vms.requests();
+    let r = cycle(&engine).await;
+    assert_eq!(lab.vms.requests(), before, "nothing sent while backing off");
+    assert_eq!((r.result, r.pending), (CycleResult::Partial, 1), "{r:?}");
+    assert!(lab.vms.user("user2@bm.example.com").is_none());
+    // A resync of the login does not wait.
+    engine
+        .store
+        .request(
+            RequestKind::Resync,
+            Some(&["user2@bm.example.com".to_string()]),
+        )
+        .await
+        .unwrap();
+    let r = cycle(&engine).await;
+    assert_eq!(r.result, CycleResult::Ok, "{r:?}");
+    assert!(lab.vms.user("user2@bm.example.com").is_some());
+    assert!(engine.store.load_retries().await.unwrap().is_empty());
+}
+
+/// The VMS cannot change an existing user's type: a new `vms.user_type`
+/// must not make every login look changed for ever (issue #8, item 4).
+#[tokio::test]
+async fn a_new_user_type_is_said_once_and_changes_nothing_else() {
+    let (lab, engine) = setup(6, 4, "", &[]).await;
+    assert_eq!(cycle(&engine).await.result, CycleResult::Ok);
+    let settings = lab
+        .settings("", &[("BILLSYNC__VMS__USER_TYPE", "b2b")])
+        .unwrap();
+    let engine = Engine::with_store(settings, engine.store.clone()).unwrap();
+    for _ in 0..2 {
+        let before = lab.vms.requests();
+        let r = cycle(&engine).await;
+        assert_eq!(r.result, CycleResult::Ok, "{r:?}");
+        assert_eq!(lab.vms.requests(), before, "no VMS request");
+        assert_eq!(r.operations, Default::default(), "{r:?}");
+    }
+    // Every desired user's hash equals its applied one: nothing is
+    // re-planned by the no-op cycles that follow.
+    let mut applied = std::collections::HashMap::new();
+    engine
+        .store
+        .scan_applied_hashes(|login, hash| {
+            applied.insert(login.to_string(), hash.to_string());
+        })
+        .await
+        .unwrap();
+    assert_eq!(applied.len(), 10);
+    for (login, hash) in &applied {
+        let desired = engine.store.desired_user(login).await.unwrap().unwrap();
+        assert_eq!(
+            &billsync::core::plan::state_hash(&desired.state),
+            hash,
+            "{login}"
+        );
+    }
+    // Said once, in status.
+    let status = billsync::status::status_json(&engine.store).await.unwrap();
+    let notices = status["notices"].as_array().unwrap();
+    assert_eq!(notices.len(), 1, "{status}");
+    assert!(
+        notices[0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("vms.user_type"),
+        "{status}"
+    );
+    // A new login (an e-mail change) is created with the new type.
+    lab.ap.data().accounts[0].email = "fresh@ap.example.com".into();
+    let r = cycle_with(
+        &engine,
+        CycleOptions {
+            allow_deprovision: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(r.operations.create, 1, "{r:?}");
+    assert_eq!(
+        lab.vms.user("fresh@ap.example.com").unwrap().user_type,
+        "b2b"
+    );
+}
