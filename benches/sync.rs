@@ -1,6 +1,6 @@
 //! Whole-cycle benchmark: the emulators (10 ms VMS latency) seeded with N
 //! accounts, an initial full sync with `vms.concurrency = 8`, then no-op
-//! incremental cycles. Every phase runs in its own process, so each peak RSS
+//! incremental cycles, then no-op cycles after a change of `vms.user_type`. Every phase runs in its own process, so each peak RSS
 //! is that phase's alone; the emulators run in another.
 //!
 //! cargo bench --bench sync -- [N ...]   (default 10000 100000)
@@ -81,15 +81,22 @@ fn bench(n: usize) {
         stdin,
         lines,
     };
+    // The last rows run with another `vms.user_type`, which the VMS cannot
+    // apply to existing users: their no-op cycles must cost what the others do.
+    let retyped = "no-op after vms.user_type change";
     for (label, full) in [
         ("initial full sync", true),
         ("no-op incremental", false),
         ("no-op incremental", false),
+        (retyped, false),
+        (retyped, false),
     ] {
         let before = emus.ask("stats");
+        let user_type = if label == retyped { "b2b" } else { "b2c" };
         let out = Command::new(std::env::current_exe().unwrap())
             .args([config.as_str(), if full { "full" } else { "incremental" }])
             .env("BILLSYNC_BENCH_ROLE", "cycle")
+            .env("BILLSYNC__VMS__USER_TYPE", user_type)
             .stderr(Stdio::inherit())
             .output()
             .unwrap();
@@ -171,7 +178,8 @@ async fn emulators(n: usize) {
 
 async fn cycle(config: &str, full: bool) {
     billsync::telemetry::init(billsync::config::LogFormat::Pretty, "warn");
-    let (settings, _) = billsync::config::load(std::path::Path::new(config), &[]).unwrap();
+    let env = billsync::config::process_env();
+    let (settings, _) = billsync::config::load(std::path::Path::new(config), &env).unwrap();
     let engine = Engine::new(settings).await.unwrap();
     // When the push phase starts and ends, from the engine's progress events.
     let push = std::sync::Arc::new(std::sync::Mutex::new((None::<Instant>, None::<Instant>)));

@@ -3,11 +3,13 @@
 
 use serde_json::{json, Value};
 
+use crate::config::Settings;
+use crate::core::model::SourceKind;
 use crate::store::{PlanState, Store, StoreError};
 
 /// The top-level keys of the status document (SPEC §6a, plus `notices`):
 /// scripts rely on them.
-pub const KEYS: [&str; 9] = [
+pub const KEYS: [&str; 11] = [
     "cycles",
     "pending",
     "quarantined",
@@ -17,9 +19,26 @@ pub const KEYS: [&str; 9] = [
     "resync_requested",
     "approval_pending",
     "notices",
+    "in_doubt",
+    "frozen",
 ];
 
-pub async fn status_json(store: &Store) -> Result<Value, StoreError> {
+/// Sources whose VMS users are frozen: disabled or removed while they still
+/// own users (SPEC §9.4).
+async fn frozen(store: &Store, settings: &Settings) -> Result<Vec<Value>, StoreError> {
+    let per_source = store.applied_per_source().await?;
+    Ok(SourceKind::ALL
+        .into_iter()
+        .filter(|k| settings.source(*k).is_none())
+        .filter_map(|k| {
+            let users = *per_source.get(k.as_str())?;
+            Some(json!({"source": k.as_str(), "users": users,
+                "note": format!("disabled or removed: its users are frozen; `billsync sync --retire-source {k}` deprovisions them")}))
+        })
+        .collect())
+}
+
+pub async fn status_json(store: &Store, settings: &Settings) -> Result<Value, StoreError> {
     let cycles = store.last_cycles(10).await?;
     let retries = store.load_retries().await?;
     let plan = store.plan_rows().await?;
@@ -89,5 +108,11 @@ pub async fn status_json(store: &Store) -> Result<Value, StoreError> {
         "resync_requested": requests.resync_all || !requests.resync_logins.is_empty(),
         "approval_pending": requests.approve,
         "notices": store.notices().await?,
+        "frozen": frozen(store, settings).await?,
+        "in_doubt": store.load_in_doubt().await?.into_iter().map(|d| json!({
+            "login": d.login,
+            "op": d.op,
+            "since": d.since.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        })).collect::<Vec<_>>(),
     }))
 }

@@ -39,10 +39,33 @@ impl VmsOp {
     }
 }
 
+/// Whose fault a VMS error is (SPEC §9.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Blame {
+    /// An answer about this user's data: 422, or 400 with Laravel's shape.
+    Login,
+    /// The channel refused or failed (auth, allow-list, proxy, outage, junk,
+    /// no answer): never one user's fault, and it heals by itself.
+    Channel,
+    /// Nothing was sent (breaker open, stopping): nobody's fault.
+    NotSent,
+}
+
+/// The one classifier of VMS answers that are not a confirmation.
+pub fn blame_of(status: Option<u16>, laravel_body: bool) -> Blame {
+    match status {
+        Some(422) => Blame::Login,
+        Some(400) if laravel_body => Blame::Login,
+        _ => Blame::Channel,
+    }
+}
+
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("{message}")]
 pub struct VmsError {
+    /// Transient: worth retrying within the cycle.
     pub class: ErrorClass,
+    pub blame: Blame,
     pub status: Option<u16>,
     pub message: String,
     /// Laravel's `errors` map from a 422.
@@ -60,9 +83,16 @@ impl VmsError {
         self.status == Some(422) && self.errors.contains_key("login")
     }
 
-    fn transient(message: String, status: Option<u16>) -> Self {
+    /// An answer about the user's data (quarantines), not a refusal.
+    pub fn blames_login(&self) -> bool {
+        self.blame == Blame::Login
+    }
+
+    /// A transient channel failure: no answer, or not one we can trust.
+    pub fn transient(message: String, status: Option<u16>) -> Self {
         Self {
             class: ErrorClass::Transient,
+            blame: Blame::Channel,
             status,
             message: redact::scrub(&message),
             errors: BTreeMap::new(),
@@ -75,6 +105,7 @@ impl From<http::FetchError> for VmsError {
     fn from(e: http::FetchError) -> Self {
         Self {
             class: e.class,
+            blame: Blame::Channel,
             status: e.status,
             message: e.message,
             errors: BTreeMap::new(),
@@ -145,8 +176,15 @@ impl VmsClient {
         body.insert("status".into(), json!(state.status));
         body.insert("billing_info".into(), Self::billing_info(state));
         body.insert(self.properties_field.clone(), self.properties(state));
-        self.send(VmsOp::Create, Method::POST, USER_PATH, Value::Object(body))
-            .await
+        let expect = Expect::User(login);
+        self.send(
+            VmsOp::Create,
+            Method::POST,
+            USER_PATH,
+            Value::Object(body),
+            expect,
+        )
+        .await
     }
 
     /// The full profile, and the permission changes when there are any.
@@ -168,29 +206,40 @@ impl VmsClient {
         if !detach.is_empty() {
             body.insert("permissions_to_detach".into(), json!(detach));
         }
-        self.send(VmsOp::Update, Method::PATCH, USER_PATH, Value::Object(body))
-            .await
+        let expect = Expect::User(login);
+        self.send(
+            VmsOp::Update,
+            Method::PATCH,
+            USER_PATH,
+            Value::Object(body),
+            expect,
+        )
+        .await
     }
 
     pub async fn delete(&self, login: &str) -> Result<(), VmsError> {
+        let body = json!({"login": login});
         self.send(
             VmsOp::Delete,
             Method::DELETE,
             USER_PATH,
-            json!({"login": login}),
+            body,
+            Expect::Deleted,
         )
         .await
     }
 
     pub async fn tree_create(&self, name: &str, external_id: &str) -> Result<(), VmsError> {
         let body = json!({"name": name, "type": self.tree_type, "external_id": external_id});
-        self.send(VmsOp::TreeCreate, Method::POST, TREE_PATH, body)
+        let expect = Expect::Element(external_id);
+        self.send(VmsOp::TreeCreate, Method::POST, TREE_PATH, body, expect)
             .await
     }
 
     pub async fn tree_update(&self, name: &str, external_id: &str) -> Result<(), VmsError> {
         let body = json!({"name": name, "type": self.tree_type, "external_id": external_id});
-        self.send(VmsOp::TreeUpdate, Method::PATCH, TREE_PATH, body)
+        let expect = Expect::Element(external_id);
+        self.send(VmsOp::TreeUpdate, Method::PATCH, TREE_PATH, body, expect)
             .await
     }
 
@@ -200,6 +249,7 @@ impl VmsClient {
         method: Method,
         path: &str,
         body: Value,
+        expect: Expect<'_>,
     ) -> Result<(), VmsError> {
         let url = self
             .base
@@ -218,21 +268,64 @@ impl VmsClient {
             })
             .inc();
         let (status, headers, bytes) = result.map_err(VmsError::from)?;
-        if (200..300).contains(&status) {
-            // A 2xx that is not the API's JSON came from something in between.
-            if method != Method::DELETE && status != 204 {
-                let parsed = http::parse_json(&bytes).map_err(VmsError::from)?;
-                if !parsed.is_object() && !parsed.is_array() {
-                    return Err(VmsError::transient(
-                        format!("HTTP {status} with {}", http::describe_body(&bytes)),
-                        Some(status),
-                    ));
-                }
-            }
+        if !(200..300).contains(&status) {
+            return Err(decode_error(status, &headers, &bytes));
+        }
+        if expect.confirmed_by(status, &bytes) {
             return Ok(());
         }
-        Err(decode_error(status, &headers, &bytes))
+        let text = format!(
+            "unconfirmed: HTTP {status} with {}",
+            http::describe_body(&bytes)
+        );
+        tracing::warn!(op = op.as_str(), "{text}");
+        Err(VmsError::transient(text, Some(status)))
     }
+}
+
+/// What answer proves a request applied (SPEC §9.2).
+#[derive(Debug, Clone, Copy)]
+pub enum Expect<'a> {
+    /// The user object for this login, at the top level or under `data`.
+    User(&'a str),
+    /// 200 or 204.
+    Deleted,
+    /// The tree element: its `external_id` or `id`.
+    Element(&'a str),
+}
+
+impl Expect<'_> {
+    pub fn confirmed_by(self, status: u16, body: &[u8]) -> bool {
+        match self {
+            Expect::Deleted => status == 200 || status == 204,
+            Expect::User(login) => answer_object(body)
+                .and_then(|o| o.get("login")?.as_str().map(|l| same_login(l, login)))
+                .unwrap_or(false),
+            Expect::Element(external_id) => answer_object(body).is_some_and(|o| {
+                let ext = o.get("external_id").and_then(crate::sources::json_text);
+                ext.as_deref() == Some(external_id) || o.get("id").is_some_and(|id| !id.is_null())
+            }),
+        }
+    }
+}
+
+/// The answer's object: at the top level, or under `data`.
+fn answer_object(body: &[u8]) -> Option<Map<String, Value>> {
+    match serde_json::from_slice::<Value>(body).ok()? {
+        Value::Object(mut top) => match top.remove("data") {
+            Some(Value::Object(inner)) => Some(inner),
+            Some(other) => {
+                top.insert("data".into(), other);
+                Some(top)
+            }
+            None => Some(top),
+        },
+        _ => None,
+    }
+}
+
+fn same_login(a: &str, b: &str) -> bool {
+    a.trim().to_lowercase() == b.trim().to_lowercase()
 }
 
 /// Non-2xx answers: Laravel's 422 `{message, errors}`, 429 with
@@ -273,8 +366,10 @@ pub fn decode_error(status: u16, headers: &HeaderMap, body: &[u8]) -> VmsError {
     for (k, reasons) in &errors {
         text.push_str(&format!("; {k}: {}", reasons.join(", ")));
     }
+    let laravel = message.is_some() && !errors.is_empty();
     VmsError {
         class,
+        blame: blame_of(Some(status), laravel),
         status: Some(status),
         message: redact::scrub(&text),
         errors,
@@ -312,6 +407,53 @@ mod tests {
         assert!(decode_error(408, &HeaderMap::new(), b"").is_transient());
         assert!(!decode_error(403, &HeaderMap::new(), b"forbidden").is_transient());
         assert!(!decode_error(400, &HeaderMap::new(), b"{}").is_transient());
+        // Only answers about the data blame the login (SPEC §9.3).
+        assert_eq!(
+            decode_error(403, &HeaderMap::new(), b"forbidden").blame,
+            Blame::Channel
+        );
+        assert_eq!(
+            decode_error(400, &HeaderMap::new(), b"{}").blame,
+            Blame::Channel
+        );
+        let laravel = br#"{"message":"bad","errors":{"type":["x"]}}"#;
+        assert_eq!(
+            decode_error(400, &HeaderMap::new(), laravel).blame,
+            Blame::Login
+        );
+        assert_eq!(
+            decode_error(422, &HeaderMap::new(), b"").blame,
+            Blame::Login
+        );
+    }
+
+    #[test]
+    fn only_the_user_object_confirms_a_user_write() {
+        let user = Expect::User("Ann@x.example");
+        assert!(user.confirmed_by(200, br#"{"id":1,"login":"ann@x.example"}"#));
+        assert!(user.confirmed_by(201, br#"{"data":{"login":" ANN@X.example "}}"#));
+        for junk in [
+            &b"{}"[..],
+            br#"{"message":"Server Error"}"#,
+            br#"{"login":"bob@x.example"}"#,
+            br#"{"data":[{"login":"ann@x.example"}]}"#,
+            b"<html>ok</html>",
+            b"",
+            b"null",
+        ] {
+            assert!(
+                !user.confirmed_by(200, junk),
+                "{}",
+                String::from_utf8_lossy(junk)
+            );
+        }
+        assert!(Expect::Deleted.confirmed_by(204, b""));
+        assert!(Expect::Deleted.confirmed_by(200, b"{}"));
+        assert!(!Expect::Deleted.confirmed_by(202, b"{}"));
+        let element = Expect::Element("bm-1");
+        assert!(element.confirmed_by(201, br#"{"id":7,"external_id":"bm-1"}"#));
+        assert!(element.confirmed_by(200, br#"{"data":{"external_id":"bm-1"}}"#));
+        assert!(!element.confirmed_by(200, br#"{"status":"ok"}"#));
     }
 
     #[test]

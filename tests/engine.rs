@@ -320,7 +320,9 @@ async fn transient_faults_converge_over_cycles() {
     let r = cycle(&engine).await;
     assert_eq!(r.result, CycleResult::Partial, "{r:?}");
     assert_eq!(r.pending, 4);
-    let status = billsync::status::status_json(&engine.store).await.unwrap();
+    let status = billsync::status::status_json(&engine.store, &engine.settings)
+        .await
+        .unwrap();
     assert_eq!(status["pending"].as_array().unwrap().len(), 4, "{status}");
     let applied = engine.store.load_applied().await.unwrap();
     let user6 = &applied.users["user6@bm.example.com"].state;
@@ -518,7 +520,9 @@ async fn conflicts_go_to_the_priority_source() {
     assert_eq!(r.conflicts, 1);
     let u = lab.vms.user("user1@bm.example.com").unwrap();
     assert_eq!(u.billing_info["billing_id"], "billmanager-1");
-    let status = billsync::status::status_json(&engine.store).await.unwrap();
+    let status = billsync::status::status_json(&engine.store, &engine.settings)
+        .await
+        .unwrap();
     assert_eq!(status["conflicts"][0]["login"], "user1@bm.example.com");
 }
 
@@ -541,6 +545,8 @@ async fn named_resync_pushes_those_logins_in_full() {
     assert_eq!(lab.vms.count_for("PATCH", "user2@bm.example.com"), 2);
 }
 
+/// A login that fails alone while the VMS confirms others backs off across
+/// cycles (a refusal of the whole channel does not: see convergence.rs).
 #[tokio::test]
 async fn a_login_backing_off_is_skipped_until_its_time_or_a_resync() {
     let (lab, engine) = setup(
@@ -550,6 +556,8 @@ async fn a_login_backing_off_is_skipped_until_its_time_or_a_resync() {
         &[
             ("BILLSYNC__VMS__MAX_ATTEMPTS", "1"),
             ("BILLSYNC__VMS__REQUEUE_BASE_SECS", "3600"),
+            // One at a time, in login order: user1 is confirmed before user2 fails.
+            ("BILLSYNC__VMS__CONCURRENCY", "1"),
         ],
     )
     .await;
@@ -621,7 +629,9 @@ async fn a_new_user_type_is_said_once_and_changes_nothing_else() {
         );
     }
     // Said once, in status.
-    let status = billsync::status::status_json(&engine.store).await.unwrap();
+    let status = billsync::status::status_json(&engine.store, &engine.settings)
+        .await
+        .unwrap();
     let notices = status["notices"].as_array().unwrap();
     assert_eq!(notices.len(), 1, "{status}");
     assert!(

@@ -5,11 +5,20 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use crate::config::Settings;
+use crate::core::model::SourceKind;
 use crate::http;
 use crate::sources;
 
 pub async fn run(settings: Settings, connect: bool) -> u8 {
     println!("{}", settings.to_masked_toml());
+    for kind in SourceKind::ALL {
+        if settings.configured(kind).is_some() && settings.source(kind).is_none() {
+            println!(
+                "# sources.{kind} is disabled: the VMS users it owns are frozen (never \
+                 deprovisioned); `billsync sync --retire-source {kind}` retires them"
+            );
+        }
+    }
     if !connect {
         println!("# config OK");
         return super::EXIT_OK;

@@ -151,6 +151,12 @@ async fn explain(
         .collect();
     doc["quarantine"] = json!(q);
     doc["pending"] = json!(store.load_retries().await?.get(&login));
+    let doubt = store
+        .load_in_doubt()
+        .await?
+        .into_iter()
+        .find(|d| d.login == login);
+    doc["in_doubt"] = json!(doubt.map(|d| json!({"op": d.op, "since": d.since})));
     let conflict = store
         .conflicts()
         .await?
@@ -181,6 +187,7 @@ fn print_human(doc: &Value) {
         "operations",
         "quarantine",
         "pending",
+        "in_doubt",
         "conflict",
         "recent_audit",
         "note",

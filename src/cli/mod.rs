@@ -38,6 +38,26 @@ pub struct Cli {
     pub command: Command,
 }
 
+#[derive(Debug, clap::Args)]
+pub struct SyncArgs {
+    /// Full resync: re-read every account and push every user in full
+    #[arg(long)]
+    pub full: bool,
+    /// Print the plan and change nothing anywhere
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Let this cycle's deprovisions through whatever their number
+    #[arg(long)]
+    pub allow_deprovision: bool,
+    /// Print the cycle summary as one JSON object
+    #[arg(long)]
+    pub json: bool,
+    /// Deprovision the users of a disabled or removed source (repeatable;
+    /// the safety threshold and approval apply)
+    #[arg(long = "retire-source", value_name = "NAME")]
+    pub retire_source: Vec<String>,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run as a daemon: scheduled cycles, admin HTTP, systemd notify
@@ -47,20 +67,7 @@ pub enum Command {
         resync: bool,
     },
     /// Run one sync cycle and exit (0 done, 1 work left, 2 config, 3 aborted)
-    Sync {
-        /// Full resync: re-read every account and push every user in full
-        #[arg(long)]
-        full: bool,
-        /// Print the plan and change nothing anywhere
-        #[arg(long)]
-        dry_run: bool,
-        /// Let this cycle's deprovisions through whatever their number
-        #[arg(long)]
-        allow_deprovision: bool,
-        /// Print the cycle summary as one JSON object
-        #[arg(long)]
-        json: bool,
-    },
+    Sync(SyncArgs),
     /// Ask for a full resync (or of some logins) at the next cycle
     Resync {
         /// Only these logins (repeatable)
@@ -125,14 +132,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Run { resync } => {
             with_settings(path.as_deref(), |s| runtime(crate::daemon::run(s, resync)))
         }
-        Command::Sync {
-            full,
-            dry_run,
-            allow_deprovision,
-            json,
-        } => with_settings(path.as_deref(), |s| {
-            runtime(sync::run(s, full, dry_run, allow_deprovision, json))
-        }),
+        Command::Sync(args) => with_settings(path.as_deref(), |s| runtime(sync::run(s, args))),
         Command::Resync { logins } => {
             with_settings(path.as_deref(), |s| runtime(requests::resync(s, logins)))
         }

@@ -2,7 +2,7 @@
 //! store, acted on by the running daemon or the next `sync`.
 
 use crate::config::Settings;
-use crate::store::{PlanState, RequestKind};
+use crate::store::RequestKind;
 
 pub async fn resync(settings: Settings, logins: Vec<String>) -> u8 {
     let store = match super::open_store(&settings).await {
@@ -32,15 +32,11 @@ pub async fn approve(settings: Settings) -> u8 {
         Ok(s) => s,
         Err(code) => return code,
     };
-    let held = store
-        .plan_rows()
-        .await
-        .map(|rows| rows.iter().filter(|r| r.state == PlanState::Held).count())
-        .unwrap_or(0);
-    match store.request(RequestKind::Approve, None).await {
-        Ok(_) => {
+    match store.approve_held().await {
+        Ok((_, held)) => {
             println!(
-                "approval recorded: the next cycle sends its deprovisions whatever their number ({held} held now)"
+                "approval recorded for the {held} logins held now: the next cycle sends their \
+                 deprovisions; any that appeared since are counted against the threshold afresh"
             );
             super::EXIT_OK
         }

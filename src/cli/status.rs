@@ -9,7 +9,7 @@ pub async fn run(settings: Settings, json: bool) -> u8 {
         Ok(s) => s,
         Err(code) => return code,
     };
-    let doc = match crate::status::status_json(&store).await {
+    let doc = match crate::status::status_json(&store, &settings).await {
         Ok(d) => d,
         Err(e) => {
             eprintln!("billsync: {e}");
@@ -51,6 +51,12 @@ pub async fn run(settings: Settings, json: bool) -> u8 {
             &["login", "part", "since", "error"][..],
         ),
         ("held deprovisions", "held", &["login", "action"][..]),
+        ("frozen sources", "frozen", &["source", "users", "note"][..]),
+        (
+            "in doubt (pushed in full next)",
+            "in_doubt",
+            &["login", "op", "since"][..],
+        ),
         ("login conflicts", "conflicts", &["login", "sources"][..]),
         (
             "invalid source records",

@@ -2,16 +2,18 @@
 
 use crate::config::Settings;
 use crate::core::cycle::CycleResult;
+use crate::core::model::SourceKind;
 use crate::engine::{CycleOptions, CycleReport, Engine};
 use crate::store::StateLock;
 
-pub async fn run(
-    settings: Settings,
-    full: bool,
-    dry_run: bool,
-    allow_deprovision: bool,
-    json: bool,
-) -> u8 {
+pub async fn run(settings: Settings, args: super::SyncArgs) -> u8 {
+    let retire = match retired(&settings, &args.retire_source) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("billsync: {e}");
+            return super::EXIT_CONFIG;
+        }
+    };
     let _lock = match StateLock::try_acquire(&settings.daemon.state_path) {
         Ok(l) => l,
         Err(e) => {
@@ -28,9 +30,10 @@ pub async fn run(
     };
     let bar = super::progress::terminal();
     let opts = CycleOptions {
-        full,
-        dry_run,
-        allow_deprovision,
+        full: args.full,
+        dry_run: args.dry_run,
+        allow_deprovision: args.allow_deprovision,
+        retire,
         progress: bar.as_ref().map(|(p, _)| p.clone()),
         stop: None,
     };
@@ -46,7 +49,7 @@ pub async fn run(
             return super::EXIT_ABORTED;
         }
     };
-    if json {
+    if args.json {
         match serde_json::to_string(&report) {
             Ok(s) => println!("{s}"),
             Err(e) => eprintln!("billsync: {e}"),
@@ -55,6 +58,25 @@ pub async fn run(
         print_human(&report);
     }
     exit_code(&report)
+}
+
+/// `--retire-source` names: known sources that are not enabled.
+fn retired(settings: &Settings, names: &[String]) -> Result<Vec<SourceKind>, String> {
+    names
+        .iter()
+        .map(|name| {
+            let kind = SourceKind::parse(name).ok_or_else(|| {
+                format!("--retire-source {name}: unknown source (billmanager or activeplatform)")
+            })?;
+            match settings.source(kind) {
+                Some(_) => Err(format!(
+                    "--retire-source {name}: the source is enabled; set enabled = false \
+                     (or remove its section) first"
+                )),
+                None => Ok(kind),
+            }
+        })
+        .collect()
 }
 
 /// SPEC §4: 0 done, 1 work left, 3 aborted; a dry run that ran is 0.

@@ -89,6 +89,8 @@ pub struct CycleFacts {
     pub sources_complete: usize,
     /// The circuit breaker opened during the push.
     pub breaker_open: bool,
+    /// Requests went out and the VMS refused every one (SPEC §9.3).
+    pub vms_refused: bool,
     pub applied: usize,
     pub pending: usize,
     pub quarantined: usize,
@@ -98,7 +100,7 @@ pub struct CycleFacts {
 /// The one place that turns a cycle's facts into its result.
 pub fn classify(f: &CycleFacts) -> CycleResult {
     let every_source_failed = f.sources > 0 && f.sources_complete == 0;
-    let vms_refused = !f.dry_run && f.breaker_open && f.applied == 0;
+    let vms_refused = !f.dry_run && f.applied == 0 && (f.breaker_open || f.vms_refused);
     if every_source_failed || vms_refused {
         CycleResult::Failed
     } else if f.dry_run {
@@ -164,6 +166,21 @@ mod tests {
             ..refused
         };
         assert_eq!(classify(&some), CycleResult::Partial);
+    }
+
+    #[test]
+    fn a_cycle_whose_every_request_was_refused_failed() {
+        let refused = CycleFacts {
+            vms_refused: true,
+            pending: 3,
+            ..facts()
+        };
+        assert_eq!(classify(&refused), CycleResult::Failed);
+        let one_in = CycleFacts {
+            applied: 1,
+            ..refused
+        };
+        assert_eq!(classify(&one_in), CycleResult::Partial);
     }
 
     #[test]

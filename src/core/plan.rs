@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use serde::{Deserialize, Serialize};
 
-use super::desired::{CoreConfig, Desired};
+use super::desired::{CoreConfig, Desired, DesiredUser};
 use super::model::{AccountKey, OnDeleted, UserState};
 
 /// The fields of a user the diff compares, and nothing else. `user_type` is
@@ -45,6 +45,9 @@ pub struct Applied {
     pub tree: BTreeMap<String, String>,
     /// Write-backs done: account -> value written.
     pub written: HashMap<AccountKey, String>,
+    /// Logins whose last request's answer never came, with the state it
+    /// asked for: the VMS may or may not hold it.
+    pub in_doubt: BTreeMap<String, AppliedUser>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -126,24 +129,46 @@ impl Plan {
     /// What the safety threshold counts: logins with a deprovision, plus the
     /// new login of each login change (SPEC §2.2: both count).
     pub fn deprovision_logins(&self) -> usize {
-        let deprovisioned: HashSet<&str> = self
-            .ops
-            .iter()
-            .filter(|o| o.deprovision)
-            .map(|o| o.login.as_str())
-            .collect();
-        let moved_owners: HashSet<&AccountKey> = self
-            .ops
-            .iter()
-            .filter(|o| o.deprovision && o.target.gone)
-            .map(|o| &o.owner)
-            .collect();
-        let moved_to = self
-            .ops
-            .iter()
-            .filter(|o| o.action == Action::Create && moved_owners.contains(&o.owner))
-            .count();
-        deprovisioned.len() + moved_to
+        count_deprovisions(self.ops.iter(), |_| true)
+    }
+}
+
+/// Deprovisioned logins among `ops` that `counts`, plus the creates of the
+/// logins they moved to.
+fn count_deprovisions<'a>(
+    ops: impl Iterator<Item = &'a Op> + Clone,
+    counts: impl Fn(&Op) -> bool,
+) -> usize {
+    let deprovisions = ops.clone().filter(|o| o.deprovision && counts(o));
+    let logins: HashSet<&str> = deprovisions.clone().map(|o| o.login.as_str()).collect();
+    let moved_owners: HashSet<&AccountKey> = deprovisions
+        .filter(|o| o.target.gone)
+        .map(|o| &o.owner)
+        .collect();
+    let moved_to = ops
+        .filter(|o| o.action == Action::Create && moved_owners.contains(&o.owner))
+        .count();
+    logins.len() + moved_to
+}
+
+/// Which deprovisions an operator let through (SPEC §9.4).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Approval {
+    #[default]
+    None,
+    /// `sync --allow-deprovision`: everything of that one run.
+    All,
+    /// `approve`: the held set that `status` showed at that moment.
+    Held(HashSet<String>),
+}
+
+impl Approval {
+    pub fn covers(&self, login: &str) -> bool {
+        match self {
+            Approval::None => false,
+            Approval::All => true,
+            Approval::Held(logins) => logins.contains(login),
+        }
     }
 }
 
@@ -236,116 +261,169 @@ fn update_op(
 pub fn plan(cfg: &CoreConfig, desired: &Desired, applied: &Applied, opts: &PlanOptions) -> Plan {
     let mut out = Plan::default();
     for (login, d) in &desired.users {
-        if opts.skip.contains(login) {
-            continue;
-        }
-        let full = opts.full || opts.full_logins.contains(login);
-        let incomplete = desired.incomplete.contains(&d.owner.source);
-        match applied.users.get(login) {
-            None => {
-                // First sight of a deleted account: nothing to create.
-                if d.state.gone {
-                    continue;
-                }
-                out.ops.push(Op {
-                    login: login.clone(),
-                    owner: d.owner.clone(),
-                    action: Action::Create,
-                    target: d.state.clone(),
-                    deprovision: false,
-                });
-            }
-            Some(a) => {
-                let op = if d.state.gone && cfg.on_deleted == OnDeleted::Delete {
-                    Some(Op {
-                        login: login.clone(),
-                        owner: d.owner.clone(),
-                        action: Action::Delete,
-                        target: d.state.clone(),
-                        deprovision: true,
-                    })
-                } else {
-                    update_op(cfg, login, &d.owner, &a.state, &d.state, full)
-                };
-                if let Some(op) = op {
-                    // An incomplete source yields no deprovision at all.
-                    if !(incomplete && op.deprovision) {
-                        out.ops.push(op);
-                    }
-                }
-            }
+        out.ops
+            .extend(desired_op(cfg, desired, applied, opts, login, d));
+    }
+    // Logins nobody desires any more (their account is gone past the grace
+    // period, or its login changed), applied or in doubt.
+    let undesired = applied
+        .users
+        .iter()
+        .chain(
+            applied
+                .in_doubt
+                .iter()
+                .filter(|(l, _)| !applied.users.contains_key(*l)),
+        )
+        .filter(|(login, _)| !desired.users.contains_key(*login));
+    for (login, known) in undesired {
+        if may_deprovision(desired, opts, login, &known.owner) {
+            let full = opts.is_full(login) || applied.in_doubt.contains_key(login);
+            out.ops.extend(gone_op(cfg, login, known, full));
         }
     }
-    // Applied logins nobody desires any more: their account is gone past the
-    // grace period, or its login changed. Never on doubt.
-    for (login, a) in &applied.users {
-        if desired.users.contains_key(login)
-            || opts.skip.contains(login)
-            || desired.incomplete.contains(&a.owner.source)
-            || desired.protected.contains(&a.owner)
+    out.tree = tree_ops(desired, applied);
+    out.writebacks = writeback_ops(cfg, desired, applied, opts);
+    out
+}
+
+/// Whether the login must be written to the account (SPEC §9.4).
+pub fn writeback_due(login: &str, d: &DesiredUser, written: Option<&String>, full: bool) -> bool {
+    let seen = d.writeback_seen.as_deref() == Some(login);
+    !seen && (written.map(String::as_str) != Some(login) || full)
+}
+
+impl PlanOptions {
+    fn is_full(&self, login: &str) -> bool {
+        self.full || self.full_logins.contains(login)
+    }
+}
+
+/// Never on doubt: not while the owner's source is incomplete, nor while
+/// the owner's record is unusable.
+fn may_deprovision(desired: &Desired, opts: &PlanOptions, login: &str, owner: &AccountKey) -> bool {
+    !opts.skip.contains(login)
+        && !desired.incomplete.contains(&owner.source)
+        && !desired.protected.contains(owner)
+}
+
+/// The op for a desired user. A login in doubt (its last request's answer
+/// never came) is pushed in full whatever it is now: created-or-adopted
+/// when live, blocked or deleted when gone.
+fn desired_op(
+    cfg: &CoreConfig,
+    desired: &Desired,
+    applied: &Applied,
+    opts: &PlanOptions,
+    login: &str,
+    d: &DesiredUser,
+) -> Option<Op> {
+    if opts.skip.contains(login) {
+        return None;
+    }
+    let doubt = applied.in_doubt.get(login);
+    let known = applied.users.get(login);
+    // The login's record is its owner's until that record is usable again.
+    if known.is_some_and(|a| a.owner != d.owner && desired.protected.contains(&a.owner)) {
+        return None;
+    }
+    let op = match known.or(doubt) {
+        // First sight of a deleted account: nothing to create.
+        None if d.state.gone => return None,
+        None => create_op(login, d),
+        Some(_) if known.is_none() && !d.state.gone => create_op(login, d),
+        Some(a) if d.state.gone && cfg.on_deleted == OnDeleted::Delete => {
+            delete_op(login, &d.owner, &a.state)
+        }
+        Some(a) => {
+            let full = opts.is_full(login) || doubt.is_some();
+            update_op(cfg, login, &d.owner, &a.state, &d.state, full)?
+        }
+    };
+    // An incomplete source yields no deprovision at all.
+    let incomplete = desired.incomplete.contains(&d.owner.source);
+    (!(incomplete && op.deprovision)).then_some(op)
+}
+
+fn create_op(login: &str, d: &DesiredUser) -> Op {
+    Op {
+        login: login.to_string(),
+        owner: d.owner.clone(),
+        action: Action::Create,
+        target: d.state.clone(),
+        deprovision: false,
+    }
+}
+
+fn delete_op(login: &str, owner: &AccountKey, known: &UserState) -> Op {
+    Op {
+        login: login.to_string(),
+        owner: owner.clone(),
+        action: Action::Delete,
+        target: UserState {
+            gone: true,
+            ..known.clone()
+        },
+        deprovision: true,
+    }
+}
+
+/// The op that ends a login nobody desires: delete, or block and strip.
+fn gone_op(cfg: &CoreConfig, login: &str, known: &AppliedUser, full: bool) -> Option<Op> {
+    match deprovisioned(cfg, &known.state) {
+        None => Some(delete_op(login, &known.owner, &known.state)),
+        Some(target) => update_op(cfg, login, &known.owner, &known.state, &target, full),
+    }
+}
+
+fn tree_ops(desired: &Desired, applied: &Applied) -> Vec<TreeOp> {
+    let mut out = vec![];
+    for (ext, name) in &desired.tree {
+        let create = match applied.tree.get(ext) {
+            None => true,
+            Some(old) if old != name => false,
+            Some(_) => continue,
+        };
+        out.push(TreeOp {
+            external_id: ext.clone(),
+            name: name.clone(),
+            create,
+        });
+    }
+    out
+}
+
+/// Write-backs for live users of sources that take one, when the account's
+/// attribute as read does not hold the login, and it was not written (or
+/// the push is a full one).
+fn writeback_ops(
+    cfg: &CoreConfig,
+    desired: &Desired,
+    applied: &Applied,
+    opts: &PlanOptions,
+) -> Vec<WritebackOp> {
+    let mut out = vec![];
+    if cfg.writeback.is_empty() {
+        return out;
+    }
+    for (login, d) in &desired.users {
+        if !cfg.writeback.contains_key(&d.owner.source) || d.state.gone || opts.skip.contains(login)
         {
             continue;
         }
-        match deprovisioned(cfg, &a.state) {
-            None => out.ops.push(Op {
+        if writeback_due(login, d, applied.written.get(&d.owner), opts.is_full(login)) {
+            out.push(WritebackOp {
+                account: d.owner.clone(),
                 login: login.clone(),
-                owner: a.owner.clone(),
-                action: Action::Delete,
-                target: UserState {
-                    gone: true,
-                    ..a.state.clone()
-                },
-                deprovision: true,
-            }),
-            Some(target) => {
-                let full = opts.full || opts.full_logins.contains(login);
-                if let Some(op) = update_op(cfg, login, &a.owner, &a.state, &target, full) {
-                    out.ops.push(op);
-                }
-            }
-        }
-    }
-    for (ext, name) in &desired.tree {
-        match applied.tree.get(ext) {
-            None => out.tree.push(TreeOp {
-                external_id: ext.clone(),
-                name: name.clone(),
-                create: true,
-            }),
-            Some(old) if old != name => out.tree.push(TreeOp {
-                external_id: ext.clone(),
-                name: name.clone(),
-                create: false,
-            }),
-            Some(_) => {}
-        }
-    }
-    if !cfg.writeback.is_empty() {
-        for (login, d) in &desired.users {
-            if !cfg.writeback.contains_key(&d.owner.source)
-                || d.state.gone
-                || opts.skip.contains(login)
-            {
-                continue;
-            }
-            let written = applied.written.get(&d.owner);
-            let full = opts.full || opts.full_logins.contains(login);
-            let differs =
-                written != Some(login) || (full && d.writeback_seen.as_ref() != Some(login));
-            if differs {
-                out.writebacks.push(WritebackOp {
-                    account: d.owner.clone(),
-                    login: login.clone(),
-                });
-            }
+            });
         }
     }
     out
 }
 
-/// `max(max_deprovision, ceil(ratio × known users))`.
-pub fn threshold(max_deprovision: u32, ratio: f64, known_users: usize) -> usize {
-    let by_ratio = (ratio * known_users as f64).ceil();
+/// `max(max_deprovision, ceil(ratio × live users))` (SPEC §9.4).
+pub fn threshold(max_deprovision: u32, ratio: f64, live_users: usize) -> usize {
+    let by_ratio = (ratio * live_users as f64).ceil();
     let by_ratio = if by_ratio.is_finite() && by_ratio > 0.0 {
         by_ratio as usize
     } else {
@@ -354,21 +432,22 @@ pub fn threshold(max_deprovision: u32, ratio: f64, known_users: usize) -> usize 
     (max_deprovision as usize).max(by_ratio)
 }
 
-/// Holds every deprovision of the plan when there are more than `limit`
-/// and no approval. A held update keeps its non-destructive part.
+/// Holds the deprovisions the approval does not cover when they are more
+/// than `limit`. A held update keeps its non-destructive part.
 pub fn apply_safety(
     cfg: &CoreConfig,
     plan: &mut Plan,
     applied: &Applied,
     limit: usize,
-    approved: bool,
+    approval: &Approval,
 ) {
-    if approved || plan.deprovision_logins() <= limit {
+    let unapproved = |op: &Op| !approval.covers(&op.login);
+    if count_deprovisions(plan.ops.iter(), unapproved) <= limit {
         return;
     }
     let ops = std::mem::take(&mut plan.ops);
     for op in ops {
-        if !op.deprovision {
+        if !op.deprovision || approval.covers(&op.login) {
             plan.ops.push(op);
             continue;
         }
@@ -446,6 +525,7 @@ pub fn apply(applied: &Applied, plan: &Plan) -> Applied {
 }
 
 pub fn apply_op(applied: &mut Applied, op: &Op) {
+    applied.in_doubt.remove(&op.login);
     for proof in op.proofs() {
         match applied_after(op, *proof) {
             Some(user) => applied.users.insert(op.login.clone(), user),
@@ -649,6 +729,40 @@ mod tests {
             prop_assert!(again.is_empty(), "second plan not empty: {:?}", again);
         }
 
+        /// Every login in doubt gets one full-state op, whatever its account
+        /// became, and ends blocked or deleted when the account is gone
+        /// (SPEC §9.1); applying the plan converges and clears the doubt.
+        #[test]
+        fn logins_in_doubt_are_pushed_in_full(before in arb_accounts(), after in arb_accounts(), delete in any::<bool>()) {
+            let cfg = cfg(if delete { OnDeleted::Delete } else { OnDeleted::Block });
+            let now = Utc::now();
+            let d0 = build(&cfg, inputs(&before, &HashMap::new(), true), now);
+            // The first plan went out and no answer came back.
+            let mut doubt = Applied::default();
+            for op in plan(&cfg, &d0, &Applied::default(), &PlanOptions::default()).ops {
+                doubt.in_doubt.insert(op.login.clone(), AppliedUser { owner: op.owner, state: op.target });
+            }
+            let d1 = build(&cfg, inputs(&after, &HashMap::new(), true), now);
+            let p = plan(&cfg, &d1, &doubt, &PlanOptions::default());
+            for login in doubt.in_doubt.keys() {
+                let ops: Vec<&Op> = p.ops.iter().filter(|o| &o.login == login).collect();
+                prop_assert_eq!(ops.len(), 1, "{} {:?}", login, p.ops);
+                let op = ops[0];
+                let gone = d1.users.get(login).is_none_or(|d| d.state.gone);
+                match &op.action {
+                    Action::Create => prop_assert!(!gone),
+                    Action::Update { full, .. } => {
+                        prop_assert!(*full);
+                        prop_assert!(!gone || (op.target.gone && op.target.permissions.is_empty()));
+                    }
+                    Action::Delete => prop_assert!(gone && delete),
+                }
+            }
+            let a1 = apply(&doubt, &p);
+            prop_assert!(a1.in_doubt.is_empty());
+            converged(&cfg, &d1, &a1);
+        }
+
         /// No permission outside `permissions.managed` is ever attached or
         /// detached, even when the applied state somehow holds one.
         #[test]
@@ -806,7 +920,7 @@ mod tests {
         let mut p = plan(&cfg, &d1, &a0, &PlanOptions::default());
         assert_eq!(p.deprovision_logins(), 15);
         assert_eq!(threshold(10, 0.05, 20), 10);
-        apply_safety(&cfg, &mut p, &a0, 10, false);
+        apply_safety(&cfg, &mut p, &a0, 10, &Approval::None);
         assert_eq!(p.held.len(), 15);
         assert!(p.ops.iter().all(|o| !o.deprovision));
         // The create and the 15 phone changes still go out.
@@ -819,7 +933,7 @@ mod tests {
         );
         // Approved: everything goes.
         let mut p = plan(&cfg, &d1, &a1, &PlanOptions::default());
-        apply_safety(&cfg, &mut p, &a1, 10, true);
+        apply_safety(&cfg, &mut p, &a1, 10, &Approval::All);
         assert!(p.held.is_empty());
         assert_eq!(p.deprovision_logins(), 15);
     }
@@ -850,5 +964,9 @@ mod tests {
         b.attributes.insert("vms_login".into(), "u5@x".into());
         let d = build(&cfg, inputs(&[b], &HashMap::new(), true), now);
         assert!(plan(&cfg, &d, &applied, &full).writebacks.is_empty());
+        // An account whose attribute already holds its login gets no PUT,
+        // even on its first sync.
+        let first = plan(&cfg, &d, &Applied::default(), &PlanOptions::default());
+        assert!(first.writebacks.is_empty(), "{:?}", first.writebacks);
     }
 }

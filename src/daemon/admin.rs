@@ -103,7 +103,7 @@ async fn metrics_text() -> Response {
 }
 
 async fn status(State(s): State<Arc<Shared>>) -> Response {
-    match crate::status::status_json(&s.store).await {
+    match crate::status::status_json(&s.store, &s.settings).await {
         Ok(v) => Json(v).into_response(),
         Err(e) => (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -204,12 +204,12 @@ async fn approve(State(s): State<Arc<Shared>>, headers: HeaderMap) -> Response {
     if let Err(r) = authorize(&s, &headers) {
         return r;
     }
-    match s.store.request(RequestKind::Approve, None).await {
-        Ok(id) => {
+    match s.store.approve_held().await {
+        Ok((id, held)) => {
             s.wake.notify_one();
             (
                 StatusCode::ACCEPTED,
-                Json(json!({"requested": "approve", "id": id})),
+                Json(json!({"requested": "approve", "id": id, "held": held})),
             )
                 .into_response()
         }

@@ -61,6 +61,8 @@ pub struct ApData {
     pub balance_as_string: bool,
     /// The server's own cap on per_page.
     pub max_page_size: usize,
+    /// Answers page 1 whatever `page` asks (a server that ignores paging).
+    pub ignore_page: bool,
 }
 
 pub struct ApEmulator {
@@ -90,6 +92,7 @@ impl ApEmulator {
                 envelope: Envelope::Bare,
                 balance_as_string: false,
                 max_page_size: 500,
+                ignore_page: false,
             }),
             rows: Default::default(),
             faults: Faults::default(),
@@ -266,7 +269,10 @@ async fn list_accounts(
         return r;
     }
     let data = emu.read();
-    let (page, per) = paging(&q, data.max_page_size);
+    let (mut page, per) = paging(&q, data.max_page_size);
+    if data.ignore_page {
+        page = 1;
+    }
     let rendered = emu.rows.get_or_build(|| {
         data.accounts
             .iter()

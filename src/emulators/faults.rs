@@ -28,6 +28,13 @@ pub enum Fault {
     TooMany(u64),
     /// 200 with a JSON body of an unexpected shape.
     WrongShape,
+    /// This status with this body, as given (a proxy's or a broken VMS's 2xx).
+    Reply(u16, String),
+    /// A redirect to a login page (an SSO proxy in front).
+    Redirect,
+    /// The request is applied, then the answer is held this long (past the
+    /// client's timeout: the answer is lost).
+    LoseAnswer(Duration),
 }
 
 struct Queued {
@@ -155,7 +162,19 @@ impl Faults {
                 }
                 Err(r)
             }
-            Some(f @ (Fault::EmptyListing | Fault::ErrorBody(_))) => Ok(Some(f)),
+            Some(Fault::Reply(code, body)) => {
+                let status = StatusCode::from_u16(code).unwrap_or(StatusCode::OK);
+                Err((status, [("content-type", "application/json")], body).into_response())
+            }
+            Some(Fault::Redirect) => Err((
+                StatusCode::FOUND,
+                [("location", "/sso/login?next=%2Fapi")],
+                "",
+            )
+                .into_response()),
+            Some(f @ (Fault::EmptyListing | Fault::ErrorBody(_) | Fault::LoseAnswer(_))) => {
+                Ok(Some(f))
+            }
         }
     }
 }

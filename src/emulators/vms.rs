@@ -12,7 +12,7 @@ use axum::routing::any;
 use axum::{Json, Router};
 use serde_json::{json, Value};
 
-use super::{Faults, Server};
+use super::{Fault, Faults, Server};
 
 /// Permissions every new VMS user starts with; billsync must leave them be.
 pub const DEFAULT_PERMISSIONS: [&str; 1] = ["camera-events-index"];
@@ -204,7 +204,8 @@ async fn user(
         .unwrap_or("")
         .to_string();
     let key = format!("{method} user/manage {login}");
-    if let Err(r) = emu.faults.apply(&key).await {
+    let fault = emu.faults.apply(&key).await;
+    if let Err(r) = fault {
         let status = r.status().as_u16();
         let mut data = emu.data();
         if data.record_events {
@@ -219,7 +220,11 @@ async fn user(
         return r;
     }
     let (status, out) = user_inner(&emu, &method, &parsed, &login);
-    finish(&emu, &method, "user/manage", &login, status, out)
+    let response = finish(&emu, &method, "user/manage", &login, status, out);
+    if let Ok(Some(Fault::LoseAnswer(hold))) = fault {
+        tokio::time::sleep(hold).await;
+    }
+    response
 }
 
 fn user_inner(

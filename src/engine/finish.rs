@@ -15,12 +15,13 @@ use crate::telemetry::metrics;
 /// Payments are kept at least this long, whatever the rules need.
 const MIN_PAYMENT_DAYS: u32 = 31;
 
-fn facts(report: &CycleReport, breaker_open: bool) -> CycleFacts {
+fn facts(report: &CycleReport, pushed: Option<&PushSummary>) -> CycleFacts {
     CycleFacts {
         dry_run: report.dry_run,
         sources: report.sources.len(),
         sources_complete: report.sources.values().filter(|s| s.complete).count(),
-        breaker_open,
+        breaker_open: pushed.is_some_and(|p| p.breaker_open),
+        vms_refused: pushed.is_some_and(|p| p.vms_refused),
         applied: report.applied,
         pending: report.pending,
         quarantined: report.quarantined,
@@ -31,7 +32,7 @@ fn facts(report: &CycleReport, breaker_open: bool) -> CycleFacts {
 /// A dry run ends once the plan is computed: the plan is the result.
 pub fn dry_run(mut report: CycleReport, planned: &Planned, core: &CoreConfig) -> CycleReport {
     report.plan = plan_entries(&planned.plan, core);
-    report.result = classify(&facts(&report, false));
+    report.result = classify(&facts(&report, None));
     report.finished_at = Utc::now();
     report
 }
@@ -52,13 +53,15 @@ impl Engine {
         report.pending = pushed.pending + planned.backing_off;
         report.quarantined = memory.quarantined() + pushed.quarantined;
         report.held = planned.plan.held.len();
-        report.result = classify(&facts(&report, pushed.breaker_open));
+        report.result = classify(&facts(&report, Some(&pushed)));
         report.finished_at = Utc::now();
         let summary = serde_json::to_value(&report).unwrap_or_default();
         store
             .finish_cycle(cycle_id, report.result, &summary)
             .await?;
         self.prune(store, &report).await?;
+        let in_doubt = store.count_in_doubt().await?;
+        metrics::get().in_doubt.set(in_doubt as i64);
         observe(&report, clock);
         Ok(report)
     }

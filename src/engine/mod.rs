@@ -8,14 +8,14 @@ pub mod read;
 mod report;
 mod select;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Instant;
 
 use chrono::{DateTime, Utc};
 
-pub use push::policy::{error_policy, next_attempt, Next, PushError, TaskKind};
+pub use push::policy::{error_policy, next_attempt, Context, Next, PushError, TaskKind};
 pub use push::{Outcome, PushSummary};
 pub use report::{
     plan_entries as report_entries, CycleReport, OperationCounts, PlanEntry, SourceSummary,
@@ -27,6 +27,7 @@ use crate::core::cycle::CycleKind;
 use crate::core::desired::{self, CoreConfig};
 use crate::core::model::SourceKind;
 use crate::core::normalize::Normalizer;
+use crate::core::plan::Approval;
 use crate::sources::{self, Source};
 use crate::store::{Store, StoreError};
 use crate::vms::VmsClient;
@@ -50,6 +51,8 @@ pub struct CycleOptions {
     pub full: bool,
     pub dry_run: bool,
     pub allow_deprovision: bool,
+    /// Disabled or removed sources whose users this cycle deprovisions.
+    pub retire: Vec<SourceKind>,
     pub progress: Option<Progress>,
     /// Shutdown: finish what is in flight, start nothing new.
     pub stop: Option<Arc<AtomicBool>>,
@@ -60,11 +63,13 @@ pub struct CycleOptions {
 pub struct Intent {
     pub kind: CycleKind,
     pub dry_run: bool,
-    pub approved: bool,
+    pub approval: Approval,
     /// Logins pushed in full (`resync --login`).
     pub resync_logins: HashSet<String>,
     /// The requests this cycle consumes.
     pub request_ids: Vec<i64>,
+    /// Sources whose users are frozen: disabled or removed, not retired.
+    pub frozen: BTreeSet<SourceKind>,
     pub started: DateTime<Utc>,
 }
 
@@ -134,7 +139,9 @@ impl Engine {
             .read_all(store, &intent, opts.progress.as_ref())
             .await?;
         debug_phase("sources read", clock);
-        let desired = desired::build(&self.core, read.inputs, intent.started);
+        let mut desired = desired::build(&self.core, read.inputs, intent.started);
+        // A disabled or removed source is incomplete for ever (SPEC §9.4).
+        desired.incomplete.extend(intent.frozen.iter().copied());
         debug_phase("desired state built", clock);
         let mut memory = Memory::load(store).await?;
         let need = select::changed(store, &self.core, &desired, &intent, &memory).await?;
@@ -176,9 +183,17 @@ impl Engine {
                 CycleKind::Incremental
             },
             dry_run: opts.dry_run,
-            approved: opts.allow_deprovision || requests.approve,
+            approval: match () {
+                _ if opts.allow_deprovision || requests.approve_all => Approval::All,
+                _ if requests.approve => Approval::Held(requests.approved_logins),
+                _ => Approval::None,
+            },
             resync_logins: requests.resync_logins,
             request_ids: requests.ids,
+            frozen: SourceKind::ALL
+                .into_iter()
+                .filter(|k| self.settings.source(*k).is_none() && !opts.retire.contains(k))
+                .collect(),
             started: Utc::now(),
         };
         if !intent.dry_run {

@@ -5,10 +5,10 @@
 use std::collections::{HashMap, HashSet};
 
 use super::{Engine, Intent};
-use crate::core::desired::{CoreConfig, Desired};
+use crate::core::desired::{CoreConfig, Desired, DesiredUser};
 use crate::core::model::AccountKey;
 use crate::core::plan::{self, Applied, Plan, PlanOptions};
-use crate::store::{QuarantinePart, RetryInfo, Store, StoreError};
+use crate::store::{InDoubt, QuarantinePart, RetryInfo, Store, StoreError};
 
 /// What the store remembers about failed and finished work, read once.
 #[derive(Debug, Default)]
@@ -20,6 +20,8 @@ pub struct Memory {
     pub retries: HashMap<String, RetryInfo>,
     /// Write-backs done: account -> value written.
     pub written: HashMap<AccountKey, String>,
+    /// Logins whose last request's answer never came.
+    pub in_doubt: Vec<InDoubt>,
 }
 
 impl Memory {
@@ -27,6 +29,7 @@ impl Memory {
         let mut out = Memory {
             retries: store.load_retries().await?,
             written: store.load_written().await?,
+            in_doubt: store.load_in_doubt().await?,
             ..Default::default()
         };
         for q in store.load_quarantine().await? {
@@ -53,12 +56,11 @@ impl Memory {
 pub struct Need {
     /// None: every login (a full cycle).
     pub logins: Option<HashSet<String>>,
-    /// Applied users the store holds (the threshold's base).
-    pub known_users: usize,
 }
 
 /// Phase 4: logins whose desired hash differs from the applied one, applied
-/// logins nobody desires any more, named resyncs, and write-backs not done.
+/// logins nobody desires any more, named resyncs, write-backs not done, and
+/// logins in doubt.
 pub async fn changed(
     store: &Store,
     core: &CoreConfig,
@@ -66,29 +68,23 @@ pub async fn changed(
     intent: &Intent,
     memory: &Memory,
 ) -> Result<Need, StoreError> {
-    let mut known_users = 0usize;
     let mut matched: HashSet<&str> = HashSet::new();
     let mut orphans: Vec<String> = vec![];
     store
-        .scan_applied_hashes(|login, hash| {
-            known_users += 1;
-            match desired.users.get_key_value(login) {
-                Some((key, d)) if d.hash == hash => {
-                    matched.insert(key.as_str());
-                }
-                Some(_) => {}
-                None => orphans.push(login.to_string()),
+        .scan_applied_hashes(|login, hash| match desired.users.get_key_value(login) {
+            Some((key, d)) if d.hash == hash => {
+                matched.insert(key.as_str());
             }
+            Some(_) => {}
+            None => orphans.push(login.to_string()),
         })
         .await?;
     if intent.kind.is_full() {
-        return Ok(Need {
-            logins: None,
-            known_users,
-        });
+        return Ok(Need { logins: None });
     }
-    let writeback_due = |login: &String, owner: &AccountKey| {
-        core.writeback.contains_key(&owner.source) && memory.written.get(owner) != Some(login)
+    let writeback_due = |login: &String, d: &DesiredUser| {
+        core.writeback.contains_key(&d.owner.source)
+            && plan::writeback_due(login, d, memory.written.get(&d.owner), false)
     };
     let mut logins: HashSet<String> = desired
         .users
@@ -96,14 +92,14 @@ pub async fn changed(
         .filter(|(login, d)| {
             !matched.contains(login.as_str())
                 || intent.resync_logins.contains(*login)
-                || writeback_due(login, &d.owner)
+                || writeback_due(login, d)
         })
         .map(|(login, _)| login.clone())
         .collect();
     logins.extend(orphans);
+    logins.extend(memory.in_doubt.iter().map(|d| d.login.clone()));
     Ok(Need {
         logins: Some(logins),
-        known_users,
     })
 }
 
@@ -171,6 +167,9 @@ impl Engine {
             users: store.load_applied_users(need.logins.as_ref()).await?,
             tree: store.load_tree().await?,
             written: std::mem::take(&mut memory.written),
+            in_doubt: (memory.in_doubt.iter())
+                .map(|d| (d.login.clone(), d.user.clone()))
+                .collect(),
         };
         let holds = holds(desired, memory, intent);
         for login in &holds.release {
@@ -192,12 +191,13 @@ impl Engine {
             &opts,
         );
         let safety = &self.settings.safety;
+        let live = store.count_live_users(&self.core.status_active).await?;
         let limit = plan::threshold(
             safety.max_deprovision,
             safety.max_deprovision_ratio,
-            need.known_users,
+            live as usize,
         );
-        plan::apply_safety(&self.core, &mut plan, &applied, limit, intent.approved);
+        plan::apply_safety(&self.core, &mut plan, &applied, limit, &intent.approval);
         if !plan.held.is_empty() {
             tracing::warn!(
                 held = plan.held.len(),

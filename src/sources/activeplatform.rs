@@ -116,7 +116,7 @@ impl ActivePlatformClient {
             if rows.is_empty() {
                 break;
             }
-            let mut new_rows = 0;
+            let mut repeated = 0;
             for row in rows {
                 let Value::Object(obj) = row else {
                     bad.push(BadRow {
@@ -138,14 +138,27 @@ impl ActivePlatformClient {
                 };
                 let id = id.trim().to_string();
                 if seen.insert(id.clone()) {
-                    new_rows += 1;
                     out.push(decode(&obj, id));
+                } else {
+                    repeated += 1;
                 }
             }
             progress(seen.len());
-            // A server that ignores `page` repeats itself: stop, don't loop.
-            if new_rows == 0 || page >= max_pages {
-                break;
+            // A server that ignores `page` repeats itself: what it listed
+            // cannot be proved complete (SPEC §9.4).
+            if repeated > 0 {
+                return Err(FetchError::transient(format!(
+                    "{path}: page {page} repeats {repeated} rows already listed \
+                     (the server ignores paging?); the listing is incomplete"
+                )));
+            }
+            if page >= max_pages {
+                if max_pages < MAX_PAGES {
+                    break;
+                }
+                return Err(FetchError::transient(format!(
+                    "{path}: gave up after {page} pages; the listing is incomplete"
+                )));
             }
             page += 1;
         }

@@ -214,8 +214,15 @@ impl BillmanagerClient {
                 }
             }
             progress(seen.len());
-            // A clamped page repeats ids already seen: the listing is over.
+            // Past the end the server clamps and repeats the last page; only
+            // `p_elems` can prove that the listing is over (SPEC §9.4).
             if new_rows == 0 {
+                if !rows.is_empty() && total.is_none() {
+                    return Err(FetchError::transient(format!(
+                        "{func}: page {page} repeats rows already listed and the server \
+                         sends no p_elems to prove the listing complete"
+                    )));
+                }
                 break;
             }
             match total {

@@ -3,13 +3,24 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use futures::TryStreamExt;
 use sqlx::Row;
 
-use super::{account_key, decode_json, ts, Result, Store};
+use super::{account_key, decode_json, parse_ts, ts, Result, Store};
 use crate::core::model::AccountKey;
 use crate::core::plan::{state_hash, Applied, AppliedUser};
+
+/// A login whose last request's answer never came.
+#[derive(Debug, Clone)]
+pub struct InDoubt {
+    pub login: String,
+    /// What was asked: create, update, block or delete.
+    pub op: String,
+    pub since: DateTime<Utc>,
+    /// The owner and the state the request asked for.
+    pub user: AppliedUser,
+}
 
 /// Above this many logins, one pass over the table beats lookups by key.
 const BY_KEY_LIMIT: usize = 2000;
@@ -17,10 +28,12 @@ const BY_KEY_LIMIT: usize = 2000;
 impl Store {
     /// Everything applied: users, tree and write-backs.
     pub async fn load_applied(&self) -> Result<Applied> {
+        let in_doubt = self.load_in_doubt().await?;
         Ok(Applied {
             users: self.load_applied_users(None).await?,
             tree: self.load_tree().await?,
             written: self.load_written().await?,
+            in_doubt: in_doubt.into_iter().map(|d| (d.login, d.user)).collect(),
         })
     }
 
@@ -155,6 +168,86 @@ impl Store {
         .execute(&self.pool)
         .await?;
         Ok(())
+    }
+
+    /// Written before a request goes out: until an answer proves what
+    /// happened, the login is in doubt (SPEC §9.1). An older doubt keeps its
+    /// `since`.
+    pub async fn mark_in_doubt(&self, login: &str, op: &str, user: &AppliedUser) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO in_doubt (login, op, source, account_id, state_json, since)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+             ON CONFLICT (login) DO UPDATE SET op = excluded.op, source = excluded.source,
+                account_id = excluded.account_id, state_json = excluded.state_json",
+        )
+        .bind(login)
+        .bind(op)
+        .bind(user.owner.source.as_str())
+        .bind(&user.owner.id)
+        .bind(serde_json::to_string(&user.state).unwrap_or_default())
+        .bind(ts(Utc::now()))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn clear_in_doubt(&self, login: &str) -> Result<()> {
+        sqlx::query("DELETE FROM in_doubt WHERE login = ?")
+            .bind(login)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Applied users that are live, active on the VMS: the base of the
+    /// safety ratio, so that blocked history does not loosen it.
+    pub async fn count_live_users(&self, status_active: &str) -> Result<u64> {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM applied_users
+             WHERE json_extract(state_json, '$.status') = ?1
+               AND COALESCE(json_extract(state_json, '$.gone'), 0) = 0",
+        )
+        .bind(status_active)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(n.max(0) as u64)
+    }
+
+    /// Applied users per owning source.
+    pub async fn applied_per_source(&self) -> Result<BTreeMap<String, u64>> {
+        let rows = sqlx::query("SELECT source, COUNT(*) FROM applied_users GROUP BY source")
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| (r.get(0), r.get::<i64, _>(1).max(0) as u64))
+            .collect())
+    }
+
+    pub async fn count_in_doubt(&self) -> Result<u64> {
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM in_doubt")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(n.max(0) as u64)
+    }
+
+    /// Every login in doubt, oldest first.
+    pub async fn load_in_doubt(&self) -> Result<Vec<InDoubt>> {
+        let rows = sqlx::query(
+            "SELECT login, op, since, source, account_id, state_json FROM in_doubt ORDER BY since",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(InDoubt {
+                    login: r.get(0),
+                    op: r.get(1),
+                    since: parse_ts(&r.get::<String, _>(2)).unwrap_or_else(Utc::now),
+                    user: applied_user(r, 3)?,
+                })
+            })
+            .collect()
     }
 
     /// Re-derives every stored hash from its state (after the definition of

@@ -32,7 +32,12 @@ pub struct Requests {
     pub ids: Vec<i64>,
     pub resync_all: bool,
     pub resync_logins: HashSet<String>,
+    /// Some approval is recorded.
     pub approve: bool,
+    /// The held logins the approvals named; an approval written by an older
+    /// version names none and approves everything.
+    pub approved_logins: HashSet<String>,
+    pub approve_all: bool,
 }
 
 /// One audit line to write: what was done to a login and how it ended.
@@ -199,6 +204,18 @@ impl Store {
         .last_insert_rowid())
     }
 
+    /// Approves the deprovisions held right now, and only those (SPEC
+    /// §9.4): returns the request id and how many logins it covers.
+    pub async fn approve_held(&self) -> Result<(i64, usize)> {
+        let mut held: Vec<String> = (self.plan_rows().await?.into_iter())
+            .filter(|r| r.state == super::PlanState::Held)
+            .map(|r| r.login)
+            .collect();
+        held.dedup();
+        let id = self.request(RequestKind::Approve, Some(&held)).await?;
+        Ok((id, held.len()))
+    }
+
     pub async fn pending_requests(&self) -> Result<Requests> {
         let rows = sqlx::query(
             "SELECT id, kind, logins FROM control_requests WHERE consumed_at IS NULL ORDER BY id",
@@ -210,7 +227,12 @@ impl Store {
             out.ids.push(r.get(0));
             let logins: Option<String> = r.get(2);
             match (r.get::<&str, _>(1), logins) {
-                ("approve", _) => out.approve = true,
+                ("approve", None) => (out.approve, out.approve_all) = (true, true),
+                ("approve", Some(text)) => {
+                    out.approve = true;
+                    let logins = serde_json::from_str::<Vec<String>>(&text).unwrap_or_default();
+                    out.approved_logins.extend(logins);
+                }
                 ("resync", None) => out.resync_all = true,
                 ("resync", Some(text)) => out
                     .resync_logins

@@ -11,6 +11,7 @@ mod plan;
 mod retry;
 
 pub use accounts::{AccountIndexEntry, InvalidRow, StoredAccount};
+pub use applied::InDoubt;
 pub use history::{AuditEntry, AuditRow, LastCycle, Notice, RequestKind, Requests};
 pub use lock::StateLock;
 pub use plan::{ConflictRow, DesiredRow, PlanRow, PlanState};

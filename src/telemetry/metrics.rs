@@ -68,11 +68,12 @@ pub struct Metrics {
     pub pending: Gauge,
     pub quarantined: Gauge,
     pub held: Gauge,
+    pub in_doubt: Gauge,
     pub invalid_records: Family<SourceReason, Counter>,
 }
 
 /// Every metric of SPEC §6 as it appears in the exposition.
-pub const SPEC_NAMES: [&str; 11] = [
+pub const SPEC_NAMES: [&str; 12] = [
     "billsync_cycles_total",
     "billsync_cycle_duration_seconds_bucket",
     "billsync_last_success_timestamp_seconds",
@@ -84,6 +85,7 @@ pub const SPEC_NAMES: [&str; 11] = [
     "billsync_quarantined_accounts",
     "billsync_held_deprovisions",
     "billsync_invalid_records_total",
+    "billsync_in_doubt_operations",
 ];
 
 /// The `result` of a schedule tick that found a cycle running.
@@ -109,6 +111,7 @@ impl Metrics {
         let pending = Gauge::default();
         let quarantined = Gauge::default();
         let held = Gauge::default();
+        let in_doubt = Gauge::default();
         let invalid_records = Family::<SourceReason, Counter>::default();
 
         registry.register(
@@ -160,6 +163,11 @@ impl Metrics {
             "billsync_held_deprovisions",
             "Deprovisions held by the safety threshold",
             held.clone(),
+        );
+        registry.register(
+            "billsync_in_doubt_operations",
+            "Logins whose last VMS request got no answer; pushed in full next",
+            in_doubt.clone(),
         );
         registry.register(
             "billsync_invalid_records",
@@ -222,6 +230,7 @@ impl Metrics {
             pending,
             quarantined,
             held,
+            in_doubt,
             invalid_records,
         }
     }

@@ -14,7 +14,7 @@ use rand::Rng;
 use crate::config::VmsSettings;
 use crate::http::ErrorClass;
 use crate::telemetry::metrics;
-use crate::vms::{VmsError, VmsOp};
+use crate::vms::{Blame, VmsError, VmsOp};
 
 /// Consecutive transient failures; open stops the cycle's pushing.
 pub struct Breaker {
@@ -52,8 +52,43 @@ impl Breaker {
     }
 }
 
+/// What the VMS answered this cycle, request by request.
+#[derive(Debug, Default)]
+pub struct Answers {
+    /// Confirmed: the channel works.
+    pub confirmed: AtomicU32,
+    /// About a user's data (422 and the like): the channel works too.
+    pub about_data: AtomicU32,
+    /// Refusals and failures of the channel.
+    pub refused: AtomicU32,
+}
+
+impl Answers {
+    fn count(&self, r: &Result<(), VmsError>) {
+        let counter = match r {
+            Ok(()) => &self.confirmed,
+            Err(e) if e.blame == Blame::Login => &self.about_data,
+            Err(_) => &self.refused,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Some request was confirmed this cycle.
+    pub fn channel_works(&self) -> bool {
+        self.confirmed.load(Ordering::Relaxed) > 0
+    }
+
+    /// Requests went out and the channel refused every one of them.
+    pub fn all_refused(&self) -> bool {
+        let answered =
+            self.confirmed.load(Ordering::Relaxed) + self.about_data.load(Ordering::Relaxed);
+        self.refused.load(Ordering::Relaxed) > 0 && answered == 0
+    }
+}
+
 pub struct Channel {
     pub breaker: Breaker,
+    pub answers: Answers,
     /// Set on shutdown, or when outcomes can no longer be recorded: requests
     /// in flight finish, no new one starts.
     stop: Arc<AtomicBool>,
@@ -65,6 +100,7 @@ pub struct Channel {
 fn not_sent(why: &str) -> VmsError {
     VmsError {
         class: ErrorClass::Transient,
+        blame: Blame::NotSent,
         status: None,
         message: format!("{why}; not sent this cycle"),
         errors: Default::default(),
@@ -83,6 +119,7 @@ impl Channel {
         let rps = NonZeroU32::new(settings.max_requests_per_second).unwrap_or(NonZeroU32::MIN);
         Self {
             breaker: Breaker::new(settings.circuit_breaker_failures),
+            answers: Answers::default(),
             stop: stop.unwrap_or_default(),
             limiter: RateLimiter::direct(Quota::per_second(rps).allow_burst(NonZeroU32::MIN)),
             max_attempts: settings.max_attempts.max(1),
@@ -123,8 +160,9 @@ impl Channel {
                 (g)()
             };
             let r = fut.await;
+            self.answers.count(&r);
             match &r {
-                Err(e) if e.is_transient() => self.breaker.failure(),
+                Err(e) if e.blame == Blame::Channel => self.breaker.failure(),
                 _ => self.breaker.success(),
             }
             r

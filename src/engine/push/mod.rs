@@ -25,7 +25,7 @@ use crate::core::plan::{state_hash, Action, AppliedUser, Op, Plan, TreeOp, Write
 use crate::sources::WriteBack;
 use crate::store::{AuditRow, QuarantinePart, RetryInfo, Store};
 use crate::telemetry::metrics;
-use crate::vms::{VmsClient, VmsError, VmsOp};
+use crate::vms::{VmsClient, VmsOp};
 use channel::Channel;
 
 use super::Progress;
@@ -104,6 +104,8 @@ pub struct PushSummary {
     /// Quarantined by this push (users and tree elements).
     pub quarantined: usize,
     pub breaker_open: bool,
+    /// Requests went out and the VMS refused every one.
+    pub vms_refused: bool,
 }
 
 /// What the executor reads besides the plan.
@@ -188,6 +190,7 @@ impl<'a> Executor<'a> {
             Some(e) => Err(e),
             None => Ok(PushSummary {
                 breaker_open: self.channel.breaker.is_open(),
+                vms_refused: self.channel.answers.all_refused(),
                 ..tally.summary
             }),
         }
@@ -274,13 +277,8 @@ impl<'a> Executor<'a> {
 
     async fn write_back(&self, w: &WritebackOp) -> Result<(), PushError> {
         let Some(target) = self.writeback.get(&w.account.source) else {
-            return Err(PushError::Vms(VmsError {
-                class: crate::http::ErrorClass::Permanent,
-                status: None,
-                message: format!("{} takes no write-back", w.account.source),
-                errors: Default::default(),
-                retry_after: None,
-            }));
+            let why = format!("{} takes no write-back", w.account.source);
+            return Err(PushError::Source(crate::http::FetchError::permanent(why)));
         };
         target
             .write_login(&w.account.id, &w.login)
@@ -302,15 +300,14 @@ impl<'a> Executor<'a> {
                 )
             }
             Outcome::Failed(error) => {
-                let attempts = self.attempts(task);
-                let next = error_policy(
-                    task.kind(),
-                    &error,
-                    attempts,
-                    self.now,
-                    self.requeue_base_secs,
-                );
-                self.record_failure(task, error, next, attempts).await?
+                let ctx = policy::Context {
+                    attempts: self.attempts(task),
+                    now: self.now,
+                    requeue_base_secs: self.requeue_base_secs,
+                    channel_works: self.channel.answers.channel_works(),
+                };
+                let next = error_policy(task.kind(), &error, ctx);
+                self.record_failure(task, error, next, ctx.attempts).await?
             }
         };
         metrics::get().operation(task.metric_op(), result);
@@ -332,6 +329,7 @@ impl<'a> Executor<'a> {
 
     async fn record_done(&self, task: Task<'_>) -> Result<(), PushError> {
         if let Task::User(op) = task {
+            self.store.clear_in_doubt(&op.login).await?;
             self.store.plan_done(&op.login).await?;
             if self.retries.contains_key(&op.login) {
                 self.store.clear_retry(&op.login).await?;

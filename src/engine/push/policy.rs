@@ -6,7 +6,7 @@ use rand::Rng;
 
 use crate::http::FetchError;
 use crate::store::StoreError;
-use crate::vms::VmsError;
+use crate::vms::{Blame, VmsError};
 
 /// Across-cycle backoff is capped at one hour (SPEC §2.1 step 8).
 const MAX_BACKOFF_SECS: u64 = 3600;
@@ -50,23 +50,38 @@ pub enum Next {
     FailCycle,
 }
 
-/// The decision for a task that failed its `attempts`-th cycle in a row.
-pub fn error_policy(
-    task: TaskKind,
-    error: &PushError,
-    attempts: u32,
-    now: DateTime<Utc>,
-    requeue_base_secs: u64,
-) -> Next {
+/// What the policy knows besides the error.
+#[derive(Debug, Clone, Copy)]
+pub struct Context {
+    /// Failed cycles in a row for this task, this one included.
+    pub attempts: u32,
+    pub now: DateTime<Utc>,
+    pub requeue_base_secs: u64,
+    /// The VMS confirmed other requests this cycle: a failure of this one
+    /// looks like the login's, not the channel's.
+    pub channel_works: bool,
+}
+
+/// The decision about a failed task.
+///
+/// - The store cannot record: fail the cycle (never the login's fault).
+/// - An answer about the user's data (422, Laravel 400): quarantine.
+/// - A refusal or failure of the channel: retry next cycle, never
+///   quarantine; a user backs off across cycles only while the channel
+///   demonstrably works for others (SPEC §9.3).
+pub fn error_policy(task: TaskKind, error: &PushError, ctx: Context) -> Next {
+    let next_cycle = Next::Retry { at: ctx.now };
     match (task, error) {
         (_, PushError::Store(_)) => Next::FailCycle,
         // Write-backs are planned again every cycle until one lands.
-        (_, PushError::Source(_)) => Next::Retry { at: now },
-        (TaskKind::User, PushError::Vms(e)) if e.is_transient() => Next::Retry {
-            at: next_attempt(now, attempts, requeue_base_secs),
-        },
-        (_, PushError::Vms(e)) if e.is_transient() => Next::Retry { at: now },
-        (_, PushError::Vms(e)) => Next::Quarantine(e.message.clone()),
+        (_, PushError::Source(_)) => next_cycle,
+        (_, PushError::Vms(e)) if e.blame == Blame::Login => Next::Quarantine(e.message.clone()),
+        (TaskKind::User, PushError::Vms(e)) if e.blame == Blame::Channel && ctx.channel_works => {
+            Next::Retry {
+                at: next_attempt(ctx.now, ctx.attempts, ctx.requeue_base_secs),
+            }
+        }
+        (_, PushError::Vms(_)) => next_cycle,
     }
 }
 
@@ -87,12 +102,28 @@ pub fn next_attempt(now: DateTime<Utc>, attempts: u32, base_secs: u64) -> DateTi
 mod tests {
     use super::*;
     use crate::http::ErrorClass;
+    use crate::vms::{blame_of, decode_error};
+    use reqwest::header::HeaderMap;
 
-    fn vms(status: Option<u16>, class: ErrorClass) -> PushError {
+    fn ctx(attempts: u32, channel_works: bool) -> Context {
+        Context {
+            attempts,
+            now: Utc::now(),
+            requeue_base_secs: 30,
+            channel_works,
+        }
+    }
+
+    fn answer(status: u16, body: &str) -> PushError {
+        PushError::Vms(decode_error(status, &HeaderMap::new(), body.as_bytes()))
+    }
+
+    fn no_answer(blame: Blame) -> PushError {
         PushError::Vms(VmsError {
-            class,
-            status,
-            message: format!("HTTP {status:?}"),
+            class: ErrorClass::Transient,
+            blame,
+            status: None,
+            message: "timed out".into(),
             errors: Default::default(),
             retry_after: None,
         })
@@ -105,38 +136,87 @@ mod tests {
         }
     }
 
-    #[test]
-    fn transient_vms_errors_back_off_a_user() {
-        let now = Utc::now();
-        for status in [None, Some(408), Some(429), Some(500), Some(503)] {
-            let e = vms(status, ErrorClass::Transient);
-            let first = error_policy(TaskKind::User, &e, 1, now, 30);
-            assert!((15..=30).contains(&delay(&first, now)), "{status:?}");
-            let fourth = error_policy(TaskKind::User, &e, 4, now, 30);
-            assert!((120..=240).contains(&delay(&fourth, now)), "{status:?}");
-        }
+    const LARAVEL: &str =
+        r#"{"message":"The given data was invalid.","errors":{"status":["bad"]}}"#;
+
+    /// Every channel refusal of SPEC §9.3, as the client decodes it.
+    fn refusals() -> Vec<PushError> {
+        let mut out: Vec<PushError> = [301, 302, 401, 403, 404, 405, 408, 409, 429, 500, 502, 503]
+            .into_iter()
+            .map(|s| answer(s, r#"{"message":"no"}"#))
+            .collect();
+        out.push(answer(400, "{}"));
+        out.push(answer(403, "<html>forbidden</html>"));
+        out.push(no_answer(Blame::Channel));
+        out
     }
 
     #[test]
-    fn permanent_vms_errors_quarantine_with_the_vms_message() {
-        let now = Utc::now();
+    fn only_answers_about_data_blame_the_login() {
+        assert_eq!(blame_of(Some(422), false), Blame::Login);
+        assert_eq!(blame_of(Some(400), true), Blame::Login);
+        assert_eq!(blame_of(Some(400), false), Blame::Channel);
+        for e in refusals() {
+            let PushError::Vms(v) = &e else {
+                unreachable!()
+            };
+            assert_eq!(v.blame, Blame::Channel, "{v:?}");
+        }
+        let PushError::Vms(v) = answer(400, LARAVEL) else {
+            unreachable!()
+        };
+        assert_eq!(v.blame, Blame::Login);
+    }
+
+    #[test]
+    fn answers_about_data_quarantine_users_and_tree_elements() {
         for task in [TaskKind::User, TaskKind::Tree] {
-            let e = vms(Some(422), ErrorClass::Permanent);
-            assert_eq!(
-                error_policy(task, &e, 1, now, 30),
-                Next::Quarantine("HTTP Some(422)".into())
-            );
+            for e in [answer(422, LARAVEL), answer(400, LARAVEL)] {
+                let next = error_policy(task, &e, ctx(1, false));
+                assert!(
+                    matches!(next, Next::Quarantine(ref m) if m.contains("HTTP 4")),
+                    "{next:?}"
+                );
+            }
         }
     }
 
     #[test]
-    fn tree_and_writeback_failures_come_back_next_cycle() {
-        let now = Utc::now();
-        let e = vms(Some(502), ErrorClass::Transient);
+    fn channel_refusals_never_quarantine_nor_back_off_while_the_channel_fails() {
+        let c = ctx(5, false);
+        for task in [TaskKind::User, TaskKind::Tree, TaskKind::Writeback] {
+            for e in refusals() {
+                assert_eq!(error_policy(task, &e, c), Next::Retry { at: c.now }, "{e}");
+            }
+        }
+        let unsent = no_answer(Blame::NotSent);
+        let works = ctx(5, true);
         assert_eq!(
-            error_policy(TaskKind::Tree, &e, 3, now, 30),
-            Next::Retry { at: now }
+            error_policy(TaskKind::User, &unsent, works),
+            Next::Retry { at: works.now },
+            "what was not sent never backs off"
         );
+    }
+
+    #[test]
+    fn a_user_failing_alone_backs_off_across_cycles() {
+        let e = answer(503, r#"{"message":"down"}"#);
+        let first = ctx(1, true);
+        let d = delay(&error_policy(TaskKind::User, &e, first), first.now);
+        assert!((15..=30).contains(&d), "{d}");
+        let fourth = ctx(4, true);
+        let d = delay(&error_policy(TaskKind::User, &e, fourth), fourth.now);
+        assert!((120..=240).contains(&d), "{d}");
+        // A tree element has no backoff of its own.
+        assert_eq!(
+            error_policy(TaskKind::Tree, &e, fourth),
+            Next::Retry { at: fourth.now }
+        );
+    }
+
+    #[test]
+    fn write_back_refusals_come_back_next_cycle() {
+        let c = ctx(1, true);
         for class in [ErrorClass::Transient, ErrorClass::Permanent] {
             let e = PushError::Source(FetchError {
                 class,
@@ -145,8 +225,8 @@ mod tests {
                 retry_after: None,
             });
             assert_eq!(
-                error_policy(TaskKind::Writeback, &e, 1, now, 30),
-                Next::Retry { at: now }
+                error_policy(TaskKind::Writeback, &e, c),
+                Next::Retry { at: c.now }
             );
         }
     }
@@ -155,7 +235,7 @@ mod tests {
     fn a_store_failure_fails_the_cycle_not_the_login() {
         let e = PushError::Store(StoreError::Decode("disk I/O error".into()));
         for task in [TaskKind::User, TaskKind::Tree, TaskKind::Writeback] {
-            assert_eq!(error_policy(task, &e, 1, Utc::now(), 30), Next::FailCycle);
+            assert_eq!(error_policy(task, &e, ctx(1, true)), Next::FailCycle);
         }
     }
 

@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 
 use super::policy::PushError;
 use super::Executor;
-use crate::core::plan::{applied_after, Action, Op, Proof};
+use crate::core::plan::{applied_after, Action, AppliedUser, Op, Proof};
 use crate::vms::{VmsError, VmsOp};
 
 /// A user op that completed.
@@ -20,6 +20,16 @@ const DONE: Done = Done { adopted: false };
 
 impl Executor<'_> {
     pub(super) async fn user(&self, op: &Op) -> Result<Done, PushError> {
+        // Until an answer proves what happened, the login is in doubt; a
+        // crash or a lost answer leaves it so (SPEC §9.1).
+        if !self.channel.closed() {
+            let asked = AppliedUser {
+                owner: op.owner.clone(),
+                state: op.target.clone(),
+            };
+            let label = op.label(&self.core.status_blocked);
+            self.store.mark_in_doubt(&op.login, label, &asked).await?;
+        }
         match &op.action {
             Action::Create => self.create(op).await,
             Action::Update { attach, detach, .. } => self.update(op, attach, detach).await,
@@ -106,30 +116,36 @@ impl Executor<'_> {
                 self.confirm(op, Proof::Updated).await?;
                 Ok(DONE)
             }
+            // Nothing to block or strip: the VMS has no such user.
+            Err(e) if e.is_login_error() && op.target.gone => {
+                self.confirm(op, Proof::Removed).await?;
+                Ok(DONE)
+            }
             Err(e) if e.is_login_error() => self.recreate(op).await,
             Err(e) => Err(e.into()),
         }
     }
 
     /// The VMS no longer knows the login (removed by hand): create it again
-    /// once, then apply the full state. A second failure quarantines.
+    /// once, then apply the full state. The applied record stays until that
+    /// is confirmed; a "taken" answer means an earlier re-create whose answer
+    /// was lost made it, so the user is adopted. Another answer about the
+    /// data quarantines.
     async fn recreate(&self, op: &Op) -> Result<Done, PushError> {
         tracing::warn!(login = %op.login, "the VMS no longer knows this login; creating it again");
-        self.confirm(op, Proof::Removed).await?;
         let t = &op.target;
-        if let Err(e) = self
+        match self
             .channel
             .request(VmsOp::Create, || self.vms.create(&op.login, t))
             .await
         {
-            return Err(match e.is_transient() {
-                true => e,
-                false => VmsError {
-                    message: format!("unknown to the VMS and re-creating failed: {e}"),
-                    ..e
-                },
+            Ok(()) => {}
+            Err(e) if e.is_login_error() => {}
+            Err(e) if e.blames_login() => {
+                let message = format!("unknown to the VMS and re-creating failed: {e}");
+                return Err(VmsError { message, ..e }.into());
             }
-            .into());
+            Err(e) => return Err(e.into()),
         }
         self.full_patch(op).await?;
         self.confirm(op, Proof::Updated).await?;
@@ -143,8 +159,9 @@ impl Executor<'_> {
             .await
         {
             Ok(()) => {}
-            // Unknown to the VMS: already what we want.
-            Err(e) if e.status == Some(404) || e.is_login_error() => {}
+            // The VMS says it has no such user: already what we want. A 404
+            // is not that answer (a proxy or a wrong path says it too).
+            Err(e) if e.is_login_error() => {}
             Err(e) => return Err(e.into()),
         }
         self.confirm(op, Proof::Removed).await?;
