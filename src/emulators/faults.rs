@@ -43,10 +43,14 @@ struct Queued {
     fault: Fault,
 }
 
+/// `(percent, fault)`s drawn from a seeded sequence, so a run repeats.
+type Sometimes = (Vec<(u64, Queued)>, Option<super::Seq>);
+
 #[derive(Default)]
 pub struct Faults {
     queue: Mutex<VecDeque<Queued>>,
     always: Mutex<Vec<Queued>>,
+    sometimes: Mutex<Sometimes>,
     latency_ms: AtomicU64,
 }
 
@@ -77,7 +81,25 @@ impl Faults {
             });
     }
 
+    /// `percent` of the matching requests get `fault`, until `clear`.
+    pub fn sometimes(&self, matcher: &str, fault: Fault, percent: u64, seed: u64) {
+        let mut s = self.sometimes.lock().unwrap_or_else(|e| e.into_inner());
+        s.1.get_or_insert_with(|| super::Seq::new(seed));
+        s.0.push((
+            percent,
+            Queued {
+                matcher: matcher.into(),
+                fault,
+            },
+        ));
+    }
+
     pub fn clear(&self) {
+        self.sometimes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .0
+            .clear();
         self.lock_queue().clear();
         self.always
             .lock()
@@ -104,10 +126,17 @@ impl Faults {
             }
         }
         let always = self.always.lock().unwrap_or_else(|e| e.into_inner());
-        always
-            .iter()
-            .find(|f| key.contains(&f.matcher))
-            .map(|f| f.fault.clone())
+        if let Some(f) = always.iter().find(|f| key.contains(&f.matcher)) {
+            return Some(f.fault.clone());
+        }
+        drop(always);
+        let mut guard = self.sometimes.lock().unwrap_or_else(|e| e.into_inner());
+        let (list, seq) = &mut *guard;
+        let seq = seq.as_mut()?;
+        list.iter()
+            .filter(|(_, f)| key.contains(&f.matcher))
+            .find(|(percent, _)| seq.below(100) < *percent)
+            .map(|(_, f)| f.fault.clone())
     }
 
     /// Applies latency and the generic faults. Returns a response to send

@@ -1,0 +1,303 @@
+//! The crash campaign (issue #9): `kill -9` at random moments of `run` and
+//! `sync` while the world keeps changing, with 10 % VMS 500s and some
+//! answers lost after the VMS applied the request. Then faults off and
+//! `sync` until it exits 0: the VMS must hold exactly the desired state, old
+//! logins of e-mail changes blocked, and no login created twice.
+//!
+//! `BILLSYNC_CAMPAIGN_KILLS=200 BILLSYNC_CAMPAIGN_SEED=7 cargo test --test campaign -- --nocapture`
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use billsync::emulators::activeplatform::ApAccount;
+use billsync::emulators::billmanager::BmAccount;
+use billsync::emulators::lab::Lab;
+use billsync::emulators::{Fault, Seq};
+
+const BIN: &str = env!("CARGO_BIN_EXE_billsync");
+const MANAGED: [&str; 3] = [
+    "archives-download",
+    "archives-preview-download",
+    "archives-show",
+];
+
+fn env_or(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn billsync(lab: &Lab, args: &[&str]) -> Command {
+    let mut c = Command::new(BIN);
+    c.arg("--config").arg(lab.config_path()).args(args);
+    c.env_remove("RUST_LOG");
+    c.stdout(Stdio::null()).stderr(Stdio::null());
+    c
+}
+
+/// What the VMS must hold for one login once everything converged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Want {
+    /// Active, with every managed permission or none.
+    Active { paying: bool },
+    /// Blocked with no managed permission, or never created.
+    BlockedOrAbsent,
+}
+
+/// The changing world: both billing systems, and every login ever used.
+struct World<'a> {
+    lab: &'a Lab,
+    rng: Seq,
+    next_bm: u64,
+    next_ap: u64,
+    old_logins: BTreeSet<String>,
+}
+
+impl World<'_> {
+    /// A few random edits: new accounts, money, suspensions, deletions,
+    /// removals, e-mail changes.
+    fn change(&mut self) {
+        for _ in 0..1 + self.rng.below(4) {
+            match self.rng.below(7) {
+                0 => self.new_bm(),
+                1 => self.new_ap(),
+                2 => self.money(),
+                3 => self.suspend_or_restore(),
+                4 => self.delete_one(),
+                5 => self.remove_bm(),
+                _ => self.email_change(),
+            }
+        }
+    }
+
+    fn new_bm(&mut self) {
+        self.next_bm += 1;
+        let id = self.next_bm;
+        self.lab.bm.data().accounts.push(BmAccount {
+            id,
+            name: format!("New {id}"),
+            email: format!("new{id}@bm.example.com"),
+            phone: "+7 900 000-00-00".into(),
+            status: "1".into(),
+            balance: "10.00".into(),
+            credit_limits: vec!["0".into()],
+        });
+    }
+
+    fn new_ap(&mut self) {
+        self.next_ap += 1;
+        let id = self.next_ap;
+        self.lab.ap.data().accounts.push(ApAccount {
+            id,
+            first_name: "New".into(),
+            last_name: format!("{id}"),
+            email: format!("new{id}@ap.example.com"),
+            phone: "+375290000000".into(),
+            status: "active".into(),
+            balance: 10.0,
+            credit_limit: 0.0,
+            custom_attributes: Default::default(),
+            updated_at: "2026-01-01T00:00:00.000+03:00".into(),
+        });
+    }
+
+    fn money(&mut self) {
+        let negative = self.rng.below(2) == 0;
+        if self.rng.below(2) == 0 {
+            let mut d = self.lab.bm.data();
+            let i = self.rng.below(d.accounts.len() as u64) as usize;
+            d.accounts[i].balance = if negative { "-900.00" } else { "900.00" }.into();
+        } else {
+            let mut d = self.lab.ap.data();
+            let i = self.rng.below(d.accounts.len() as u64) as usize;
+            d.accounts[i].balance = if negative { -900.0 } else { 900.0 };
+        }
+    }
+
+    fn suspend_or_restore(&mut self) {
+        let mut d = self.lab.ap.data();
+        let i = self.rng.below(d.accounts.len() as u64) as usize;
+        let a = &mut d.accounts[i];
+        if a.status != "deleted" {
+            a.status = if a.status == "active" {
+                "credit hold"
+            } else {
+                "active"
+            }
+            .into();
+        }
+    }
+
+    fn delete_one(&mut self) {
+        let mut d = self.lab.bm.data();
+        let i = self.rng.below(d.accounts.len() as u64) as usize;
+        d.accounts[i].status = "3".into();
+    }
+
+    fn remove_bm(&mut self) {
+        let mut d = self.lab.bm.data();
+        if d.accounts.len() > 10 {
+            let i = self.rng.below(d.accounts.len() as u64) as usize;
+            let gone = d.accounts.remove(i);
+            self.old_logins.insert(gone.email.trim().to_lowercase());
+        }
+    }
+
+    /// Some list rows lack the e-mail, and an edit of only that reaches the
+    /// VMS with a full resync or re-verification (SPEC §2.5, §10.1), not an
+    /// incremental `sync`: this edit touches the balance too, as most do.
+    fn email_change(&mut self) {
+        let mut d = self.lab.ap.data();
+        let i = self.rng.below(d.accounts.len() as u64) as usize;
+        let a = &mut d.accounts[i];
+        self.old_logins.insert(a.email.trim().to_lowercase());
+        self.next_ap += 1;
+        a.email = format!("moved{}@ap.example.com", self.next_ap);
+        a.balance += 0.01;
+    }
+
+    /// The desired state, worked out from the emulators' data alone.
+    fn wanted(&self) -> BTreeMap<String, Want> {
+        let mut out: BTreeMap<String, Want> = self
+            .old_logins
+            .iter()
+            .map(|l| (l.clone(), Want::BlockedOrAbsent))
+            .collect();
+        for a in &self.lab.bm.data().accounts {
+            let credit: f64 = a
+                .credit_limits
+                .iter()
+                .map(|c| c.parse::<f64>().unwrap())
+                .sum();
+            let money = a.balance.parse::<f64>().unwrap() + credit;
+            let want = match a.status.as_str() {
+                "1" => Want::Active {
+                    paying: money >= 0.0,
+                },
+                _ => Want::BlockedOrAbsent,
+            };
+            out.insert(a.email.trim().to_lowercase(), want);
+        }
+        for a in &self.lab.ap.data().accounts {
+            let want = match a.status.as_str() {
+                "active" => Want::Active {
+                    paying: a.balance + a.credit_limit >= 0.0,
+                },
+                _ => Want::BlockedOrAbsent,
+            };
+            out.insert(a.email.trim().to_lowercase(), want);
+        }
+        out
+    }
+}
+
+/// Starts `sync` or `run` and kills it with SIGKILL after `after`; whether
+/// it was still running (and pushing) at that moment.
+async fn kill_later(lab: &Lab, mut child: Child, after: Duration) -> (bool, bool) {
+    let served = lab.vms.served();
+    tokio::time::sleep(after).await;
+    let running = child.try_wait().unwrap().is_none();
+    let pushing = running && lab.vms.served() > served;
+    let _ = child.kill();
+    let _ = tokio::task::spawn_blocking(move || child.wait()).await;
+    (running, pushing)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kill_9_campaign_converges_exactly() {
+    let kills = env_or("BILLSYNC_CAMPAIGN_KILLS", 60);
+    let seed = env_or("BILLSYNC_CAMPAIGN_SEED", 1);
+    let lab = Lab::start(40, 40).await.unwrap();
+    let extra = "[safety]\nmax_deprovision = 100000\n";
+    lab.settings(extra, &[]).unwrap();
+    let text = lab
+        .config_text(extra)
+        .replace(
+            "timeout_secs = 5\nconcurrency",
+            "timeout_secs = 1\nconcurrency",
+        )
+        .replace("[daemon]", "[daemon]\nmissing_grace_cycles = 1")
+        .replace("*/2 * * * * *", "* * * * * *");
+    std::fs::write(lab.config_path(), text).unwrap();
+    let mut world = World {
+        lab: &lab,
+        rng: Seq::new(seed),
+        next_bm: 1000,
+        next_ap: 3_000_000,
+        old_logins: BTreeSet::new(),
+    };
+    let faults = &lab.vms.faults;
+    faults.set_latency(Duration::from_millis(15));
+    faults.sometimes("", Fault::Status(500), 10, seed);
+    faults.sometimes(
+        "user/manage",
+        Fault::LoseAnswer(Duration::from_millis(1500)),
+        3,
+        seed,
+    );
+    let (mut running, mut pushing) = (0, 0);
+    let t = Instant::now();
+    for k in 0..kills {
+        world.change();
+        let args: &[&str] = if k % 2 == 0 { &["sync"] } else { &["run"] };
+        let child = billsync(&lab, args).spawn().unwrap();
+        let after = Duration::from_millis(50 + world.rng.below(1500));
+        let (r, p) = kill_later(&lab, child, after).await;
+        running += r as u32;
+        pushing += p as u32;
+    }
+    faults.clear();
+    let mut syncs = 0;
+    loop {
+        syncs += 1;
+        let status = billsync(&lab, &["sync"]).status().unwrap();
+        if status.code() == Some(0) {
+            break;
+        }
+        assert!(syncs < 10, "no convergence after {syncs} syncs ({status})");
+    }
+    println!(
+        "campaign: {kills} kills ({running} while running, {pushing} while pushing), \
+         {} VMS requests, {syncs} syncs to converge, {:.0?}",
+        lab.vms.served(),
+        t.elapsed()
+    );
+    let wanted = world.wanted();
+    let users = lab.vms.data().users.clone();
+    for (login, want) in &wanted {
+        let u = users.get(login);
+        match (want, u) {
+            (Want::Active { paying }, Some(u)) => {
+                assert_eq!(u.status, "active", "{login}");
+                for p in MANAGED {
+                    assert_eq!(u.permissions.contains(p), *paying, "{login} {p}");
+                }
+            }
+            (Want::Active { .. }, None) => panic!("{login} was never created"),
+            (Want::BlockedOrAbsent, Some(u)) => {
+                assert_eq!(u.status, "blocked", "{login} left {}", u.status);
+                assert!(
+                    MANAGED.iter().all(|p| !u.permissions.contains(*p)),
+                    "{login}"
+                );
+            }
+            (Want::BlockedOrAbsent, None) => {}
+        }
+    }
+    for login in users.keys() {
+        assert!(
+            wanted.contains_key(login),
+            "{login} on the VMS, wanted by nobody"
+        );
+    }
+    let mut created: BTreeMap<String, usize> = BTreeMap::new();
+    for e in lab.vms.data().events.iter() {
+        if e.method == "POST" && e.path == "user/manage" && (200..300).contains(&e.status) {
+            *created.entry(e.login.clone()).or_default() += 1;
+        }
+    }
+    let twice: Vec<_> = created.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(twice.is_empty(), "created twice: {twice:?}");
+}
