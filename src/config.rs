@@ -447,8 +447,7 @@ pub fn load(path: &Path, env: &[(String, String)]) -> Result<(Settings, LoadRepo
             let key = e.path().to_string();
             let doc = toml::from_str::<toml::Value>(&text).ok();
             let section = section_of(&key, |k| doc.as_ref()?.get("sources")?.get(k).cloned());
-            let msg = e.inner().message().to_string();
-            ConfigError::new(field_key(key, section), strip_secrets(&msg))
+            error_at(field_key(key, section), e.inner().message())
         },
     )?;
     let mut builder = config::Config::builder()
@@ -461,22 +460,24 @@ pub fn load(path: &Path, env: &[(String, String)]) -> Result<(Settings, LoadRepo
         if key.is_empty() {
             continue;
         }
+        let value = if is_secret_key(&key) {
+            config::Value::from(raw.to_string())
+        } else {
+            env_value(raw)
+        };
         builder = builder
-            .set_override(key.clone(), env_value(raw))
+            .set_override(key.clone(), value)
             .map_err(|e| ConfigError::new(key, e.to_string()))?;
     }
     let cfg = builder
         .build()
-        .map_err(|e| ConfigError::new(config_error_key(&e), strip_secrets(&e.to_string())))?;
+        .map_err(|e| error_at(config_error_key(&e), &e.to_string()))?;
     let mut settings: Settings = serde_path_to_error::deserialize(cfg.clone()).map_err(|e| {
         let key = e.path().to_string();
         let section = section_of(&key, |k| {
             cfg.get::<config::Value>(&format!("sources.{k}")).ok()
         });
-        ConfigError::new(
-            field_key(key, section),
-            strip_secrets(&e.inner().to_string()),
-        )
+        error_at(field_key(key, section), &e.inner().to_string())
     })?;
 
     let mut report = LoadReport {
@@ -567,9 +568,35 @@ fn config_error_key(e: &config::ConfigError) -> String {
     }
 }
 
-/// Parse errors may quote values; none of them may carry a known secret.
-fn strip_secrets(msg: &str) -> String {
-    redact::scrub(msg)
+/// Keys whose values are secrets (their `_file` forms name paths).
+const SECRET_KEYS: [&str; 4] = [
+    "admin.token",
+    "sources.billmanager.password",
+    "sources.activeplatform.api_token",
+    "vms.headers",
+];
+
+fn is_secret_key(key: &str) -> bool {
+    SECRET_KEYS
+        .iter()
+        .any(|k| key == *k || key.strip_prefix(k).is_some_and(|r| r.starts_with('.')))
+}
+
+/// An error at `key`. Parse errors quote values: for a secret key (or a
+/// source section, whose flattened fields hide which one failed) the message
+/// is replaced, and no message may carry a known secret.
+fn error_at(key: String, msg: &str) -> ConfigError {
+    let section = key
+        .strip_prefix("sources.")
+        .is_some_and(|k| SourceKind::parse(k).is_some());
+    if is_secret_key(&key) {
+        ConfigError::new(key, "must be a string (value not shown: it is a secret)")
+    } else if section && msg.starts_with("invalid") && msg.contains('`') {
+        let kind = msg.split('`').next().unwrap_or(msg).trim_end();
+        ConfigError::new(key, format!("{kind} (value not shown)"))
+    } else {
+        ConfigError::new(key, redact::scrub(msg))
+    }
 }
 
 fn read_secret_file(key: &str, path: &Path) -> Result<Secret, ConfigError> {
@@ -739,6 +766,29 @@ fn check_template(key: &str, t: &str, allowed: &[&str]) -> Result<(), ConfigErro
         .map_err(|e| ConfigError::new(key, e))
 }
 
+/// A bound for day counts: a century. Beyond it date arithmetic overflows.
+pub const MAX_DAYS: u32 = 36_500;
+/// A bound for second counts that become timers: a week.
+pub const MAX_SECS: u64 = 7 * 86_400;
+
+fn check_at_most(key: &str, v: u64, max: u64, unit: &str) -> Result<(), ConfigError> {
+    if v > max {
+        return Err(ConfigError::new(
+            key,
+            format!("must be at most {max} {unit}"),
+        ));
+    }
+    Ok(())
+}
+
+fn check_days(key: &str, v: u32) -> Result<(), ConfigError> {
+    check_at_most(key, v.into(), MAX_DAYS.into(), "days")
+}
+
+fn check_secs(key: &str, v: u64) -> Result<(), ConfigError> {
+    check_at_most(key, v, MAX_SECS, "seconds")
+}
+
 fn check_positive(key: &str, v: u64) -> Result<(), ConfigError> {
     if v == 0 {
         return Err(ConfigError::new(key, "must be greater than 0"));
@@ -773,6 +823,9 @@ fn validate_source(s: &Settings, kind: SourceKind) -> Result<(), ConfigError> {
     check_url(&k("url"), &c.url)?;
     check_positive(&k("page_size"), src.page_size.into())?;
     check_positive(&k("timeout_secs"), c.timeout_secs)?;
+    check_secs(&k("timeout_secs"), c.timeout_secs)?;
+    check_positive(&k("payment_window_days"), c.payment_window_days.into())?;
+    check_days(&k("payment_window_days"), c.payment_window_days)?;
     check_template(&k("login_template"), &c.login_template, &TEMPLATE_VARS)?;
     check_template(
         &k("billing_id_template"),
@@ -816,7 +869,10 @@ fn validate(s: &Settings) -> Result<(), ConfigError> {
         validate_cron("daemon.full_resync_schedule", &d.full_resync_schedule)?;
     }
     check_positive("daemon.control_poll_secs", d.control_poll_secs)?;
+    check_secs("daemon.control_poll_secs", d.control_poll_secs)?;
+    check_secs("daemon.shutdown_grace_secs", d.shutdown_grace_secs)?;
     check_positive("daemon.audit_retention_days", d.audit_retention_days.into())?;
+    check_days("daemon.audit_retention_days", d.audit_retention_days)?;
     s.admin
         .listen
         .parse::<std::net::SocketAddr>()
@@ -878,6 +934,8 @@ fn validate(s: &Settings) -> Result<(), ConfigError> {
         v.circuit_breaker_failures.into(),
     )?;
     check_positive("vms.timeout_secs", v.timeout_secs)?;
+    check_secs("vms.timeout_secs", v.timeout_secs)?;
+    check_secs("vms.requeue_base_secs", v.requeue_base_secs)?;
     for name in v.headers.keys() {
         if reqwest::header::HeaderName::from_bytes(name.as_bytes()).is_err() {
             return Err(ConfigError::new(
@@ -907,6 +965,8 @@ fn validate(s: &Settings) -> Result<(), ConfigError> {
     }
     let managed = &s.permissions.managed;
     for (i, rule) in s.permissions.rules.iter().enumerate() {
+        let key = format!("permissions.rules[{i}].paid_within_days");
+        check_days(&key, rule.paid_within_days)?;
         for g in &rule.grant {
             if !managed.contains(g) {
                 return Err(ConfigError::new(
@@ -1212,5 +1272,96 @@ api_token = "tok-123456"
             .warnings
             .iter()
             .any(|w| w.contains("vms.insecure_skip_tls_verify")));
+    }
+
+    /// A secret of the wrong type is named, never quoted (SPEC §11).
+    #[test]
+    fn secret_of_wrong_type_is_not_echoed() {
+        let cases = [
+            MINIMAL.replace("[vms]", "[admin]\ntoken = 987654321987\n[vms]"),
+            MINIMAL.replace("api_token = \"tok-123456\"", "api_token = 987654321987"),
+            format!("{MINIMAL}\n[sources.billmanager]\nurl = \"http://127.0.0.1:3\"\nusername = \"u\"\npassword = 987654321987\n"),
+            MINIMAL.replace("[vms]", "[vms]\nheaders = { X-Key = 987654321987 }"),
+        ];
+        for text in cases {
+            let f = write(&text);
+            let e = load(f.path(), &[]).unwrap_err();
+            assert!(!e.to_string().contains("987654321987"), "{e}");
+            assert!(
+                e.key.contains("token") || e.key.contains("password") || e.key.contains("headers"),
+                "{e}"
+            );
+        }
+    }
+
+    /// Secrets from the environment are strings, verbatim: `1e3` stays `1e3`.
+    #[test]
+    fn secret_from_env_is_verbatim() {
+        let f = write(MINIMAL);
+        for raw in ["1e3", "true", "0123", "[1,2]", "\"quoted\""] {
+            let env = [
+                ("BILLSYNC__ADMIN__TOKEN".to_string(), raw.to_string()),
+                (
+                    "BILLSYNC__SOURCES__ACTIVEPLATFORM__API_TOKEN".to_string(),
+                    raw.to_string(),
+                ),
+            ];
+            let (s, _) = load(f.path(), &env).unwrap();
+            assert_eq!(s.admin.token.expose(), Some(raw));
+            assert_eq!(s.ap().unwrap().api_token.expose(), Some(raw));
+        }
+    }
+
+    /// Before: `audit_retention_days = 4000000000` passed (only > 0 was
+    /// checked) and panicked on date arithmetic in the first cycle.
+    #[test]
+    fn day_and_timer_settings_are_bounded() {
+        let cases = [
+            (
+                "BILLSYNC__DAEMON__AUDIT_RETENTION_DAYS",
+                "4000000000",
+                "daemon.audit_retention_days",
+            ),
+            (
+                "BILLSYNC__DAEMON__AUDIT_RETENTION_DAYS",
+                "36501",
+                "daemon.audit_retention_days",
+            ),
+            (
+                "BILLSYNC__SOURCES__ACTIVEPLATFORM__PAYMENT_WINDOW_DAYS",
+                "4000000000",
+                "sources.activeplatform.payment_window_days",
+            ),
+            (
+                "BILLSYNC__SOURCES__ACTIVEPLATFORM__PAYMENT_WINDOW_DAYS",
+                "0",
+                "sources.activeplatform.payment_window_days",
+            ),
+            (
+                "BILLSYNC__DAEMON__CONTROL_POLL_SECS",
+                "18446744073709551615",
+                "daemon.control_poll_secs",
+            ),
+            (
+                "BILLSYNC__VMS__TIMEOUT_SECS",
+                "99999999999",
+                "vms.timeout_secs",
+            ),
+        ];
+        let f = write(MINIMAL);
+        for (name, value, key) in cases {
+            let e = load(f.path(), &[(name.to_string(), value.to_string())]).unwrap_err();
+            assert_eq!(e.key, key, "{e}");
+        }
+        let rule = format!(
+            "{MINIMAL}\n[[permissions.rules]]\nname = \"x\"\npaid_within_days = 4000000000\ngrant = []\n"
+        );
+        let e = load(write(&rule).path(), &[]).unwrap_err();
+        assert_eq!(e.key, "permissions.rules[0].paid_within_days", "{e}");
+        let ok = [(
+            "BILLSYNC__DAEMON__AUDIT_RETENTION_DAYS".to_string(),
+            "36500".to_string(),
+        )];
+        assert!(load(f.path(), &ok).is_ok());
     }
 }

@@ -177,10 +177,65 @@ pub fn describe_body(body: &[u8]) -> String {
 
 /// Parses a JSON body; anything else is a transient transport error (a proxy
 /// answered, not the application). Never decided by Content-Type.
+///
+/// One malformed value costs only the record holding it (SPEC §11): bytes
+/// that are not UTF-8 become U+FFFD, and numbers too large for a float
+/// become strings; normalization rejects such a record and reports it.
 pub fn parse_json(body: &[u8]) -> Result<serde_json::Value, FetchError> {
-    serde_json::from_slice(body).map_err(|e| {
-        FetchError::transient(format!("expected JSON, got {} ({e})", describe_body(body)))
+    serde_json::from_slice(body).or_else(|e| {
+        let text = String::from_utf8_lossy(body);
+        let repaired = quote_huge_numbers(&text);
+        let lossy = matches!(text, std::borrow::Cow::Owned(_));
+        let retry = match (&repaired, lossy) {
+            (Some(r), _) => serde_json::from_str(r).ok(),
+            (None, true) => serde_json::from_str(&text).ok(),
+            (None, false) => None,
+        };
+        retry.ok_or_else(|| {
+            FetchError::transient(format!("expected JSON, got {} ({e})", describe_body(body)))
+        })
     })
+}
+
+/// The text with every number outside strings that overflows a float
+/// (`1e400`) quoted; `None` when there is none.
+fn quote_huge_numbers(text: &str) -> Option<String> {
+    let bytes = text.as_bytes();
+    let mut out = String::new();
+    let (mut copied, mut i, mut in_string, mut changed) = (0, 0, false, false);
+    while i < bytes.len() {
+        let b = bytes[i];
+        if in_string {
+            match b {
+                b'\\' => i += 1,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            i += 1;
+            continue;
+        }
+        if b == b'"' {
+            in_string = true;
+        } else if b == b'-' || b.is_ascii_digit() {
+            let end = bytes[i..]
+                .iter()
+                .position(|c| !matches!(c, b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E'))
+                .map_or(bytes.len(), |n| i + n);
+            let token = &text[i..end];
+            if token.parse::<f64>().is_ok_and(|f| f.is_infinite()) {
+                out.push_str(&text[copied..i]);
+                out.push('"');
+                out.push_str(token);
+                out.push('"');
+                copied = end;
+                changed = true;
+            }
+            i = end;
+            continue;
+        }
+        i += 1;
+    }
+    changed.then(|| out + &text[copied..])
 }
 
 /// 408, 429 and 5xx are transient; other non-2xx statuses are permanent.
@@ -212,5 +267,26 @@ mod tests {
         assert!(parse_json(&[0xff, 0xfe, 0x00]).unwrap_err().is_transient());
         let deep = "[".repeat(100_000);
         assert!(parse_json(deep.as_bytes()).is_err());
+    }
+
+    #[test]
+    fn invalid_utf8_in_one_string_keeps_the_rest() {
+        let mut body = br#"[{"id":1,"name":"Ann"},{"id":2,"name":"B"#.to_vec();
+        body.extend([0xff, 0xfe]);
+        body.extend(br#"b"}]"#);
+        let v = parse_json(&body).unwrap();
+        assert_eq!(v[0]["name"], "Ann");
+        assert_eq!(v[1]["name"], "B\u{fffd}\u{fffd}b");
+    }
+
+    #[test]
+    fn a_number_too_large_becomes_text_for_its_record_alone() {
+        let body = br#"[{"id":1,"balance":5.5},{"id":2,"balance":-1e400,"n":"1e999"}]"#;
+        let v = parse_json(body).unwrap();
+        assert_eq!(v[0]["balance"], 5.5);
+        assert_eq!(v[1]["balance"], "-1e400");
+        assert_eq!(v[1]["n"], "1e999");
+        assert_eq!(quote_huge_numbers(r#"{"a":"x\"1e400","b":2}"#), None);
+        assert!(parse_json(b"[1e400").is_err());
     }
 }

@@ -337,3 +337,100 @@ async fn the_example_config_is_valid_with_credentials() {
         text(&out)
     );
 }
+
+/// SPEC §11: a secret of the wrong type is named, never quoted; a secret from
+/// the environment is taken verbatim (`1e3` stays `1e3`, not 1000).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_secret_is_never_echoed_and_env_secrets_are_verbatim() {
+    let lab = lab(1, 1, "").await;
+    std::fs::write(
+        lab.config_path(),
+        lab.config_text("")
+            .replace("[admin]\n", "[admin]\ntoken = 987654321987\n"),
+    )
+    .unwrap();
+    let out = run(&lab, &["check-config"]).await;
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(text(&out).contains("admin.token"), "{}", text(&out));
+    assert!(!text(&out).contains("987654321987"), "{}", text(&out));
+
+    std::fs::write(lab.config_path(), lab.config_text("")).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut cmd = billsync(&lab, &["run"]);
+    cmd.env("BILLSYNC__ADMIN__TOKEN", "1e3")
+        .env("BILLSYNC__ADMIN__LISTEN", format!("127.0.0.1:{port}"))
+        .env("BILLSYNC__DAEMON__SCHEDULE", "0 0 0 1 1 *")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let mut child = cmd.spawn().unwrap();
+    let url = format!("http://127.0.0.1:{port}/approve");
+    let client = reqwest::Client::new();
+    let mut answer = None;
+    let t = Instant::now();
+    while answer.is_none() {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "daemon did not come up"
+        );
+        answer = client.post(&url).bearer_auth("1e3").send().await.ok();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(answer.unwrap().status(), 202, "the token is not \"1e3\"");
+}
+
+/// SPEC §11: `state_path` may hold `#`, `?`, `%` and spaces; `status` does
+/// not upgrade a state file behind a running daemon's back.
+#[tokio::test(flavor = "multi_thread")]
+async fn odd_state_paths_work_and_status_never_migrates() {
+    let lab = lab(2, 2, "").await;
+    let path = lab.dir.path().join("data #1 ?x %41").join("state.db");
+    let env = ("BILLSYNC__DAEMON__STATE_PATH", path.to_str().unwrap());
+    let with_env = |args: &[&str]| {
+        let mut c = billsync(&lab, args);
+        c.env(env.0, env.1);
+        c
+    };
+    let out = with_env(&["sync"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(path.is_file(), "state not at {}", path.display());
+    let out = with_env(&["status"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+
+    // An upgrade's new migration, not yet applied by the (old) daemon.
+    let db =
+        sqlx::SqlitePool::connect_with(sqlx::sqlite::SqliteConnectOptions::new().filename(&path))
+            .await
+            .unwrap();
+    let newest: i64 = sqlx::query_scalar("SELECT MAX(version) FROM _sqlx_migrations")
+        .fetch_one(&db)
+        .await
+        .unwrap();
+    sqlx::query("DELETE FROM _sqlx_migrations WHERE version = ?")
+        .bind(newest)
+        .execute(&db)
+        .await
+        .unwrap();
+    for args in [
+        &["status"][..],
+        &["explain", "nobody@x.example"],
+        &["quarantine", "list"],
+    ] {
+        let out = with_env(args).output().unwrap();
+        assert_eq!(out.status.code(), Some(3), "{args:?}: {}", text(&out));
+        assert!(text(&out).contains("older billsync"), "{}", text(&out));
+    }
+    let after: i64 = sqlx::query_scalar("SELECT MAX(version) FROM _sqlx_migrations")
+        .fetch_one(&db)
+        .await
+        .unwrap();
+    assert!(
+        after < newest,
+        "a read-only command migrated the state file"
+    );
+}

@@ -1,5 +1,9 @@
 //! Shared by the benchmarks.
 
+/// The daemon's allocator (see `src/main.rs`), so RSS figures are its.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// This process's peak resident set size (VmHWM), in MB.
 pub fn peak_rss_mb() -> f64 {
     std::fs::read_to_string("/proc/self/status")

@@ -189,9 +189,10 @@ fn runtime(fut: impl std::future::Future<Output = u8>) -> u8 {
 }
 
 /// Opens the state store for the commands that only read it or file a
-/// request (no lock: SQLite serializes them with the running daemon).
+/// request (no lock: SQLite serializes them with the running daemon). They
+/// never migrate: a daemon of another version may be using the file.
 async fn open_store(settings: &Settings) -> Result<crate::store::Store, u8> {
-    crate::store::Store::open(&settings.daemon.state_path)
+    crate::store::Store::open_current(&settings.daemon.state_path)
         .await
         .map_err(|e| {
             eprintln!("billsync: {e}");

@@ -133,6 +133,12 @@ impl Normalizer {
         if id.is_empty() {
             return Err(Invalid::new(InvalidCode::MissingField, "no id"));
         }
+        if let Some(field) = undecodable_field(raw) {
+            return Err(Invalid::new(
+                InvalidCode::Malformed,
+                format!("{field} holds bytes that are not UTF-8"),
+            ));
+        }
         let email = raw
             .email
             .as_deref()
@@ -200,6 +206,30 @@ impl Normalizer {
             attributes: raw.attributes.clone(),
         })
     }
+}
+
+/// The first field holding U+FFFD, which the HTTP layer puts where the
+/// wire had bytes that are not UTF-8 (the VMS would get mangled text).
+fn undecodable_field(raw: &RawAccount) -> Option<&'static str> {
+    let bad = |v: &Option<String>| v.as_deref().is_some_and(|s| s.contains('\u{fffd}'));
+    if raw.id.contains('\u{fffd}') {
+        return Some("id");
+    }
+    let fields = [
+        ("name", &raw.name),
+        ("email", &raw.email),
+        ("phone", &raw.phone),
+        ("status", &raw.status),
+        ("balance", &raw.balance),
+        ("credit_limit", &raw.credit_limit),
+    ];
+    if let Some((name, _)) = fields.iter().find(|(_, v)| bad(v)) {
+        return Some(name);
+    }
+    raw.attributes
+        .iter()
+        .any(|(k, v)| k.contains('\u{fffd}') || v.contains('\u{fffd}'))
+        .then_some("a custom attribute")
 }
 
 fn clip(s: &str) -> String {

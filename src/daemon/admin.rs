@@ -8,8 +8,9 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::State;
+use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -20,16 +21,61 @@ use super::Shared;
 use crate::store::{LastCycle, RequestKind};
 use crate::telemetry::metrics;
 
+/// Request bodies are small JSON documents.
+pub const BODY_LIMIT: usize = 64 * 1024;
+/// A request (body included) must be answered within this.
+const REQUEST_DEADLINE: Duration = Duration::from_secs(30);
+
 pub fn router(shared: Arc<Shared>) -> Router {
+    let token = || middleware::from_fn_with_state(shared.clone(), require_token);
+    let mut status_route = Router::new().route("/status", get(status));
+    // Logins and VMS error texts are not for the whole network.
+    if !is_loopback(&shared.settings.admin.listen) {
+        status_route = status_route.route_layer(token());
+    }
+    let posts = Router::new()
+        .route("/resync", post(resync))
+        .route("/approve", post(approve))
+        .route_layer(token());
     Router::new()
         .route("/livez", get(livez))
         .route("/healthz", get(healthz))
         .route("/readyz", get(healthz))
         .route("/metrics", get(metrics_text))
-        .route("/status", get(status))
-        .route("/resync", post(resync))
-        .route("/approve", post(approve))
+        .merge(status_route)
+        .merge(posts)
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(middleware::from_fn(deadline))
         .with_state(shared)
+}
+
+/// `127.0.0.1:9187`, `[::1]:9187`, `localhost:9187`.
+fn is_loopback(listen: &str) -> bool {
+    match listen.parse::<std::net::SocketAddr>() {
+        Ok(addr) => addr.ip().is_loopback(),
+        Err(_) => listen
+            .rsplit_once(':')
+            .is_some_and(|(h, _)| h == "localhost"),
+    }
+}
+
+/// The token is checked before anything reads the body.
+async fn require_token(State(s): State<Arc<Shared>>, req: Request, next: Next) -> Response {
+    match authorize(&s, req.headers()) {
+        Ok(()) => next.run(req).await,
+        Err(r) => r,
+    }
+}
+
+async fn deadline(req: Request, next: Next) -> Response {
+    match tokio::time::timeout(REQUEST_DEADLINE, next.run(req)).await {
+        Ok(r) => r,
+        Err(_) => (
+            StatusCode::REQUEST_TIMEOUT,
+            Json(json!({"error": "request took too long"})),
+        )
+            .into_response(),
+    }
 }
 
 /// A loop that has not shown life for this long is not alive.
@@ -91,15 +137,25 @@ async fn healthz(State(s): State<Arc<Shared>>) -> Response {
     (code, Json(body)).into_response()
 }
 
-async fn metrics_text() -> Response {
-    (
-        [(
-            header::CONTENT_TYPE,
+/// The Prometheus text format unless the scraper asks for OpenMetrics.
+async fn metrics_text(headers: HeaderMap) -> Response {
+    let wants_openmetrics = headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.contains("application/openmetrics-text"));
+    let (kind, body) = if wants_openmetrics {
+        (
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        metrics::get().encode(),
-    )
-        .into_response()
+            metrics::get().encode(),
+        )
+    } else {
+        (
+            "text/plain; version=0.0.4; charset=utf-8",
+            metrics::get().encode_prometheus(),
+        )
+    };
+    ([(header::CONTENT_TYPE, kind)], body).into_response()
 }
 
 async fn status(State(s): State<Arc<Shared>>) -> Response {
@@ -151,14 +207,7 @@ fn authorize(s: &Shared, headers: &HeaderMap) -> Result<(), Response> {
     }
 }
 
-async fn resync(
-    State(s): State<Arc<Shared>>,
-    headers: HeaderMap,
-    body: axum::body::Bytes,
-) -> Response {
-    if let Err(r) = authorize(&s, &headers) {
-        return r;
-    }
+async fn resync(State(s): State<Arc<Shared>>, body: axum::body::Bytes) -> Response {
     let logins: Option<Vec<String>> = if body.iter().all(|b| b.is_ascii_whitespace()) {
         None
     } else {
@@ -200,10 +249,7 @@ async fn resync(
     }
 }
 
-async fn approve(State(s): State<Arc<Shared>>, headers: HeaderMap) -> Response {
-    if let Err(r) = authorize(&s, &headers) {
-        return r;
-    }
+async fn approve(State(s): State<Arc<Shared>>) -> Response {
     match s.store.approve_held().await {
         Ok((id, held)) => {
             s.wake.notify_one();
@@ -223,4 +269,154 @@ async fn approve(State(s): State<Arc<Shared>>, headers: HeaderMap) -> Response {
 
 fn bad_request(msg: &str) -> Response {
     (StatusCode::BAD_REQUEST, Json(json!({"error": msg}))).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Secret, Settings};
+    use crate::daemon::notify::Heartbeat;
+    use crate::store::Store;
+    use axum::body::Body;
+    use std::sync::atomic::AtomicBool;
+    use std::time::Instant;
+    use tokio::sync::Notify;
+    use tower::ServiceExt;
+
+    const TOKEN: &str = "admin-test-token-0123";
+
+    async fn app(listen: &str) -> (Router, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut settings = Settings::default();
+        settings.admin.listen = listen.into();
+        settings.admin.token = Secret::new(TOKEN);
+        let store = Store::open(&dir.path().join("state.db")).await.unwrap();
+        let shared = Shared {
+            period: Duration::from_secs(60),
+            settings,
+            store,
+            heartbeat: Heartbeat::new(),
+            running: AtomicBool::new(false),
+            loop_alive: AtomicBool::new(true),
+            wake: Notify::new(),
+            started: Instant::now(),
+            started_at: Utc::now(),
+        };
+        (router(Arc::new(shared)), dir)
+    }
+
+    fn post(path: &str, token: &str, body: Body) -> Request {
+        Request::post(path)
+            .header(header::AUTHORIZATION, format!("Bearer {token}"))
+            .body(body)
+            .unwrap()
+    }
+
+    /// A body that never ends: reading it would hang the request.
+    fn endless() -> Body {
+        Body::from_stream(futures::stream::pending::<
+            Result<axum::body::Bytes, std::io::Error>,
+        >())
+    }
+
+    #[tokio::test]
+    async fn the_token_is_checked_before_the_body_is_read() {
+        let (app, _dir) = app("127.0.0.1:9187").await;
+        for path in ["/resync", "/approve"] {
+            let call = app.clone().oneshot(post(path, "wrong", endless()));
+            let answer = tokio::time::timeout(Duration::from_secs(5), call)
+                .await
+                .expect("the body was read before the token was checked")
+                .unwrap();
+            assert_eq!(answer.status(), StatusCode::UNAUTHORIZED, "{path}");
+        }
+    }
+
+    #[tokio::test]
+    async fn bodies_over_64_kib_are_refused() {
+        let (app, _dir) = app("127.0.0.1:9187").await;
+        let big = format!(r#"{{"logins":["{}"]}}"#, "a".repeat(BODY_LIMIT));
+        let answer = app
+            .clone()
+            .oneshot(post("/resync", TOKEN, Body::from(big)))
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), StatusCode::PAYLOAD_TOO_LARGE);
+        let small = r#"{"logins":["ann@x.example"]}"#;
+        let answer = app
+            .oneshot(post("/resync", TOKEN, Body::from(small)))
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), StatusCode::ACCEPTED);
+    }
+
+    #[tokio::test]
+    async fn status_needs_the_token_off_loopback() {
+        let get = |token: Option<&str>| {
+            let mut r = Request::get("/status");
+            if let Some(t) = token {
+                r = r.header(header::AUTHORIZATION, format!("Bearer {t}"));
+            }
+            r.body(Body::empty()).unwrap()
+        };
+        let (open, _d1) = app("127.0.0.1:9187").await;
+        assert_eq!(
+            open.oneshot(get(None)).await.unwrap().status(),
+            StatusCode::OK
+        );
+        let (exposed, _d2) = app("0.0.0.0:9187").await;
+        let answer = exposed.clone().oneshot(get(None)).await.unwrap();
+        assert_eq!(answer.status(), StatusCode::UNAUTHORIZED);
+        let answer = exposed.clone().oneshot(get(Some(TOKEN))).await.unwrap();
+        assert_eq!(answer.status(), StatusCode::OK);
+        // Health and metrics stay open for probes and scrapers.
+        let livez = Request::get("/livez").body(Body::empty()).unwrap();
+        assert_eq!(
+            exposed.oneshot(livez).await.unwrap().status(),
+            StatusCode::OK
+        );
+    }
+
+    #[test]
+    fn loopback_listen_addresses() {
+        for l in [
+            "127.0.0.1:9187",
+            "[::1]:9187",
+            "localhost:9187",
+            "127.0.0.2:1",
+        ] {
+            assert!(is_loopback(l), "{l}");
+        }
+        for l in [
+            "0.0.0.0:9187",
+            "[::]:9187",
+            "10.0.0.5:9187",
+            "billsync.lan:9187",
+        ] {
+            assert!(!is_loopback(l), "{l}");
+        }
+    }
+
+    #[tokio::test]
+    async fn metrics_are_prometheus_text_unless_openmetrics_is_asked() {
+        let (app, _dir) = app("127.0.0.1:9187").await;
+        let plain = Request::get("/metrics").body(Body::empty()).unwrap();
+        let answer = app.clone().oneshot(plain).await.unwrap();
+        let kind = answer.headers()[header::CONTENT_TYPE].to_str().unwrap();
+        assert!(kind.starts_with("text/plain; version=0.0.4"), "{kind}");
+        let om = Request::get("/metrics")
+            .header(
+                header::ACCEPT,
+                "application/openmetrics-text;version=1.0.0,text/plain;q=0.5",
+            )
+            .body(Body::empty())
+            .unwrap();
+        let answer = app.oneshot(om).await.unwrap();
+        let kind = answer.headers()[header::CONTENT_TYPE].to_str().unwrap();
+        assert!(kind.starts_with("application/openmetrics-text"), "{kind}");
+        let body = axum::body::to_bytes(answer.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        assert!(body.ends_with(b"# EOF\n"));
+    }
 }

@@ -4,6 +4,7 @@
 
 mod admin;
 pub mod notify;
+pub mod serve;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -121,10 +122,15 @@ pub async fn start(settings: Settings, resync: bool) -> Result<(Daemon, StateLoc
     let admin = {
         let router = admin::router(shared.clone());
         let mut rx = shutdown_rx.clone();
+        let limits = serve::Limits::default();
         tokio::spawn(async move {
-            let _ = axum::serve(listener, router)
-                .with_graceful_shutdown(async move { stopped(&mut rx).await })
-                .await;
+            serve::serve(
+                listener,
+                router,
+                limits,
+                async move { stopped(&mut rx).await },
+            )
+            .await;
         })
     };
     tracing::info!(admin = %admin_addr, state = %settings.daemon.state_path.display(), "billsync is running");

@@ -296,7 +296,22 @@ async fn list_accounts(
         Envelope::Accounts => format!("{{\"accounts\":{list}}}"),
         Envelope::Items => format!("{{\"items\":{list},\"page\":{page}}}"),
     };
-    ([("content-type", "application/json")], body).into_response()
+    ([("content-type", "application/json")], with_raw_bytes(body)).into_response()
+}
+
+/// Written into a field, this goes on the wire as the byte 0xFF (not UTF-8:
+/// a customer's name saved in a legacy encoding).
+pub const NOT_UTF8: &str = "~0xFF~";
+
+fn with_raw_bytes(body: String) -> Vec<u8> {
+    let mut out = Vec::with_capacity(body.len());
+    for (i, part) in body.split(NOT_UTF8).enumerate() {
+        if i > 0 {
+            out.push(0xff);
+        }
+        out.extend_from_slice(part.as_bytes());
+    }
+    out
 }
 
 fn account_id(file: &str) -> Option<u64> {

@@ -176,14 +176,8 @@ impl BillmanagerClient {
                 .and_then(scalar)
                 .and_then(|t| t.trim().parse::<usize>().ok())
                 .or(total);
-            // Size the result once: 100k rows grown by doubling would
-            // briefly need half as much again.
-            if page == 1 {
-                if let Some(t) = total.filter(|t| *t <= 10_000_000) {
-                    out.reserve_exact(t);
-                    seen.reserve(t);
-                }
-            }
+            // `p_elems` is the server's word, not memory's: the vectors grow
+            // with the rows that actually arrive (SPEC §11).
             let effective_cnt = doc
                 .get("p_cnt")
                 .and_then(scalar)

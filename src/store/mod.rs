@@ -18,10 +18,10 @@ pub use plan::{ConflictRow, DesiredRow, PlanRow, PlanState};
 pub use retry::{QuarantineEntry, QuarantinePart, RetryInfo};
 
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 use std::time::Duration;
 
 use chrono::{DateTime, SecondsFormat, Utc};
+use sqlx::migrate::Migrator;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::SqlitePool;
 
@@ -43,6 +43,8 @@ pub enum StoreError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("state store: corrupt row: {0}")]
     Decode(String),
+    #[error("state store {path}: {message}")]
+    Schema { path: String, message: String },
 }
 
 pub type Result<T> = std::result::Result<T, StoreError>;
@@ -73,20 +75,62 @@ pub fn parse_ts(s: &str) -> Option<DateTime<Utc>> {
         .map(|d| d.with_timezone(&Utc))
 }
 
+static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
+
+/// How the schema of a state file compares with this binary's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Schema {
+    Current,
+    /// Migrations this binary has are not applied yet (or none at all).
+    Older,
+    /// Migrations this binary does not know are applied.
+    Newer,
+}
+
 impl Store {
-    /// Opens (creating with mode 0600 if needed) and migrates.
+    /// Opens (creating with mode 0600 if needed) and migrates: for `run`
+    /// and `sync`, which hold the state lock.
     pub async fn open(path: &Path) -> Result<Self> {
-        let open_err = |message: String| StoreError::Open {
-            path: path.display().to_string(),
-            message,
-        };
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)
-                .map_err(|e| open_err(format!("cannot create {}: {e}", dir.display())))?;
+                .map_err(|e| open_err(path, format!("cannot create {}: {e}", dir.display())))?;
         }
-        create_private(path).map_err(|e| open_err(format!("cannot create: {e}")))?;
-        let opts = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))
-            .map_err(|e| open_err(e.to_string()))?
+        create_private(path).map_err(|e| open_err(path, format!("cannot create: {e}")))?;
+        let store = Self::connect(path).await?;
+        if store.schema().await? == Schema::Newer {
+            return Err(schema_err(path, NEWER));
+        }
+        MIGRATOR.run(&store.pool).await?;
+        store.upgrade_hashes().await?;
+        Ok(store)
+    }
+
+    /// Opens a state file as it is, never migrating: for the commands that
+    /// may run beside a daemon of another version (`status`, `explain`,
+    /// `quarantine`, `resync`, `approve`). A file of another schema is refused.
+    pub async fn open_current(path: &Path) -> Result<Self> {
+        if !path.exists() {
+            return Err(open_err(
+                path,
+                "no state file yet: billsync has not run".into(),
+            ));
+        }
+        let store = Self::connect(path).await?;
+        match store.schema().await? {
+            Schema::Current => Ok(store),
+            Schema::Newer => Err(schema_err(path, NEWER)),
+            Schema::Older => Err(schema_err(
+                path,
+                "written by an older billsync; it is upgraded when `billsync run` \
+                 (restart the service) or `billsync sync` starts",
+            )),
+        }
+    }
+
+    async fn connect(path: &Path) -> Result<Self> {
+        // A path, not a URL: any character a file name may hold is fine.
+        let opts = SqliteConnectOptions::new()
+            .filename(path)
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Normal)
@@ -97,14 +141,27 @@ impl Store {
             .acquire_timeout(Duration::from_secs(30))
             .connect_with(opts)
             .await
-            .map_err(|e| open_err(e.to_string()))?;
-        sqlx::migrate!("./migrations").run(&pool).await?;
-        let store = Self {
+            .map_err(|e| open_err(path, e.to_string()))?;
+        Ok(Self {
             pool,
             path: path.to_path_buf(),
-        };
-        store.upgrade_hashes().await?;
-        Ok(store)
+        })
+    }
+
+    async fn schema(&self) -> Result<Schema> {
+        let table: Option<String> = sqlx::query_scalar(
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name = '_sqlx_migrations'",
+        )
+        .fetch_optional(&self.pool)
+        .await?;
+        if table.is_none() {
+            return Ok(Schema::Older);
+        }
+        let applied: Vec<i64> =
+            sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success = 1")
+                .fetch_all(&self.pool)
+                .await?;
+        Ok(compare_schema(&applied, MIGRATOR.iter().map(|m| m.version)))
     }
 
     /// Stored hashes follow `core::plan::state_hash`; rows written under an
@@ -142,6 +199,34 @@ impl Store {
 
     pub async fn close(&self) {
         self.pool.close().await;
+    }
+}
+
+const NEWER: &str = "written by a newer billsync; refusing to use it (install that version, \
+     or restore a backup taken before the upgrade)";
+
+fn open_err(path: &Path, message: String) -> StoreError {
+    StoreError::Open {
+        path: path.display().to_string(),
+        message,
+    }
+}
+
+fn schema_err(path: &Path, message: &str) -> StoreError {
+    StoreError::Schema {
+        path: path.display().to_string(),
+        message: message.into(),
+    }
+}
+
+fn compare_schema(applied: &[i64], known: impl Iterator<Item = i64>) -> Schema {
+    let known: std::collections::BTreeSet<i64> = known.collect();
+    if applied.iter().any(|v| !known.contains(v)) {
+        Schema::Newer
+    } else if known.len() > applied.len() {
+        Schema::Older
+    } else {
+        Schema::Current
     }
 }
 
@@ -189,5 +274,77 @@ mod tests {
         // Opening again is idempotent.
         store.close().await;
         Store::open(&path).await.unwrap().ping().await.unwrap();
+    }
+
+    /// `#`, `?`, `%` and spaces are a file name's, not a URL's.
+    #[tokio::test]
+    async fn any_file_name_is_a_state_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("data #1 ?x %41").join("state.db");
+        let store = Store::open(&path).await.unwrap();
+        store.set_meta("probe", "1").await.unwrap();
+        store.close().await;
+        assert!(path.is_file(), "not created at {}", path.display());
+        let again = Store::open_current(&path).await.unwrap();
+        assert_eq!(again.meta("probe").await.unwrap().as_deref(), Some("1"));
+    }
+
+    async fn versions(store: &Store) -> Vec<i64> {
+        sqlx::query_scalar("SELECT version FROM _sqlx_migrations ORDER BY version")
+            .fetch_all(&store.pool)
+            .await
+            .unwrap()
+    }
+
+    /// `status` beside an older daemon must not upgrade its file.
+    #[tokio::test]
+    async fn an_older_file_is_refused_not_migrated_by_readers() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        let store = Store::open(&path).await.unwrap();
+        let all = versions(&store).await;
+        sqlx::query("DELETE FROM _sqlx_migrations WHERE version = ?")
+            .bind(all.last())
+            .execute(&store.pool)
+            .await
+            .unwrap();
+        let e = Store::open_current(&path).await.err().expect("refused");
+        assert!(e.to_string().contains("older billsync"), "{e}");
+        assert_eq!(versions(&store).await.len(), all.len() - 1, "migrated");
+        assert!(Store::open_current(&dir.path().join("none.db"))
+            .await
+            .is_err());
+        assert!(!dir.path().join("none.db").exists());
+    }
+
+    #[tokio::test]
+    async fn a_newer_file_is_refused_by_everyone() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        let store = Store::open(&path).await.unwrap();
+        sqlx::query(
+            "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) \
+             VALUES (99990101000000, 'from the future', 1, x'00', 0)",
+        )
+        .execute(&store.pool)
+        .await
+        .unwrap();
+        for e in [
+            Store::open(&path).await.err(),
+            Store::open_current(&path).await.err(),
+        ] {
+            let e = e.expect("refused");
+            assert!(e.to_string().contains("newer billsync"), "{e}");
+        }
+    }
+
+    #[test]
+    fn schema_comparison() {
+        let known = || [1, 2, 3].into_iter();
+        assert_eq!(compare_schema(&[1, 2, 3], known()), Schema::Current);
+        assert_eq!(compare_schema(&[1, 2], known()), Schema::Older);
+        assert_eq!(compare_schema(&[], known()), Schema::Older);
+        assert_eq!(compare_schema(&[1, 2, 3, 4], known()), Schema::Newer);
+        assert_eq!(compare_schema(&[1, 4], known()), Schema::Newer);
     }
 }

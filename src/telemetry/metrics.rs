@@ -273,6 +273,12 @@ impl Metrics {
             .inc();
     }
 
+    /// The Prometheus text format (0.0.4), what scrapers and `promtool`
+    /// read when they do not ask for OpenMetrics.
+    pub fn encode_prometheus(&self) -> String {
+        openmetrics_to_prometheus(&self.encode())
+    }
+
     /// OpenMetrics text exposition.
     pub fn encode(&self) -> String {
         let mut out = String::new();
@@ -281,6 +287,56 @@ impl Metrics {
         }
         out
     }
+}
+
+/// Rewrites OpenMetrics text as the Prometheus text format: a counter's
+/// HELP and TYPE name its `_total` samples, `unknown` is `untyped`, `info`
+/// is a gauge, and there is no UNIT or EOF line.
+pub fn openmetrics_to_prometheus(text: &str) -> String {
+    let mut renamed = std::collections::HashMap::new();
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix("# TYPE ") else {
+            continue;
+        };
+        if let Some((name, kind)) = rest.split_once(' ') {
+            let (new_name, new_kind) = match kind {
+                "counter" if !name.ends_with("_total") => (format!("{name}_total"), "counter"),
+                "info" => (format!("{name}_info"), "gauge"),
+                "unknown" => (name.to_string(), "untyped"),
+                other => (name.to_string(), other),
+            };
+            renamed.insert(name.to_string(), (new_name, new_kind));
+        }
+    }
+    let mut out = String::with_capacity(text.len());
+    for line in text.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let meta = ["# HELP ", "# TYPE "]
+            .into_iter()
+            .find_map(|p| Some((p, line.strip_prefix(p)?)));
+        match meta {
+            Some((prefix, rest)) => {
+                let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+                let (new_name, kind) = renamed
+                    .get(name)
+                    .map(|(n, k)| (n.as_str(), *k))
+                    .unwrap_or((name, ""));
+                let tail = if prefix == "# TYPE " && !kind.is_empty() {
+                    kind
+                } else {
+                    tail
+                };
+                out.push_str(&format!("{prefix}{new_name} {tail}\n"));
+            }
+            None => {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+    }
+    out
 }
 
 static METRICS: OnceLock<Metrics> = OnceLock::new();
@@ -298,5 +354,63 @@ mod tests {
             assert!(text.contains(name), "{name} missing from:\n{text}");
         }
         assert!(text.contains(r#"billsync_cycles_total{kind="full",result="skipped"} 0"#));
+    }
+
+    /// What `promtool check metrics` reads: every sample belongs to the
+    /// family its HELP and TYPE name, and there is no OpenMetrics-only line.
+    #[test]
+    fn prometheus_text_names_every_sample_family() {
+        let text = super::get().encode_prometheus();
+        assert!(
+            !text.contains("# EOF") && !text.contains("# UNIT"),
+            "{text}"
+        );
+        let mut typed = std::collections::HashMap::new();
+        let mut helped = std::collections::HashSet::new();
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                let (name, kind) = rest.split_once(' ').unwrap();
+                assert!(
+                    ["counter", "gauge", "histogram", "untyped"].contains(&kind),
+                    "{line}"
+                );
+                assert!(helped.contains(name), "TYPE before HELP: {line}");
+                typed.insert(name.to_string(), kind.to_string());
+            } else if let Some(rest) = line.strip_prefix("# HELP ") {
+                helped.insert(rest.split_once(' ').unwrap().0.to_string());
+            } else if !line.is_empty() {
+                let name = line.split(['{', ' ']).next().unwrap();
+                let family = ["_bucket", "_sum", "_count"]
+                    .iter()
+                    .filter_map(|s| name.strip_suffix(s))
+                    .find(|f| typed.get(*f).map(String::as_str) == Some("histogram"))
+                    .unwrap_or(name);
+                let kind = typed
+                    .get(family)
+                    .unwrap_or_else(|| panic!("untyped sample {line}"));
+                if kind == "counter" {
+                    assert!(name.ends_with("_total"), "{line}");
+                }
+            }
+        }
+        assert_eq!(
+            typed.get("billsync_cycles_total").map(String::as_str),
+            Some("counter")
+        );
+    }
+
+    #[test]
+    fn openmetrics_counters_info_and_unknown_are_rewritten() {
+        let om =
+            "# HELP a_requests Requests.\n# TYPE a_requests counter\n# UNIT a_requests requests\n\
+                  a_requests_total 3\n# HELP b Build.\n# TYPE b info\nb_info{v=\"1\"} 1\n\
+                  # HELP c C.\n# TYPE c unknown\nc 1\n# EOF\n";
+        let text = super::openmetrics_to_prometheus(om);
+        assert_eq!(
+            text,
+            "# HELP a_requests_total Requests.\n# TYPE a_requests_total counter\na_requests_total 3\n\
+             # HELP b_info Build.\n# TYPE b_info gauge\nb_info{v=\"1\"} 1\n\
+             # HELP c C.\n# TYPE c untyped\nc 1\n"
+        );
     }
 }

@@ -26,8 +26,40 @@ pub fn rss_mb() -> (u64, u64) {
     (field("VmRSS:"), field("VmHWM:"))
 }
 
-/// Installs the global subscriber. `RUST_LOG` wins over `level`.
+/// Panic messages pass through the redaction too: a panic may quote a value.
+pub fn install_panic_hook() {
+    std::panic::set_hook(Box::new(|info| eprintln!("{}", panic_text(info))));
+}
+
+/// What the panic hook prints: message, place and (with `RUST_BACKTRACE`) a
+/// backtrace, scrubbed.
+pub fn panic_text(info: &std::panic::PanicHookInfo<'_>) -> String {
+    let payload = info.payload();
+    let msg = payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".into());
+    let thread = std::thread::current();
+    let name = thread.name().unwrap_or("unnamed");
+    let at = info
+        .location()
+        .map(|l| format!(" at {}:{}", l.file(), l.line()))
+        .unwrap_or_default();
+    let trace = std::backtrace::Backtrace::capture();
+    let trace = match trace.status() {
+        std::backtrace::BacktraceStatus::Captured => format!("\n{trace}"),
+        _ => String::new(),
+    };
+    redact::scrub(&format!(
+        "billsync: thread '{name}' panicked{at}: {msg}{trace}"
+    ))
+}
+
+/// Installs the global subscriber and the panic hook. `RUST_LOG` wins over
+/// `level`.
 pub fn init(format: LogFormat, level: &str) {
+    install_panic_hook();
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(level))
         .unwrap_or_else(|_| EnvFilter::new("info"));

@@ -17,18 +17,34 @@ const SECRET_PARAMS: [&str; 6] = [
 
 const MASK: &str = "***";
 
+/// Registers a secret in every form a log line may carry it: as is, escaped
+/// for JSON (a `"` or `\` in it), escaped by `Debug`, and percent-encoded.
 pub fn register(secret: &str) {
     // One- and two-character "secrets" would mangle every line; they are
     // rejected as weak elsewhere, and still covered by parameter masking.
     if secret.len() < 3 {
         return;
     }
+    let quoted = |s: String| s[1..s.len() - 1].to_string();
+    let forms = [
+        secret.to_string(),
+        serde_json::to_string(secret)
+            .map(quoted)
+            .unwrap_or_default(),
+        quoted(format!("{secret:?}")),
+        url::form_urlencoded::byte_serialize(secret.as_bytes()).collect(),
+        url::form_urlencoded::byte_serialize(secret.as_bytes())
+            .collect::<String>()
+            .replace('+', "%20"),
+    ];
     let mut all = SECRETS.write().unwrap_or_else(|e| e.into_inner());
-    if !all.iter().any(|s| s == secret) {
-        all.push(secret.to_string());
-        // Longest first, so a secret containing another is masked whole.
-        all.sort_by_key(|s| std::cmp::Reverse(s.len()));
+    for form in forms {
+        if form.len() >= 3 && !all.contains(&form) {
+            all.push(form);
+        }
     }
+    // Longest first, so a secret containing another is masked whole.
+    all.sort_by_key(|s| std::cmp::Reverse(s.len()));
 }
 
 /// Masks registered secrets and the values of credential parameters.
@@ -104,6 +120,27 @@ mod tests {
         );
         // Not a parameter boundary: left alone.
         assert_eq!(scrub("myauth=1"), "myauth=1");
+    }
+
+    /// A JSON log line escapes `"` and `\`; the escaped form is masked too.
+    #[test]
+    fn masks_escaped_forms_of_a_secret() {
+        let secret = r#"pa"ss\wo rd&x"#;
+        register(secret);
+        let json = serde_json::json!({ "error": format!("auth failed for {secret}") }).to_string();
+        let debug = format!("{:?}", format!("token {secret}"));
+        let query = format!(
+            "GET /x?q={}",
+            url::form_urlencoded::byte_serialize(secret.as_bytes()).collect::<String>()
+        );
+        for line in [json, debug, query, secret.to_string()] {
+            let clean = scrub(&line);
+            assert!(clean.contains(MASK), "{line} -> {clean}");
+            assert!(
+                !clean.contains("ss\\wo") && !clean.contains("wo rd") && !clean.contains("wo+rd"),
+                "{clean}"
+            );
+        }
     }
 
     #[test]
