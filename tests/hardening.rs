@@ -191,3 +191,58 @@ async fn a_store_error_on_one_login_keeps_the_records_of_the_others() {
         assert_eq!(lab.vms.count_for("POST", login), 1, "{login} created twice");
     }
 }
+
+/// The package, the unit and the README agree: every packaged file exists,
+/// the conffile is packaged, the unit starts the packaged binary, and every
+/// alert's runbook anchor is in the README. (`.ci/package` builds and
+/// installs the package itself.)
+#[test]
+fn the_package_unit_and_runbook_agree() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let read = |p: &str| std::fs::read_to_string(root.join(p)).unwrap();
+    let manifest: toml::Table = toml::from_str(&read("Cargo.toml")).unwrap();
+    let deb = &manifest["package"]["metadata"]["deb"];
+    let assets: Vec<(String, String)> = deb["assets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| {
+            let a = a.as_array().unwrap();
+            (a[0].as_str().unwrap().into(), a[1].as_str().unwrap().into())
+        })
+        .collect();
+    for (src, _) in assets.iter().filter(|(s, _)| !s.starts_with("target/")) {
+        assert!(root.join(src).is_file(), "packaged file {src} is missing");
+    }
+    for conf in deb["conf-files"].as_array().unwrap() {
+        let conf = conf.as_str().unwrap().trim_start_matches('/');
+        assert!(
+            assets.iter().any(|(_, dest)| dest == conf),
+            "{conf} not packaged"
+        );
+    }
+    let (_, bin_dir) = assets
+        .iter()
+        .find(|(s, _)| s.ends_with("/billsync"))
+        .unwrap();
+    let unit = read("deploy/billsync.service");
+    let exec = format!("ExecStart=/{bin_dir}billsync ");
+    assert!(
+        unit.contains(&exec),
+        "the unit does not start /{bin_dir}billsync"
+    );
+    let readme = read("README.md");
+    let alerts = read("deploy/alerts.yml");
+    let anchors: Vec<&str> = alerts
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("runbook: \"README.md#"))
+        .map(|a| a.trim_end_matches('"'))
+        .collect();
+    assert!(anchors.len() >= 8, "{anchors:?}");
+    for a in anchors {
+        assert!(
+            readme.contains(&format!("<a id=\"{a}\"></a>")),
+            "no runbook for {a}"
+        );
+    }
+}

@@ -399,6 +399,38 @@ mod tests {
         );
     }
 
+    /// The real linter, where it is installed (`.ci/run` installs Debian's
+    /// `prometheus`); the test above checks the same structure without it.
+    #[test]
+    fn promtool_accepts_the_text_format() {
+        use std::io::Write;
+        use std::process::{Command, Stdio};
+        let spawned = Command::new("promtool")
+            .args(["check", "metrics"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn();
+        let Ok(mut child) = spawned else {
+            eprintln!("promtool is not installed; structure checked by the test above");
+            return;
+        };
+        let text = super::get().encode_prometheus();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(text.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        let said = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success() && said.trim().is_empty(),
+            "promtool: {said}"
+        );
+    }
+
     #[test]
     fn openmetrics_counters_info_and_unknown_are_rewritten() {
         let om =
