@@ -119,7 +119,14 @@ pub fn build_client(o: ClientOptions<'_>) -> anyhow::Result<reqwest::Client> {
 }
 
 /// Sends and reads the whole body, bounded. Status codes are the caller's.
+/// A request that ends, either way, is progress for the watchdog.
 pub async fn send(req: reqwest::RequestBuilder) -> Result<(u16, HeaderMap, Vec<u8>), FetchError> {
+    let result = send_inner(req).await;
+    crate::telemetry::liveness::beat();
+    result
+}
+
+async fn send_inner(req: reqwest::RequestBuilder) -> Result<(u16, HeaderMap, Vec<u8>), FetchError> {
     let mut resp = req.send().await.map_err(FetchError::from_reqwest)?;
     let status = resp.status().as_u16();
     let headers = resp.headers().clone();

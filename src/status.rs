@@ -9,7 +9,7 @@ use crate::store::{PlanState, Store, StoreError};
 
 /// The top-level keys of the status document (SPEC §6a, plus `notices`):
 /// scripts rely on them.
-pub const KEYS: [&str; 11] = [
+pub const KEYS: [&str; 12] = [
     "cycles",
     "pending",
     "quarantined",
@@ -21,6 +21,7 @@ pub const KEYS: [&str; 11] = [
     "notices",
     "in_doubt",
     "frozen",
+    "dropped_requests",
 ];
 
 /// Sources whose VMS users are frozen: disabled or removed while they still
@@ -109,6 +110,7 @@ pub async fn status_json(store: &Store, settings: &Settings) -> Result<Value, St
         "approval_pending": requests.approve,
         "notices": store.notices().await?,
         "frozen": frozen(store, settings).await?,
+        "dropped_requests": store.dropped_requests().await?,
         "in_doubt": store.load_in_doubt().await?.into_iter().map(|d| json!({
             "login": d.login,
             "op": d.op,

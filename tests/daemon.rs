@@ -477,3 +477,62 @@ async fn systemd_ready_and_watchdog_stop_while_stuck() {
     assert!(later.iter().any(|m| m.contains("WATCHDOG=1")), "{later:?}");
     drop(d);
 }
+
+/// SPEC §10.4. Before: the detail phase never fed the watchdog (8.6 s
+/// without a beat against a 3 s watchdog), so systemd killed the daemon in
+/// its first cycle. Here the detail phase takes seconds against a 1 s
+/// watchdog, and the pings must keep coming.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_watchdog_is_fed_through_a_long_detail_phase() {
+    const ACCOUNTS: u64 = 40;
+    let lab = lab(ACCOUNTS as usize, 0).await;
+    lab.bm.faults.set_latency(Duration::from_millis(150));
+    let dir = tempfile::tempdir().unwrap();
+    let sock_path = dir.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(50)))
+        .unwrap();
+    let sock_str = sock_path.display().to_string();
+    let (child, admin) = spawn(
+        &lab,
+        &[
+            RARE,
+            ("NOTIFY_SOCKET", sock_str.as_str()),
+            ("WATCHDOG_USEC", "1000000"),
+        ],
+        &["--resync"],
+    );
+    let _running = Running { child, admin };
+    let mut buf = [0u8; 256];
+    let mut pings = vec![];
+    let t = Instant::now();
+    // Until every detail call is answered, and a little beyond.
+    while lab.bm.calls("subaccount") < ACCOUNTS {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "details never finished"
+        );
+        if let Ok(n) = sock.recv(&mut buf) {
+            if String::from_utf8_lossy(&buf[..n]).contains("WATCHDOG=1") {
+                pings.push(Instant::now());
+            }
+        }
+    }
+    let details_took = t.elapsed();
+    // The silence up to the end of the phase counts too.
+    pings.push(Instant::now());
+    assert!(lab.bm.calls("account.edit") >= ACCOUNTS);
+    assert!(
+        details_took > Duration::from_secs(2),
+        "the detail phase was too short to prove anything"
+    );
+    let longest = pings
+        .windows(2)
+        .map(|w| w[1] - w[0])
+        .max()
+        .expect("no pings at all");
+    assert!(
+        longest < Duration::from_millis(1500),
+        "no watchdog ping for {longest:?} during a {details_took:?} read"
+    );
+}

@@ -657,3 +657,110 @@ async fn a_new_user_type_is_said_once_and_changes_nothing_else() {
         "b2b"
     );
 }
+
+/// SPEC §10.4. Before: a resync request stayed pending while its cycles
+/// failed (or were killed by the watchdog), so every restart began the same
+/// doomed full resync, for ever.
+#[tokio::test]
+async fn a_request_whose_cycles_keep_failing_is_dropped_after_three() {
+    let (lab, engine) = setup(3, 3, "", &[]).await;
+    cycle(&engine).await;
+    engine
+        .store
+        .request(RequestKind::Resync, None)
+        .await
+        .unwrap();
+    lab.bm.faults.always("", Fault::Status(503));
+    lab.ap.faults.always("", Fault::Status(503));
+    for attempt in 1..=billsync::engine::REQUEST_ATTEMPTS {
+        let r = cycle(&engine).await;
+        assert_eq!(r.kind, CycleKind::Full, "attempt {attempt}");
+        assert_eq!(r.result, CycleResult::Failed);
+    }
+    let r = cycle(&engine).await;
+    assert_eq!(
+        r.kind,
+        CycleKind::Incremental,
+        "the request was not dropped"
+    );
+    let settings = lab.settings("", &[]).unwrap();
+    let status = billsync::status::status_json(&engine.store, &settings)
+        .await
+        .unwrap();
+    let dropped = status["dropped_requests"].as_array().unwrap();
+    assert_eq!(dropped.len(), 1, "{status}");
+    assert_eq!(dropped[0]["kind"], "resync");
+    assert_eq!(dropped[0]["attempts"], 3);
+    assert_eq!(status["resync_requested"], false);
+
+    // A request whose cycle completes is consumed by it, once.
+    lab.bm.faults.clear();
+    lab.ap.faults.clear();
+    engine
+        .store
+        .request(RequestKind::Resync, None)
+        .await
+        .unwrap();
+    assert_eq!(cycle(&engine).await.kind, CycleKind::Full);
+    assert_eq!(cycle(&engine).await.kind, CycleKind::Incremental);
+}
+
+/// Issue 10 (bounded state). Before: every account ever seen stayed in the
+/// store and was rewritten every cycle; a user blocked after its account
+/// went (or its login changed) was re-planned every cycle for ever.
+#[tokio::test]
+async fn accounts_gone_and_deprovisioned_are_forgotten_after_retention() {
+    let (lab, engine) = setup(10, 0, "", &[]).await;
+    cycle(&engine).await;
+    lab.bm.data().accounts.retain(|a| a.id != 4);
+    for _ in 0..3 {
+        cycle(&engine).await;
+    }
+    let login = "user4@bm.example.com";
+    assert_eq!(lab.vms.user(login).unwrap().status, "blocked");
+    let stored = |engine: &Engine| {
+        let store = engine.store.clone();
+        async move {
+            store
+                .source_account(billsync::core::model::SourceKind::Billmanager, "4")
+                .await
+                .unwrap()
+        }
+    };
+    assert!(stored(&engine).await.is_some(), "kept within retention");
+    // Past retention (30 days by default).
+    let db = sqlx::SqlitePool::connect_with(
+        sqlx::sqlite::SqliteConnectOptions::new().filename(lab.state_path()),
+    )
+    .await
+    .unwrap();
+    sqlx::query(
+        "UPDATE source_accounts SET last_seen = '2000-01-01T00:00:00.000Z' WHERE id IN ('4', '5')",
+    )
+    .execute(&db)
+    .await
+    .unwrap();
+    let before = lab.vms.requests();
+    cycle(&engine).await;
+    assert!(
+        stored(&engine).await.is_none(),
+        "a gone, blocked account is forgotten"
+    );
+    let live = engine
+        .store
+        .source_account(billsync::core::model::SourceKind::Billmanager, "5")
+        .await
+        .unwrap();
+    assert!(live.is_some(), "a listed account is never forgotten");
+    for _ in 0..2 {
+        let r = cycle(&engine).await;
+        assert_eq!(r.result, CycleResult::Ok);
+        assert!(
+            r.plan.is_empty(),
+            "an operation for a settled login: {:?}",
+            r.plan
+        );
+    }
+    assert_eq!(lab.vms.requests(), before, "the VMS heard nothing");
+    assert_eq!(lab.vms.user(login).unwrap().status, "blocked");
+}

@@ -31,6 +31,7 @@ fn opts(full: bool) -> ReadOptions {
         full,
         payment_window_days: 3,
         paid_history_days: 30,
+        missing_grace_cycles: 2,
         now: chrono::Utc::now(),
     }
 }
@@ -294,6 +295,17 @@ async fn failing_or_empty_source_is_incomplete_and_keeps_accounts() {
         60,
         "missing accounts stay known for the grace period"
     );
+    // Past the grace period (2) the count stops: the rows of accounts gone
+    // for good are not rewritten every cycle for ever (SPEC §10, issue 10).
+    for _ in 0..4 {
+        read(&w, &store, SourceKind::Billmanager, false).await;
+    }
+    let gone = store
+        .source_account(SourceKind::Billmanager, "55")
+        .await
+        .unwrap()
+        .expect("still stored");
+    assert_eq!(gone.missing_cycles, 3);
 }
 
 #[tokio::test]

@@ -57,6 +57,11 @@ pub async fn run(settings: Settings, json: bool) -> u8 {
             "in_doubt",
             &["login", "op", "since"][..],
         ),
+        (
+            "requests dropped after failing cycles",
+            "dropped_requests",
+            &["kind", "requested_at", "attempts", "logins"][..],
+        ),
         ("login conflicts", "conflicts", &["login", "sources"][..]),
         (
             "invalid source records",

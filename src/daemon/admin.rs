@@ -275,7 +275,6 @@ fn bad_request(msg: &str) -> Response {
 mod tests {
     use super::*;
     use crate::config::{Secret, Settings};
-    use crate::daemon::notify::Heartbeat;
     use crate::store::Store;
     use axum::body::Body;
     use std::sync::atomic::AtomicBool;
@@ -295,7 +294,7 @@ mod tests {
             period: Duration::from_secs(60),
             settings,
             store,
-            heartbeat: Heartbeat::new(),
+            heartbeat: crate::telemetry::liveness::pulse(),
             running: AtomicBool::new(false),
             loop_alive: AtomicBool::new(true),
             wake: Notify::new(),

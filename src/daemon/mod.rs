@@ -19,13 +19,14 @@ use crate::config::Settings;
 use crate::core::cycle::{CycleKind, CycleResult};
 use crate::engine::{CycleOptions, Engine, Progress};
 use crate::store::{RequestKind, StateLock, Store};
+use crate::telemetry::liveness::{self, Pulse};
 use crate::telemetry::metrics;
 
 /// What the loop, the scheduler and the admin server share.
 pub struct Shared {
     pub settings: Settings,
     pub store: Store,
-    pub heartbeat: Arc<notify::Heartbeat>,
+    pub heartbeat: &'static Pulse,
     pub running: AtomicBool,
     pub loop_alive: AtomicBool,
     pub wake: Notify,
@@ -103,7 +104,7 @@ pub async fn start(settings: Settings, resync: bool) -> Result<(Daemon, StateLoc
         period: schedule_period(&settings.daemon.schedule),
         settings: settings.clone(),
         store: store.clone(),
-        heartbeat: notify::Heartbeat::new(),
+        heartbeat: liveness::pulse(),
         running: AtomicBool::new(false),
         loop_alive: AtomicBool::new(true),
         wake: Notify::new(),
@@ -175,7 +176,7 @@ pub async fn start(settings: Settings, resync: bool) -> Result<(Daemon, StateLoc
         .map_err(|e| StartError::Other(format!("scheduler: {e}")))?;
 
     notify::ready();
-    let watchdog = notify::spawn_watchdog(shared.heartbeat.clone());
+    let watchdog = notify::spawn_watchdog(shared.heartbeat);
     let loop_task = tokio::spawn(cycle_loop(engine, shared.clone(), tick_rx, shutdown_rx));
     let task = tokio::spawn(async move {
         let _ = loop_task.await;
@@ -226,8 +227,7 @@ async fn cycle_loop(
         shared.running.store(true, Ordering::Relaxed);
         shared.heartbeat.beat();
         let stop = Arc::new(AtomicBool::new(false));
-        let hb = shared.heartbeat.clone();
-        let progress: Progress = Arc::new(move |_: &str, _, _| hb.beat());
+        let progress: Progress = Arc::new(|_: &str, _, _| liveness::beat());
         let opts = CycleOptions {
             full: kind.is_full(),
             progress: Some(progress),

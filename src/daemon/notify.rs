@@ -1,11 +1,11 @@
-//! systemd notification: READY=1, WATCHDOG=1 fed by the cycle loop's
-//! heartbeat, STOPPING=1. Silent when `NOTIFY_SOCKET` is unset.
+//! systemd notification: READY=1, WATCHDOG=1 fed while the process shows
+//! progress (`telemetry::liveness`), STOPPING=1. Silent when `NOTIFY_SOCKET` is unset.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use sd_notify::NotifyState;
+
+use crate::telemetry::liveness::Pulse;
 
 pub fn ready() {
     if let Err(e) = sd_notify::notify(false, &[NotifyState::Ready]) {
@@ -15,31 +15,6 @@ pub fn ready() {
 
 pub fn stopping() {
     let _ = sd_notify::notify(false, &[NotifyState::Stopping]);
-}
-
-/// The loop's last sign of life, in milliseconds since `start`.
-pub struct Heartbeat {
-    start: Instant,
-    last_ms: AtomicU64,
-}
-
-impl Heartbeat {
-    pub fn new() -> Arc<Self> {
-        Arc::new(Self {
-            start: Instant::now(),
-            last_ms: AtomicU64::new(0),
-        })
-    }
-
-    pub fn beat(&self) {
-        self.last_ms
-            .store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
-    }
-
-    pub fn age(&self) -> Duration {
-        let now = self.start.elapsed().as_millis() as u64;
-        Duration::from_millis(now.saturating_sub(self.last_ms.load(Ordering::Relaxed)))
-    }
 }
 
 /// `WATCHDOG_USEC`, as libsystemd reads it: `WATCHDOG_PID`, when set, must
@@ -59,7 +34,7 @@ fn watchdog_usec() -> Option<u64> {
 /// Pings the watchdog at half its interval, but only while the loop's
 /// heartbeat is fresher than the interval: a stuck loop stops the pings and
 /// systemd restarts the service.
-pub fn spawn_watchdog(heartbeat: Arc<Heartbeat>) -> Option<tokio::task::JoinHandle<()>> {
+pub fn spawn_watchdog(heartbeat: &'static Pulse) -> Option<tokio::task::JoinHandle<()>> {
     let usec = watchdog_usec()?;
     let interval = Duration::from_micros(usec);
     Some(tokio::spawn(async move {

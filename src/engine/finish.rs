@@ -71,6 +71,16 @@ impl Engine {
         let days = |d: u32| Duration::days(i64::from(d));
         let retention = days(self.settings.daemon.audit_retention_days);
         store.prune_history(report.started_at - retention).await?;
+        let grace = self.settings.daemon.missing_grace_cycles;
+        let purged = store
+            .purge_gone_accounts(grace, report.started_at - retention)
+            .await?;
+        if purged > 0 {
+            tracing::info!(
+                purged,
+                "accounts gone and deprovisioned past retention forgotten"
+            );
+        }
         let rules = self.core.rules.iter().map(|r| r.paid_within_days);
         let keep = days(rules.max().unwrap_or(0).max(MIN_PAYMENT_DAYS));
         store.prune_payments(report.started_at - keep).await?;

@@ -32,6 +32,10 @@ use crate::sources::{self, Source};
 use crate::store::{Store, StoreError};
 use crate::vms::VmsClient;
 
+/// Cycles that may take an operator request without completing before it
+/// is dropped (SPEC §10.4): a request must not turn a crash into a loop.
+pub const REQUEST_ATTEMPTS: u32 = 3;
+
 /// A cycle could not run at all (SPEC §4 exit 3).
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -135,6 +139,9 @@ impl Engine {
         let clock = Instant::now();
         let intent = self.take_requests(store, opts).await?;
         let cycle_id = store.start_cycle(intent.kind, intent.started).await?;
+        if !intent.dry_run {
+            store.start_requests(&intent.request_ids, cycle_id).await?;
+        }
         let read = self
             .read_all(store, &intent, opts.progress.as_ref())
             .await?;
@@ -157,14 +164,19 @@ impl Engine {
         if intent.dry_run {
             return Ok(finish::dry_run(report, &planned, &self.core));
         }
-        store
-            .consume_requests(&intent.request_ids, cycle_id)
-            .await?;
         let pushed = self
             .push(store, &planned, &memory, &intent, cycle_id, opts)
             .await?;
-        self.finish(store, cycle_id, report, &planned, &memory, pushed, clock)
-            .await
+        let report = self
+            .finish(store, cycle_id, report, &planned, &memory, pushed, clock)
+            .await?;
+        // A failed cycle leaves its requests for the next, up to a limit.
+        if report.result.completed() {
+            store
+                .consume_requests(&intent.request_ids, cycle_id)
+                .await?;
+        }
+        Ok(report)
     }
 
     /// Phase 1: the operator requests this cycle acts on. A resync clears
@@ -174,6 +186,16 @@ impl Engine {
         store: &Store,
         opts: &CycleOptions,
     ) -> Result<Intent, EngineError> {
+        if !opts.dry_run {
+            let dropped = store.drop_exhausted_requests(REQUEST_ATTEMPTS).await?;
+            if dropped > 0 {
+                tracing::warn!(
+                    dropped,
+                    attempts = REQUEST_ATTEMPTS,
+                    "operator requests dropped after cycles that kept failing; see `status`"
+                );
+            }
+        }
         let requests = store.pending_requests().await?;
         let full = opts.full || requests.resync_all;
         let intent = Intent {

@@ -35,6 +35,9 @@ pub struct ReadOptions {
     pub payment_window_days: u32,
     /// `max(paid_within_days)` over the rules.
     pub paid_history_days: u32,
+    /// Past this many missing cycles an account is deleted for good, and
+    /// its row is no longer rewritten each cycle.
+    pub missing_grace_cycles: u32,
     pub now: DateTime<Utc>,
 }
 
@@ -98,6 +101,7 @@ impl Engine {
                 full: intent.kind.is_full(),
                 payment_window_days: window.unwrap_or(DEFAULT_PAYMENT_WINDOW_DAYS),
                 paid_history_days: history.unwrap_or(0),
+                missing_grace_cycles: self.settings.daemon.missing_grace_cycles,
                 now: intent.started,
             };
             let label = format!("reading {kind}");
@@ -177,7 +181,13 @@ pub async fn read_source(
     // their hash, so a crash re-asks), then the payments that asked for
     // them; the listing leaves memory before the detail calls.
     store
-        .save_listing(kind, &listing.accounts, &index, opts.now)
+        .save_listing(
+            kind,
+            &listing.accounts,
+            &index,
+            opts.missing_grace_cycles,
+            opts.now,
+        )
         .await?;
     store.save_payments(&to_save, opts.now).await?;
     drop(listing);

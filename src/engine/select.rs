@@ -6,7 +6,7 @@ use std::collections::{HashMap, HashSet};
 
 use super::{Engine, Intent};
 use crate::core::desired::{CoreConfig, Desired, DesiredUser};
-use crate::core::model::AccountKey;
+use crate::core::model::{AccountKey, OnDeleted};
 use crate::core::plan::{self, Applied, Plan, PlanOptions};
 use crate::store::{InDoubt, QuarantinePart, RetryInfo, Store, StoreError};
 
@@ -96,6 +96,12 @@ pub async fn changed(
         })
         .map(|(login, _)| login.clone())
         .collect();
+    // Logins already blocked because their account is gone stay so; they
+    // are not re-planned each cycle for ever.
+    if !orphans.is_empty() && core.on_deleted == OnDeleted::Block {
+        let settled = store.deprovisioned_logins(&core.status_blocked).await?;
+        orphans.retain(|l| !settled.contains(l) || intent.resync_logins.contains(l));
+    }
     logins.extend(orphans);
     logins.extend(memory.in_doubt.iter().map(|d| d.login.clone()));
     Ok(Need {

@@ -139,6 +139,7 @@ where
             .with_max_times(2)
             .with_jitter(),
     )
+    .sleep(crate::telemetry::liveness::sleep)
     .when(|e: &FetchError| e.is_transient())
     .await
 }

@@ -57,12 +57,15 @@ impl Store {
     }
 
     /// Records a complete listing: new and changed rows are written, rows
-    /// absent from it count one more missing cycle, returning rows reset.
+    /// absent from it count one more missing cycle (up to `grace`: beyond,
+    /// the count changes nothing and the row is left alone), returning rows
+    /// reset.
     pub async fn save_listing(
         &self,
         source: SourceKind,
         listing: &[ListedAccount],
         index: &HashMap<String, AccountIndexEntry>,
+        grace: u32,
         now: DateTime<Utc>,
     ) -> Result<()> {
         let now_s = ts(now);
@@ -112,7 +115,7 @@ impl Store {
             }
         }
         for (id, entry) in index {
-            if listed.contains(id.as_str()) {
+            if listed.contains(id.as_str()) || entry.missing_cycles > grace {
                 continue;
             }
             // Going missing now: its last sighting was the previous listing.
@@ -271,6 +274,25 @@ impl Store {
     }
 
     /// Drops payments that no rule can use any more.
+    /// Forgets accounts gone for good (past `grace` missing cycles, last
+    /// seen before `older_than`) whose users are deprovisioned or were never
+    /// made: the state stays bounded by what is alive.
+    pub async fn purge_gone_accounts(&self, grace: u32, older_than: DateTime<Utc>) -> Result<u64> {
+        Ok(sqlx::query(
+            "DELETE FROM source_accounts
+             WHERE missing_cycles > ?1 AND last_seen < ?2
+               AND NOT EXISTS (SELECT 1 FROM applied_users au
+                   WHERE au.source = source_accounts.source
+                     AND au.account_id = source_accounts.id
+                     AND COALESCE(json_extract(au.state_json, '$.gone'), 0) = 0)",
+        )
+        .bind(grace)
+        .bind(ts(older_than))
+        .execute(&self.pool)
+        .await?
+        .rows_affected())
+    }
+
     pub async fn prune_payments(&self, older_than: DateTime<Utc>) -> Result<u64> {
         let done = sqlx::query(
             "DELETE FROM payments WHERE is_final = 1 AND COALESCE(paid_at, seen_at) < ?",

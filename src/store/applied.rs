@@ -213,6 +213,20 @@ impl Store {
         Ok(n.max(0) as u64)
     }
 
+    /// Users already blocked because their account is gone: nothing to do
+    /// for them while nobody desires them (a full resync re-asserts them).
+    pub async fn deprovisioned_logins(&self, status_blocked: &str) -> Result<HashSet<String>> {
+        let rows: Vec<String> = sqlx::query_scalar(
+            "SELECT login FROM applied_users
+             WHERE COALESCE(json_extract(state_json, '$.gone'), 0) = 1
+               AND json_extract(state_json, '$.status') = ?1",
+        )
+        .bind(status_blocked)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().collect())
+    }
+
     /// Applied users per owning source.
     pub async fn applied_per_source(&self) -> Result<BTreeMap<String, u64>> {
         let rows = sqlx::query("SELECT source, COUNT(*) FROM applied_users GROUP BY source")

@@ -40,6 +40,17 @@ pub struct Requests {
     pub approve_all: bool,
 }
 
+/// A request given up after cycles that kept failing (SPEC §10.4).
+#[derive(Debug, Clone, Serialize)]
+pub struct DroppedRequest {
+    pub id: i64,
+    pub kind: String,
+    pub logins: Option<Vec<String>>,
+    pub requested_at: String,
+    pub dropped_at: String,
+    pub attempts: i64,
+}
+
 /// One audit line to write: what was done to a login and how it ended.
 #[derive(Debug, Clone, Serialize)]
 pub struct AuditRow {
@@ -241,6 +252,58 @@ impl Store {
             }
         }
         Ok(out)
+    }
+
+    /// Gives up the requests that `max` cycles took without completing
+    /// (each a crash, a kill or a failed cycle); returns how many.
+    pub async fn drop_exhausted_requests(&self, max: u32) -> Result<u64> {
+        Ok(sqlx::query(
+            "UPDATE control_requests SET consumed_at = ?1, dropped = 1
+             WHERE consumed_at IS NULL AND attempts >= ?2",
+        )
+        .bind(ts(Utc::now()))
+        .bind(max)
+        .execute(&self.pool)
+        .await?
+        .rows_affected())
+    }
+
+    /// Counts a cycle that starts with these requests, before it does any
+    /// work: a cycle that dies still counts.
+    pub async fn start_requests(&self, ids: &[i64], cycle_id: i64) -> Result<()> {
+        for id in ids {
+            sqlx::query(
+                "UPDATE control_requests SET attempts = attempts + 1, cycle_id = ?2 WHERE id = ?1",
+            )
+            .bind(id)
+            .bind(cycle_id)
+            .execute(&self.pool)
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Requests given up, newest first (pruned with the history).
+    pub async fn dropped_requests(&self) -> Result<Vec<DroppedRequest>> {
+        let rows = sqlx::query(
+            "SELECT id, kind, logins, requested_at, consumed_at, attempts FROM control_requests
+             WHERE dropped = 1 ORDER BY id DESC",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| DroppedRequest {
+                id: r.get(0),
+                kind: r.get(1),
+                logins: r
+                    .get::<Option<String>, _>(2)
+                    .and_then(|t| serde_json::from_str(&t).ok()),
+                requested_at: r.get(3),
+                dropped_at: r.get::<Option<String>, _>(4).unwrap_or_default(),
+                attempts: r.get(5),
+            })
+            .collect())
     }
 
     pub async fn consume_requests(&self, ids: &[i64], cycle_id: i64) -> Result<()> {

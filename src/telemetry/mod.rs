@@ -1,5 +1,6 @@
 //! Logging (tracing to stderr, redacted) and the Prometheus metrics.
 
+pub mod liveness;
 pub mod metrics;
 pub mod redact;
 

@@ -175,6 +175,7 @@ impl Channel {
                     .with_max_delay(Duration::from_secs(10))
                     .with_max_times(self.max_attempts.saturating_sub(1) as usize),
             )
+            .sleep(crate::telemetry::liveness::sleep)
             .when(|e: &VmsError| e.is_transient() && !self.closed())
             .adjust(move |e: &VmsError, d| match (d, e.retry_after) {
                 (None, _) => None,

@@ -1,0 +1,97 @@
+//! Signs of progress for the systemd watchdog and `/livez` (SPEC §10.4).
+//! Every request that ends (answered or failed) and every second of a
+//! deliberate wait (backoff, `Retry-After`) beats; so does the idle loop. A
+//! process stuck anywhere else stops beating, and systemd restarts it.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::LazyLock;
+use std::time::{Duration, Instant};
+
+/// The last sign of progress, in milliseconds since `start`.
+pub struct Pulse {
+    start: Instant,
+    last_ms: AtomicU64,
+}
+
+impl Pulse {
+    pub fn new() -> Self {
+        Self {
+            start: Instant::now(),
+            last_ms: AtomicU64::new(0),
+        }
+    }
+
+    pub fn beat(&self) {
+        let ms = self.start.elapsed().as_millis() as u64;
+        self.last_ms.fetch_max(ms, Ordering::Relaxed);
+    }
+
+    pub fn age(&self) -> Duration {
+        let now = self.start.elapsed().as_millis() as u64;
+        Duration::from_millis(now.saturating_sub(self.last_ms.load(Ordering::Relaxed)))
+    }
+
+    /// A deliberate wait that beats every `step` of it.
+    async fn sleep(&self, d: Duration, step: Duration) {
+        let until = tokio::time::Instant::now() + d;
+        loop {
+            self.beat();
+            let now = tokio::time::Instant::now();
+            if now >= until {
+                return;
+            }
+            tokio::time::sleep((until - now).min(step)).await;
+        }
+    }
+}
+
+impl Default for Pulse {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+static PULSE: LazyLock<Pulse> = LazyLock::new(Pulse::new);
+
+/// The process's pulse.
+pub fn pulse() -> &'static Pulse {
+    &PULSE
+}
+
+/// Progress was made.
+pub fn beat() {
+    PULSE.beat();
+}
+
+/// A deliberate wait (backoff, `Retry-After`): beats every second of it.
+pub async fn sleep(d: Duration) {
+    PULSE.sleep(d, Duration::from_secs(1)).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Before: a 300 s `Retry-After` wait showed no progress for 300 s.
+    #[tokio::test]
+    async fn a_long_wait_keeps_beating() {
+        let pulse = std::sync::Arc::new(Pulse::new());
+        let p = pulse.clone();
+        let step = Duration::from_millis(50);
+        let waiting = tokio::spawn(async move { p.sleep(Duration::from_millis(800), step).await });
+        let mut oldest = Duration::ZERO;
+        while !waiting.is_finished() {
+            oldest = oldest.max(pulse.age());
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(
+            oldest < Duration::from_millis(400),
+            "no beat for {oldest:?} while waiting"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(
+            pulse.age() >= Duration::from_millis(400),
+            "beats after the wait ended"
+        );
+    }
+}
