@@ -764,3 +764,26 @@ async fn accounts_gone_and_deprovisioned_are_forgotten_after_retention() {
     assert_eq!(lab.vms.requests(), before, "the VMS heard nothing");
     assert_eq!(lab.vms.user(login).unwrap().status, "blocked");
 }
+
+/// Before: when a source failed, its accounts came from the store as last
+/// listed, so an account deleted (and its user blocked) long ago counted as
+/// live again and its user was re-activated: doubt gave access.
+#[tokio::test]
+async fn a_failing_source_never_revives_a_deleted_account() {
+    let (lab, engine) = setup(10, 0, "", &[]).await;
+    cycle(&engine).await;
+    lab.bm.data().accounts.retain(|a| a.id != 4);
+    for _ in 0..3 {
+        cycle(&engine).await;
+    }
+    let login = "user4@bm.example.com";
+    assert_eq!(lab.vms.user(login).unwrap().status, "blocked");
+    lab.bm.faults.always("account", Fault::Status(503));
+    for _ in 0..2 {
+        let r = cycle(&engine).await;
+        assert!(!r.sources["billmanager"].complete);
+    }
+    let u = lab.vms.user(login).unwrap();
+    assert_eq!(u.status, "blocked", "re-activated while the source failed");
+    assert!(MANAGED.iter().all(|p| !u.permissions.contains(*p)));
+}

@@ -98,9 +98,13 @@ pub fn build(
     now: DateTime<Utc>,
 ) -> Desired {
     let mut out = Desired::default();
+    // Missing counts move only on complete listings, so they stand when this
+    // cycle's listing failed: a deleted account stays deleted (an outage
+    // must not revive it), and an incomplete source still deprovisions
+    // nothing new (`may_deprovision`).
     let effective = |input: &SourceInput, account: &Account| {
         let missing = input.missing.get(&account.key.id).copied().unwrap_or(0);
-        if input.complete && missing > 0 && missing >= cfg.missing_grace_cycles {
+        if missing > 0 && missing >= cfg.missing_grace_cycles {
             CanonicalStatus::Deleted
         } else {
             account.status

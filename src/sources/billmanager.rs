@@ -326,6 +326,13 @@ impl BillingSource for BillmanagerClient {
         let subs = with_retry(|| self.call("subaccount", &params)).await?;
         let mut limit = Decimal::ZERO;
         let mut bad_limit = None;
+        // The subaccount rows carry the balance too (API-NOTES): the first
+        // one is the account's main currency. A cycle's list row wins over
+        // it; a targeted re-read (SPEC §10.2) takes it as the fresh value.
+        let balance = elems(&subs)?
+            .iter()
+            .filter_map(|r| r.as_object().and_then(|o| field(o, "balance")))
+            .find(|b| !b.trim().is_empty());
         for row in elems(&subs)? {
             if let Some(text) = row.as_object().and_then(|o| field(o, "creditlimit")) {
                 if text.trim().is_empty() {
@@ -339,6 +346,7 @@ impl BillingSource for BillmanagerClient {
         }
         Ok(Details::Found(RawAccount {
             credit_limit: Some(bad_limit.unwrap_or_else(|| limit.normalize().to_string())),
+            balance,
             ..raw
         }))
     }
