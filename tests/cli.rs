@@ -434,3 +434,40 @@ async fn odd_state_paths_work_and_status_never_migrates() {
         "a read-only command migrated the state file"
     );
 }
+
+/// SPEC §10.3: `sync --account SOURCE:ID` (repeatable) re-reads those
+/// accounts and pushes their users, without listing.
+#[tokio::test(flavor = "multi_thread")]
+async fn sync_account_pushes_the_named_accounts_only() {
+    let lab = lab(3, 0, "").await;
+    let out = run(&lab, &["sync"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    {
+        let mut bm = lab.bm.data();
+        for a in bm.accounts.iter_mut() {
+            a.balance = "-500.00".into(); // nobody pays any more
+            a.credit_limits = vec!["0".into()];
+        }
+    }
+    let lists = lab.bm.calls("account");
+    let out = run(&lab, &["sync", "--account", "billmanager:1", "--json"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["kind"], "targeted");
+    assert_eq!(lab.bm.calls("account"), lists, "it listed");
+    let paying = |l: &str| {
+        lab.vms
+            .user(l)
+            .unwrap()
+            .permissions
+            .contains("archives-show")
+    };
+    assert!(
+        !paying("user1@bm.example.com"),
+        "the named account was not pushed"
+    );
+    assert!(paying("user2@bm.example.com"), "not named, yet touched");
+    let out = run(&lab, &["sync", "--account", "billmanager"]).await;
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(text(&out).contains("SOURCE:ID"), "{}", text(&out));
+}

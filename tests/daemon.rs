@@ -536,3 +536,136 @@ async fn the_watchdog_is_fed_through_a_long_detail_phase() {
         "no watchdog ping for {longest:?} during a {details_took:?} read"
     );
 }
+
+/// SPEC §10.3: `POST /trigger` re-reads the named account and pushes its
+/// user within seconds, without waiting for the schedule or listing.
+#[tokio::test(flavor = "multi_thread")]
+async fn trigger_pushes_one_account_now() {
+    let lab = lab(3, 0).await;
+    let d = start(
+        &lab,
+        &[RARE, ("BILLSYNC__ADMIN__TOKEN", TOKEN)],
+        &["--resync"],
+    )
+    .await;
+    wait_until("the first cycle", Duration::from_secs(20), || {
+        lab.vms.data().users.len() == 3
+    })
+    .await;
+    let login = "user2@bm.example.com";
+    let managed = |l: &str| {
+        lab.vms
+            .user(l)
+            .is_some_and(|u| u.permissions.contains("archives-show"))
+    };
+    assert!(managed(login));
+    let client = reqwest::Client::new();
+    let url = format!("{}/trigger", d.admin);
+    let body = serde_json::json!({"accounts": ["billmanager:2"]});
+    assert_eq!(
+        client.post(&url).json(&body).send().await.unwrap().status(),
+        401
+    );
+    let bad = serde_json::json!({"accounts": ["billmanager"]});
+    let r = client
+        .post(&url)
+        .bearer_auth(TOKEN)
+        .json(&bad)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    // The customer stops paying; the billing system's hook says so.
+    {
+        let mut bm = lab.bm.data();
+        let a = bm.accounts.iter_mut().find(|a| a.id == 2).unwrap();
+        a.balance = "-500.00".into();
+        a.credit_limits = vec!["0".into()];
+    }
+    let lists = lab.bm.calls("account");
+    let r = client
+        .post(&url)
+        .bearer_auth(TOKEN)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    wait_until("the trigger's push", Duration::from_secs(20), || {
+        !managed(login)
+    })
+    .await;
+    assert_eq!(lab.bm.calls("account"), lists, "the trigger listed");
+    assert!(managed("user1@bm.example.com"), "another user changed");
+}
+
+/// The BILLmanager hook (`deploy/billmanager-hook/billsync_trigger`) passes
+/// COREmanager's answer through untouched and triggers the account's push.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_billmanager_hook_triggers_a_push() {
+    let lab = lab(3, 0).await;
+    let d = start(
+        &lab,
+        &[RARE, ("BILLSYNC__ADMIN__TOKEN", TOKEN)],
+        &["--resync"],
+    )
+    .await;
+    wait_until("the first cycle", Duration::from_secs(20), || {
+        lab.vms.data().users.len() == 3
+    })
+    .await;
+    {
+        let mut bm = lab.bm.data();
+        let a = bm.accounts.iter_mut().find(|a| a.id == 2).unwrap();
+        (a.balance, a.credit_limits) = ("-500.00".into(), vec!["0".into()]);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("billsync_hook.conf");
+    let token = dir.path().join("billsync_hook.token");
+    std::fs::write(&conf, format!("BILLSYNC_URL={}\n", d.admin)).unwrap();
+    std::fs::write(&token, TOKEN).unwrap();
+    let hook = |func: &str, params: &[(&str, &str)]| {
+        let mut c = Command::new("sh");
+        c.arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/deploy/billmanager-hook/billsync_trigger"
+        ))
+        .env("BILLSYNC_HOOK_CONF", &conf)
+        .env("BILLSYNC_HOOK_TOKEN_FILE", &token)
+        .env("PARAM_func", func)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped());
+        for (k, v) in params {
+            c.env(k, v);
+        }
+        let mut child = c.spawn().unwrap();
+        use std::io::Write;
+        let doc = "<?xml version=\"1.0\"?>\n<doc><ok/></doc>\n";
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(doc.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success());
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            doc,
+            "the answer was changed"
+        );
+    };
+    let paying = |l: &str| {
+        lab.vms
+            .user(l)
+            .is_some_and(|u| u.permissions.contains("archives-show"))
+    };
+    // No account id among the parameters: nothing is sent.
+    hook("payment.edit", &[("PARAM_elid", "77")]);
+    hook("payment.edit", &[("PARAM_account_id", "2")]);
+    wait_until("the hook's push", Duration::from_secs(20), || {
+        !paying("user2@bm.example.com")
+    })
+    .await;
+    assert!(paying("user1@bm.example.com"));
+}

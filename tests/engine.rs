@@ -787,3 +787,89 @@ async fn a_failing_source_never_revives_a_deleted_account() {
     assert_eq!(u.status, "blocked", "re-activated while the source failed");
     assert!(MANAGED.iter().all(|p| !u.permissions.contains(*p)));
 }
+
+fn targeted(accounts: &[&str]) -> CycleOptions {
+    CycleOptions {
+        targets: Some(billsync::engine::Targets {
+            accounts: accounts
+                .iter()
+                .map(|a| billsync::core::model::AccountKey::parse(a).unwrap())
+                .collect(),
+            logins: Default::default(),
+        }),
+        ..Default::default()
+    }
+}
+
+/// SPEC §10.3: a targeted cycle re-reads just the named accounts (no
+/// listing) and pushes their users at once; it deprovisions nothing, even
+/// for an account that disappeared meanwhile.
+#[tokio::test]
+async fn a_targeted_cycle_pushes_a_payment_without_listing_or_deprovisioning() {
+    let (lab, engine) = setup(6, 4, "", &[]).await;
+    {
+        let mut bm = lab.bm.data();
+        let a = bm.accounts.iter_mut().find(|a| a.id == 3).unwrap();
+        a.balance = "-50.00".into();
+        a.credit_limits = vec!["0".into()];
+    }
+    let ap_login = {
+        let mut ap = lab.ap.data();
+        let a = &mut ap.accounts[1];
+        (a.balance, a.credit_limit) = (-50.0, 0.0);
+        a.email.to_lowercase()
+    };
+    cycle(&engine).await;
+    let bm_login = "user3@bm.example.com";
+    for login in [bm_login, ap_login.as_str()] {
+        let u = lab.vms.user(login).unwrap();
+        assert!(
+            MANAGED.iter().all(|p| !u.permissions.contains(*p)),
+            "{login}: {u:?}"
+        );
+    }
+    // The payments land; meanwhile another account is deleted.
+    lab.bm
+        .data()
+        .accounts
+        .iter_mut()
+        .find(|a| a.id == 3)
+        .unwrap()
+        .balance = "100.00".into();
+    let ap_id = {
+        let mut ap = lab.ap.data();
+        ap.accounts[1].balance = 100.0;
+        ap.accounts[1].id
+    };
+    lab.bm.data().accounts.retain(|a| a.id != 5);
+    let lists = (lab.bm.calls("account"), lab.ap.calls("list"));
+    let ap_key = format!("activeplatform:{ap_id}");
+    for _ in 0..3 {
+        let r = cycle_with(&engine, targeted(&["billmanager:3", &ap_key])).await;
+        assert_eq!(r.kind, CycleKind::Targeted);
+        assert_eq!(r.result, CycleResult::Ok, "{r:?}");
+    }
+    assert_eq!(
+        (lab.bm.calls("account"), lab.ap.calls("list")),
+        lists,
+        "it listed"
+    );
+    for login in [bm_login, ap_login.as_str()] {
+        let u = lab.vms.user(login).unwrap();
+        assert!(
+            MANAGED.iter().all(|p| u.permissions.contains(*p)),
+            "{login}: {u:?}"
+        );
+    }
+    let kept = lab.vms.user("user5@bm.example.com").unwrap();
+    assert_eq!(kept.status, "active", "a targeted cycle deprovisioned");
+    // The listing cycles that follow agree, and then deprovision as usual.
+    for _ in 0..2 {
+        cycle(&engine).await;
+    }
+    assert_eq!(
+        lab.vms.user("user5@bm.example.com").unwrap().status,
+        "blocked"
+    );
+    assert!(!lab.vms.user(bm_login).unwrap().permissions.is_empty());
+}

@@ -8,7 +8,7 @@ use serde_json::{json, Value};
 
 use crate::config::Settings;
 use crate::core::desired::{self, SourceInput};
-use crate::core::model::{AccountKey, SourceKind};
+use crate::core::model::AccountKey;
 use crate::core::plan::{self, Applied, PlanOptions};
 use crate::engine::report_entries;
 
@@ -41,13 +41,8 @@ async fn resolve(
     store: &crate::store::Store,
     target: &str,
 ) -> Result<Option<AccountKey>, crate::store::StoreError> {
-    if let Some((src, id)) = target.split_once(':') {
-        if let Some(source) = SourceKind::parse(src) {
-            return Ok(Some(AccountKey {
-                source,
-                id: id.to_string(),
-            }));
-        }
+    if let Some(key) = AccountKey::parse(target) {
+        return Ok(Some(key));
     }
     if let Some(row) = store.desired_user(target).await? {
         return Ok(Some(row.owner));
@@ -121,6 +116,7 @@ async fn explain(
                 .collect(),
             last_paid,
             protected: Default::default(),
+            fresh: Default::default(),
         },
     );
     let d = desired::build(&core, inputs, Utc::now());

@@ -56,6 +56,10 @@ pub struct SyncArgs {
     /// the safety threshold and approval apply)
     #[arg(long = "retire-source", value_name = "NAME")]
     pub retire_source: Vec<String>,
+    /// Re-read this account and push its user now, without listing
+    /// (repeatable; nothing is deprovisioned)
+    #[arg(long = "account", value_name = "SOURCE:ID")]
+    pub account: Vec<String>,
 }
 
 #[derive(Debug, Subcommand)]

@@ -1,14 +1,22 @@
-//! `sync [--full] [--dry-run] [--allow-deprovision] [--json]`: one cycle.
+//! `sync [--full] [--dry-run] [--allow-deprovision] [--retire-source NAME]
+//! [--account SOURCE:ID] [--json]`: one cycle.
 
 use crate::config::Settings;
 use crate::core::cycle::CycleResult;
-use crate::core::model::SourceKind;
-use crate::engine::{CycleOptions, CycleReport, Engine};
+use crate::core::model::{AccountKey, SourceKind};
+use crate::engine::{CycleOptions, CycleReport, Engine, Targets};
 use crate::store::StateLock;
 
 pub async fn run(settings: Settings, args: super::SyncArgs) -> u8 {
     let retire = match retired(&settings, &args.retire_source) {
         Ok(r) => r,
+        Err(e) => {
+            eprintln!("billsync: {e}");
+            return super::EXIT_CONFIG;
+        }
+    };
+    let targets = match targets(&args.account) {
+        Ok(t) => t,
         Err(e) => {
             eprintln!("billsync: {e}");
             return super::EXIT_CONFIG;
@@ -36,6 +44,7 @@ pub async fn run(settings: Settings, args: super::SyncArgs) -> u8 {
         retire,
         progress: bar.as_ref().map(|(p, _)| p.clone()),
         stop: None,
+        targets,
     };
     let result = engine.run_cycle(&opts).await;
     if let Some((_, bar)) = bar {
@@ -131,4 +140,20 @@ pub fn print_human(r: &CycleReport) {
             p.changes.join(", ")
         );
     }
+}
+
+/// `--account SOURCE:ID`s as a targeted cycle's accounts (none: a listing
+/// cycle).
+fn targets(accounts: &[String]) -> Result<Option<Targets>, String> {
+    if accounts.is_empty() {
+        return Ok(None);
+    }
+    let keys = accounts.iter().map(|a| {
+        AccountKey::parse(a)
+            .ok_or_else(|| format!("--account {a:?}: expected SOURCE:ID, e.g. billmanager:42"))
+    });
+    Ok(Some(Targets {
+        accounts: keys.collect::<Result<_, _>>()?,
+        logins: Default::default(),
+    }))
 }

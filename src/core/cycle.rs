@@ -11,16 +11,26 @@ pub enum CycleKind {
     Incremental,
     /// A full resync: every account re-read, every user pushed in full.
     Full,
+    /// Named accounts re-read and their users pushed now (SPEC §10.3): no
+    /// listing, so nothing is deprovisioned.
+    Targeted,
 }
 
 impl CycleKind {
-    pub const ALL: [CycleKind; 2] = [CycleKind::Incremental, CycleKind::Full];
+    pub const ALL: [CycleKind; 3] = [CycleKind::Incremental, CycleKind::Full, CycleKind::Targeted];
 
     pub fn as_str(self) -> &'static str {
         match self {
             CycleKind::Incremental => "incremental",
             CycleKind::Full => "full",
+            CycleKind::Targeted => "targeted",
         }
+    }
+
+    /// Whether the cycle lists every source (a targeted one does not, so it
+    /// proves nothing about the listings to health checks).
+    pub fn lists(self) -> bool {
+        self != CycleKind::Targeted
     }
 
     pub fn is_full(self) -> bool {

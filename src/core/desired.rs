@@ -45,6 +45,7 @@ impl Desired {
             conflicts: self.conflicts.clone(),
             incomplete: self.incomplete.clone(),
             protected: self.protected.clone(),
+            fresh: self.fresh.clone(),
         }
     }
 }
@@ -59,6 +60,9 @@ pub struct SourceInput {
     /// Listed this cycle but not usable (invalid, details unavailable):
     /// whatever they own is left alone.
     pub protected: HashSet<String>,
+    /// Re-read one by one this cycle (a targeted read): their own state is
+    /// known for sure even though the source was not listed.
+    pub fresh: HashSet<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -89,6 +93,9 @@ pub struct Desired {
     pub conflicts: Vec<Conflict>,
     pub incomplete: BTreeSet<SourceKind>,
     pub protected: HashSet<AccountKey>,
+    /// Accounts of incomplete sources re-read this cycle: what their state
+    /// says (suspended, unpaid) may be applied; absence still may not.
+    pub fresh: HashSet<AccountKey>,
 }
 
 /// Builds the desired state from every source's accounts.
@@ -163,12 +170,12 @@ pub fn build(
         if !input.complete {
             out.incomplete.insert(*kind);
         }
-        for id in &input.protected {
-            out.protected.insert(AccountKey {
-                source: *kind,
-                id: id.clone(),
-            });
-        }
+        let key = |id: &String| AccountKey {
+            source: *kind,
+            id: id.clone(),
+        };
+        out.protected.extend(input.protected.iter().map(key));
+        out.fresh.extend(input.fresh.iter().map(key));
         let accounts = std::mem::take(&mut input.accounts);
         let ctx = RuleContext {
             last_paid: &input.last_paid,

@@ -60,6 +60,19 @@ pub struct AccountKey {
     pub id: String,
 }
 
+impl AccountKey {
+    /// `SOURCE:ID`, as `explain`, `sync --account` and `POST /trigger` take it.
+    pub fn parse(text: &str) -> Option<Self> {
+        let (source, id) = text.trim().split_once(':')?;
+        let id = id.trim();
+        let source = SourceKind::parse(source.trim())?;
+        (!id.is_empty()).then(|| AccountKey {
+            source,
+            id: id.to_string(),
+        })
+    }
+}
+
 impl fmt::Display for AccountKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}:{}", self.source, self.id)

@@ -340,8 +340,10 @@ fn desired_op(
             update_op(cfg, login, &d.owner, &a.state, &d.state, full)?
         }
     };
-    // An incomplete source yields no deprovision at all.
-    let incomplete = desired.incomplete.contains(&d.owner.source);
+    // An incomplete source yields no deprovision, except what an account
+    // re-read this cycle says of itself (a targeted read, SPEC §10.3).
+    let incomplete =
+        desired.incomplete.contains(&d.owner.source) && !desired.fresh.contains(&d.owner);
     (!(incomplete && op.deprovision)).then_some(op)
 }
 

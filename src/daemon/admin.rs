@@ -18,7 +18,8 @@ use chrono::Utc;
 use serde_json::{json, Value};
 
 use super::Shared;
-use crate::store::{LastCycle, RequestKind};
+use crate::core::model::AccountKey;
+use crate::store::{LastCycle, RequestKind, TriggerBody};
 use crate::telemetry::metrics;
 
 /// Request bodies are small JSON documents.
@@ -36,6 +37,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
     let posts = Router::new()
         .route("/resync", post(resync))
         .route("/approve", post(approve))
+        .route("/trigger", post(trigger))
         .route_layer(token());
     Router::new()
         .route("/livez", get(livez))
@@ -258,6 +260,33 @@ async fn approve(State(s): State<Arc<Shared>>) -> Response {
                 Json(json!({"requested": "approve", "id": id, "held": held})),
             )
                 .into_response()
+        }
+        Err(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"error": e.to_string()})),
+        )
+            .into_response(),
+    }
+}
+
+/// `{"accounts": ["SOURCE:ID", ...], "logins": [...]}`: re-read those
+/// accounts and push their users now (SPEC §10.3).
+async fn trigger(State(s): State<Arc<Shared>>, body: axum::body::Bytes) -> Response {
+    const SHAPE: &str = r#"body must be {"accounts": ["SOURCE:ID", ...], "logins": [...]}"#;
+    let Ok(t) = serde_json::from_slice::<TriggerBody>(&body) else {
+        return bad_request(SHAPE);
+    };
+    if let Some(bad) = t.accounts.iter().find(|a| AccountKey::parse(a).is_none()) {
+        return bad_request(&format!("{bad:?} is not SOURCE:ID (e.g. billmanager:42)"));
+    }
+    if t.accounts.is_empty() && t.logins.is_empty() {
+        return bad_request(SHAPE);
+    }
+    match s.store.request_trigger(&t).await {
+        Ok(id) => {
+            s.wake.notify_one();
+            let answer = json!({"requested": "trigger", "id": id, "accounts": t.accounts, "logins": t.logins});
+            (StatusCode::ACCEPTED, Json(answer)).into_response()
         }
         Err(e) => (
             StatusCode::SERVICE_UNAVAILABLE,

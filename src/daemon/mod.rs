@@ -17,7 +17,7 @@ use tokio_cron_scheduler::{Job, JobScheduler};
 
 use crate::config::Settings;
 use crate::core::cycle::{CycleKind, CycleResult};
-use crate::engine::{CycleOptions, Engine, Progress};
+use crate::engine::{CycleOptions, Engine, Progress, Targets};
 use crate::store::{RequestKind, StateLock, Store};
 use crate::telemetry::liveness::{self, Pulse};
 use crate::telemetry::metrics;
@@ -230,6 +230,8 @@ async fn cycle_loop(
         let progress: Progress = Arc::new(|_: &str, _, _| liveness::beat());
         let opts = CycleOptions {
             full: kind.is_full(),
+            // Its accounts come from the pending trigger requests.
+            targets: (kind == CycleKind::Targeted).then(Targets::default),
             progress: Some(progress),
             stop: Some(stop.clone()),
             ..Default::default()
@@ -280,6 +282,7 @@ async fn requested(store: &Store) -> Option<CycleKind> {
     match store.pending_requests().await {
         Ok(r) if r.resync_all => Some(CycleKind::Full),
         Ok(r) if r.approve || !r.resync_logins.is_empty() => Some(CycleKind::Incremental),
+        Ok(r) if !r.trigger_ids.is_empty() => Some(CycleKind::Targeted),
         Ok(_) => None,
         Err(e) => {
             tracing::warn!(error = %e, "cannot read operator requests");

@@ -96,7 +96,7 @@ fn observe(report: &CycleReport, clock: Instant) {
             kind: report.kind.as_str().into(),
         })
         .observe(clock.elapsed().as_secs_f64());
-    if report.result.completed() {
+    if report.result.completed() && report.kind.lists() {
         m.last_success.set(Utc::now().timestamp() as f64);
     }
     m.pending.set(report.pending as i64);

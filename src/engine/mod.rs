@@ -25,11 +25,11 @@ pub use select::{Memory, Need, Planned};
 use crate::config::Settings;
 use crate::core::cycle::CycleKind;
 use crate::core::desired::{self, CoreConfig};
-use crate::core::model::SourceKind;
+use crate::core::model::{AccountKey, SourceKind};
 use crate::core::normalize::Normalizer;
 use crate::core::plan::Approval;
 use crate::sources::{self, Source};
-use crate::store::{Store, StoreError};
+use crate::store::{Requests, Store, StoreError};
 use crate::vms::VmsClient;
 
 /// Cycles that may take an operator request without completing before it
@@ -60,6 +60,16 @@ pub struct CycleOptions {
     pub progress: Option<Progress>,
     /// Shutdown: finish what is in flight, start nothing new.
     pub stop: Option<Arc<AtomicBool>>,
+    /// A targeted cycle (SPEC §10.3): these accounts re-read, these logins
+    /// pushed in full, pending trigger requests added.
+    pub targets: Option<Targets>,
+}
+
+/// What a targeted cycle re-reads and pushes.
+#[derive(Debug, Clone, Default)]
+pub struct Targets {
+    pub accounts: BTreeSet<AccountKey>,
+    pub logins: HashSet<String>,
 }
 
 /// What a cycle was asked to do: its options merged with operator requests.
@@ -74,6 +84,8 @@ pub struct Intent {
     pub request_ids: Vec<i64>,
     /// Sources whose users are frozen: disabled or removed, not retired.
     pub frozen: BTreeSet<SourceKind>,
+    /// Accounts a targeted cycle re-reads (empty otherwise).
+    pub accounts: BTreeSet<AccountKey>,
     pub started: DateTime<Utc>,
 }
 
@@ -197,8 +209,28 @@ impl Engine {
             }
         }
         let requests = store.pending_requests().await?;
+        let intent = match &opts.targets {
+            Some(targets) if !opts.full => self.targeted_intent(opts, targets, requests),
+            _ => self.listing_intent(opts, requests),
+        };
+        if !intent.dry_run {
+            if intent.kind.is_full() {
+                store.clear_for_resync(None).await?;
+            } else if !intent.resync_logins.is_empty() {
+                store.clear_for_resync(Some(&intent.resync_logins)).await?;
+            }
+            notices::unappliable_settings(store, &self.settings).await?;
+        }
+        Ok(intent)
+    }
+
+    /// An incremental or full cycle takes every request; a trigger's logins
+    /// are pushed in full (its accounts are read by the listing anyway).
+    fn listing_intent(&self, opts: &CycleOptions, mut requests: Requests) -> Intent {
         let full = opts.full || requests.resync_all;
-        let intent = Intent {
+        requests.ids.extend(requests.trigger_ids);
+        requests.resync_logins.extend(requests.triggered_logins);
+        Intent {
             kind: if full {
                 CycleKind::Full
             } else {
@@ -212,21 +244,41 @@ impl Engine {
             },
             resync_logins: requests.resync_logins,
             request_ids: requests.ids,
-            frozen: SourceKind::ALL
-                .into_iter()
-                .filter(|k| self.settings.source(*k).is_none() && !opts.retire.contains(k))
-                .collect(),
+            frozen: self.frozen(opts),
+            accounts: BTreeSet::new(),
             started: Utc::now(),
-        };
-        if !intent.dry_run {
-            if full {
-                store.clear_for_resync(None).await?;
-            } else if !intent.resync_logins.is_empty() {
-                store.clear_for_resync(Some(&intent.resync_logins)).await?;
-            }
-            notices::unappliable_settings(store, &self.settings).await?;
         }
-        Ok(intent)
+    }
+
+    /// A targeted cycle takes only trigger requests; resyncs and approvals
+    /// wait for a cycle that lists.
+    fn targeted_intent(
+        &self,
+        opts: &CycleOptions,
+        targets: &Targets,
+        requests: Requests,
+    ) -> Intent {
+        let mut accounts = targets.accounts.clone();
+        accounts.extend(requests.triggered_accounts);
+        let mut logins = targets.logins.clone();
+        logins.extend(requests.triggered_logins);
+        Intent {
+            kind: CycleKind::Targeted,
+            dry_run: opts.dry_run,
+            approval: Approval::None,
+            resync_logins: logins,
+            request_ids: requests.trigger_ids,
+            frozen: self.frozen(opts),
+            accounts,
+            started: Utc::now(),
+        }
+    }
+
+    fn frozen(&self, opts: &CycleOptions) -> BTreeSet<SourceKind> {
+        SourceKind::ALL
+            .into_iter()
+            .filter(|k| self.settings.source(*k).is_none() && !opts.retire.contains(k))
+            .collect()
     }
 
     /// Phase 7: every planned operation through the one executor.

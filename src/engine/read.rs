@@ -12,6 +12,7 @@ use futures::StreamExt;
 
 use super::report::SourceSummary;
 use super::{Engine, EngineError, Intent, Progress};
+use crate::core::cycle::CycleKind;
 use crate::core::desired::SourceInput;
 use crate::core::model::{
     Account, Invalid, InvalidCode, ListedAccount, Payment, RawAccount, SourceKind,
@@ -68,6 +69,8 @@ pub struct SourceRead {
     /// Ids listed but not usable this cycle (details unavailable or gone
     /// mid-read): whatever they own is left alone.
     pub unusable: Vec<String>,
+    /// Accounts re-read one by one (a targeted read).
+    pub fresh: Vec<String>,
 }
 
 /// Every source's contribution to a cycle.
@@ -110,7 +113,15 @@ impl Engine {
                     p(&label, n as u64, None);
                 }
             };
-            let r = read_source(store, source, &self.normalizers[&kind], &opts, &cb).await?;
+            let normalizer = &self.normalizers[&kind];
+            let r = match intent.kind {
+                CycleKind::Targeted => {
+                    let ids = intent.accounts.iter().filter(|a| a.source == kind);
+                    let ids: Vec<&str> = ids.map(|a| a.id.as_str()).collect();
+                    read_targeted(store, source, normalizer, &ids, intent.started).await?
+                }
+                _ => read_source(store, source, normalizer, &opts, &cb).await?,
+            };
             out.add(kind, r);
         }
         Ok(out)
@@ -122,7 +133,8 @@ impl Reads {
         self.invalid += r.invalid.len();
         let summary = SourceSummary {
             accounts: r.listed,
-            complete: r.complete,
+            // A targeted read lists nothing, yet nothing failed.
+            complete: r.error.is_none(),
             error: r.error,
         };
         self.summaries.insert(kind.as_str().to_string(), summary);
@@ -139,6 +151,7 @@ impl Reads {
             missing: r.missing,
             last_paid: r.last_paid,
             protected,
+            fresh: r.fresh.into_iter().collect(),
         };
         self.inputs.insert(kind, input);
     }
@@ -424,15 +437,47 @@ fn unique_names(accounts: &[ListedAccount]) -> HashMap<String, Option<String>> {
     out
 }
 
-async fn incomplete(
+/// A targeted read (SPEC §10.3): the named accounts re-read one by one and
+/// stored as the freshest truth, then every stored account normalized. The
+/// source counts as incomplete, so nothing is deprovisioned; an account the
+/// source says is gone is left to the next listing.
+pub async fn read_targeted(
+    store: &Store,
+    source: &Source,
+    normalizer: &Normalizer,
+    ids: &[&str],
+    now: DateTime<Utc>,
+) -> Result<SourceRead, StoreError> {
+    let kind = source.kind();
+    let mut out = SourceRead::default();
+    for id in ids {
+        out.detail_calls += 1;
+        match source.details(id).await {
+            Ok(Details::Found(raw)) => {
+                store.save_fresh(kind, &raw, now).await?;
+                out.fresh.push(id.to_string());
+            }
+            Ok(Details::Gone) => {
+                tracing::info!(source = %kind, id, "targeted account not found; the next listing decides");
+            }
+            Err(e) => {
+                tracing::warn!(source = %kind, id, error = %e, "targeted re-read failed; the next cycle reads it");
+                out.unusable.push(id.to_string());
+            }
+        }
+    }
+    stored_accounts(store, kind, normalizer, &mut out).await?;
+    out.complete = false;
+    Ok(out)
+}
+
+/// Every stored account of a source, normalized, with its missing count.
+async fn stored_accounts(
     store: &Store,
     kind: SourceKind,
     normalizer: &Normalizer,
-    mut out: SourceRead,
-    error: String,
-) -> Result<SourceRead, StoreError> {
-    tracing::warn!(source = %kind, error = %error, "source read failed; it is incomplete this cycle");
-    store.record_source_error(kind, &error).await?;
+    out: &mut SourceRead,
+) -> Result<(), StoreError> {
     store
         .scan_accounts(kind, |list, details, missing| {
             if missing > 0 {
@@ -443,6 +488,19 @@ async fn incomplete(
         })
         .await?;
     out.last_paid = store.last_paid(kind).await?;
+    Ok(())
+}
+
+async fn incomplete(
+    store: &Store,
+    kind: SourceKind,
+    normalizer: &Normalizer,
+    mut out: SourceRead,
+    error: String,
+) -> Result<SourceRead, StoreError> {
+    tracing::warn!(source = %kind, error = %error, "source read failed; it is incomplete this cycle");
+    store.record_source_error(kind, &error).await?;
+    stored_accounts(store, kind, normalizer, &mut out).await?;
     out.complete = false;
     out.error = Some(error);
     Ok(out)

@@ -161,6 +161,43 @@ impl Store {
         Ok(())
     }
 
+    /// A targeted re-read (SPEC §10.2-10.3): what it carries wins over the
+    /// stored list row and details. An account the store does not know yet
+    /// is stored with an empty row hash, so the next listing rewrites it.
+    pub async fn save_fresh(
+        &self,
+        source: SourceKind,
+        fresh: &RawAccount,
+        now: DateTime<Utc>,
+    ) -> Result<()> {
+        let old = self.source_account(source, &fresh.id).await?;
+        let (list, details) = match &old {
+            Some(o) => (
+                fresh.merged_with(&o.list),
+                fresh.merged_with(o.details.as_ref().unwrap_or(&o.list)),
+            ),
+            None => (fresh.clone(), fresh.clone()),
+        };
+        let json = |r: &RawAccount| serde_json::to_string(r).unwrap_or_default();
+        sqlx::query(
+            "INSERT INTO source_accounts
+                (source, id, row_json, row_hash, list_raw, details_json, details_at,
+                 first_seen, last_seen, missing_cycles)
+             VALUES (?1, ?2, '{}', '', ?3, ?4, ?5, ?5, ?5, 0)
+             ON CONFLICT (source, id) DO UPDATE SET
+                list_raw = excluded.list_raw, details_json = excluded.details_json,
+                details_at = excluded.details_at",
+        )
+        .bind(source.as_str())
+        .bind(&fresh.id)
+        .bind(json(&list))
+        .bind(json(&details))
+        .bind(ts(now))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
     pub async fn save_details(
         &self,
         source: SourceKind,

@@ -1,7 +1,7 @@
 //! What happened and what was asked: cycles, the audit log, operator
 //! requests and notices, each pruned after `audit_retention_days`.
 
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashSet};
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -9,12 +9,15 @@ use sqlx::Row;
 
 use super::{parse_ts, ts, Result, Store};
 use crate::core::cycle::{CycleKind, CycleResult};
+use crate::core::model::AccountKey;
 
 /// What an operator asked for (`resync`, `approve`, `POST /resync|/approve`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RequestKind {
     Resync,
     Approve,
+    /// `POST /trigger`: re-read accounts, push logins (SPEC §10.3).
+    Trigger,
 }
 
 impl RequestKind {
@@ -22,8 +25,18 @@ impl RequestKind {
         match self {
             RequestKind::Resync => "resync",
             RequestKind::Approve => "approve",
+            RequestKind::Trigger => "trigger",
         }
     }
+}
+
+/// What a trigger request names (stored as JSON in `logins`).
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize)]
+pub struct TriggerBody {
+    #[serde(default)]
+    pub accounts: Vec<String>,
+    #[serde(default)]
+    pub logins: Vec<String>,
 }
 
 /// The unconsumed operator requests, merged.
@@ -38,6 +51,10 @@ pub struct Requests {
     /// version names none and approves everything.
     pub approved_logins: HashSet<String>,
     pub approve_all: bool,
+    /// Trigger requests, apart: a targeted cycle takes only these.
+    pub trigger_ids: Vec<i64>,
+    pub triggered_accounts: BTreeSet<AccountKey>,
+    pub triggered_logins: HashSet<String>,
 }
 
 /// A request given up after cycles that kept failing (SPEC §10.4).
@@ -126,7 +143,8 @@ impl Store {
     /// The newest finished cycle.
     pub async fn last_cycle(&self) -> Result<Option<LastCycle>> {
         let row = sqlx::query(
-            "SELECT result, finished_at FROM cycles WHERE finished_at IS NOT NULL ORDER BY id DESC LIMIT 1",
+            "SELECT result, finished_at FROM cycles
+             WHERE finished_at IS NOT NULL AND kind != 'targeted' ORDER BY id DESC LIMIT 1",
         )
         .fetch_optional(&self.pool)
         .await?;
@@ -201,6 +219,19 @@ impl Store {
         Ok(())
     }
 
+    /// Writes a trigger request (`POST /trigger`).
+    pub async fn request_trigger(&self, body: &TriggerBody) -> Result<i64> {
+        let text = serde_json::to_string(body).unwrap_or_default();
+        Ok(sqlx::query(
+            "INSERT INTO control_requests (kind, logins, requested_at) VALUES ('trigger', ?1, ?2)",
+        )
+        .bind(text)
+        .bind(ts(Utc::now()))
+        .execute(&self.pool)
+        .await?
+        .last_insert_rowid())
+    }
+
     /// Writes an operator request; `logins` narrows a resync.
     pub async fn request(&self, kind: RequestKind, logins: Option<&[String]>) -> Result<i64> {
         let logins = logins.map(|l| serde_json::to_string(l).unwrap_or_default());
@@ -235,8 +266,18 @@ impl Store {
         .await?;
         let mut out = Requests::default();
         for r in rows {
-            out.ids.push(r.get(0));
             let logins: Option<String> = r.get(2);
+            if r.get::<&str, _>(1) == "trigger" {
+                out.trigger_ids.push(r.get(0));
+                let body: TriggerBody = logins
+                    .and_then(|t| serde_json::from_str(&t).ok())
+                    .unwrap_or_default();
+                let keys = body.accounts.iter().filter_map(|a| AccountKey::parse(a));
+                out.triggered_accounts.extend(keys);
+                out.triggered_logins.extend(body.logins);
+                continue;
+            }
+            out.ids.push(r.get(0));
             match (r.get::<&str, _>(1), logins) {
                 ("approve", None) => (out.approve, out.approve_all) = (true, true),
                 ("approve", Some(text)) => {

@@ -12,7 +12,9 @@ mod retry;
 
 pub use accounts::{AccountIndexEntry, InvalidRow, StoredAccount};
 pub use applied::InDoubt;
-pub use history::{AuditEntry, AuditRow, DroppedRequest, LastCycle, Notice, RequestKind, Requests};
+pub use history::{
+    AuditEntry, AuditRow, DroppedRequest, LastCycle, Notice, RequestKind, Requests, TriggerBody,
+};
 pub use lock::StateLock;
 pub use plan::{ConflictRow, DesiredRow, PlanRow, PlanState};
 pub use retry::{QuarantineEntry, QuarantinePart, RetryInfo};
