@@ -93,6 +93,8 @@ pub struct DaemonSettings {
     pub state_path: PathBuf,
     pub schedule: String,
     pub full_resync_schedule: String,
+    /// The payment fast path (SPEC §10.2); "" disables.
+    pub payments_schedule: String,
     pub missing_grace_cycles: u32,
     pub control_poll_secs: u64,
     pub shutdown_grace_secs: u64,
@@ -105,6 +107,7 @@ impl Default for DaemonSettings {
             state_path: PathBuf::from("/var/lib/billsync/state.db"),
             schedule: "0 * * * * *".into(),
             full_resync_schedule: "0 30 3 * * *".into(),
+            payments_schedule: "*/10 * * * * *".into(),
             missing_grace_cycles: 2,
             control_poll_secs: 5,
             shutdown_grace_secs: 30,
@@ -865,6 +868,9 @@ fn validate(s: &Settings) -> Result<(), ConfigError> {
         return Err(ConfigError::new("daemon.state_path", "is required"));
     }
     validate_cron("daemon.schedule", &d.schedule)?;
+    if !d.payments_schedule.is_empty() {
+        validate_cron("daemon.payments_schedule", &d.payments_schedule)?;
+    }
     if !d.full_resync_schedule.is_empty() {
         validate_cron("daemon.full_resync_schedule", &d.full_resync_schedule)?;
     }

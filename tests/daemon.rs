@@ -669,3 +669,37 @@ async fn the_billmanager_hook_triggers_a_push() {
     .await;
     assert!(paying("user1@bm.example.com"));
 }
+
+/// SPEC §10.2 from outside: with listing cycles far apart, a credited
+/// payment still reaches the VMS through the payments schedule.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_payment_reaches_the_vms_between_listing_cycles() {
+    let lab = lab(0, 3).await;
+    let (ap_id, login) = {
+        let mut ap = lab.ap.data();
+        let a = &mut ap.accounts[1];
+        (a.balance, a.credit_limit) = (-50.0, 0.0);
+        (a.id, a.email.to_lowercase())
+    };
+    let every_second = ("BILLSYNC__DAEMON__PAYMENTS_SCHEDULE", "* * * * * *");
+    let _d = start(&lab, &[RARE, every_second], &["--resync"]).await;
+    wait_until("the first cycle", Duration::from_secs(20), || {
+        lab.vms.data().users.len() == 3
+    })
+    .await;
+    let paying = |l: &str| {
+        lab.vms
+            .user(l)
+            .is_some_and(|u| u.permissions.contains("archives-show"))
+    };
+    assert!(!paying(&login));
+    let lists = lab.ap.calls("list");
+    let today = chrono::Utc::now().format("%Y-%m-%d").to_string();
+    lab.ap.add_payment(ap_id, "100.00", "completed", &today);
+    lab.ap.data().accounts[1].balance = 50.0;
+    wait_until("the payment's push", Duration::from_secs(20), || {
+        paying(&login)
+    })
+    .await;
+    assert_eq!(lab.ap.calls("list"), lists, "a listing cycle ran");
+}

@@ -873,3 +873,72 @@ async fn a_targeted_cycle_pushes_a_payment_without_listing_or_deprovisioning() {
     );
     assert!(!lab.vms.user(bm_login).unwrap().permissions.is_empty());
 }
+
+/// SPEC §10.2: the payment fast path reads only the payment windows and
+/// pushes the accounts with new payments at once; with nothing new it does
+/// nothing, and it never lists accounts.
+#[tokio::test]
+async fn the_payment_fast_path_pushes_paid_accounts_only() {
+    let (lab, engine) = setup(4, 4, "", &[]).await;
+    lab.bm.data().payments_have_account_id = false; // resolved by name
+    {
+        let mut bm = lab.bm.data();
+        let a = bm.accounts.iter_mut().find(|a| a.id == 2).unwrap();
+        (a.balance, a.credit_limits) = ("-50.00".into(), vec!["0".into()]);
+    }
+    let (ap_id, ap_login) = {
+        let mut ap = lab.ap.data();
+        let a = &mut ap.accounts[0];
+        (a.balance, a.credit_limit) = (-50.0, 0.0);
+        (a.id, a.email.to_lowercase())
+    };
+    cycle(&engine).await;
+    let paying = |l: &str| {
+        lab.vms
+            .user(l)
+            .unwrap()
+            .permissions
+            .contains("archives-show")
+    };
+    let bm_login = "user2@bm.example.com";
+    assert!(!paying(bm_login) && !paying(&ap_login));
+    let opts = CycleOptions::default();
+    assert!(
+        engine.run_payments(&opts).await.unwrap().is_none(),
+        "nothing new"
+    );
+
+    // Both customers pay; the billing systems credit their balances.
+    let today = chrono::Utc::now().format("%Y-%m-%d").to_string();
+    lab.bm.add_payment(2, "100.00", "4", &today);
+    lab.bm
+        .data()
+        .accounts
+        .iter_mut()
+        .find(|a| a.id == 2)
+        .unwrap()
+        .balance = "50.00".into();
+    lab.ap.add_payment(ap_id, "100.00", "completed", &today);
+    lab.ap.data().accounts[0].balance = 50.0;
+    let lists = (lab.bm.calls("account"), lab.ap.calls("list"));
+    let r = engine.run_payments(&opts).await.unwrap().expect("a cycle");
+    assert_eq!(r.kind, CycleKind::Payments);
+    assert_eq!(r.result, CycleResult::Ok, "{r:?}");
+    assert!(
+        paying(bm_login),
+        "the BILLmanager payment did not reach the VMS"
+    );
+    assert!(
+        paying(&ap_login),
+        "the ActivePlatform payment did not reach the VMS"
+    );
+    assert_eq!(
+        (lab.bm.calls("account"), lab.ap.calls("list")),
+        lists,
+        "it listed"
+    );
+    assert!(
+        engine.run_payments(&opts).await.unwrap().is_none(),
+        "seen twice"
+    );
+}

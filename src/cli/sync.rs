@@ -45,6 +45,7 @@ pub async fn run(settings: Settings, args: super::SyncArgs) -> u8 {
         progress: bar.as_ref().map(|(p, _)| p.clone()),
         stop: None,
         targets,
+        payments: false,
     };
     let result = engine.run_cycle(&opts).await;
     if let Some((_, bar)) = bar {

@@ -14,23 +14,32 @@ pub enum CycleKind {
     /// Named accounts re-read and their users pushed now (SPEC §10.3): no
     /// listing, so nothing is deprovisioned.
     Targeted,
+    /// The payment fast path (SPEC §10.2): a targeted cycle for the accounts
+    /// with new or changed payments.
+    Payments,
 }
 
 impl CycleKind {
-    pub const ALL: [CycleKind; 3] = [CycleKind::Incremental, CycleKind::Full, CycleKind::Targeted];
+    pub const ALL: [CycleKind; 4] = [
+        CycleKind::Incremental,
+        CycleKind::Full,
+        CycleKind::Targeted,
+        CycleKind::Payments,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
             CycleKind::Incremental => "incremental",
             CycleKind::Full => "full",
             CycleKind::Targeted => "targeted",
+            CycleKind::Payments => "payments",
         }
     }
 
     /// Whether the cycle lists every source (a targeted one does not, so it
     /// proves nothing about the listings to health checks).
     pub fn lists(self) -> bool {
-        self != CycleKind::Targeted
+        matches!(self, CycleKind::Incremental | CycleKind::Full)
     }
 
     pub fn is_full(self) -> bool {

@@ -60,6 +60,20 @@ pub struct AccountKey {
     pub id: String,
 }
 
+/// Account name -> id, `None` where a name is shared: how payments that name
+/// their account only are resolved (never to an ambiguous account).
+pub fn unique_names(
+    accounts: impl IntoIterator<Item = (String, String)>,
+) -> std::collections::HashMap<String, Option<String>> {
+    let mut out = std::collections::HashMap::new();
+    for (name, id) in accounts {
+        out.entry(name.trim().to_string())
+            .and_modify(|v: &mut Option<String>| *v = None)
+            .or_insert(Some(id));
+    }
+    out
+}
+
 impl AccountKey {
     /// `SOURCE:ID`, as `explain`, `sync --account` and `POST /trigger` take it.
     pub fn parse(text: &str) -> Option<Self> {

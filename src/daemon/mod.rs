@@ -142,6 +142,12 @@ pub async fn start(settings: Settings, resync: bool) -> Result<(Daemon, StateLoc
         .await
         .map_err(|e| StartError::Other(format!("scheduler: {e}")))?;
     let mut schedules = vec![(settings.daemon.schedule.clone(), CycleKind::Incremental)];
+    if !settings.daemon.payments_schedule.is_empty() {
+        schedules.push((
+            settings.daemon.payments_schedule.clone(),
+            CycleKind::Payments,
+        ));
+    }
     if !settings.daemon.full_resync_schedule.is_empty() {
         schedules.push((
             settings.daemon.full_resync_schedule.clone(),
@@ -155,7 +161,10 @@ pub async fn start(settings: Settings, resync: bool) -> Result<(Daemon, StateLoc
             let tx = tx.clone();
             let sh = sh.clone();
             Box::pin(async move {
-                if sh.running.load(Ordering::Relaxed) || tx.try_send(kind).is_err() {
+                let busy = sh.running.load(Ordering::Relaxed) || tx.try_send(kind).is_err();
+                // A payment tick during a cycle is no news: that cycle, or
+                // the next tick, reads the payments.
+                if busy && kind != CycleKind::Payments {
                     metrics::get().cycle(kind, metrics::SKIPPED);
                     tracing::info!(
                         kind = kind.as_str(),
@@ -236,7 +245,12 @@ async fn cycle_loop(
             stop: Some(stop.clone()),
             ..Default::default()
         };
-        let cycle = engine.run_cycle(&opts);
+        let cycle = async {
+            match kind {
+                CycleKind::Payments => engine.run_payments(&opts).await,
+                _ => engine.run_cycle(&opts).await.map(Some),
+            }
+        };
         tokio::pin!(cycle);
         let mut stopping = false;
         let result = tokio::select! {
@@ -251,7 +265,8 @@ async fn cycle_loop(
         shared.running.store(false, Ordering::Relaxed);
         shared.heartbeat.beat();
         match result {
-            Some(Ok(r)) => tracing::debug!(result = %r.result, "cycle done"),
+            Some(Ok(Some(r))) => tracing::debug!(result = %r.result, "cycle done"),
+            Some(Ok(None)) => {}
             Some(Err(e)) => {
                 tracing::error!(error = %e, "cycle aborted");
                 metrics::get().cycle(kind, CycleResult::Failed.as_str());

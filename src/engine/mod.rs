@@ -3,6 +3,7 @@
 
 mod finish;
 mod notices;
+mod payments;
 mod push;
 pub mod read;
 mod report;
@@ -63,6 +64,8 @@ pub struct CycleOptions {
     /// A targeted cycle (SPEC §10.3): these accounts re-read, these logins
     /// pushed in full, pending trigger requests added.
     pub targets: Option<Targets>,
+    /// The targets come from the payment fast path (labelled `payments`).
+    pub payments: bool,
 }
 
 /// What a targeted cycle re-reads and pushes.
@@ -263,7 +266,10 @@ impl Engine {
         let mut logins = targets.logins.clone();
         logins.extend(requests.triggered_logins);
         Intent {
-            kind: CycleKind::Targeted,
+            kind: match opts.payments {
+                true => CycleKind::Payments,
+                false => CycleKind::Targeted,
+            },
             dry_run: opts.dry_run,
             approval: Approval::None,
             resync_logins: logins,

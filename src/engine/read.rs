@@ -115,7 +115,7 @@ impl Engine {
             };
             let normalizer = &self.normalizers[&kind];
             let r = match intent.kind {
-                CycleKind::Targeted => {
+                CycleKind::Targeted | CycleKind::Payments => {
                     let ids = intent.accounts.iter().filter(|a| a.source == kind);
                     let ids: Vec<&str> = ids.map(|a| a.id.as_str()).collect();
                     read_targeted(store, source, normalizer, &ids, intent.started).await?
@@ -187,8 +187,8 @@ pub async fn read_source(
     out.invalid
         .extend(bad_rows(std::mem::take(&mut listing.bad), "account"));
     out.invalid.extend(bad_rows(payments.bad, "payment"));
-    let (paid, to_save) =
-        new_payments(store, source, payments.payments, &listing, &mut out).await?;
+    let names = unique_names(&listing.accounts);
+    let (paid, to_save) = new_payments(store, source, payments.payments, &names, &mut out).await?;
     let wanted = wanted_details(source, &mut listing, &index, &paid, opts.full);
     // The listing goes to the store first (rows awaiting details without
     // their hash, so a crash re-asks), then the payments that asked for
@@ -254,17 +254,17 @@ async fn list(
 }
 
 /// New and changed payments, normalized, and the accounts they belong to
-/// (whose details are fetched again).
-async fn new_payments(
+/// (whose details are fetched again). `names` resolves payments that carry
+/// only an account name: name -> id, `None` where the name is shared.
+pub async fn new_payments(
     store: &Store,
     source: &Source,
     payments: Vec<ListedPayment>,
-    listing: &Listing,
+    names: &HashMap<String, Option<String>>,
     out: &mut SourceRead,
 ) -> Result<(HashSet<String>, Vec<(Payment, String)>), StoreError> {
     let kind = source.kind();
     let known = store.payment_index(kind).await?;
-    let names = unique_names(&listing.accounts);
     let mut paid_accounts = HashSet::new();
     let mut to_save = vec![];
     for lp in payments {
@@ -426,15 +426,10 @@ fn merge(list: RawAccount, details: Option<RawAccount>) -> RawAccount {
 
 /// Accounts by name, `None` where a name is shared (ambiguous).
 fn unique_names(accounts: &[ListedAccount]) -> HashMap<String, Option<String>> {
-    let mut out: HashMap<String, Option<String>> = HashMap::new();
-    for a in accounts {
-        if let Some(n) = &a.raw.name {
-            out.entry(n.trim().to_string())
-                .and_modify(|v| *v = None)
-                .or_insert_with(|| Some(a.raw.id.clone()));
-        }
-    }
-    out
+    let named = accounts
+        .iter()
+        .filter_map(|a| Some((a.raw.name.clone()?, a.raw.id.clone())));
+    crate::core::model::unique_names(named)
 }
 
 /// A targeted read (SPEC §10.3): the named accounts re-read one by one and

@@ -330,6 +330,24 @@ impl Store {
         .rows_affected())
     }
 
+    /// Account name -> id, `None` where names repeat: resolves payments that
+    /// name their account only (the fast path, which lists no accounts).
+    pub async fn account_names(
+        &self,
+        source: SourceKind,
+    ) -> Result<HashMap<String, Option<String>>> {
+        let rows = sqlx::query(
+            "SELECT id, json_extract(list_raw, '$.name') FROM source_accounts WHERE source = ?",
+        )
+        .bind(source.as_str())
+        .fetch_all(&self.pool)
+        .await?;
+        let named = rows
+            .into_iter()
+            .filter_map(|r| Some((r.get::<Option<String>, _>(1)?, r.get::<String, _>(0))));
+        Ok(crate::core::model::unique_names(named))
+    }
+
     pub async fn prune_payments(&self, older_than: DateTime<Utc>) -> Result<u64> {
         let done = sqlx::query(
             "DELETE FROM payments WHERE is_final = 1 AND COALESCE(paid_at, seen_at) < ?",

@@ -144,7 +144,8 @@ impl Store {
     pub async fn last_cycle(&self) -> Result<Option<LastCycle>> {
         let row = sqlx::query(
             "SELECT result, finished_at FROM cycles
-             WHERE finished_at IS NOT NULL AND kind != 'targeted' ORDER BY id DESC LIMIT 1",
+             WHERE finished_at IS NOT NULL AND kind IN ('incremental', 'full')
+             ORDER BY id DESC LIMIT 1",
         )
         .fetch_optional(&self.pool)
         .await?;
