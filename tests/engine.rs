@@ -921,6 +921,7 @@ async fn the_payment_fast_path_pushes_paid_accounts_only() {
     lab.ap.add_payment(ap_id, "100.00", "completed", &today);
     lab.ap.data().accounts[0].balance = 50.0;
     let lists = (lab.bm.calls("account"), lab.ap.calls("list"));
+    let before = chrono::Utc::now() - chrono::Duration::seconds(1);
     let r = engine.run_payments(&opts).await.unwrap().expect("a cycle");
     assert_eq!(r.kind, CycleKind::Payments);
     assert_eq!(r.result, CycleResult::Ok, "{r:?}");
@@ -941,4 +942,26 @@ async fn the_payment_fast_path_pushes_paid_accounts_only() {
         engine.run_payments(&opts).await.unwrap().is_none(),
         "seen twice"
     );
+    // billsync_payment_to_push_seconds: both payments timed, once.
+    let db = sqlx::SqlitePool::connect_with(
+        sqlx::sqlite::SqliteConnectOptions::new().filename(lab.state_path()),
+    )
+    .await
+    .unwrap();
+    let timed: Vec<(String, String)> = sqlx::query_as(
+        "SELECT source, account_id FROM payments
+         WHERE paid_seen_at >= ?1 AND pushed_at IS NOT NULL",
+    )
+    .bind(before.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+    .fetch_all(&db)
+    .await
+    .unwrap();
+    assert!(
+        timed.contains(&("billmanager".into(), "2".into())),
+        "{timed:?}"
+    );
+    let ap = ("activeplatform".to_string(), ap_id.to_string());
+    assert!(timed.contains(&ap), "{timed:?}");
+    let text = billsync::telemetry::metrics::get().encode();
+    assert!(text.contains("billsync_payment_to_push_seconds_count"));
 }

@@ -6,7 +6,7 @@ use chrono::{DateTime, Utc};
 use sqlx::Row;
 
 use super::{decode_json, parse_ts, ts, Result, Store};
-use crate::core::model::{ListedAccount, Payment, RawAccount, SourceKind};
+use crate::core::model::{AccountKey, ListedAccount, Payment, RawAccount, SourceKind};
 
 #[derive(Debug, Clone)]
 pub struct AccountIndexEntry {
@@ -267,12 +267,14 @@ impl Store {
         for (p, hash) in payments {
             sqlx::query(
                 "INSERT INTO payments
-                    (source, id, account_id, account_name, amount, paid, is_final, paid_at, row_hash, seen_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
+                    (source, id, account_id, account_name, amount, paid, is_final, paid_at, row_hash,
+                     seen_at, paid_seen_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, CASE WHEN ?6 THEN ?10 END)
                  ON CONFLICT (source, id) DO UPDATE SET
                     account_id = excluded.account_id, account_name = excluded.account_name,
                     amount = excluded.amount, paid = excluded.paid, is_final = excluded.is_final,
-                    paid_at = excluded.paid_at, row_hash = excluded.row_hash, seen_at = excluded.seen_at",
+                    paid_at = excluded.paid_at, row_hash = excluded.row_hash, seen_at = excluded.seen_at,
+                    paid_seen_at = COALESCE(payments.paid_seen_at, excluded.paid_seen_at)",
             )
             .bind(p.source.as_str())
             .bind(&p.id)
@@ -328,6 +330,27 @@ impl Store {
         .execute(&self.pool)
         .await?
         .rows_affected())
+    }
+
+    /// Marks the account's paid payments as pushed (its user's push was
+    /// confirmed) and returns when each was first seen paid.
+    pub async fn payments_pushed(
+        &self,
+        account: &AccountKey,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<DateTime<Utc>>> {
+        let seen: Vec<String> = sqlx::query_scalar(
+            "UPDATE payments SET pushed_at = ?3
+             WHERE source = ?1 AND account_id = ?2 AND paid = 1
+               AND paid_seen_at IS NOT NULL AND pushed_at IS NULL
+             RETURNING paid_seen_at",
+        )
+        .bind(account.source.as_str())
+        .bind(&account.id)
+        .bind(ts(now))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(seen.iter().filter_map(|s| parse_ts(s)).collect())
     }
 
     /// Account name -> id, `None` where names repeat: resolves payments that

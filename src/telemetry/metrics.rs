@@ -70,10 +70,11 @@ pub struct Metrics {
     pub held: Gauge,
     pub in_doubt: Gauge,
     pub invalid_records: Family<SourceReason, Counter>,
+    pub payment_to_push: Histogram,
 }
 
 /// Every metric of SPEC §6 as it appears in the exposition.
-pub const SPEC_NAMES: [&str; 12] = [
+pub const SPEC_NAMES: [&str; 13] = [
     "billsync_cycles_total",
     "billsync_cycle_duration_seconds_bucket",
     "billsync_last_success_timestamp_seconds",
@@ -86,6 +87,7 @@ pub const SPEC_NAMES: [&str; 12] = [
     "billsync_held_deprovisions",
     "billsync_invalid_records_total",
     "billsync_in_doubt_operations",
+    "billsync_payment_to_push_seconds_bucket",
 ];
 
 /// The `result` of a schedule tick that found a cycle running.
@@ -113,6 +115,13 @@ impl Metrics {
         let held = Gauge::default();
         let in_doubt = Gauge::default();
         let invalid_records = Family::<SourceReason, Counter>::default();
+        // 0.5 s .. ~68 min
+        let payment_to_push = Histogram::new(exponential_buckets(0.5, 2.0, 14));
+        registry.register(
+            "billsync_payment_to_push_seconds",
+            "From the first cycle that saw a payment paid to the confirmed push of its user",
+            payment_to_push.clone(),
+        );
 
         registry.register(
             "billsync_cycles",
@@ -232,6 +241,7 @@ impl Metrics {
             held,
             in_doubt,
             invalid_records,
+            payment_to_push,
         }
     }
 

@@ -329,6 +329,11 @@ impl<'a> Executor<'a> {
 
     async fn record_done(&self, task: Task<'_>) -> Result<(), PushError> {
         if let Task::User(op) = task {
+            let now = chrono::Utc::now();
+            for seen in self.store.payments_pushed(&op.owner, now).await? {
+                let secs = (now - seen).num_milliseconds().max(0) as f64 / 1000.0;
+                metrics::get().payment_to_push.observe(secs);
+            }
             self.store.clear_in_doubt(&op.login).await?;
             self.store.plan_done(&op.login).await?;
             if self.retries.contains_key(&op.login) {
