@@ -97,6 +97,7 @@ async fn run(n: usize, bm_url: &str, ap_url: &str) {
                 payment_window_days: 3,
                 paid_history_days: 0,
                 missing_grace_cycles: 2,
+                reverify: Default::default(),
                 now: chrono::Utc::now(),
             };
             let t = Instant::now();

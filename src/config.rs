@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use rust_decimal::Decimal;
 use secrecy::{ExposeSecret, SecretString};
@@ -95,6 +96,8 @@ pub struct DaemonSettings {
     pub full_resync_schedule: String,
     /// The payment fast path (SPEC §10.2); "" disables.
     pub payments_schedule: String,
+    /// Rolling re-verification period (SPEC §10.1); 0 disables.
+    pub reverify_hours: u32,
     pub missing_grace_cycles: u32,
     pub control_poll_secs: u64,
     pub shutdown_grace_secs: u64,
@@ -106,8 +109,11 @@ impl Default for DaemonSettings {
         Self {
             state_path: PathBuf::from("/var/lib/billsync/state.db"),
             schedule: "0 * * * * *".into(),
-            full_resync_schedule: "0 30 3 * * *".into(),
+            // Rolling re-verification repairs drift now (SPEC §10.1); the
+            // full resync stays an operator tool.
+            full_resync_schedule: String::new(),
             payments_schedule: "*/10 * * * * *".into(),
+            reverify_hours: 24,
             missing_grace_cycles: 2,
             control_poll_secs: 5,
             shutdown_grace_secs: 30,
@@ -769,6 +775,23 @@ fn check_template(key: &str, t: &str, allowed: &[&str]) -> Result<(), ConfigErro
         .map_err(|e| ConfigError::new(key, e))
 }
 
+/// Seconds between two fires of a cron expression (with seconds).
+pub fn schedule_period(expr: &str) -> Duration {
+    let parsed = croner::parser::CronParser::builder()
+        .seconds(croner::parser::Seconds::Required)
+        .dom_and_dow(true)
+        .build()
+        .parse(expr);
+    let Ok(cron) = parsed else {
+        return Duration::from_secs(60);
+    };
+    let mut it = cron.iter_after(chrono::Utc::now());
+    match (it.next(), it.next()) {
+        (Some(a), Some(b)) => (b - a).to_std().unwrap_or(Duration::from_secs(60)),
+        _ => Duration::from_secs(60),
+    }
+}
+
 /// A bound for day counts: a century. Beyond it date arithmetic overflows.
 pub const MAX_DAYS: u32 = 36_500;
 /// A bound for second counts that become timers: a week.
@@ -879,6 +902,12 @@ fn validate(s: &Settings) -> Result<(), ConfigError> {
     check_secs("daemon.shutdown_grace_secs", d.shutdown_grace_secs)?;
     check_positive("daemon.audit_retention_days", d.audit_retention_days.into())?;
     check_days("daemon.audit_retention_days", d.audit_retention_days)?;
+    check_at_most(
+        "daemon.reverify_hours",
+        d.reverify_hours.into(),
+        8760,
+        "hours",
+    )?;
     s.admin
         .listen
         .parse::<std::net::SocketAddr>()

@@ -9,7 +9,7 @@ use crate::store::{PlanState, Store, StoreError};
 
 /// The top-level keys of the status document (SPEC §6a, plus `notices`):
 /// scripts rely on them.
-pub const KEYS: [&str; 12] = [
+pub const KEYS: [&str; 13] = [
     "cycles",
     "pending",
     "quarantined",
@@ -22,6 +22,7 @@ pub const KEYS: [&str; 12] = [
     "in_doubt",
     "frozen",
     "dropped_requests",
+    "oldest_verification",
 ];
 
 /// Sources whose VMS users are frozen: disabled or removed while they still
@@ -111,6 +112,10 @@ pub async fn status_json(store: &Store, settings: &Settings) -> Result<Value, St
         "notices": store.notices().await?,
         "frozen": frozen(store, settings).await?,
         "dropped_requests": store.dropped_requests().await?,
+        "oldest_verification": store.oldest_verification().await?.map(|t| json!({
+            "at": t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            "age_secs": (chrono::Utc::now() - t).num_seconds().max(0),
+        })),
         "in_doubt": store.load_in_doubt().await?.into_iter().map(|d| json!({
             "login": d.login,
             "op": d.op,

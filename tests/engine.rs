@@ -965,3 +965,61 @@ async fn the_payment_fast_path_pushes_paid_accounts_only() {
     let text = billsync::telemetry::metrics::get().encode();
     assert!(text.contains("billsync_payment_to_push_seconds_count"));
 }
+
+/// SPEC §10.1. Before: only the nightly full resync (hours at 100k, with no
+/// cycle meanwhile) repaired hand edits on the VMS and BILLmanager e-mail
+/// edits. Now each incremental cycle re-verifies a small slice, and within
+/// one period everything is repaired, a few requests per cycle.
+#[tokio::test]
+async fn rolling_reverification_repairs_drift_a_slice_at_a_time() {
+    // A cycle every 2 s and a 1 h period: one account per source and one
+    // user per cycle.
+    let env = [("BILLSYNC__DAEMON__REVERIFY_HOURS", "1")];
+    let (lab, engine) = setup(3, 3, "", &env).await;
+    cycle(&engine).await;
+    let logins: Vec<String> = lab.vms.data().users.keys().cloned().collect();
+    assert_eq!(logins.len(), 6);
+    // Hand edits on the VMS, which billsync cannot read back.
+    for u in lab.vms.data().users.values_mut() {
+        u.permissions.clear();
+    }
+    // An e-mail edit in BILLmanager, which its list does not carry.
+    lab.bm
+        .data()
+        .accounts
+        .iter_mut()
+        .find(|a| a.id == 1)
+        .unwrap()
+        .email = "renamed1@bm.example.com".into();
+    for _ in 0..8 {
+        let before = lab.vms.requests();
+        let r = cycle(&engine).await;
+        assert_eq!(r.kind, CycleKind::Incremental);
+        assert!(r.operations.update <= 2, "not a slice: {r:?}");
+        assert!(lab.vms.requests() - before <= 5, "a storm, not a slice");
+    }
+    let users = lab.vms.data().users.clone();
+    let u = |l: &str| users.get(l).unwrap_or_else(|| panic!("{l} missing"));
+    for login in logins.iter().filter(|l| *l != "user1@bm.example.com") {
+        assert!(
+            MANAGED.iter().all(|p| u(login).permissions.contains(*p)),
+            "{login} not repaired"
+        );
+    }
+    assert!(MANAGED
+        .iter()
+        .all(|p| u("renamed1@bm.example.com").permissions.contains(*p)));
+    assert_eq!(
+        u("user1@bm.example.com").status,
+        "blocked",
+        "the old login stays active"
+    );
+    let settings = lab.settings("", &env).unwrap();
+    let status = billsync::status::status_json(&engine.store, &settings)
+        .await
+        .unwrap();
+    assert!(
+        status["oldest_verification"]["age_secs"].as_i64().unwrap() < 60,
+        "{status}"
+    );
+}

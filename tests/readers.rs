@@ -32,6 +32,7 @@ fn opts(full: bool) -> ReadOptions {
         payment_window_days: 3,
         paid_history_days: 30,
         missing_grace_cycles: 2,
+        reverify: Default::default(),
         now: chrono::Utc::now(),
     }
 }

@@ -26,6 +26,13 @@ pub async fn run(settings: Settings, json: bool) -> u8 {
             .cloned()
             .unwrap_or_default()
     };
+    if let Some(v) = doc.get("oldest_verification").filter(|v| !v.is_null()) {
+        let hours = v["age_secs"].as_i64().unwrap_or(0) as f64 / 3600.0;
+        println!(
+            "oldest verification: {} ({hours:.1} h ago)",
+            v["at"].as_str().unwrap_or("?")
+        );
+    }
     println!("last cycles:");
     for c in list("cycles") {
         println!(

@@ -36,23 +36,6 @@ pub struct Shared {
     pub period: Duration,
 }
 
-/// Seconds between two fires of a cron expression (with seconds).
-pub fn schedule_period(expr: &str) -> Duration {
-    let parsed = croner::parser::CronParser::builder()
-        .seconds(croner::parser::Seconds::Required)
-        .dom_and_dow(true)
-        .build()
-        .parse(expr);
-    let Ok(cron) = parsed else {
-        return Duration::from_secs(60);
-    };
-    let mut it = cron.iter_after(Utc::now());
-    match (it.next(), it.next()) {
-        (Some(a), Some(b)) => (b - a).to_std().unwrap_or(Duration::from_secs(60)),
-        _ => Duration::from_secs(60),
-    }
-}
-
 /// A handle on a running daemon (for `run`, the sandbox and tests).
 pub struct Daemon {
     pub admin_addr: SocketAddr,
@@ -101,7 +84,7 @@ pub async fn start(settings: Settings, resync: bool) -> Result<(Daemon, StateLoc
             .map_err(|e| StartError::Other(e.to_string()))?;
     }
     let shared = Arc::new(Shared {
-        period: schedule_period(&settings.daemon.schedule),
+        period: crate::config::schedule_period(&settings.daemon.schedule),
         settings: settings.clone(),
         store: store.clone(),
         heartbeat: liveness::pulse(),

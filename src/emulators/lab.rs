@@ -56,6 +56,9 @@ state_path = "{state}"
 schedule = "*/2 * * * * *"
 full_resync_schedule = ""
 control_poll_secs = 1
+# Tests that exercise re-verification turn it on; elsewhere a cycle with
+# nothing to do must send nothing.
+reverify_hours = 0
 
 [admin]
 listen = "127.0.0.1:0"

@@ -62,6 +62,10 @@ impl Engine {
         self.prune(store, &report).await?;
         let in_doubt = store.count_in_doubt().await?;
         metrics::get().in_doubt.set(in_doubt as i64);
+        if let Some(oldest) = store.oldest_verification().await? {
+            let age = (Utc::now() - oldest).num_seconds().max(0);
+            metrics::get().oldest_verification_age.set(age);
+        }
         observe(&report, clock);
         Ok(report)
     }

@@ -7,6 +7,7 @@ mod payments;
 mod push;
 pub mod read;
 mod report;
+mod reverify;
 mod select;
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
@@ -89,6 +90,11 @@ pub struct Intent {
     pub frozen: BTreeSet<SourceKind>,
     /// Accounts a targeted cycle re-reads (empty otherwise).
     pub accounts: BTreeSet<AccountKey>,
+    /// This cycle's slice of rolling re-verification (SPEC §10.1): account
+    /// details re-read, and logins pushed in full without releasing their
+    /// quarantine or backoff.
+    pub reverify_accounts: BTreeMap<SourceKind, HashSet<String>>,
+    pub reverify_logins: HashSet<String>,
     pub started: DateTime<Utc>,
 }
 
@@ -212,10 +218,13 @@ impl Engine {
             }
         }
         let requests = store.pending_requests().await?;
-        let intent = match &opts.targets {
+        let mut intent = match &opts.targets {
             Some(targets) if !opts.full => self.targeted_intent(opts, targets, requests),
             _ => self.listing_intent(opts, requests),
         };
+        if intent.kind == CycleKind::Incremental {
+            self.reverify_slice(store, &mut intent).await?;
+        }
         if !intent.dry_run {
             if intent.kind.is_full() {
                 store.clear_for_resync(None).await?;
@@ -249,6 +258,8 @@ impl Engine {
             request_ids: requests.ids,
             frozen: self.frozen(opts),
             accounts: BTreeSet::new(),
+            reverify_accounts: BTreeMap::new(),
+            reverify_logins: HashSet::new(),
             started: Utc::now(),
         }
     }
@@ -276,6 +287,8 @@ impl Engine {
             request_ids: requests.trigger_ids,
             frozen: self.frozen(opts),
             accounts,
+            reverify_accounts: BTreeMap::new(),
+            reverify_logins: HashSet::new(),
             started: Utc::now(),
         }
     }

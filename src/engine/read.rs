@@ -39,6 +39,9 @@ pub struct ReadOptions {
     /// Past this many missing cycles an account is deleted for good, and
     /// its row is no longer rewritten each cycle.
     pub missing_grace_cycles: u32,
+    /// Accounts whose details are re-read this cycle whatever they look
+    /// like (rolling re-verification).
+    pub reverify: HashSet<String>,
     pub now: DateTime<Utc>,
 }
 
@@ -105,6 +108,11 @@ impl Engine {
                 payment_window_days: window.unwrap_or(DEFAULT_PAYMENT_WINDOW_DAYS),
                 paid_history_days: history.unwrap_or(0),
                 missing_grace_cycles: self.settings.daemon.missing_grace_cycles,
+                reverify: intent
+                    .reverify_accounts
+                    .get(&kind)
+                    .cloned()
+                    .unwrap_or_default(),
                 now: intent.started,
             };
             let label = format!("reading {kind}");
@@ -189,7 +197,7 @@ pub async fn read_source(
     out.invalid.extend(bad_rows(payments.bad, "payment"));
     let names = unique_names(&listing.accounts);
     let (paid, to_save) = new_payments(store, source, payments.payments, &names, &mut out).await?;
-    let wanted = wanted_details(source, &mut listing, &index, &paid, opts.full);
+    let wanted = wanted_details(source, &mut listing, &index, &paid, opts);
     // The listing goes to the store first (rows awaiting details without
     // their hash, so a crash re-asks), then the payments that asked for
     // them; the listing leaves memory before the detail calls.
@@ -313,16 +321,18 @@ fn wanted_details(
     listing: &mut Listing,
     index: &HashMap<String, AccountIndexEntry>,
     paid: &HashSet<String>,
-    full: bool,
+    opts: &ReadOptions,
 ) -> Vec<(String, String)> {
+    let full = opts.full;
     let stale = |a: &ListedAccount| match index.get(&a.raw.id) {
         None => true,
         Some(k) => k.row_hash != a.row_hash || !k.has_details,
     };
     let mut wanted = vec![];
     for a in listing.accounts.iter_mut() {
-        let due = full || stale(a) || paid.contains(&a.raw.id);
-        if (full || source.needs_details(&a.raw)) && due {
+        let reverify = opts.reverify.contains(&a.raw.id);
+        let due = full || reverify || stale(a) || paid.contains(&a.raw.id);
+        if (full || reverify || source.needs_details(&a.raw)) && due {
             wanted.push((a.raw.id.clone(), std::mem::take(&mut a.row_hash)));
         }
     }

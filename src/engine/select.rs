@@ -103,6 +103,7 @@ pub async fn changed(
         orphans.retain(|l| !settled.contains(l) || intent.resync_logins.contains(l));
     }
     logins.extend(orphans);
+    logins.extend(intent.reverify_logins.iter().cloned());
     logins.extend(memory.in_doubt.iter().map(|d| d.login.clone()));
     Ok(Need {
         logins: Some(logins),
@@ -187,7 +188,11 @@ impl Engine {
         let subset = need.logins.as_ref().map(|n| desired.subset(n));
         let opts = PlanOptions {
             full: intent.kind.is_full(),
-            full_logins: intent.resync_logins.clone(),
+            full_logins: intent
+                .resync_logins
+                .union(&intent.reverify_logins)
+                .cloned()
+                .collect(),
             skip: holds.skip,
         };
         let mut plan = plan::plan(

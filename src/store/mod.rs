@@ -9,6 +9,7 @@ mod history;
 mod lock;
 mod plan;
 mod retry;
+mod verify;
 
 pub use accounts::{AccountIndexEntry, InvalidRow, StoredAccount};
 pub use applied::InDoubt;

@@ -71,10 +71,11 @@ pub struct Metrics {
     pub in_doubt: Gauge,
     pub invalid_records: Family<SourceReason, Counter>,
     pub payment_to_push: Histogram,
+    pub oldest_verification_age: Gauge,
 }
 
 /// Every metric of SPEC §6 as it appears in the exposition.
-pub const SPEC_NAMES: [&str; 13] = [
+pub const SPEC_NAMES: [&str; 14] = [
     "billsync_cycles_total",
     "billsync_cycle_duration_seconds_bucket",
     "billsync_last_success_timestamp_seconds",
@@ -88,6 +89,7 @@ pub const SPEC_NAMES: [&str; 13] = [
     "billsync_invalid_records_total",
     "billsync_in_doubt_operations",
     "billsync_payment_to_push_seconds_bucket",
+    "billsync_oldest_verification_age_seconds",
 ];
 
 /// The `result` of a schedule tick that found a cycle running.
@@ -121,6 +123,12 @@ impl Metrics {
             "billsync_payment_to_push_seconds",
             "From the first cycle that saw a payment paid to the confirmed push of its user",
             payment_to_push.clone(),
+        );
+        let oldest_verification_age = Gauge::default();
+        registry.register(
+            "billsync_oldest_verification_age_seconds",
+            "Age of the oldest verification: an account's details re-read, or a user's full state asserted",
+            oldest_verification_age.clone(),
         );
 
         registry.register(
@@ -242,6 +250,7 @@ impl Metrics {
             in_doubt,
             invalid_records,
             payment_to_push,
+            oldest_verification_age,
         }
     }
 

@@ -334,6 +334,14 @@ impl<'a> Executor<'a> {
                 let secs = (now - seen).num_milliseconds().max(0) as f64 / 1000.0;
                 metrics::get().payment_to_push.observe(secs);
             }
+            let full = match &op.action {
+                Action::Create => true,
+                Action::Update { full, .. } => *full,
+                Action::Delete => false,
+            };
+            if full {
+                self.store.mark_asserted(&op.login, now).await?;
+            }
             self.store.clear_in_doubt(&op.login).await?;
             self.store.plan_done(&op.login).await?;
             if self.retries.contains_key(&op.login) {
