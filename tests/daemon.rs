@@ -537,27 +537,43 @@ async fn the_watchdog_is_fed_through_a_long_detail_phase() {
     );
 }
 
-/// SPEC §10.3: `POST /trigger` re-reads the named account and pushes its
-/// user within seconds, without waiting for the schedule or listing.
-#[tokio::test(flavor = "multi_thread")]
-async fn trigger_pushes_one_account_now() {
-    let lab = lab(3, 0).await;
+/// A daemon with the admin token, after its first (full) cycle made `users`.
+async fn started_and_synced(lab: &Lab, users: usize) -> Running {
     let d = start(
-        &lab,
+        lab,
         &[RARE, ("BILLSYNC__ADMIN__TOKEN", TOKEN)],
         &["--resync"],
     )
     .await;
     wait_until("the first cycle", Duration::from_secs(20), || {
-        lab.vms.data().users.len() == 3
+        lab.vms.data().users.len() == users
     })
     .await;
+    d
+}
+
+/// The BILLmanager customer `id` stops paying (no credit either).
+fn stop_paying(lab: &Lab, id: u64) {
+    let mut bm = lab.bm.data();
+    let a = bm.accounts.iter_mut().find(|a| a.id == id).unwrap();
+    (a.balance, a.credit_limits) = ("-500.00".into(), vec!["0".into()]);
+}
+
+/// The user has the archive (the paying rule's grant).
+fn paying(lab: &Lab, login: &str) -> bool {
+    lab.vms
+        .user(login)
+        .is_some_and(|u| u.permissions.contains("archives-show"))
+}
+
+/// SPEC §10.3: `POST /trigger` re-reads the named account and pushes its
+/// user within seconds, without waiting for the schedule or listing.
+#[tokio::test(flavor = "multi_thread")]
+async fn trigger_pushes_one_account_now() {
+    let lab = lab(3, 0).await;
+    let d = started_and_synced(&lab, 3).await;
     let login = "user2@bm.example.com";
-    let managed = |l: &str| {
-        lab.vms
-            .user(l)
-            .is_some_and(|u| u.permissions.contains("archives-show"))
-    };
+    let managed = |l: &str| paying(&lab, l);
     assert!(managed(login));
     let client = reqwest::Client::new();
     let url = format!("{}/trigger", d.admin);
@@ -576,12 +592,7 @@ async fn trigger_pushes_one_account_now() {
         .unwrap();
     assert_eq!(r.status(), 400);
     // The customer stops paying; the billing system's hook says so.
-    {
-        let mut bm = lab.bm.data();
-        let a = bm.accounts.iter_mut().find(|a| a.id == 2).unwrap();
-        a.balance = "-500.00".into();
-        a.credit_limits = vec!["0".into()];
-    }
+    stop_paying(&lab, 2);
     let lists = lab.bm.calls("account");
     let r = client
         .post(&url)
@@ -604,21 +615,8 @@ async fn trigger_pushes_one_account_now() {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_billmanager_hook_triggers_a_push() {
     let lab = lab(3, 0).await;
-    let d = start(
-        &lab,
-        &[RARE, ("BILLSYNC__ADMIN__TOKEN", TOKEN)],
-        &["--resync"],
-    )
-    .await;
-    wait_until("the first cycle", Duration::from_secs(20), || {
-        lab.vms.data().users.len() == 3
-    })
-    .await;
-    {
-        let mut bm = lab.bm.data();
-        let a = bm.accounts.iter_mut().find(|a| a.id == 2).unwrap();
-        (a.balance, a.credit_limits) = ("-500.00".into(), vec!["0".into()]);
-    }
+    let d = started_and_synced(&lab, 3).await;
+    stop_paying(&lab, 2);
     let dir = tempfile::tempdir().unwrap();
     let conf = dir.path().join("billsync_hook.conf");
     let token = dir.path().join("billsync_hook.token");
@@ -655,11 +653,7 @@ async fn the_billmanager_hook_triggers_a_push() {
             "the answer was changed"
         );
     };
-    let paying = |l: &str| {
-        lab.vms
-            .user(l)
-            .is_some_and(|u| u.permissions.contains("archives-show"))
-    };
+    let paying = |l: &str| paying(&lab, l);
     // No account id among the parameters: nothing is sent.
     hook("payment.edit", &[("PARAM_elid", "77")]);
     hook("payment.edit", &[("PARAM_account_id", "2")]);
@@ -687,11 +681,7 @@ async fn a_payment_reaches_the_vms_between_listing_cycles() {
         lab.vms.data().users.len() == 3
     })
     .await;
-    let paying = |l: &str| {
-        lab.vms
-            .user(l)
-            .is_some_and(|u| u.permissions.contains("archives-show"))
-    };
+    let paying = |l: &str| paying(&lab, l);
     assert!(!paying(&login));
     let lists = lab.ap.calls("list");
     let today = chrono::Utc::now().format("%Y-%m-%d").to_string();

@@ -705,19 +705,27 @@ async fn a_request_whose_cycles_keep_failing_is_dropped_after_three() {
     assert_eq!(cycle(&engine).await.kind, CycleKind::Incremental);
 }
 
+/// Synced, then the BILLmanager account `id` deleted and its user blocked
+/// after the grace cycles; returns the login.
+async fn deleted_and_blocked(lab: &Lab, engine: &Engine, id: u64) -> String {
+    cycle(engine).await;
+    lab.bm.data().accounts.retain(|a| a.id != id);
+    for _ in 0..3 {
+        cycle(engine).await;
+    }
+    let login = format!("user{id}@bm.example.com");
+    assert_eq!(lab.vms.user(&login).unwrap().status, "blocked");
+    login
+}
+
 /// Issue 10 (bounded state). Before: every account ever seen stayed in the
 /// store and was rewritten every cycle; a user blocked after its account
 /// went (or its login changed) was re-planned every cycle for ever.
 #[tokio::test]
 async fn accounts_gone_and_deprovisioned_are_forgotten_after_retention() {
     let (lab, engine) = setup(10, 0, "", &[]).await;
-    cycle(&engine).await;
-    lab.bm.data().accounts.retain(|a| a.id != 4);
-    for _ in 0..3 {
-        cycle(&engine).await;
-    }
-    let login = "user4@bm.example.com";
-    assert_eq!(lab.vms.user(login).unwrap().status, "blocked");
+    let login = deleted_and_blocked(&lab, &engine, 4).await;
+    let login = login.as_str();
     let stored = |engine: &Engine| {
         let store = engine.store.clone();
         async move {
@@ -771,13 +779,8 @@ async fn accounts_gone_and_deprovisioned_are_forgotten_after_retention() {
 #[tokio::test]
 async fn a_failing_source_never_revives_a_deleted_account() {
     let (lab, engine) = setup(10, 0, "", &[]).await;
-    cycle(&engine).await;
-    lab.bm.data().accounts.retain(|a| a.id != 4);
-    for _ in 0..3 {
-        cycle(&engine).await;
-    }
-    let login = "user4@bm.example.com";
-    assert_eq!(lab.vms.user(login).unwrap().status, "blocked");
+    let login = deleted_and_blocked(&lab, &engine, 4).await;
+    let login = login.as_str();
     lab.bm.faults.always("account", Fault::Status(503));
     for _ in 0..2 {
         let r = cycle(&engine).await;

@@ -322,6 +322,7 @@ impl Engine {
                 .collect(),
             retries: &memory.retries,
             tree_quarantined: &memory.tree_quarantined,
+            unpushed_payments: &memory.unpushed_payments,
             applied: &planned.applied.users,
             stop: opts.stop.clone(),
             now: intent.started,

@@ -22,6 +22,8 @@ pub struct Memory {
     pub written: HashMap<AccountKey, String>,
     /// Logins whose last request's answer never came.
     pub in_doubt: Vec<InDoubt>,
+    /// Accounts with paid payments whose push is still to be timed.
+    pub unpushed_payments: HashSet<AccountKey>,
 }
 
 impl Memory {
@@ -30,6 +32,7 @@ impl Memory {
             retries: store.load_retries().await?,
             written: store.load_written().await?,
             in_doubt: store.load_in_doubt().await?,
+            unpushed_payments: store.accounts_with_unpushed_payments().await?,
             ..Default::default()
         };
         for q in store.load_quarantine().await? {

@@ -116,7 +116,14 @@ impl Store {
     /// Records what one confirmed answer proved, at once, in its own
     /// transaction: `Some` is the login's new applied state, `None` that the
     /// VMS no longer has the user.
-    pub async fn set_applied(&self, login: &str, user: Option<&AppliedUser>) -> Result<()> {
+    /// Records what the VMS has for `login`; `asserted`: the write stated
+    /// its full state (rolling re-verification counts from then).
+    pub async fn set_applied(
+        &self,
+        login: &str,
+        user: Option<&AppliedUser>,
+        asserted: bool,
+    ) -> Result<()> {
         let Some(user) = user else {
             sqlx::query("DELETE FROM applied_users WHERE login = ?")
                 .bind(login)
@@ -125,11 +132,12 @@ impl Store {
             return Ok(());
         };
         sqlx::query(
-            "INSERT INTO applied_users (login, source, account_id, state_json, hash, applied_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+            "INSERT INTO applied_users (login, source, account_id, state_json, hash, applied_at, asserted_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, CASE WHEN ?7 THEN ?6 END)
              ON CONFLICT (login) DO UPDATE SET source = excluded.source,
                 account_id = excluded.account_id, state_json = excluded.state_json,
-                hash = excluded.hash, applied_at = excluded.applied_at",
+                hash = excluded.hash, applied_at = excluded.applied_at,
+                asserted_at = COALESCE(excluded.asserted_at, applied_users.asserted_at)",
         )
         .bind(login)
         .bind(user.owner.source.as_str())
@@ -137,6 +145,7 @@ impl Store {
         .bind(serde_json::to_string(&user.state).unwrap_or_default())
         .bind(state_hash(&user.state))
         .bind(ts(Utc::now()))
+        .bind(asserted)
         .execute(&self.pool)
         .await?;
         Ok(())

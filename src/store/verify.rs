@@ -3,8 +3,10 @@
 
 use chrono::{DateTime, Utc};
 
-use super::{parse_ts, ts, Result, Store};
-use crate::core::model::SourceKind;
+use super::{parse_ts, Result, Store};
+use std::collections::HashSet;
+
+use crate::core::model::{AccountKey, SourceKind};
 
 impl Store {
     /// Listed accounts whose details were read longest ago (never first).
@@ -32,16 +34,6 @@ impl Store {
         .await?)
     }
 
-    /// A full-state write of this login was confirmed.
-    pub async fn mark_asserted(&self, login: &str, at: DateTime<Utc>) -> Result<()> {
-        sqlx::query("UPDATE applied_users SET asserted_at = ?2 WHERE login = ?1")
-            .bind(login)
-            .bind(ts(at))
-            .execute(&self.pool)
-            .await?;
-        Ok(())
-    }
-
     pub async fn count_accounts(&self, source: SourceKind) -> Result<u64> {
         let n: i64 = sqlx::query_scalar(
             "SELECT COUNT(*) FROM source_accounts WHERE source = ? AND missing_cycles = 0",
@@ -50,6 +42,21 @@ impl Store {
         .fetch_one(&self.pool)
         .await?;
         Ok(n.max(0) as u64)
+    }
+
+    /// Accounts with a paid payment whose push is not timed yet (loaded once
+    /// a cycle: only their users' pushes look for payments to time).
+    pub async fn accounts_with_unpushed_payments(&self) -> Result<HashSet<AccountKey>> {
+        let rows: Vec<(String, String)> = sqlx::query_as(
+            "SELECT DISTINCT source, account_id FROM payments
+             WHERE paid = 1 AND paid_seen_at IS NOT NULL AND pushed_at IS NULL
+               AND account_id IS NOT NULL",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|(source, id)| super::account_key(&source, id))
+            .collect()
     }
 
     pub async fn count_applied(&self) -> Result<u64> {

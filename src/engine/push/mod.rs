@@ -20,7 +20,7 @@ use policy::{error_policy, Next, PushError, TaskKind};
 
 use crate::config::VmsSettings;
 use crate::core::desired::CoreConfig;
-use crate::core::model::SourceKind;
+use crate::core::model::{AccountKey, SourceKind};
 use crate::core::plan::{state_hash, Action, AppliedUser, Op, Plan, TreeOp, WritebackOp};
 use crate::sources::WriteBack;
 use crate::store::{AuditRow, QuarantinePart, RetryInfo, Store};
@@ -119,6 +119,8 @@ pub struct PushInput<'a> {
     /// Loaded once per cycle (`engine::Memory`).
     pub retries: &'a HashMap<String, RetryInfo>,
     pub tree_quarantined: &'a HashSet<String>,
+    /// Accounts with paid payments whose push is still to be timed.
+    pub unpushed_payments: &'a HashSet<AccountKey>,
     /// The applied users of the planned logins, before this push.
     pub applied: &'a BTreeMap<String, AppliedUser>,
     pub stop: Option<Arc<AtomicBool>>,
@@ -133,6 +135,7 @@ pub struct Executor<'a> {
     writeback: BTreeMap<SourceKind, &'a dyn WriteBack>,
     retries: &'a HashMap<String, RetryInfo>,
     tree_quarantined: &'a HashSet<String>,
+    unpushed_payments: &'a HashSet<AccountKey>,
     applied: &'a BTreeMap<String, AppliedUser>,
     /// Logins whose VMS presence this push confirmed (true) or disproved.
     on_vms: Mutex<HashMap<String, bool>>,
@@ -158,6 +161,7 @@ impl<'a> Executor<'a> {
             writeback: input.writeback,
             retries: input.retries,
             tree_quarantined: input.tree_quarantined,
+            unpushed_payments: input.unpushed_payments,
             applied: input.applied,
             on_vms: Mutex::new(HashMap::new()),
             concurrency: input.settings.concurrency.max(1) as usize,
@@ -329,18 +333,12 @@ impl<'a> Executor<'a> {
 
     async fn record_done(&self, task: Task<'_>) -> Result<(), PushError> {
         if let Task::User(op) = task {
-            let now = chrono::Utc::now();
-            for seen in self.store.payments_pushed(&op.owner, now).await? {
-                let secs = (now - seen).num_milliseconds().max(0) as f64 / 1000.0;
-                metrics::get().payment_to_push.observe(secs);
-            }
-            let full = match &op.action {
-                Action::Create => true,
-                Action::Update { full, .. } => *full,
-                Action::Delete => false,
-            };
-            if full {
-                self.store.mark_asserted(&op.login, now).await?;
+            if self.unpushed_payments.contains(&op.owner) {
+                let now = chrono::Utc::now();
+                for seen in self.store.payments_pushed(&op.owner, now).await? {
+                    let secs = (now - seen).num_milliseconds().max(0) as f64 / 1000.0;
+                    metrics::get().payment_to_push.observe(secs);
+                }
             }
             self.store.clear_in_doubt(&op.login).await?;
             self.store.plan_done(&op.login).await?;

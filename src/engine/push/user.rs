@@ -40,7 +40,14 @@ impl Executor<'_> {
     /// Records what a VMS answer proved about the op's login.
     async fn confirm(&self, op: &Op, proof: Proof) -> Result<(), PushError> {
         let user = applied_after(op, proof);
-        self.store.set_applied(&op.login, user.as_ref()).await?;
+        let asserted = match &op.action {
+            Action::Create => true,
+            Action::Update { full, .. } => *full,
+            Action::Delete => false,
+        };
+        self.store
+            .set_applied(&op.login, user.as_ref(), asserted)
+            .await?;
         self.note_on_vms(&op.login, user.is_some());
         Ok(())
     }
