@@ -33,24 +33,35 @@ fn main() {
     rt.block_on(bench(n, payments));
 }
 
-/// The customers who will pay: the first `k` of each source, not paying now.
+/// The customers who will pay: the first `k` active accounts of each
+/// source (one on hold would never get the archive), not paying now;
+/// alternately BILLmanager and ActivePlatform.
 fn unpaid(lab: &Lab, k: usize) -> Vec<(String, String)> {
-    let mut out = vec![];
-    for a in lab.bm.data().accounts.iter_mut().take(k) {
+    let mut bm_out = vec![];
+    let mut bm = lab.bm.data();
+    for a in bm.accounts.iter_mut().filter(|a| a.status == "1").take(k) {
         (a.balance, a.credit_limits) = ("-50.00".into(), vec!["0".into()]);
-        out.push((
-            format!("billmanager:{}", a.id),
-            a.email.trim().to_lowercase(),
-        ));
+        let login = a.email.trim().to_lowercase();
+        bm_out.push((format!("billmanager:{}", a.id), login));
     }
-    for a in lab.ap.data().accounts.iter_mut().take(k) {
+    drop(bm);
+    let mut ap_out = vec![];
+    let mut ap = lab.ap.data();
+    for a in ap
+        .accounts
+        .iter_mut()
+        .filter(|a| a.status == "active")
+        .take(k)
+    {
         (a.balance, a.credit_limit) = (-50.0, 0.0);
-        out.push((
-            format!("activeplatform:{}", a.id),
-            a.email.trim().to_lowercase(),
-        ));
+        let login = a.email.trim().to_lowercase();
+        ap_out.push((format!("activeplatform:{}", a.id), login));
     }
-    out
+    bm_out
+        .into_iter()
+        .zip(ap_out)
+        .flat_map(|(b, a)| [b, a])
+        .collect()
 }
 
 /// The billing system credits the payment: a payment row and the balance.
