@@ -73,14 +73,17 @@ impl Executor<'_> {
             .await
     }
 
+    /// The create request itself (POST `user/manage`).
+    async fn post(&self, op: &Op) -> Result<(), VmsError> {
+        self.channel
+            .request(VmsOp::Create, || self.vms.create(&op.login, &op.target))
+            .await
+    }
+
     /// POST, record, then attach the permissions (create takes none).
     async fn create(&self, op: &Op) -> Result<Done, PushError> {
         let t = &op.target;
-        match self
-            .channel
-            .request(VmsOp::Create, || self.vms.create(&op.login, t))
-            .await
-        {
+        match self.post(op).await {
             Ok(()) => {}
             // The login exists (created by a run that died before recording,
             // or by hand): adopt it with a full-state PATCH.
@@ -140,12 +143,7 @@ impl Executor<'_> {
     /// data quarantines.
     async fn recreate(&self, op: &Op) -> Result<Done, PushError> {
         tracing::warn!(login = %op.login, "the VMS no longer knows this login; creating it again");
-        let t = &op.target;
-        match self
-            .channel
-            .request(VmsOp::Create, || self.vms.create(&op.login, t))
-            .await
-        {
+        match self.post(op).await {
             Ok(()) => {}
             Err(e) if e.is_login_error() => {}
             Err(e) if e.blames_login() => {
