@@ -84,13 +84,13 @@ async fn deadline(req: Request, next: Next) -> Response {
 const LIVENESS_LIMIT: Duration = Duration::from_secs(600);
 
 async fn livez(State(s): State<Arc<Shared>>) -> Response {
-    let alive = s.loop_alive.load(Ordering::Relaxed) && s.heartbeat.age() < LIVENESS_LIMIT;
+    let alive = s.loop_alive.load(Ordering::Relaxed) && s.heartbeat_age() < LIVENESS_LIMIT;
     if alive {
         (StatusCode::OK, Json(json!({"status": "alive"}))).into_response()
     } else {
         (
             StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"status": "dead", "heartbeat_age_secs": s.heartbeat.age().as_secs()})),
+            Json(json!({"status": "dead", "heartbeat_age_secs": s.heartbeat_age().as_secs()})),
         )
             .into_response()
     }
@@ -236,7 +236,7 @@ async fn resync(State(s): State<Arc<Shared>>, body: axum::body::Bytes) -> Respon
         .await
     {
         Ok(id) => {
-            s.wake.notify_one();
+            s.listing.wake.notify_one();
             (
                 StatusCode::ACCEPTED,
                 Json(json!({"requested": "resync", "id": id, "logins": logins})),
@@ -254,7 +254,7 @@ async fn resync(State(s): State<Arc<Shared>>, body: axum::body::Bytes) -> Respon
 async fn approve(State(s): State<Arc<Shared>>) -> Response {
     match s.store.approve_held().await {
         Ok((id, held)) => {
-            s.wake.notify_one();
+            s.listing.wake.notify_one();
             (
                 StatusCode::ACCEPTED,
                 Json(json!({"requested": "approve", "id": id, "held": held})),
@@ -284,7 +284,7 @@ async fn trigger(State(s): State<Arc<Shared>>, body: axum::body::Bytes) -> Respo
     }
     match s.store.request_trigger(&t).await {
         Ok(id) => {
-            s.wake.notify_one();
+            s.fast.wake.notify_one();
             let answer = json!({"requested": "trigger", "id": id, "accounts": t.accounts, "logins": t.logins});
             (StatusCode::ACCEPTED, Json(answer)).into_response()
         }
@@ -308,7 +308,6 @@ mod tests {
     use axum::body::Body;
     use std::sync::atomic::AtomicBool;
     use std::time::Instant;
-    use tokio::sync::Notify;
     use tower::ServiceExt;
 
     const TOKEN: &str = "admin-test-token-0123";
@@ -323,10 +322,9 @@ mod tests {
             period: Duration::from_secs(60),
             settings,
             store,
-            heartbeat: crate::telemetry::liveness::pulse(),
-            running: AtomicBool::new(false),
+            listing: Default::default(),
+            fast: Default::default(),
             loop_alive: AtomicBool::new(true),
-            wake: Notify::new(),
             started: Instant::now(),
             started_at: Utc::now(),
         };

@@ -22,18 +22,69 @@ use crate::store::{RequestKind, StateLock, Store};
 use crate::telemetry::liveness::{self, Pulse};
 use crate::telemetry::metrics;
 
-/// What the loop, the scheduler and the admin server share.
+/// The two lanes of cycles (SPEC §10.2). Listing cycles take a minute or
+/// more at scale; the fast lane (payment ticks, triggers) runs beside them,
+/// so a payment never waits for a listing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lane {
+    Listing,
+    Fast,
+}
+
+impl Lane {
+    pub fn of(kind: CycleKind) -> Self {
+        match kind.lists() {
+            true => Lane::Listing,
+            false => Lane::Fast,
+        }
+    }
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Lane::Listing => "listing",
+            Lane::Fast => "fast",
+        }
+    }
+}
+
+/// One lane's flags: whether a cycle runs, its wake-up call, its pulse.
+#[derive(Default)]
+pub struct LaneState {
+    pub running: AtomicBool,
+    pub wake: Notify,
+    pub pulse: Arc<Pulse>,
+}
+
+/// What the lanes, the scheduler and the admin server share.
 pub struct Shared {
     pub settings: Settings,
     pub store: Store,
-    pub heartbeat: &'static Pulse,
-    pub running: AtomicBool,
+    pub listing: LaneState,
+    pub fast: LaneState,
+    /// False once a lane has ended.
     pub loop_alive: AtomicBool,
-    pub wake: Notify,
     pub started: Instant,
     pub started_at: DateTime<Utc>,
     /// The incremental schedule's period (for health).
     pub period: Duration,
+}
+
+impl Shared {
+    pub fn lane(&self, lane: Lane) -> &LaneState {
+        match lane {
+            Lane::Listing => &self.listing,
+            Lane::Fast => &self.fast,
+        }
+    }
+
+    pub fn pulses(&self) -> Vec<Arc<Pulse>> {
+        vec![self.listing.pulse.clone(), self.fast.pulse.clone()]
+    }
+
+    /// Since the stalest lane last showed progress.
+    pub fn heartbeat_age(&self) -> Duration {
+        notify::oldest_beat(&self.pulses())
+    }
 }
 
 /// A handle on a running daemon (for `run`, the sandbox and tests).
@@ -87,14 +138,12 @@ pub async fn start(settings: Settings, resync: bool) -> Result<(Daemon, StateLoc
         period: crate::config::schedule_period(&settings.daemon.schedule),
         settings: settings.clone(),
         store: store.clone(),
-        heartbeat: liveness::pulse(),
-        running: AtomicBool::new(false),
+        listing: LaneState::default(),
+        fast: LaneState::default(),
         loop_alive: AtomicBool::new(true),
-        wake: Notify::new(),
         started: Instant::now(),
         started_at: Utc::now(),
     });
-    shared.heartbeat.beat();
 
     let listener = tokio::net::TcpListener::bind(&settings.admin.listen)
         .await
@@ -119,44 +168,18 @@ pub async fn start(settings: Settings, resync: bool) -> Result<(Daemon, StateLoc
     };
     tracing::info!(admin = %admin_addr, state = %settings.daemon.state_path.display(), "billsync is running");
 
-    // Schedules only send ticks; the loop runs the cycles, one at a time.
-    let (tick_tx, tick_rx) = mpsc::channel::<CycleKind>(1);
+    // Schedules only send ticks; each lane runs its cycles one at a time.
+    let (listing_tx, listing_rx) = mpsc::channel::<CycleKind>(1);
+    let (fast_tx, fast_rx) = mpsc::channel::<CycleKind>(1);
     let mut scheduler = JobScheduler::new()
         .await
         .map_err(|e| StartError::Other(format!("scheduler: {e}")))?;
-    let mut schedules = vec![(settings.daemon.schedule.clone(), CycleKind::Incremental)];
-    if !settings.daemon.payments_schedule.is_empty() {
-        schedules.push((
-            settings.daemon.payments_schedule.clone(),
-            CycleKind::Payments,
-        ));
-    }
-    if !settings.daemon.full_resync_schedule.is_empty() {
-        schedules.push((
-            settings.daemon.full_resync_schedule.clone(),
-            CycleKind::Full,
-        ));
-    }
-    for (expr, kind) in schedules {
-        let tx = tick_tx.clone();
-        let sh = shared.clone();
-        let job = Job::new_async(expr.as_str(), move |_, _| {
-            let tx = tx.clone();
-            let sh = sh.clone();
-            Box::pin(async move {
-                let busy = sh.running.load(Ordering::Relaxed) || tx.try_send(kind).is_err();
-                // A payment tick during a cycle is no news: that cycle, or
-                // the next tick, reads the payments.
-                if busy && kind != CycleKind::Payments {
-                    metrics::get().cycle(kind, metrics::SKIPPED);
-                    tracing::info!(
-                        kind = kind.as_str(),
-                        "a cycle is still running; this tick is skipped"
-                    );
-                }
-            })
-        })
-        .map_err(|e| StartError::Other(format!("schedule {expr:?}: {e}")))?;
+    for (expr, kind) in schedules(&settings) {
+        let tx = match Lane::of(kind) {
+            Lane::Listing => listing_tx.clone(),
+            Lane::Fast => fast_tx.clone(),
+        };
+        let job = tick_job(&expr, kind, tx, shared.clone())?;
         scheduler
             .add(job)
             .await
@@ -168,10 +191,16 @@ pub async fn start(settings: Settings, resync: bool) -> Result<(Daemon, StateLoc
         .map_err(|e| StartError::Other(format!("scheduler: {e}")))?;
 
     notify::ready();
-    let watchdog = notify::spawn_watchdog(shared.heartbeat);
-    let loop_task = tokio::spawn(cycle_loop(engine, shared.clone(), tick_rx, shutdown_rx));
+    let watchdog = notify::spawn_watchdog(shared.pulses());
+    let engine = Arc::new(engine);
+    let lanes = [(Lane::Listing, listing_rx), (Lane::Fast, fast_rx)].map(|(lane, rx)| {
+        let run = cycle_loop(engine.clone(), shared.clone(), lane, rx, shutdown_rx.clone());
+        tokio::spawn(run)
+    });
     let task = tokio::spawn(async move {
-        let _ = loop_task.await;
+        for lane in lanes {
+            let _ = lane.await;
+        }
         let _ = scheduler.shutdown().await;
         if let Some(w) = watchdog {
             w.abort();
@@ -189,12 +218,55 @@ pub async fn start(settings: Settings, resync: bool) -> Result<(Daemon, StateLoc
     ))
 }
 
-async fn cycle_loop(
-    engine: Engine,
+/// The cron schedules of the daemon, each with the kind of cycle it ticks.
+fn schedules(settings: &Settings) -> Vec<(String, CycleKind)> {
+    let d = &settings.daemon;
+    let all = [
+        (&d.schedule, CycleKind::Incremental),
+        (&d.payments_schedule, CycleKind::Payments),
+        (&d.full_resync_schedule, CycleKind::Full),
+    ];
+    all.into_iter()
+        .filter(|(expr, kind)| !expr.is_empty() || *kind == CycleKind::Incremental)
+        .map(|(expr, kind)| (expr.clone(), kind))
+        .collect()
+}
+
+/// A schedule's job: it only sends a tick to its lane.
+fn tick_job(
+    expr: &str,
+    kind: CycleKind,
+    tx: mpsc::Sender<CycleKind>,
     shared: Arc<Shared>,
+) -> Result<Job, StartError> {
+    let job = Job::new_async(expr, move |_, _| {
+        let tx = tx.clone();
+        let sh = shared.clone();
+        Box::pin(async move {
+            let lane = sh.lane(Lane::of(kind));
+            let busy = lane.running.load(Ordering::Relaxed) || tx.try_send(kind).is_err();
+            // A payment tick during a fast cycle is no news: the next tick
+            // reads the payments.
+            if busy && kind != CycleKind::Payments {
+                metrics::get().cycle(kind, metrics::SKIPPED);
+                tracing::info!(
+                    kind = kind.as_str(),
+                    "a cycle is still running; this tick is skipped"
+                );
+            }
+        })
+    });
+    job.map_err(|e| StartError::Other(format!("schedule {expr:?}: {e}")))
+}
+
+async fn cycle_loop(
+    engine: Arc<Engine>,
+    shared: Arc<Shared>,
+    lane: Lane,
     mut ticks: mpsc::Receiver<CycleKind>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let state = shared.lane(lane);
     let poll = Duration::from_secs(shared.settings.daemon.control_poll_secs.max(1));
     let mut control = tokio::time::interval(poll);
     let mut beat = tokio::time::interval(Duration::from_secs(1));
@@ -203,21 +275,21 @@ async fn cycle_loop(
         let kind = tokio::select! {
             _ = stopped(&mut shutdown) => break,
             _ = beat.tick() => {
-                shared.heartbeat.beat();
+                state.pulse.beat();
                 continue;
             }
             Some(k) = ticks.recv() => k,
-            _ = control.tick() => match requested(&shared.store).await {
+            _ = control.tick() => match requested(&shared.store, lane).await {
                 Some(k) => k,
                 None => continue,
             },
-            _ = shared.wake.notified() => match requested(&shared.store).await {
+            _ = state.wake.notified() => match requested(&shared.store, lane).await {
                 Some(k) => k,
                 None => continue,
             },
         };
-        shared.running.store(true, Ordering::Relaxed);
-        shared.heartbeat.beat();
+        state.running.store(true, Ordering::Relaxed);
+        state.pulse.beat();
         let stop = Arc::new(AtomicBool::new(false));
         let progress: Progress = Arc::new(|_: &str, _, _| liveness::beat());
         let opts = CycleOptions {
@@ -228,12 +300,12 @@ async fn cycle_loop(
             stop: Some(stop.clone()),
             ..Default::default()
         };
-        let cycle = async {
+        let cycle = liveness::within(state.pulse.clone(), async {
             match kind {
                 CycleKind::Payments => engine.run_payments(&opts).await,
                 _ => engine.run_cycle(&opts).await.map(Some),
             }
-        };
+        });
         tokio::pin!(cycle);
         let mut stopping = false;
         let result = tokio::select! {
@@ -245,10 +317,10 @@ async fn cycle_loop(
                 tokio::time::timeout(grace, &mut cycle).await.ok()
             }
         };
-        shared.running.store(false, Ordering::Relaxed);
-        shared.heartbeat.beat();
+        state.running.store(false, Ordering::Relaxed);
+        state.pulse.beat();
         match result {
-            Some(Ok(Some(r))) => tracing::debug!(result = %r.result, "cycle done"),
+            Some(Ok(Some(r))) => tracing::debug!(lane = lane.as_str(), result = %r.result, "cycle done"),
             Some(Ok(None)) => {}
             Some(Err(e)) => {
                 tracing::error!(error = %e, "cycle aborted");
@@ -275,14 +347,17 @@ async fn stopped(rx: &mut watch::Receiver<bool>) {
     }
 }
 
-/// A pending operator request, as the kind of cycle it asks for.
-async fn requested(store: &Store) -> Option<CycleKind> {
-    match store.pending_requests().await {
-        Ok(r) if r.resync_all => Some(CycleKind::Full),
-        Ok(r) if r.approve || !r.resync_logins.is_empty() => Some(CycleKind::Incremental),
-        Ok(r) if !r.trigger_ids.is_empty() => Some(CycleKind::Targeted),
-        Ok(_) => None,
-        Err(e) => {
+/// A pending operator request for this lane, as the kind of cycle it asks
+/// for: resyncs and approvals list, triggers are targeted.
+async fn requested(store: &Store, lane: Lane) -> Option<CycleKind> {
+    match (store.pending_requests().await, lane) {
+        (Ok(r), Lane::Listing) if r.resync_all => Some(CycleKind::Full),
+        (Ok(r), Lane::Listing) if r.approve || !r.resync_logins.is_empty() => {
+            Some(CycleKind::Incremental)
+        }
+        (Ok(r), Lane::Fast) if !r.trigger_ids.is_empty() => Some(CycleKind::Targeted),
+        (Ok(_), _) => None,
+        (Err(e), _) => {
             tracing::warn!(error = %e, "cannot read operator requests");
             None
         }

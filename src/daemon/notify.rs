@@ -1,6 +1,7 @@
 //! systemd notification: READY=1, WATCHDOG=1 fed while the process shows
 //! progress (`telemetry::liveness`), STOPPING=1. Silent when `NOTIFY_SOCKET` is unset.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use sd_notify::NotifyState;
@@ -31,22 +32,28 @@ fn watchdog_usec() -> Option<u64> {
     }
 }
 
-/// Pings the watchdog at half its interval, but only while the loop's
-/// heartbeat is fresher than the interval: a stuck loop stops the pings and
+/// The age of the stalest of these pulses.
+pub fn oldest_beat(pulses: &[Arc<Pulse>]) -> Duration {
+    pulses.iter().map(|p| p.age()).max().unwrap_or_default()
+}
+
+/// Pings the watchdog at half its interval, but only while every lane's
+/// heartbeat is fresher than the interval: a stuck lane stops the pings and
 /// systemd restarts the service.
-pub fn spawn_watchdog(heartbeat: &'static Pulse) -> Option<tokio::task::JoinHandle<()>> {
+pub fn spawn_watchdog(pulses: Vec<Arc<Pulse>>) -> Option<tokio::task::JoinHandle<()>> {
     let usec = watchdog_usec()?;
     let interval = Duration::from_micros(usec);
     Some(tokio::spawn(async move {
         let mut tick = tokio::time::interval(interval / 2);
         loop {
             tick.tick().await;
-            if heartbeat.age() < interval {
+            let age = oldest_beat(&pulses);
+            if age < interval {
                 let _ = sd_notify::notify(false, &[NotifyState::Watchdog]);
             } else {
                 tracing::warn!(
-                    stale_ms = heartbeat.age().as_millis() as u64,
-                    "cycle loop shows no progress; not feeding the watchdog"
+                    stale_ms = age.as_millis() as u64,
+                    "a cycle lane shows no progress; not feeding the watchdog"
                 );
             }
         }

@@ -100,12 +100,16 @@ fn observe(report: &CycleReport, clock: Instant) {
             kind: report.kind.as_str().into(),
         })
         .observe(clock.elapsed().as_secs_f64());
-    if report.result.completed() && report.kind.lists() {
-        m.last_success.set(Utc::now().timestamp() as f64);
+    // A targeted cycle sees only its own logins: the gauges are the
+    // listing cycles' (both lanes run at once).
+    if report.kind.lists() {
+        if report.result.completed() {
+            m.last_success.set(Utc::now().timestamp() as f64);
+        }
+        m.pending.set(report.pending as i64);
+        m.held.set(report.held as i64);
     }
-    m.pending.set(report.pending as i64);
     m.quarantined.set(report.quarantined as i64);
-    m.held.set(report.held as i64);
     tracing::info!(
         kind = %report.kind,
         result = %report.result,

@@ -1,6 +1,7 @@
 //! One cycle, in the phases of ARCHITECTURE.md: requests → read → desired →
 //! select changed → plan with safety → persist → push → record.
 
+pub mod claims;
 mod finish;
 mod notices;
 mod payments;
@@ -105,6 +106,9 @@ pub struct Engine {
     normalizers: BTreeMap<SourceKind, Normalizer>,
     vms: VmsClient,
     core: CoreConfig,
+    /// Shared by the cycles that run at once (the listing and fast lanes).
+    claims: claims::Claims,
+    limiter: Arc<governor::DefaultDirectRateLimiter>,
 }
 
 impl Engine {
@@ -123,6 +127,7 @@ impl Engine {
             .map_err(setup)?;
         let vms = VmsClient::new(&settings.vms).map_err(|e| setup(e.to_string()))?;
         let core = settings.core_config();
+        let limiter = push::limiter(&settings.vms);
         Ok(Self {
             settings,
             store,
@@ -130,6 +135,8 @@ impl Engine {
             normalizers,
             vms,
             core,
+            claims: claims::Claims::default(),
+            limiter,
         })
     }
 
@@ -159,6 +166,7 @@ impl Engine {
     ) -> Result<CycleReport, EngineError> {
         let clock = Instant::now();
         let intent = self.take_requests(store, opts).await?;
+        let _running = self.claims.begin(intent.started);
         let cycle_id = store.start_cycle(intent.kind, intent.started).await?;
         if !intent.dry_run {
             store.start_requests(&intent.request_ids, cycle_id).await?;
@@ -176,9 +184,12 @@ impl Engine {
         let planned = self
             .plan_with_safety(store, &desired, &need, &intent, &mut memory)
             .await?;
-        store
-            .persist_plan(cycle_id, &desired, &planned.plan, &self.core.status_blocked)
-            .await?;
+        let blocked = &self.core.status_blocked;
+        let plan = &planned.plan;
+        match intent.kind.lists() {
+            true => store.persist_plan(cycle_id, &desired, plan, blocked).await?,
+            false => (store.persist_targeted_plan(cycle_id, &desired, plan, blocked)).await?,
+        }
         debug_phase("plan persisted", clock);
         let report = CycleReport::new(&intent, read.summaries, read.invalid, &desired, &planned);
         drop(desired);
@@ -236,12 +247,10 @@ impl Engine {
         Ok(intent)
     }
 
-    /// An incremental or full cycle takes every request; a trigger's logins
-    /// are pushed in full (its accounts are read by the listing anyway).
-    fn listing_intent(&self, opts: &CycleOptions, mut requests: Requests) -> Intent {
+    /// An incremental or full cycle takes resyncs and approvals; triggers
+    /// are the fast lane's, which runs beside it.
+    fn listing_intent(&self, opts: &CycleOptions, requests: Requests) -> Intent {
         let full = opts.full || requests.resync_all;
-        requests.ids.extend(requests.trigger_ids);
-        requests.resync_logins.extend(requests.triggered_logins);
         Intent {
             kind: if full {
                 CycleKind::Full
@@ -326,6 +335,12 @@ impl Engine {
             applied: &planned.applied.users,
             stop: opts.stop.clone(),
             now: intent.started,
+            limiter: self.limiter.clone(),
+            claims: &self.claims,
+            writer: match intent.kind.lists() {
+                true => claims::Writer::Listing(intent.started),
+                false => claims::Writer::Targeted(intent.started),
+            },
         });
         let progress = opts.progress.as_ref();
         Ok(executor.push(&planned.plan, cycle_id, progress).await?)

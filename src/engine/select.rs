@@ -71,6 +71,9 @@ pub async fn changed(
     intent: &Intent,
     memory: &Memory,
 ) -> Result<Need, StoreError> {
+    if !intent.kind.lists() {
+        return Ok(targeted(desired, intent));
+    }
     let mut matched: HashSet<&str> = HashSet::new();
     let mut orphans: Vec<String> = vec![];
     store
@@ -111,6 +114,19 @@ pub async fn changed(
     Ok(Need {
         logins: Some(logins),
     })
+}
+
+/// A targeted cycle plans only what it targets: the named logins and the
+/// users of the accounts it re-read. Everything else is the listing lane's,
+/// which may be pushing it right now.
+fn targeted(desired: &Desired, intent: &Intent) -> Need {
+    let mut logins = intent.resync_logins.clone();
+    let owned = desired.users.iter();
+    let owned = owned.filter(|(_, d)| intent.accounts.contains(&d.owner));
+    logins.extend(owned.map(|(login, _)| login.clone()));
+    Need {
+        logins: Some(logins),
+    }
 }
 
 /// A cycle's plan, with what the push needs to know about it.

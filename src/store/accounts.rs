@@ -69,7 +69,7 @@ impl Store {
         now: DateTime<Utc>,
     ) -> Result<()> {
         let now_s = ts(now);
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         let prev_listed: Option<String> =
             sqlx::query_scalar("SELECT last_listed_at FROM source_state WHERE source = ?")
                 .bind(source.as_str())
@@ -92,7 +92,9 @@ impl Store {
                      ON CONFLICT (source, id) DO UPDATE SET
                         row_json = excluded.row_json, row_hash = excluded.row_hash,
                         list_raw = excluded.list_raw, last_seen = excluded.last_seen,
-                        missing_cycles = 0",
+                        missing_cycles = 0
+                     WHERE source_accounts.details_at IS NULL
+                        OR source_accounts.details_at <= excluded.last_seen",
                 )
                 .bind(source.as_str())
                 .bind(&a.raw.id)
@@ -170,7 +172,10 @@ impl Store {
         fresh: &RawAccount,
         now: DateTime<Utc>,
     ) -> Result<()> {
-        let old = self.source_account(source, &fresh.id).await?;
+        // Read and written in one transaction: a listing saved in between
+        // must not be merged away.
+        let mut tx = self.write_tx().await?;
+        let old = read_account(&mut *tx, source, &fresh.id).await?;
         let (list, details) = match &old {
             Some(o) => (
                 fresh.merged_with(&o.list),
@@ -186,15 +191,17 @@ impl Store {
              VALUES (?1, ?2, '{}', '', ?3, ?4, ?5, ?5, ?5, 0)
              ON CONFLICT (source, id) DO UPDATE SET
                 list_raw = excluded.list_raw, details_json = excluded.details_json,
-                details_at = excluded.details_at",
+                details_at = excluded.details_at
+             WHERE source_accounts.last_seen <= excluded.last_seen",
         )
         .bind(source.as_str())
         .bind(&fresh.id)
         .bind(json(&list))
         .bind(json(&details))
         .bind(ts(now))
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
+        tx.commit().await?;
         Ok(())
     }
 
@@ -205,11 +212,11 @@ impl Store {
         now: DateTime<Utc>,
     ) -> Result<()> {
         let now_s = ts(now);
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         for (id, row_hash, raw) in details {
             sqlx::query(
                 "UPDATE source_accounts SET details_json = ?3, details_at = ?4, row_hash = ?5
-                 WHERE source = ?1 AND id = ?2",
+                 WHERE source = ?1 AND id = ?2 AND (details_at IS NULL OR details_at <= ?4)",
             )
             .bind(source.as_str())
             .bind(id)
@@ -263,7 +270,7 @@ impl Store {
         now: DateTime<Utc>,
     ) -> Result<()> {
         let now_s = ts(now);
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         for (p, hash) in payments {
             sqlx::query(
                 "INSERT INTO payments
@@ -389,7 +396,7 @@ impl Store {
         now: DateTime<Utc>,
     ) -> Result<()> {
         let now_s = ts(now);
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         sqlx::query("DELETE FROM invalid_records WHERE source = ?")
             .bind(source.as_str())
             .execute(&mut *tx)
@@ -448,25 +455,33 @@ impl Store {
         source: SourceKind,
         id: &str,
     ) -> Result<Option<StoredAccount>> {
-        let row = sqlx::query(
-            "SELECT row_json, list_raw, details_json, missing_cycles, first_seen, last_seen
-             FROM source_accounts WHERE source = ? AND id = ?",
-        )
-        .bind(source.as_str())
-        .bind(id)
-        .fetch_optional(&self.pool)
-        .await?;
-        let Some(r) = row else { return Ok(None) };
-        Ok(Some(StoredAccount {
-            row_json: r.get(0),
-            list: decode_raw(&r.get::<String, _>(1))?,
-            details: match r.get::<Option<String>, _>(2) {
-                Some(d) => Some(decode_raw(&d)?),
-                None => None,
-            },
-            missing_cycles: r.get::<i64, _>(3).max(0) as u32,
-            first_seen: r.get(4),
-            last_seen: r.get(5),
-        }))
+        read_account(&self.pool, source, id).await
     }
+}
+
+async fn read_account<'e>(
+    db: impl sqlx::SqliteExecutor<'e>,
+    source: SourceKind,
+    id: &str,
+) -> Result<Option<StoredAccount>> {
+    let row = sqlx::query(
+        "SELECT row_json, list_raw, details_json, missing_cycles, first_seen, last_seen
+         FROM source_accounts WHERE source = ? AND id = ?",
+    )
+    .bind(source.as_str())
+    .bind(id)
+    .fetch_optional(db)
+    .await?;
+    let Some(r) = row else { return Ok(None) };
+    Ok(Some(StoredAccount {
+        row_json: r.get(0),
+        list: decode_raw(&r.get::<String, _>(1))?,
+        details: match r.get::<Option<String>, _>(2) {
+            Some(d) => Some(decode_raw(&d)?),
+            None => None,
+        },
+        missing_cycles: r.get::<i64, _>(3).max(0) as u32,
+        first_seen: r.get(4),
+        last_seen: r.get(5),
+    }))
 }

@@ -281,7 +281,7 @@ impl Store {
             let rows = sqlx::query(&format!("SELECT login, state_json FROM {table}"))
                 .fetch_all(&self.pool)
                 .await?;
-            let mut tx = self.pool.begin().await?;
+            let mut tx = self.write_tx().await?;
             for r in rows {
                 let state = decode_json(&r.get::<String, _>(1))?;
                 sqlx::query(&format!("UPDATE {table} SET hash = ?2 WHERE login = ?1"))

@@ -169,7 +169,7 @@ impl Store {
 
     pub async fn audit(&self, cycle_id: i64, rows: &[AuditRow]) -> Result<()> {
         let now = ts(Utc::now());
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         for r in rows {
             sqlx::query(
                 "INSERT INTO audit (cycle_id, at, login, action, result, detail) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",

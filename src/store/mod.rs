@@ -203,6 +203,14 @@ impl Store {
     pub async fn close(&self) {
         self.pool.close().await;
     }
+
+    /// A write transaction that takes the write lock when it begins. The
+    /// daemon's two lanes write at once; a deferred transaction that read
+    /// first would fail outright (SQLITE_BUSY, no wait) if the other lane
+    /// committed meanwhile, where this one waits out the busy timeout.
+    pub(crate) async fn write_tx(&self) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>> {
+        Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?)
+    }
 }
 
 const NEWER: &str = "written by a newer billsync; refusing to use it (install that version, \

@@ -7,7 +7,7 @@ use futures::TryStreamExt;
 use sqlx::{Row, Sqlite, Transaction};
 
 use super::{account_key, decode_json, Result, Store};
-use crate::core::desired::{Conflict, Desired};
+use crate::core::desired::{Conflict, Desired, DesiredUser};
 use crate::core::model::{AccountKey, UserState};
 use crate::core::plan::{Op, Plan};
 
@@ -63,27 +63,10 @@ impl Store {
         status_blocked: &str,
     ) -> Result<()> {
         let (current, gone) = self.desired_delta(desired).await?;
-        let mut tx = self.pool.begin().await?;
-        for (login, d) in &desired.users {
-            if current.contains(login.as_str()) {
-                continue;
-            }
-            sqlx::query(
-                "INSERT INTO desired_users (login, source, account_id, state_json, hash, rules)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-                 ON CONFLICT (login) DO UPDATE SET source = excluded.source,
-                    account_id = excluded.account_id, state_json = excluded.state_json,
-                    hash = excluded.hash, rules = excluded.rules",
-            )
-            .bind(login)
-            .bind(d.owner.source.as_str())
-            .bind(&d.owner.id)
-            .bind(serde_json::to_string(&d.state).unwrap_or_default())
-            .bind(&d.hash)
-            .bind(serde_json::to_string(&d.rules).unwrap_or_default())
-            .execute(&mut *tx)
-            .await?;
-        }
+        let mut tx = self.write_tx().await?;
+        let changed = desired.users.iter();
+        let changed = changed.filter(|(login, _)| !current.contains(login.as_str()));
+        write_desired(&mut tx, changed).await?;
         for login in &gone {
             sqlx::query("DELETE FROM desired_users WHERE login = ?")
                 .bind(login)
@@ -95,6 +78,31 @@ impl Store {
         tx.commit().await?;
         Ok(())
     }
+
+    /// A targeted cycle's plan: the desired rows and plan rows of its own
+    /// logins only, beside whatever the listing lane persisted.
+    pub async fn persist_targeted_plan(
+        &self,
+        cycle_id: i64,
+        desired: &Desired,
+        plan: &Plan,
+        status_blocked: &str,
+    ) -> Result<()> {
+        let ops = plan.ops.iter().chain(&plan.held);
+        let planned: Vec<_> = ops.filter_map(|op| desired.users.get_key_value(&op.login)).collect();
+        let mut tx = self.write_tx().await?;
+        write_desired(&mut tx, planned.into_iter()).await?;
+        for op in &plan.ops {
+            sqlx::query("DELETE FROM plan_ops WHERE login = ?")
+                .bind(&op.login)
+                .execute(&mut *tx)
+                .await?;
+            insert_op(&mut tx, cycle_id, op, PlanState::Planned, status_blocked).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
 
     /// Stored desired rows that are current, and logins nobody desires:
     /// streamed, so a no-op cycle holds no copy of 100k rows.
@@ -172,6 +180,30 @@ impl Store {
             })
             .collect())
     }
+}
+
+async fn write_desired<'d>(
+    tx: &mut Transaction<'_, Sqlite>,
+    users: impl Iterator<Item = (&'d String, &'d DesiredUser)>,
+) -> Result<()> {
+    for (login, d) in users {
+        sqlx::query(
+            "INSERT INTO desired_users (login, source, account_id, state_json, hash, rules)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+             ON CONFLICT (login) DO UPDATE SET source = excluded.source,
+                account_id = excluded.account_id, state_json = excluded.state_json,
+                hash = excluded.hash, rules = excluded.rules",
+        )
+        .bind(login)
+        .bind(d.owner.source.as_str())
+        .bind(&d.owner.id)
+        .bind(serde_json::to_string(&d.state).unwrap_or_default())
+        .bind(&d.hash)
+        .bind(serde_json::to_string(&d.rules).unwrap_or_default())
+        .execute(&mut **tx)
+        .await?;
+    }
+    Ok(())
 }
 
 async fn write_plan(

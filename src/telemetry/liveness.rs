@@ -1,10 +1,13 @@
 //! Signs of progress for the systemd watchdog and `/livez` (SPEC §10.4).
 //! Every request that ends (answered or failed) and every second of a
-//! deliberate wait (backoff, `Retry-After`) beats; so does the idle loop. A
-//! process stuck anywhere else stops beating, and systemd restarts it.
+//! deliberate wait (backoff, `Retry-After`) beats; so does an idle lane. A
+//! lane stuck anywhere else stops beating, and systemd restarts the process.
+//! Each daemon lane has its own pulse (a task-local), so one idle lane
+//! cannot hide another that is stuck.
 
+use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::LazyLock;
+use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
 
 /// The last sign of progress, in milliseconds since `start`.
@@ -51,21 +54,32 @@ impl Default for Pulse {
     }
 }
 
+/// Beaten outside any lane (`sync` and other commands).
 static PULSE: LazyLock<Pulse> = LazyLock::new(Pulse::new);
 
-/// The process's pulse.
-pub fn pulse() -> &'static Pulse {
-    &PULSE
+tokio::task_local! {
+    static CURRENT: Arc<Pulse>;
+}
+
+/// Runs `f` with its progress beating `pulse`.
+pub async fn within<F: Future>(pulse: Arc<Pulse>, f: F) -> F::Output {
+    CURRENT.scope(pulse, f).await
 }
 
 /// Progress was made.
 pub fn beat() {
-    PULSE.beat();
+    if CURRENT.try_with(|p| p.beat()).is_err() {
+        PULSE.beat();
+    }
 }
 
 /// A deliberate wait (backoff, `Retry-After`): beats every second of it.
 pub async fn sleep(d: Duration) {
-    PULSE.sleep(d, Duration::from_secs(1)).await;
+    let step = Duration::from_secs(1);
+    match CURRENT.try_with(Arc::clone) {
+        Ok(p) => p.sleep(d, step).await,
+        Err(_) => PULSE.sleep(d, step).await,
+    }
 }
 
 #[cfg(test)]
@@ -93,5 +107,15 @@ mod tests {
             pulse.age() >= Duration::from_millis(400),
             "beats after the wait ended"
         );
+    }
+
+    /// Progress inside a lane beats that lane's pulse, not another's.
+    #[tokio::test]
+    async fn beats_go_to_the_current_lane() {
+        let (a, b) = (Arc::new(Pulse::new()), Arc::new(Pulse::new()));
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        within(a.clone(), async { beat() }).await;
+        assert!(a.age() < Duration::from_millis(20));
+        assert!(b.age() >= Duration::from_millis(30));
     }
 }

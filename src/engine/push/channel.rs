@@ -92,7 +92,9 @@ pub struct Channel {
     /// Set on shutdown, or when outcomes can no longer be recorded: requests
     /// in flight finish, no new one starts.
     stop: Arc<AtomicBool>,
-    limiter: DefaultDirectRateLimiter,
+    /// Shared by every cycle of the process, so the lanes together stay
+    /// within `vms.max_requests_per_second`.
+    limiter: Arc<DefaultDirectRateLimiter>,
     max_attempts: u32,
     max_retry_after: Duration,
 }
@@ -114,14 +116,25 @@ fn full_jitter(d: Duration) -> Duration {
     Duration::from_millis(rand::rng().random_range(0..=ms))
 }
 
+/// The process-wide VMS request rate limit.
+pub fn limiter(settings: &VmsSettings) -> Arc<DefaultDirectRateLimiter> {
+    let rps = NonZeroU32::new(settings.max_requests_per_second).unwrap_or(NonZeroU32::MIN);
+    Arc::new(RateLimiter::direct(
+        Quota::per_second(rps).allow_burst(NonZeroU32::MIN),
+    ))
+}
+
 impl Channel {
-    pub fn new(settings: &VmsSettings, stop: Option<Arc<AtomicBool>>) -> Self {
-        let rps = NonZeroU32::new(settings.max_requests_per_second).unwrap_or(NonZeroU32::MIN);
+    pub fn new(
+        settings: &VmsSettings,
+        limiter: Arc<DefaultDirectRateLimiter>,
+        stop: Option<Arc<AtomicBool>>,
+    ) -> Self {
         Self {
             breaker: Breaker::new(settings.circuit_breaker_failures),
             answers: Answers::default(),
             stop: stop.unwrap_or_default(),
-            limiter: RateLimiter::direct(Quota::per_second(rps).allow_burst(NonZeroU32::MIN)),
+            limiter,
             max_attempts: settings.max_attempts.max(1),
             max_retry_after: Duration::from_secs(settings.max_retry_after_secs),
         }

@@ -26,8 +26,10 @@ use crate::sources::WriteBack;
 use crate::store::{AuditRow, QuarantinePart, RetryInfo, Store};
 use crate::telemetry::metrics;
 use crate::vms::{VmsClient, VmsOp};
+pub use channel::limiter;
 use channel::Channel;
 
+use super::claims::{Claims, Writer};
 use super::Progress;
 
 /// One planned operation.
@@ -125,6 +127,10 @@ pub struct PushInput<'a> {
     pub applied: &'a BTreeMap<String, AppliedUser>,
     pub stop: Option<Arc<AtomicBool>>,
     pub now: DateTime<Utc>,
+    pub limiter: Arc<governor::DefaultDirectRateLimiter>,
+    pub claims: &'a Claims,
+    /// This cycle, as a writer of the logins it pushes.
+    pub writer: Writer,
 }
 
 pub struct Executor<'a> {
@@ -142,6 +148,8 @@ pub struct Executor<'a> {
     concurrency: usize,
     requeue_base_secs: u64,
     now: DateTime<Utc>,
+    claims: &'a Claims,
+    writer: Writer,
 }
 
 /// How `record` settled one task.
@@ -157,7 +165,7 @@ impl<'a> Executor<'a> {
             vms: input.vms,
             store: input.store,
             core: input.core,
-            channel: Channel::new(input.settings, input.stop),
+            channel: Channel::new(input.settings, input.limiter, input.stop),
             writeback: input.writeback,
             retries: input.retries,
             tree_quarantined: input.tree_quarantined,
@@ -167,6 +175,8 @@ impl<'a> Executor<'a> {
             concurrency: input.settings.concurrency.max(1) as usize,
             requeue_base_secs: input.settings.requeue_base_secs,
             now: input.now,
+            claims: input.claims,
+            writer: input.writer,
         }
     }
 
@@ -235,10 +245,36 @@ impl<'a> Executor<'a> {
         }
     }
 
+    /// Executes and records a task while holding its login (one writer per
+    /// login), so its applied state is written before another cycle's turn.
     fn run<'t>(&'t self, task: Task<'t>) -> BoxFuture<'t, Result<Recorded, PushError>> {
         Box::pin(async move {
+            let _claim = match task {
+                Task::User(op) => match self.claims.claim(&op.login, self.writer).await {
+                    Some(claim) => Some(claim),
+                    None => return self.superseded(op).await,
+                },
+                _ => None,
+            };
             let outcome = self.execute(task).await;
             self.record(task, outcome).await
+        })
+    }
+
+    /// A newer targeted cycle pushed this login after this cycle read it:
+    /// what this cycle planned is older news. The next listing re-diffs it.
+    async fn superseded(&self, op: &Op) -> Result<Recorded, PushError> {
+        tracing::debug!(login = %op.login, "pushed meanwhile by a newer targeted cycle; left to the next listing");
+        self.store.plan_done(&op.login).await?;
+        Ok(Recorded {
+            kind: TaskKind::User,
+            result: "superseded",
+            audit: AuditRow {
+                login: op.login.clone(),
+                action: op.label(&self.core.status_blocked).into(),
+                result: "superseded".into(),
+                detail: "pushed meanwhile by a newer targeted cycle".into(),
+            },
         })
     }
 
