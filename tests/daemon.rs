@@ -52,6 +52,10 @@ fn spawn(lab: &Lab, env: &[(&str, &str)], args: &[&str]) -> (Child, String) {
         .env_remove("RUST_LOG")
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
+    // `BILLSYNC_TEST_LOG=billsync=debug`: the daemon's log on the terminal.
+    if let Ok(filter) = std::env::var("BILLSYNC_TEST_LOG") {
+        cmd.env("RUST_LOG", filter).stderr(Stdio::inherit());
+    }
     for (k, v) in env {
         cmd.env(k, v);
     }
@@ -692,4 +696,105 @@ async fn a_payment_reaches_the_vms_between_listing_cycles() {
     })
     .await;
     assert_eq!(lab.ap.calls("list"), lists, "a listing cycle ran");
+}
+
+/// Finished cycles of this kind, from `/metrics`.
+async fn finished(admin: &str, kind: &str) -> u64 {
+    let text = reqwest::get(format!("{admin}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let label = format!("billsync_cycles_total{{kind=\"{kind}\"");
+    text.lines()
+        .filter(|l| l.starts_with(&label) && !l.contains("skipped"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+async fn post(admin: &str, path: &str, body: serde_json::Value) -> u16 {
+    let r = reqwest::Client::new()
+        .post(format!("{admin}{path}"))
+        .bearer_auth(TOKEN)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    r.status().as_u16()
+}
+
+/// SPEC §10.2: the fast lane runs beside a listing cycle, and one writer
+/// per login. A full resync reads the customer as not paying and pushes
+/// slowly (one request at a time, 400 ms each, the customer's login last);
+/// meanwhile the customer pays and the hook triggers. The payment reaches
+/// the VMS while the resync still runs, and the resync does not push its
+/// stale "not paying" afterwards. Before: the trigger waited for the whole
+/// resync; without the claim, the resync blocked the customer again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_trigger_is_not_undone_by_a_slower_listing_cycle() {
+    let lab = lab(0, 12).await;
+    let d = start(
+        &lab,
+        &[
+            RARE,
+            ("BILLSYNC__ADMIN__TOKEN", TOKEN),
+            ("BILLSYNC__VMS__CONCURRENCY", "1"),
+        ],
+        &["--resync"],
+    )
+    .await;
+    wait_until("the first cycle", Duration::from_secs(20), || {
+        lab.vms.data().users.len() == 12
+    })
+    .await;
+    // The customer whose login the resync pushes last stops paying.
+    let (id, login) = {
+        let mut ap = lab.ap.data();
+        let a = (ap.accounts.iter_mut())
+            .max_by_key(|a| a.email.to_lowercase())
+            .unwrap();
+        (a.balance, a.credit_limit) = (-50.0, 0.0);
+        (a.id, a.email.to_lowercase())
+    };
+    lab.vms.faults.set_latency(Duration::from_millis(400));
+    let fulls = finished(&d.admin, "full").await;
+    let served = lab.vms.served();
+    assert_eq!(post(&d.admin, "/resync", serde_json::json!({})).await, 202);
+    wait_until("the resync's first pushes", Duration::from_secs(20), || {
+        lab.vms.served() >= served + 2
+    })
+    .await;
+    let today = chrono::Utc::now().format("%Y-%m-%d").to_string();
+    lab.ap.add_payment(id, "100.00", "completed", &today);
+    lab.ap
+        .data()
+        .accounts
+        .iter_mut()
+        .find(|a| a.id == id)
+        .unwrap()
+        .balance = 50.0;
+    let accounts = serde_json::json!({"accounts": [format!("activeplatform:{id}")]});
+    assert_eq!(post(&d.admin, "/trigger", accounts).await, 202);
+    wait_until("the trigger's push", Duration::from_secs(20), || {
+        paying(&lab, &login)
+    })
+    .await;
+    assert_eq!(
+        finished(&d.admin, "full").await,
+        fulls,
+        "the trigger waited for the resync"
+    );
+    let t = Instant::now();
+    while finished(&d.admin, "full").await == fulls {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the resync never ended"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        paying(&lab, &login),
+        "the resync pushed what it read before the payment"
+    );
 }

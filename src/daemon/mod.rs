@@ -194,7 +194,13 @@ pub async fn start(settings: Settings, resync: bool) -> Result<(Daemon, StateLoc
     let watchdog = notify::spawn_watchdog(shared.pulses());
     let engine = Arc::new(engine);
     let lanes = [(Lane::Listing, listing_rx), (Lane::Fast, fast_rx)].map(|(lane, rx)| {
-        let run = cycle_loop(engine.clone(), shared.clone(), lane, rx, shutdown_rx.clone());
+        let run = cycle_loop(
+            engine.clone(),
+            shared.clone(),
+            lane,
+            rx,
+            shutdown_rx.clone(),
+        );
         tokio::spawn(run)
     });
     let task = tokio::spawn(async move {

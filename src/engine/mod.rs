@@ -181,13 +181,26 @@ impl Engine {
         debug_phase("desired state built", clock);
         let mut memory = Memory::load(store).await?;
         let need = select::changed(store, &self.core, &desired, &intent, &memory).await?;
+        // A targeted cycle holds its logins before it reads their applied
+        // state, so a listing cycle's push cannot slip in between.
+        let _held = match (&need.logins, intent.kind.lists()) {
+            (Some(logins), false) => {
+                let logins = logins.iter().cloned().collect();
+                Some(self.claims.hold(logins, intent.started).await)
+            }
+            _ => None,
+        };
         let planned = self
             .plan_with_safety(store, &desired, &need, &intent, &mut memory)
             .await?;
         let blocked = &self.core.status_blocked;
         let plan = &planned.plan;
         match intent.kind.lists() {
-            true => store.persist_plan(cycle_id, &desired, plan, blocked).await?,
+            true => {
+                store
+                    .persist_plan(cycle_id, &desired, plan, blocked)
+                    .await?
+            }
             false => (store.persist_targeted_plan(cycle_id, &desired, plan, blocked)).await?,
         }
         debug_phase("plan persisted", clock);
@@ -336,11 +349,7 @@ impl Engine {
             stop: opts.stop.clone(),
             now: intent.started,
             limiter: self.limiter.clone(),
-            claims: &self.claims,
-            writer: match intent.kind.lists() {
-                true => claims::Writer::Listing(intent.started),
-                false => claims::Writer::Targeted(intent.started),
-            },
+            claims: intent.kind.lists().then_some(&self.claims),
         });
         let progress = opts.progress.as_ref();
         Ok(executor.push(&planned.plan, cycle_id, progress).await?)

@@ -485,3 +485,70 @@ async fn read_account<'e>(
         last_seen: r.get(5),
     }))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(secs: i64) -> DateTime<Utc> {
+        DateTime::from_timestamp(1_800_000_000 + secs, 0).unwrap()
+    }
+
+    fn raw(balance: &str) -> RawAccount {
+        RawAccount {
+            id: "7".into(),
+            balance: Some(balance.into()),
+            ..Default::default()
+        }
+    }
+
+    async fn list(store: &Store, balance: &str, now: DateTime<Utc>) {
+        let kind = SourceKind::Activeplatform;
+        let index = store.account_index(kind).await.unwrap();
+        let row = ListedAccount {
+            raw: raw(balance),
+            row_hash: format!("hash-{balance}"),
+            row_json: None,
+        };
+        store
+            .save_listing(kind, &[row], &index, 3, now)
+            .await
+            .unwrap();
+        let details = [("7".to_string(), format!("hash-{balance}"), raw(balance))];
+        store.save_details(kind, &details, now).await.unwrap();
+    }
+
+    async fn balance(store: &Store) -> (Option<String>, Option<String>) {
+        let a = store.source_account(SourceKind::Activeplatform, "7").await;
+        let a = a.unwrap().unwrap();
+        (a.list.balance, a.details.and_then(|d| d.balance))
+    }
+
+    /// The two lanes save at once: a listing cycle that read before a
+    /// targeted re-read must not overwrite it, nor the reverse.
+    #[tokio::test]
+    async fn an_older_read_never_overwrites_a_fresher_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("s.db")).await.unwrap();
+        let paid = || (Some("50".to_string()), Some("50".to_string()));
+        list(&store, "-5", at(0)).await;
+        store
+            .save_fresh(SourceKind::Activeplatform, &raw("50"), at(20))
+            .await
+            .unwrap();
+        assert_eq!(balance(&store).await, paid());
+        // A listing cycle that started at 10 saves what it read then.
+        list(&store, "-6", at(10)).await;
+        assert_eq!(balance(&store).await, paid(), "a stale listing won");
+        // A listing that started after the re-read is fresher.
+        list(&store, "60", at(30)).await;
+        let sixty = (Some("60".to_string()), Some("60".to_string()));
+        assert_eq!(balance(&store).await, sixty);
+        // A targeted read from before that listing is older news.
+        store
+            .save_fresh(SourceKind::Activeplatform, &raw("1"), at(25))
+            .await
+            .unwrap();
+        assert_eq!(balance(&store).await, sixty, "a stale re-read won");
+    }
+}

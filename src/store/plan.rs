@@ -89,7 +89,9 @@ impl Store {
         status_blocked: &str,
     ) -> Result<()> {
         let ops = plan.ops.iter().chain(&plan.held);
-        let planned: Vec<_> = ops.filter_map(|op| desired.users.get_key_value(&op.login)).collect();
+        let planned: Vec<_> = ops
+            .filter_map(|op| desired.users.get_key_value(&op.login))
+            .collect();
         let mut tx = self.write_tx().await?;
         write_desired(&mut tx, planned.into_iter()).await?;
         for op in &plan.ops {
@@ -102,7 +104,6 @@ impl Store {
         tx.commit().await?;
         Ok(())
     }
-
 
     /// Stored desired rows that are current, and logins nobody desires:
     /// streamed, so a no-op cycle holds no copy of 100k rows.

@@ -29,7 +29,7 @@ use crate::vms::{VmsClient, VmsOp};
 pub use channel::limiter;
 use channel::Channel;
 
-use super::claims::{Claims, Writer};
+use super::claims::Claims;
 use super::Progress;
 
 /// One planned operation.
@@ -128,9 +128,9 @@ pub struct PushInput<'a> {
     pub stop: Option<Arc<AtomicBool>>,
     pub now: DateTime<Utc>,
     pub limiter: Arc<governor::DefaultDirectRateLimiter>,
-    pub claims: &'a Claims,
-    /// This cycle, as a writer of the logins it pushes.
-    pub writer: Writer,
+    /// Claim each login before pushing it (a listing cycle); `None`: the
+    /// cycle holds its logins already (a targeted cycle).
+    pub claims: Option<&'a Claims>,
 }
 
 pub struct Executor<'a> {
@@ -148,8 +148,7 @@ pub struct Executor<'a> {
     concurrency: usize,
     requeue_base_secs: u64,
     now: DateTime<Utc>,
-    claims: &'a Claims,
-    writer: Writer,
+    claims: Option<&'a Claims>,
 }
 
 /// How `record` settled one task.
@@ -176,7 +175,6 @@ impl<'a> Executor<'a> {
             requeue_base_secs: input.settings.requeue_base_secs,
             now: input.now,
             claims: input.claims,
-            writer: input.writer,
         }
     }
 
@@ -249,8 +247,8 @@ impl<'a> Executor<'a> {
     /// login), so its applied state is written before another cycle's turn.
     fn run<'t>(&'t self, task: Task<'t>) -> BoxFuture<'t, Result<Recorded, PushError>> {
         Box::pin(async move {
-            let _claim = match task {
-                Task::User(op) => match self.claims.claim(&op.login, self.writer).await {
+            let _claim = match (task, self.claims) {
+                (Task::User(op), Some(claims)) => match claims.claim(&op.login, self.now).await {
                     Some(claim) => Some(claim),
                     None => return self.superseded(op).await,
                 },
