@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 mod common;
 
 use billsync::emulators::lab::Lab;
-use billsync::emulators::vms::VmsEmulator;
 use billsync::engine::{CycleOptions, Engine};
+use common::{credit, paying, unpaid};
 use rand::Rng;
 
 const TOKEN: &str = "bench-admin-token-0123456789";
@@ -31,58 +31,6 @@ fn main() {
         .build()
         .unwrap();
     rt.block_on(bench(n, payments));
-}
-
-/// The customers who will pay: the first `k` active accounts of each
-/// source (one on hold would never get the archive), not paying now;
-/// alternately BILLmanager and ActivePlatform.
-fn unpaid(lab: &Lab, k: usize) -> Vec<(String, String)> {
-    let mut bm_out = vec![];
-    let mut bm = lab.bm.data();
-    for a in bm.accounts.iter_mut().filter(|a| a.status == "1").take(k) {
-        (a.balance, a.credit_limits) = ("-50.00".into(), vec!["0".into()]);
-        let login = a.email.trim().to_lowercase();
-        bm_out.push((format!("billmanager:{}", a.id), login));
-    }
-    drop(bm);
-    let mut ap_out = vec![];
-    let mut ap = lab.ap.data();
-    for a in ap
-        .accounts
-        .iter_mut()
-        .filter(|a| a.status == "active")
-        .take(k)
-    {
-        (a.balance, a.credit_limit) = (-50.0, 0.0);
-        let login = a.email.trim().to_lowercase();
-        ap_out.push((format!("activeplatform:{}", a.id), login));
-    }
-    bm_out
-        .into_iter()
-        .zip(ap_out)
-        .flat_map(|(b, a)| [b, a])
-        .collect()
-}
-
-/// The billing system credits the payment: a payment row and the balance.
-fn credit(lab: &Lab, key: &str) {
-    let today = chrono::Utc::now().format("%Y-%m-%d").to_string();
-    let (source, id) = key.split_once(':').unwrap();
-    let id: u64 = id.parse().unwrap();
-    if source == "billmanager" {
-        lab.bm.add_payment(id, "100.00", "4", &today);
-        let mut bm = lab.bm.data();
-        bm.accounts.iter_mut().find(|a| a.id == id).unwrap().balance = "50.00".into();
-    } else {
-        lab.ap.add_payment(id, "100.00", "completed", &today);
-        let mut ap = lab.ap.data();
-        ap.accounts.iter_mut().find(|a| a.id == id).unwrap().balance = 50.0;
-    }
-}
-
-fn paying(vms: &VmsEmulator, login: &str) -> bool {
-    vms.user(login)
-        .is_some_and(|u| u.permissions.contains("archives-show"))
 }
 
 async fn bench(n: usize, payments: usize) {

@@ -134,6 +134,15 @@ impl ApEmulator {
             .unwrap_or(0)
     }
 
+    /// Every call received.
+    pub fn total_calls(&self) -> u64 {
+        self.calls
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .sum()
+    }
+
     pub fn reset_calls(&self) {
         self.calls.lock().unwrap_or_else(|e| e.into_inner()).clear();
     }
