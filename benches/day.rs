@@ -54,7 +54,9 @@ fn totals(lab: &Lab) -> Minute {
 
 async fn bench(n: usize, minutes: usize) {
     let lab = Lab::start(n / 2, n - n / 2).await.unwrap();
-    let mut customers = unpaid(&lab, minutes);
+    // About one payment every two minutes of the rolling phase, as many
+    // during the resync.
+    let mut customers = unpaid(&lab, minutes.div_ceil(2).max(2));
     let fast = lab
         .settings("", &[("BILLSYNC__VMS__CONCURRENCY", "8")])
         .unwrap();
@@ -111,11 +113,13 @@ async fn phase(
     let (daemon, lock) = billsync::daemon::start(settings, resync).await.unwrap();
     let admin = format!("http://{}", daemon.admin_addr);
     let label = if resync { "nightly" } else { "rolling" };
+    // The metrics are the process's: the initial sync counted a full cycle.
+    let fulls = full_resyncs(&admin).await;
     // Payments spread over the rolling phase; during the resync, quickly.
     let max_gap = minutes.map_or(40, |m| 2 * m as u64 * 60 / customers.len().max(1) as u64);
     let (waits, out) = tokio::join!(
         pay(lab, customers, Duration::from_secs(max_gap)),
-        sample(lab, &admin, label, minutes)
+        sample(lab, &admin, label, minutes, fulls)
     );
     daemon.stop().await;
     drop(lock);
@@ -125,8 +129,15 @@ async fn phase(
     }
 }
 
-/// Requests per minute, for `minutes`, or until a full resync finished.
-async fn sample(lab: &Lab, admin: &str, label: &str, minutes: Option<usize>) -> Vec<Minute> {
+/// Requests per minute, for `minutes`, or until one more full resync
+/// than `fulls` finished.
+async fn sample(
+    lab: &Lab,
+    admin: &str,
+    label: &str,
+    minutes: Option<usize>,
+    fulls: u64,
+) -> Vec<Minute> {
     let mut out = vec![];
     let mut last = totals(lab);
     loop {
@@ -142,7 +153,7 @@ async fn sample(lab: &Lab, admin: &str, label: &str, minutes: Option<usize>) -> 
         eprintln!("{label} minute {}: {m:?}", out.len());
         let done = match minutes {
             Some(limit) => out.len() >= limit,
-            None => full_resyncs(admin).await > 0 || out.len() >= 180,
+            None => full_resyncs(admin).await > fulls || out.len() >= 180,
         };
         if done {
             return out;
