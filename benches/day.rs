@@ -23,17 +23,10 @@ use rand::Rng;
 const TOKEN: &str = "bench-admin-token-0123456789";
 
 fn main() {
-    let args: Vec<usize> = std::env::args()
-        .skip(1)
-        .filter_map(|a| a.parse().ok())
-        .collect();
+    let args = common::numbers();
     let n = args.first().copied().unwrap_or(4_200);
     let minutes = args.get(1).copied().unwrap_or(15);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(bench(n, minutes));
+    common::block_on(bench(n, minutes));
 }
 
 /// Requests each system received in one minute.

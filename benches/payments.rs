@@ -20,17 +20,10 @@ use rand::Rng;
 const TOKEN: &str = "bench-admin-token-0123456789";
 
 fn main() {
-    let args: Vec<usize> = std::env::args()
-        .skip(1)
-        .filter_map(|a| a.parse().ok())
-        .collect();
+    let args = common::numbers();
     let n = args.first().copied().unwrap_or(100_000);
     let payments = args.get(1).copied().unwrap_or(20);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(bench(n, payments));
+    common::block_on(bench(n, payments));
 }
 
 async fn bench(n: usize, payments: usize) {
