@@ -16,7 +16,6 @@ use std::time::{Duration, Instant};
 mod common;
 
 use billsync::emulators::lab::Lab;
-use billsync::engine::{CycleOptions, Engine};
 use common::{credit, paying, unpaid};
 use rand::Rng;
 
@@ -50,17 +49,7 @@ async fn bench(n: usize, minutes: usize) {
     // About one payment every two minutes of the rolling phase, as many
     // during the resync.
     let mut customers = unpaid(&lab, minutes.div_ceil(2).max(2));
-    let fast = lab
-        .settings("", &[("BILLSYNC__VMS__CONCURRENCY", "8")])
-        .unwrap();
-    let engine = Engine::new(fast).await.unwrap();
-    let full = CycleOptions {
-        full: true,
-        ..Default::default()
-    };
-    engine.run_cycle(&full).await.unwrap();
-    engine.store.close().await;
-    drop(engine);
+    common::initial_sync(&lab).await;
 
     lab.bm.faults.set_latency(Duration::from_millis(150));
     lab.ap.faults.set_latency(Duration::from_millis(60));

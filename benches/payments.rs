@@ -13,7 +13,6 @@ use std::time::{Duration, Instant};
 mod common;
 
 use billsync::emulators::lab::Lab;
-use billsync::engine::{CycleOptions, Engine};
 use common::{credit, paying, unpaid};
 use rand::Rng;
 
@@ -30,18 +29,8 @@ async fn bench(n: usize, payments: usize) {
     let lab = Lab::start(n / 2, n - n / 2).await.unwrap();
     let mut customers = unpaid(&lab, payments);
     // The initial sync at full speed: not what is measured.
-    let fast = lab
-        .settings("", &[("BILLSYNC__VMS__CONCURRENCY", "8")])
-        .unwrap();
     let t = Instant::now();
-    let engine = Engine::new(fast).await.unwrap();
-    let full = CycleOptions {
-        full: true,
-        ..Default::default()
-    };
-    engine.run_cycle(&full).await.unwrap();
-    engine.store.close().await;
-    drop(engine);
+    common::initial_sync(&lab).await;
     eprintln!(
         "initial sync of {n} accounts: {:.1} s",
         t.elapsed().as_secs_f64()

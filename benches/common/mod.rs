@@ -88,3 +88,18 @@ pub fn paying(vms: &VmsEmulator, login: &str) -> bool {
     vms.user(login)
         .is_some_and(|u| u.permissions.contains("archives-show"))
 }
+
+/// The initial full sync at full speed (8 requests in flight): the set-up
+/// of the latency benches, not what they measure.
+pub async fn initial_sync(lab: &Lab) {
+    let fast = lab
+        .settings("", &[("BILLSYNC__VMS__CONCURRENCY", "8")])
+        .unwrap();
+    let engine = billsync::engine::Engine::new(fast).await.unwrap();
+    let full = billsync::engine::CycleOptions {
+        full: true,
+        ..Default::default()
+    };
+    engine.run_cycle(&full).await.unwrap();
+    engine.store.close().await;
+}
