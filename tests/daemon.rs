@@ -549,10 +549,8 @@ async fn started_and_synced(lab: &Lab, users: usize) -> Running {
         &["--resync"],
     )
     .await;
-    wait_until("the first cycle", Duration::from_secs(20), || {
-        lab.vms.data().users.len() == users
-    })
-    .await;
+    wait_finished(&d.admin, "full", 1).await;
+    assert_eq!(lab.vms.data().users.len(), users);
     d
 }
 
@@ -725,15 +723,25 @@ async fn post(admin: &str, path: &str, body: serde_json::Value) -> u16 {
 }
 
 /// SPEC §10.2: the fast lane runs beside a listing cycle, and one writer
-/// per login. A full resync reads the customer as not paying and pushes
-/// slowly (one request at a time, 400 ms each, the customer's login last);
-/// meanwhile the customer pays and the hook triggers. The payment reaches
-/// the VMS while the resync still runs, and the resync does not push its
-/// stale "not paying" afterwards. Before: the trigger waited for the whole
-/// resync; without the claim, the resync blocked the customer again.
+/// per login. A customer is not paying. A full resync reads them so and
+/// pushes slowly (one request at a time, 400 ms each, the customer's login
+/// last); meanwhile the customer pays and the hook triggers. The payment
+/// reaches the VMS while the resync still runs, and the resync does not
+/// push its stale "not paying" afterwards. Before: the trigger waited for
+/// the whole resync; without the claim, the resync blocked the customer
+/// again.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_trigger_is_not_undone_by_a_slower_listing_cycle() {
-    let lab = lab(0, 12).await;
+    let lab = lab(0, 24).await;
+    // The customer whose login the resync pushes last does not pay.
+    let (id, login) = {
+        let mut ap = lab.ap.data();
+        let a = (ap.accounts.iter_mut())
+            .max_by_key(|a| a.email.to_lowercase())
+            .unwrap();
+        (a.balance, a.credit_limit) = (-50.0, 0.0);
+        (a.id, a.email.to_lowercase())
+    };
     let d = start(
         &lab,
         &[
@@ -744,21 +752,9 @@ async fn a_trigger_is_not_undone_by_a_slower_listing_cycle() {
         &["--resync"],
     )
     .await;
-    wait_until("the first cycle", Duration::from_secs(20), || {
-        lab.vms.data().users.len() == 12
-    })
-    .await;
-    // The customer whose login the resync pushes last stops paying.
-    let (id, login) = {
-        let mut ap = lab.ap.data();
-        let a = (ap.accounts.iter_mut())
-            .max_by_key(|a| a.email.to_lowercase())
-            .unwrap();
-        (a.balance, a.credit_limit) = (-50.0, 0.0);
-        (a.id, a.email.to_lowercase())
-    };
+    let fulls = wait_finished(&d.admin, "full", 1).await;
+    assert!(lab.vms.user(&login).is_some() && !paying(&lab, &login));
     lab.vms.faults.set_latency(Duration::from_millis(400));
-    let fulls = finished(&d.admin, "full").await;
     let served = lab.vms.served();
     assert_eq!(post(&d.admin, "/resync", serde_json::json!({})).await, 202);
     wait_until("the resync's first pushes", Duration::from_secs(20), || {
@@ -785,16 +781,25 @@ async fn a_trigger_is_not_undone_by_a_slower_listing_cycle() {
         fulls,
         "the trigger waited for the resync"
     );
-    let t = Instant::now();
-    while finished(&d.admin, "full").await == fulls {
-        assert!(
-            t.elapsed() < Duration::from_secs(30),
-            "the resync never ended"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_finished(&d.admin, "full", fulls + 1).await;
     assert!(
         paying(&lab, &login),
         "the resync pushed what it read before the payment"
     );
+}
+
+/// Waits until `n` cycles of this kind have finished; returns the count.
+async fn wait_finished(admin: &str, kind: &str, n: u64) -> u64 {
+    let t = Instant::now();
+    loop {
+        let done = finished(admin, kind).await;
+        if done >= n {
+            return done;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "{n} {kind} cycles never finished"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
