@@ -1,9 +1,14 @@
 //! Whole-cycle benchmark: the emulators (10 ms VMS latency) seeded with N
 //! accounts, an initial full sync with `vms.concurrency = 8`, then no-op
-//! incremental cycles, then no-op cycles after a change of `vms.user_type`. Every phase runs in its own process, so each peak RSS
-//! is that phase's alone; the emulators run in another.
+//! incremental cycles, then no-op cycles after a change of `vms.user_type`.
+//! Every phase runs in its own process, so each peak RSS is that phase's
+//! alone; the emulators run in another.
 //!
 //! cargo bench --bench sync -- [N ...]   (default 10000 100000)
+//!
+//! Knobs: `BILLSYNC_BENCH_LATENCY_MS` (VMS latency), `BILLSYNC_BENCH_NOOPS`
+//! (no-op cycles of each kind), `BILLSYNC_BENCH_BASELINE` (another build's
+//! bench binary: each no-op cycle also runs there, alternately).
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
@@ -24,7 +29,19 @@ fn latency_ms() -> u64 {
 }
 const CONCURRENCY: u32 = 8;
 
+/// `BILLSYNC_BENCH_BASELINE=<another build of this bench>` runs every no-op
+/// cycle in that build too, alternately: an A/B on the same state.
+/// `BILLSYNC_BENCH_NOOPS` no-op cycles of each kind (default 2); more give a
+/// steadier median on a noisy machine.
+fn noop_runs() -> usize {
+    std::env::var("BILLSYNC_BENCH_NOOPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2)
+}
+
 fn main() {
+    billsync::allocator::purge_freed_memory_soon();
     let args: Vec<String> = std::env::args()
         .skip(1)
         .filter(|a| !a.starts_with("--"))
@@ -84,16 +101,23 @@ fn bench(n: usize) {
     // The last rows run with another `vms.user_type`, which the VMS cannot
     // apply to existing users: their no-op cycles must cost what the others do.
     let retyped = "no-op after vms.user_type change";
-    for (label, full) in [
-        ("initial full sync", true),
-        ("no-op incremental", false),
-        ("no-op incremental", false),
-        (retyped, false),
-        (retyped, false),
-    ] {
+    let noops = noop_runs();
+    let runs = std::iter::once(("initial full sync", true))
+        .chain(std::iter::repeat_n(("no-op incremental", false), noops))
+        .chain(std::iter::repeat_n((retyped, false), noops));
+    let this = std::env::current_exe().unwrap();
+    let baseline = std::env::var_os("BILLSYNC_BENCH_BASELINE").map(std::path::PathBuf::from);
+    // With a baseline, each no-op cycle runs once in each build, alternately,
+    // so both see the same state and the same moments of a noisy machine.
+    let runs = runs.flat_map(|(label, full)| {
+        let other = baseline.as_ref().filter(|_| !full);
+        std::iter::once((label, full, &this, ""))
+            .chain(other.map(|b| (label, full, b, " (baseline)")))
+    });
+    for (label, full, exe, build) in runs {
         let before = emus.ask("stats");
         let user_type = if label == retyped { "b2b" } else { "b2c" };
-        let out = Command::new(std::env::current_exe().unwrap())
+        let out = Command::new(exe)
             .args([config.as_str(), if full { "full" } else { "incremental" }])
             .env("BILLSYNC_BENCH_ROLE", "cycle")
             .env("BILLSYNC__VMS__USER_TYPE", user_type)
@@ -115,7 +139,7 @@ fn bench(n: usize) {
             }
         };
         println!(
-            "| {n} | {label} | {secs:.2} | {vms} | {push:.2} | {} | {} | {} | {} | {:.1} |",
+            "| {n} | {label}{build} | {secs:.2} | {vms} | {push:.2} | {} | {} | {} | {} | {:.1} |",
             rate(r["applied"].as_f64().unwrap_or(0.0)),
             rate(vms as f64),
             d("details"),

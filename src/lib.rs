@@ -1,6 +1,7 @@
 //! billsync: keeps AIPIX VMS users in step with BILLmanager and
 //! ActivePlatform accounts. See ARCHITECTURE.md for the map.
 
+pub mod allocator;
 pub mod cli;
 pub mod config;
 pub mod core;

@@ -10,6 +10,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use clap::Parser;
 
 fn main() -> ExitCode {
+    billsync::allocator::purge_freed_memory_soon();
     let cli = billsync::cli::Cli::parse();
     billsync::cli::run(cli)
 }

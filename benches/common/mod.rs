@@ -16,8 +16,10 @@ pub fn numbers() -> Vec<usize> {
         .collect()
 }
 
-/// Runs a bench on a multi-threaded runtime, as the daemon runs.
+/// Runs a bench on a multi-threaded runtime, with the allocator tuned, as
+/// the daemon runs.
 pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    billsync::allocator::purge_freed_memory_soon();
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -103,7 +103,7 @@ pub struct Engine {
     pub settings: Settings,
     pub store: Store,
     sources: Vec<Source>,
-    normalizers: BTreeMap<SourceKind, Normalizer>,
+    normalizers: BTreeMap<SourceKind, Arc<Normalizer>>,
     vms: VmsClient,
     core: CoreConfig,
     /// Shared by the cycles that run at once (the listing and fast lanes).
@@ -122,7 +122,7 @@ impl Engine {
         let sources = sources::from_settings(&settings).map_err(|e| setup(e.to_string()))?;
         let normalizers = sources
             .iter()
-            .map(|s| Ok((s.kind(), settings.normalizer(s.kind())?)))
+            .map(|s| Ok((s.kind(), Arc::new(settings.normalizer(s.kind())?))))
             .collect::<Result<_, String>>()
             .map_err(setup)?;
         let vms = VmsClient::new(&settings.vms).map_err(|e| setup(e.to_string()))?;

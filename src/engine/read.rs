@@ -6,13 +6,13 @@
 //! user left alone (`unusable`).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::future::Future;
 
 use chrono::{DateTime, Duration as ChronoDuration, Utc};
 use futures::StreamExt;
 
 use super::report::SourceSummary;
 use super::{Engine, EngineError, Intent, Progress};
-use crate::core::cycle::CycleKind;
 use crate::core::desired::SourceInput;
 use crate::core::model::{
     Account, Invalid, InvalidCode, ListedAccount, Payment, RawAccount, SourceKind,
@@ -20,7 +20,7 @@ use crate::core::model::{
 use crate::core::normalize::{self, Normalizer};
 use crate::sources::{BadRow, Details, ListedPayment, Listing, PaymentListing, Source};
 use crate::store::{AccountIndexEntry, Store, StoreError};
-use crate::telemetry::metrics;
+use crate::telemetry::{liveness, metrics};
 
 /// Detail calls in flight per source.
 const DETAIL_CONCURRENCY: usize = 4;
@@ -84,55 +84,92 @@ pub struct Reads {
 }
 
 impl Engine {
-    /// Reads every enabled source, in priority order.
+    /// Reads every enabled source, each on a task of its own: their
+    /// listings wait on different servers and parse on different cores, so
+    /// the read phase costs the slowest source, not the sum.
     pub(super) async fn read_all(
         &self,
         store: &Store,
         intent: &Intent,
         progress: Option<&Progress>,
     ) -> Result<Reads, EngineError> {
-        let history = self.core.rules.iter().map(|r| r.paid_within_days).max();
+        // Dropping the set (a failed read, shutdown) aborts the others.
+        let mut reads = tokio::task::JoinSet::new();
+        for source in &self.sources {
+            let job = self.read_job(store, source, intent, progress);
+            reads.spawn(liveness::in_this_lane(job));
+        }
         let mut out = Reads {
             inputs: BTreeMap::new(),
             summaries: BTreeMap::new(),
             invalid: 0,
         };
-        for source in &self.sources {
-            let kind = source.kind();
-            let window = self
-                .settings
-                .source(kind)
-                .map(|s| s.common.payment_window_days);
-            let opts = ReadOptions {
-                full: intent.kind.is_full(),
-                payment_window_days: window.unwrap_or(DEFAULT_PAYMENT_WINDOW_DAYS),
-                paid_history_days: history.unwrap_or(0),
-                missing_grace_cycles: self.settings.daemon.missing_grace_cycles,
-                reverify: intent
-                    .reverify_accounts
-                    .get(&kind)
-                    .cloned()
-                    .unwrap_or_default(),
-                now: intent.started,
+        while let Some(done) = reads.join_next().await {
+            let (kind, read) = match done {
+                Ok(read) => read?,
+                Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                Err(e) => return Err(EngineError::Setup(format!("source read: {e}"))),
             };
-            let label = format!("reading {kind}");
-            let cb = |n: usize| {
-                if let Some(p) = progress {
-                    p(&label, n as u64, None);
-                }
-            };
-            let normalizer = &self.normalizers[&kind];
-            let r = match intent.kind {
-                CycleKind::Targeted | CycleKind::Payments => {
-                    let ids = intent.accounts.iter().filter(|a| a.source == kind);
-                    let ids: Vec<&str> = ids.map(|a| a.id.as_str()).collect();
-                    read_targeted(store, source, normalizer, &ids, intent.started).await?
-                }
-                _ => read_source(store, source, normalizer, &opts, &cb).await?,
-            };
-            out.add(kind, r);
+            out.add(kind, read);
         }
         Ok(out)
+    }
+
+    /// One source's read, owning what it uses.
+    fn read_job(
+        &self,
+        store: &Store,
+        source: &Source,
+        intent: &Intent,
+        progress: Option<&Progress>,
+    ) -> impl Future<Output = Result<(SourceKind, SourceRead), EngineError>> + Send + 'static {
+        let kind = source.kind();
+        let (store, source) = (store.clone(), source.clone());
+        let normalizer = self.normalizers[&kind].clone();
+        let targeted: Option<Vec<String>> = (!intent.kind.lists()).then(|| {
+            let ids = intent.accounts.iter().filter(|a| a.source == kind);
+            ids.map(|a| a.id.clone()).collect()
+        });
+        let opts = self.read_options(kind, intent);
+        let progress = progress.cloned();
+        async move {
+            let read = match targeted {
+                Some(ids) => {
+                    let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+                    read_targeted(&store, &source, &normalizer, &ids, opts.now).await?
+                }
+                None => {
+                    let label = format!("reading {kind}");
+                    let cb = |n: usize| {
+                        if let Some(p) = &progress {
+                            p(&label, n as u64, None);
+                        }
+                    };
+                    read_source(&store, &source, &normalizer, &opts, &cb).await?
+                }
+            };
+            Ok((kind, read))
+        }
+    }
+
+    fn read_options(&self, kind: SourceKind, intent: &Intent) -> ReadOptions {
+        let history = self.core.rules.iter().map(|r| r.paid_within_days).max();
+        let window = self
+            .settings
+            .source(kind)
+            .map(|s| s.common.payment_window_days);
+        ReadOptions {
+            full: intent.kind.is_full(),
+            payment_window_days: window.unwrap_or(DEFAULT_PAYMENT_WINDOW_DAYS),
+            paid_history_days: history.unwrap_or(0),
+            missing_grace_cycles: self.settings.daemon.missing_grace_cycles,
+            reverify: intent
+                .reverify_accounts
+                .get(&kind)
+                .cloned()
+                .unwrap_or_default(),
+            now: intent.started,
+        }
     }
 }
 

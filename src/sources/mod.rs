@@ -106,7 +106,8 @@ pub trait WriteBack: Send + Sync {
     async fn write_login(&self, id: &str, login: &str) -> Result<(), FetchError>;
 }
 
-pub type Source = Box<dyn BillingSource>;
+/// Shared, so each source's read can run on a task of its own.
+pub type Source = std::sync::Arc<dyn BillingSource>;
 
 /// The enabled sources, in priority order: the one place that knows which
 /// module reads which system.
@@ -115,10 +116,10 @@ pub fn from_settings(settings: &Settings) -> anyhow::Result<Vec<Source>> {
     for kind in settings.enabled_sources() {
         out.push(match kind {
             SourceKind::Billmanager => {
-                Box::new(BillmanagerClient::new(settings.bm().expect("enabled"))?)
+                std::sync::Arc::new(BillmanagerClient::new(settings.bm().expect("enabled"))?)
             }
             SourceKind::Activeplatform => {
-                Box::new(ActivePlatformClient::new(settings.ap().expect("enabled"))?)
+                std::sync::Arc::new(ActivePlatformClient::new(settings.ap().expect("enabled"))?)
             }
         });
     }

@@ -66,6 +66,18 @@ pub async fn within<F: Future>(pulse: Arc<Pulse>, f: F) -> F::Output {
     CURRENT.scope(pulse, f).await
 }
 
+/// `f`, beating the lane it is made in wherever it runs: a task spawned
+/// from a lane does not inherit the lane's task-local.
+pub fn in_this_lane<F: Future>(f: F) -> impl Future<Output = F::Output> {
+    let pulse = CURRENT.try_with(Arc::clone).ok();
+    async move {
+        match pulse {
+            Some(p) => within(p, f).await,
+            None => f.await,
+        }
+    }
+}
+
 /// Progress was made.
 pub fn beat() {
     if CURRENT.try_with(|p| p.beat()).is_err() {
@@ -115,6 +127,18 @@ mod tests {
         let (a, b) = (Arc::new(Pulse::new()), Arc::new(Pulse::new()));
         tokio::time::sleep(Duration::from_millis(30)).await;
         within(a.clone(), async { beat() }).await;
+        assert!(a.age() < Duration::from_millis(20));
+        assert!(b.age() >= Duration::from_millis(30));
+    }
+
+    /// Before: a source read spawned from a lane beat no lane, so a long
+    /// listing looked like a stuck daemon.
+    #[tokio::test]
+    async fn a_task_spawned_in_a_lane_beats_that_lane() {
+        let (a, b) = (Arc::new(Pulse::new()), Arc::new(Pulse::new()));
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        let job = CURRENT.sync_scope(a.clone(), || in_this_lane(async { beat() }));
+        tokio::spawn(job).await.unwrap();
         assert!(a.age() < Duration::from_millis(20));
         assert!(b.age() >= Duration::from_millis(30));
     }
