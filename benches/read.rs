@@ -98,6 +98,7 @@ async fn run(n: usize, bm_url: &str, ap_url: &str) {
                 paid_history_days: 0,
                 missing_grace_cycles: 2,
                 reverify: Default::default(),
+                pacing: settings.pacing(),
                 now: chrono::Utc::now(),
             };
             let t = Instant::now();

@@ -1085,6 +1085,15 @@ impl Settings {
             .filter(|a| a.common.enabled)
     }
 
+    /// Rolling re-verification's pacing: the incremental schedule's
+    /// interval and `daemon.reverify_hours`.
+    pub fn pacing(&self) -> crate::core::pacing::Pacing {
+        crate::core::pacing::Pacing {
+            interval_secs: schedule_period(&self.daemon.schedule).as_secs(),
+            period_secs: u64::from(self.daemon.reverify_hours) * 3600,
+        }
+    }
+
     /// The settings the pure core reads, in its own types.
     pub fn core_config(&self) -> CoreConfig {
         CoreConfig {

@@ -803,3 +803,39 @@ async fn wait_finished(admin: &str, kind: &str, n: u64) -> u64 {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// Issue 17: a daemon at its shipped defaults (only the schedule is fast)
+/// with a few dozen accounts and nothing changing sends nothing after its
+/// initial sync: no VMS request and no detail read, cycle after cycle. In
+/// 0.5.1 rolling re-verification sent a PATCH and two detail reads in every
+/// cycle, because its slice was never less than one.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_daemon_at_its_defaults_is_quiet_when_nothing_changes() {
+    let lab = lab(15, 15).await;
+    let d = start(&lab, &[], &[]).await;
+    wait_finished(&d.admin, "incremental", 1).await;
+    assert_eq!(lab.vms.data().users.len(), 30, "the initial sync");
+    let (vms, bm_details, ap_gets) = (
+        lab.vms.requests(),
+        lab.bm.calls("account.edit") + lab.bm.calls("subaccount"),
+        lab.ap.calls("get"),
+    );
+    let from = finished(&d.admin, "incremental").await;
+    // Two minutes of cycles every 2 s, with payment ticks every 10 s.
+    let quiet = Duration::from_secs(120);
+    tokio::time::sleep(quiet).await;
+    let cycles = finished(&d.admin, "incremental").await - from;
+    assert!(cycles >= 30, "only {cycles} cycles ran in {quiet:?}");
+    assert_eq!(
+        lab.vms.requests(),
+        vms,
+        "VMS requests in {cycles} no-op cycles"
+    );
+    let details = lab.bm.calls("account.edit") + lab.bm.calls("subaccount");
+    assert_eq!(details, bm_details, "BILLmanager detail reads");
+    assert_eq!(lab.ap.calls("get"), ap_gets, "ActivePlatform account GETs");
+    assert!(
+        lab.bm.calls("account") > 0 && lab.ap.calls("list") > 0,
+        "listings ran"
+    );
+}

@@ -1,12 +1,15 @@
 //! SPEC §2 end to end: the engine against the three emulators over real
 //! loopback HTTP, with a real SQLite file.
 
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use billsync::core::cycle::{CycleKind, CycleResult};
 use billsync::emulators::lab::Lab;
 use billsync::emulators::Fault;
-use billsync::engine::{CycleOptions, CycleReport, Engine};
+use billsync::engine::{Clock, CycleOptions, CycleReport, Engine};
 use billsync::store::RequestKind;
 
 async fn setup(bm: usize, ap: usize, extra: &str, env: &[(&str, &str)]) -> (Lab, Engine) {
@@ -971,14 +974,20 @@ async fn the_payment_fast_path_pushes_paid_accounts_only() {
 
 /// SPEC §10.1. Before: only the nightly full resync (hours at 100k, with no
 /// cycle meanwhile) repaired hand edits on the VMS and BILLmanager e-mail
-/// edits. Now each incremental cycle re-verifies a small slice, and within
-/// one period everything is repaired, a few requests per cycle.
+/// edits. Now each incremental cycle re-verifies a small slice of what is
+/// due; once a period has passed (a fake clock) everything is repaired, a
+/// few requests per cycle, and then the cycles are quiet again.
 #[tokio::test]
 async fn rolling_reverification_repairs_drift_a_slice_at_a_time() {
-    // A cycle every 2 s and a 1 h period: one account per source and one
-    // user per cycle.
+    // A 1 h period, so that a cycle every 2 s takes one account per source
+    // and one user.
     let env = [("BILLSYNC__DAEMON__REVERIFY_HOURS", "1")];
-    let (lab, engine) = setup(3, 3, "", &env).await;
+    let (lab, mut engine) = setup(3, 3, "", &env).await;
+    let shift = Arc::new(AtomicI64::new(0));
+    let s = shift.clone();
+    engine.set_clock(Clock::from_fn(move || {
+        chrono::Utc::now() + chrono::Duration::seconds(s.load(Ordering::SeqCst))
+    }));
     cycle(&engine).await;
     let logins: Vec<String> = lab.vms.data().users.keys().cloned().collect();
     assert_eq!(logins.len(), 6);
@@ -994,6 +1003,11 @@ async fn rolling_reverification_repairs_drift_a_slice_at_a_time() {
         .find(|a| a.id == 1)
         .unwrap()
         .email = "renamed1@bm.example.com".into();
+    let before = lab.vms.requests();
+    let r = cycle(&engine).await;
+    assert_eq!(lab.vms.requests(), before, "nothing is due yet: {r:?}");
+    // One and a half periods later everything is due.
+    shift.store(5400, Ordering::SeqCst);
     for _ in 0..8 {
         let before = lab.vms.requests();
         let r = cycle(&engine).await;
@@ -1017,12 +1031,78 @@ async fn rolling_reverification_repairs_drift_a_slice_at_a_time() {
         "blocked",
         "the old login stays active"
     );
-    let settings = lab.settings("", &env).unwrap();
-    let status = billsync::status::status_json(&engine.store, &settings)
-        .await
-        .unwrap();
-    assert!(
-        status["oldest_verification"]["age_secs"].as_i64().unwrap() < 60,
-        "{status}"
-    );
+    // Everything was verified just now: the next cycles send nothing.
+    let before = lab.vms.requests();
+    for _ in 0..3 {
+        cycle(&engine).await;
+    }
+    assert_eq!(lab.vms.requests(), before, "re-verified more than once");
+}
+
+/// SPEC §10.1 (v3): a dry run plans what the next cycle sends, its
+/// re-verification slice included. Before, the slice was chosen among ties
+/// in the order of the state file, which the dry run's copy does not keep.
+#[tokio::test]
+async fn a_dry_run_shows_exactly_what_the_next_cycle_sends() {
+    // A 1 h period and a cycle every 10 min: slices of two users and one
+    // account per source.
+    let env = [
+        ("BILLSYNC__DAEMON__REVERIFY_HOURS", "1"),
+        ("BILLSYNC__DAEMON__SCHEDULE", "0 */10 * * * *"),
+    ];
+    let (lab, mut engine) = setup(5, 5, "", &env).await;
+    let shift = Arc::new(AtomicI64::new(0));
+    let s = shift.clone();
+    engine.set_clock(Clock::from_fn(move || {
+        chrono::Utc::now() + chrono::Duration::seconds(s.load(Ordering::SeqCst))
+    }));
+    cycle(&engine).await;
+    shift.store(5400, Ordering::SeqCst);
+    for round in 0..3 {
+        lab.bm.data().accounts[round].balance = "-1000".into();
+        let dry = CycleOptions {
+            dry_run: true,
+            ..Default::default()
+        };
+        let planned = cycle_with(&engine, dry).await;
+        assert!(planned.plan.len() >= 2, "no slice: {planned:?}");
+        let before = lab.vms.requests();
+        let real = cycle(&engine).await;
+        assert_eq!(real.operations, planned.operations, "round {round}");
+        let sent: BTreeSet<String> = lab.vms.data().events[before..]
+            .iter()
+            .map(|e| e.login.clone())
+            .collect();
+        let shown: BTreeSet<String> = planned.plan.iter().map(|p| p.login.clone()).collect();
+        assert_eq!(sent, shown, "round {round}");
+    }
+}
+
+/// SPEC §10.3 (v3): an ActivePlatform re-read that answers the account with
+/// a live status ends its "gone" mark. Before, an account that came back
+/// stayed blocked until a listing cycle, whatever a trigger re-read said.
+#[tokio::test]
+async fn a_re_read_account_that_came_back_is_restored() {
+    let (lab, engine) = setup(0, 3, "", &[]).await;
+    cycle(&engine).await;
+    let login = "client1@ap.example.com";
+    assert_eq!(lab.vms.user(login).unwrap().status, "active");
+    let account = {
+        let mut ap = lab.ap.data();
+        let i = ap.accounts.iter().position(|a| a.id == 2_000_001).unwrap();
+        ap.accounts.remove(i)
+    };
+    // Gone from complete listings past the grace (2): blocked.
+    for _ in 0..3 {
+        cycle(&engine).await;
+    }
+    assert_eq!(lab.vms.user(login).unwrap().status, "blocked");
+    lab.ap.data().accounts.push(account);
+    let r = cycle_with(&engine, targeted(&["activeplatform:2000001"])).await;
+    assert_eq!(r.kind, CycleKind::Targeted);
+    assert_eq!(lab.vms.user(login).unwrap().status, "active", "{r:?}");
+    // The next listing agrees: nothing to undo.
+    let before = lab.vms.requests();
+    cycle(&engine).await;
+    assert_eq!(lab.vms.requests(), before);
 }

@@ -33,6 +33,11 @@ fn opts(full: bool) -> ReadOptions {
         paid_history_days: 30,
         missing_grace_cycles: 2,
         reverify: Default::default(),
+        // The shipped pacing: a cycle a minute, re-verified daily.
+        pacing: billsync::core::pacing::Pacing {
+            interval_secs: 60,
+            period_secs: 86_400,
+        },
         now: chrono::Utc::now(),
     }
 }

@@ -6,5 +6,6 @@ pub mod cycle;
 pub mod desired;
 pub mod model;
 pub mod normalize;
+pub mod pacing;
 pub mod plan;
 pub mod rules;

@@ -48,17 +48,15 @@ impl Lab {
     }
 
     /// A complete config for the three emulators; `extra` is appended (start
-    /// it with a `[section]` header).
+    /// it with a `[section]` header). Everything is the shipped default but
+    /// what a lab must change, each with its reason.
     pub fn config_text(&self, extra: &str) -> String {
         format!(
             r#"[daemon]
 state_path = "{state}"
+# Seconds, not minutes: tests wait for cycles.
 schedule = "*/2 * * * * *"
-full_resync_schedule = ""
 control_poll_secs = 1
-# Tests that exercise re-verification turn it on; elsewhere a cycle with
-# nothing to do must send nothing.
-reverify_hours = 0
 
 [admin]
 listen = "127.0.0.1:0"
@@ -69,8 +67,10 @@ level = "warn"
 
 [vms]
 url = "{vms}"
+# Loopback answers at once: short timeouts keep fault tests short, a high
+# rate keeps initial syncs short, and no requeue base lets a test see a
+# retry in the next cycle.
 timeout_secs = 5
-concurrency = 4
 max_requests_per_second = 1000
 requeue_base_secs = 0
 

@@ -2,13 +2,14 @@
 //! select changed → plan with safety → persist → push → record.
 
 pub mod claims;
+mod clock;
 mod finish;
 mod notices;
 mod payments;
 mod push;
 pub mod read;
 mod report;
-mod reverify;
+pub mod reverify;
 mod select;
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
@@ -18,6 +19,7 @@ use std::time::Instant;
 
 use chrono::{DateTime, Utc};
 
+pub use clock::Clock;
 pub use push::policy::{error_policy, next_attempt, Context, Next, PushError, TaskKind};
 pub use push::{Outcome, PushSummary};
 pub use report::{
@@ -30,6 +32,7 @@ use crate::core::cycle::CycleKind;
 use crate::core::desired::{self, CoreConfig};
 use crate::core::model::{AccountKey, SourceKind};
 use crate::core::normalize::Normalizer;
+use crate::core::pacing::Pacing;
 use crate::core::plan::Approval;
 use crate::sources::{self, Source};
 use crate::store::{Requests, Store, StoreError};
@@ -106,6 +109,8 @@ pub struct Engine {
     normalizers: BTreeMap<SourceKind, Arc<Normalizer>>,
     vms: VmsClient,
     core: CoreConfig,
+    pacing: Pacing,
+    clock: Clock,
     /// Shared by the cycles that run at once (the listing and fast lanes).
     claims: claims::Claims,
     limiter: Arc<governor::DefaultDirectRateLimiter>,
@@ -128,6 +133,7 @@ impl Engine {
         let vms = VmsClient::new(&settings.vms).map_err(|e| setup(e.to_string()))?;
         let core = settings.core_config();
         let limiter = push::limiter(&settings.vms);
+        let pacing = settings.pacing();
         Ok(Self {
             settings,
             store,
@@ -135,6 +141,8 @@ impl Engine {
             normalizers,
             vms,
             core,
+            pacing,
+            clock: Clock::system(),
             claims: claims::Claims::default(),
             limiter,
         })
@@ -142,6 +150,12 @@ impl Engine {
 
     pub fn core(&self) -> &CoreConfig {
         &self.core
+    }
+
+    /// Replaces the wall clock cycles start by and record verifications
+    /// with (tests of time-dependent behaviour).
+    pub fn set_clock(&mut self, clock: Clock) {
+        self.clock = clock;
     }
 
     /// Runs one cycle. Errors only when the cycle could not run at all. A dry
@@ -247,7 +261,10 @@ impl Engine {
             _ => self.listing_intent(opts, requests),
         };
         if intent.kind == CycleKind::Incremental {
-            self.reverify_slice(store, &mut intent).await?;
+            let kinds: Vec<_> = self.sources.iter().map(|s| s.kind()).collect();
+            let slice = reverify::due_slice(store, &kinds, self.pacing, intent.started).await?;
+            intent.reverify_accounts = slice.accounts;
+            intent.reverify_logins = slice.logins;
         }
         if !intent.dry_run {
             if intent.kind.is_full() {
@@ -282,7 +299,7 @@ impl Engine {
             accounts: BTreeSet::new(),
             reverify_accounts: BTreeMap::new(),
             reverify_logins: HashSet::new(),
-            started: Utc::now(),
+            started: self.clock.now(),
         }
     }
 
@@ -311,7 +328,7 @@ impl Engine {
             accounts,
             reverify_accounts: BTreeMap::new(),
             reverify_logins: HashSet::new(),
-            started: Utc::now(),
+            started: self.clock.now(),
         }
     }
 
@@ -349,6 +366,8 @@ impl Engine {
             stop: opts.stop.clone(),
             now: intent.started,
             limiter: self.limiter.clone(),
+            pacing: self.pacing,
+            clock: self.clock.clone(),
             claims: intent.kind.lists().then_some(&self.claims),
         });
         let progress = opts.progress.as_ref();

@@ -15,11 +15,12 @@ use super::report::SourceSummary;
 use super::{Engine, EngineError, Intent, Progress};
 use crate::core::desired::SourceInput;
 use crate::core::model::{
-    Account, Invalid, InvalidCode, ListedAccount, Payment, RawAccount, SourceKind,
+    Account, CanonicalStatus, Invalid, InvalidCode, ListedAccount, Payment, RawAccount, SourceKind,
 };
 use crate::core::normalize::{self, Normalizer};
+use crate::core::pacing::Pacing;
 use crate::sources::{BadRow, Details, ListedPayment, Listing, PaymentListing, Source};
-use crate::store::{AccountIndexEntry, Store, StoreError};
+use crate::store::{AccountIndexEntry, Fresh, Store, StoreError};
 use crate::telemetry::{liveness, metrics};
 
 /// Detail calls in flight per source.
@@ -42,6 +43,7 @@ pub struct ReadOptions {
     /// Accounts whose details are re-read this cycle whatever they look
     /// like (rolling re-verification).
     pub reverify: HashSet<String>,
+    pub pacing: Pacing,
     pub now: DateTime<Utc>,
 }
 
@@ -136,7 +138,7 @@ impl Engine {
             let read = match targeted {
                 Some(ids) => {
                     let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
-                    read_targeted(&store, &source, &normalizer, &ids, opts.now).await?
+                    read_targeted(&store, &source, &normalizer, &ids, &opts).await?
                 }
                 None => {
                     let label = format!("reading {kind}");
@@ -168,6 +170,7 @@ impl Engine {
                 .get(&kind)
                 .cloned()
                 .unwrap_or_default(),
+            pacing: self.pacing,
             now: intent.started,
         }
     }
@@ -251,7 +254,7 @@ pub async fn read_source(
     drop(listing);
     let expected = index.len().max(out.listed);
     drop(index);
-    let gone = fetch_details(store, source, wanted, opts.now, &mut out).await?;
+    let gone = fetch_details(store, source, wanted, opts, &mut out).await?;
     debug_step(kind, "saved", t0);
     out.accounts.reserve_exact(expected);
     normalize_stored(store, source, normalizer, &gone, &mut out).await?;
@@ -382,7 +385,7 @@ async fn fetch_details(
     store: &Store,
     source: &Source,
     wanted: Vec<(String, String)>,
-    now: DateTime<Utc>,
+    opts: &ReadOptions,
     out: &mut SourceRead,
 ) -> Result<HashSet<String>, StoreError> {
     type Fetched = (String, String, Result<Details, crate::http::FetchError>);
@@ -413,12 +416,16 @@ async fn fetch_details(
         }
         // The buffered futures hold no pool connection: safe to await.
         if batch.len() >= DETAIL_BATCH {
-            store.save_details(kind, &batch, now).await?;
+            store
+                .save_details(kind, &batch, opts.now, &opts.pacing)
+                .await?;
             batch.clear();
         }
     }
     drop(results);
-    store.save_details(kind, &batch, now).await?;
+    store
+        .save_details(kind, &batch, opts.now, &opts.pacing)
+        .await?;
     if let Some(e) = &first_error {
         tracing::warn!(source = %kind, failed, error = %e, "some account details could not be read; retried next cycle");
     }
@@ -482,13 +489,14 @@ fn unique_names(accounts: &[ListedAccount]) -> HashMap<String, Option<String>> {
 /// A targeted read (SPEC §10.3): the named accounts re-read one by one and
 /// stored as the freshest truth, then every stored account normalized. The
 /// source counts as incomplete, so nothing is deprovisioned; an account the
-/// source says is gone is left to the next listing.
+/// source says is gone is left to the next listing. A re-read that states a
+/// live status is evidence the account exists: it ends its "gone" mark.
 pub async fn read_targeted(
     store: &Store,
     source: &Source,
     normalizer: &Normalizer,
     ids: &[&str],
-    now: DateTime<Utc>,
+    opts: &ReadOptions,
 ) -> Result<SourceRead, StoreError> {
     let kind = source.kind();
     let mut out = SourceRead::default();
@@ -496,7 +504,13 @@ pub async fn read_targeted(
         out.detail_calls += 1;
         match source.details(id).await {
             Ok(Details::Found(raw)) => {
-                store.save_fresh(kind, &raw, now).await?;
+                let live = (raw.status.as_deref())
+                    .and_then(|s| normalizer.status(s))
+                    .is_some_and(|s| s != CanonicalStatus::Deleted);
+                let fresh = Fresh { raw: &raw, live };
+                store
+                    .save_fresh(kind, fresh, opts.now, &opts.pacing)
+                    .await?;
                 out.fresh.push(id.to_string());
             }
             Ok(Details::Gone) => {

@@ -7,6 +7,7 @@ use sqlx::Row;
 
 use super::{decode_json, parse_ts, ts, Result, Store};
 use crate::core::model::{AccountKey, ListedAccount, Payment, RawAccount, SourceKind};
+use crate::core::pacing::{Pacing, Round};
 
 #[derive(Debug, Clone)]
 pub struct AccountIndexEntry {
@@ -26,6 +27,25 @@ pub struct InvalidRow {
     pub id: String,
     pub reason: String,
     pub detail: String,
+}
+
+/// A targeted re-read of one account.
+#[derive(Debug, Clone, Copy)]
+pub struct Fresh<'a> {
+    pub raw: &'a RawAccount,
+    /// It states a live status (active or suspended): the account exists,
+    /// whatever earlier listings said, so its "gone" mark ends.
+    pub live: bool,
+}
+
+/// `verify_from` of an account's first details read, and of any later one.
+fn verify_froms(pacing: &Pacing, source: SourceKind, id: &str, now: DateTime<Utc>) -> (i64, i64) {
+    let key = format!("{}:{id}", source.as_str());
+    let now = now.timestamp();
+    (
+        pacing.verify_from(&key, Round::First, now),
+        pacing.verify_from(&key, Round::Again, now),
+    )
 }
 
 impl Store {
@@ -126,14 +146,16 @@ impl Store {
             } else {
                 None
             };
+            // A re-read made after this listing began is newer evidence.
             sqlx::query(
                 "UPDATE source_accounts SET missing_cycles = missing_cycles + 1,
                     last_seen = COALESCE(?3, last_seen)
-                 WHERE source = ?1 AND id = ?2",
+                 WHERE source = ?1 AND id = ?2 AND (details_at IS NULL OR details_at <= ?4)",
             )
             .bind(source.as_str())
             .bind(id)
             .bind(last_seen)
+            .bind(&now_s)
             .execute(&mut *tx)
             .await?;
         }
@@ -169,9 +191,11 @@ impl Store {
     pub async fn save_fresh(
         &self,
         source: SourceKind,
-        fresh: &RawAccount,
+        fresh: Fresh<'_>,
         now: DateTime<Utc>,
+        pacing: &Pacing,
     ) -> Result<()> {
+        let Fresh { raw: fresh, live } = fresh;
         // Read and written in one transaction: a listing saved in between
         // must not be merged away.
         let mut tx = self.write_tx().await?;
@@ -184,14 +208,18 @@ impl Store {
             None => (fresh.clone(), fresh.clone()),
         };
         let json = |r: &RawAccount| serde_json::to_string(r).unwrap_or_default();
+        let (first, again) = verify_froms(pacing, source, &fresh.id, now);
         sqlx::query(
             "INSERT INTO source_accounts
                 (source, id, row_json, row_hash, list_raw, details_json, details_at,
-                 first_seen, last_seen, missing_cycles)
-             VALUES (?1, ?2, '{}', '', ?3, ?4, ?5, ?5, ?5, 0)
+                 first_seen, last_seen, missing_cycles, verify_from)
+             VALUES (?1, ?2, '{}', '', ?3, ?4, ?5, ?5, ?5, 0, ?6)
              ON CONFLICT (source, id) DO UPDATE SET
                 list_raw = excluded.list_raw, details_json = excluded.details_json,
-                details_at = excluded.details_at
+                details_at = excluded.details_at,
+                verify_from = CASE WHEN source_accounts.details_at IS NULL THEN ?6 ELSE ?7 END,
+                missing_cycles = CASE WHEN ?8 THEN 0 ELSE source_accounts.missing_cycles END,
+                last_seen = CASE WHEN ?8 THEN excluded.last_seen ELSE source_accounts.last_seen END
              WHERE source_accounts.last_seen <= excluded.last_seen",
         )
         .bind(source.as_str())
@@ -199,23 +227,31 @@ impl Store {
         .bind(json(&list))
         .bind(json(&details))
         .bind(ts(now))
+        .bind(first)
+        .bind(again)
+        .bind(live)
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
         Ok(())
     }
 
+    /// Details read for listed accounts: each read verifies its account,
+    /// the first one staggered (`core::pacing`).
     pub async fn save_details(
         &self,
         source: SourceKind,
         details: &[(String, String, RawAccount)],
         now: DateTime<Utc>,
+        pacing: &Pacing,
     ) -> Result<()> {
         let now_s = ts(now);
         let mut tx = self.write_tx().await?;
         for (id, row_hash, raw) in details {
+            let (first, again) = verify_froms(pacing, source, id, now);
             sqlx::query(
-                "UPDATE source_accounts SET details_json = ?3, details_at = ?4, row_hash = ?5
+                "UPDATE source_accounts SET details_json = ?3, details_at = ?4, row_hash = ?5,
+                    verify_from = CASE WHEN details_at IS NULL THEN ?6 ELSE ?7 END
                  WHERE source = ?1 AND id = ?2 AND (details_at IS NULL OR details_at <= ?4)",
             )
             .bind(source.as_str())
@@ -223,6 +259,8 @@ impl Store {
             .bind(serde_json::to_string(raw).unwrap_or_default())
             .bind(&now_s)
             .bind(row_hash)
+            .bind(first)
+            .bind(again)
             .execute(&mut *tx)
             .await?;
         }
@@ -494,6 +532,15 @@ mod tests {
         DateTime::from_timestamp(1_800_000_000 + secs, 0).unwrap()
     }
 
+    const PACING: Pacing = Pacing {
+        interval_secs: 60,
+        period_secs: 86_400,
+    };
+
+    fn fresh(raw: &RawAccount) -> Fresh<'_> {
+        Fresh { raw, live: true }
+    }
+
     fn raw(balance: &str) -> RawAccount {
         RawAccount {
             id: "7".into(),
@@ -515,7 +562,10 @@ mod tests {
             .await
             .unwrap();
         let details = [("7".to_string(), format!("hash-{balance}"), raw(balance))];
-        store.save_details(kind, &details, now).await.unwrap();
+        store
+            .save_details(kind, &details, now, &PACING)
+            .await
+            .unwrap();
     }
 
     async fn balance(store: &Store) -> (Option<String>, Option<String>) {
@@ -533,7 +583,12 @@ mod tests {
         let paid = || (Some("50".to_string()), Some("50".to_string()));
         list(&store, "-5", at(0)).await;
         store
-            .save_fresh(SourceKind::Activeplatform, &raw("50"), at(20))
+            .save_fresh(
+                SourceKind::Activeplatform,
+                fresh(&raw("50")),
+                at(20),
+                &PACING,
+            )
             .await
             .unwrap();
         assert_eq!(balance(&store).await, paid());
@@ -546,7 +601,12 @@ mod tests {
         assert_eq!(balance(&store).await, sixty);
         // A targeted read from before that listing is older news.
         store
-            .save_fresh(SourceKind::Activeplatform, &raw("1"), at(25))
+            .save_fresh(
+                SourceKind::Activeplatform,
+                fresh(&raw("1")),
+                at(25),
+                &PACING,
+            )
             .await
             .unwrap();
         assert_eq!(balance(&store).await, sixty, "a stale re-read won");

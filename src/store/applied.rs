@@ -113,16 +113,15 @@ impl Store {
             .collect()
     }
 
-    /// Records what one confirmed answer proved, at once, in its own
-    /// transaction: `Some` is the login's new applied state, `None` that the
-    /// VMS no longer has the user.
-    /// Records what the VMS has for `login`; `asserted`: the write stated
-    /// its full state (rolling re-verification counts from then).
+    /// Records what one confirmed answer proved about `login`, at once, in
+    /// its own transaction: `Some` is its new applied state, `None` that the
+    /// VMS no longer has the user. `verify_from`: the write stated the full
+    /// state, and re-verification counts from then (`core::pacing`).
     pub async fn set_applied(
         &self,
         login: &str,
         user: Option<&AppliedUser>,
-        asserted: bool,
+        verify_from: Option<i64>,
     ) -> Result<()> {
         let Some(user) = user else {
             sqlx::query("DELETE FROM applied_users WHERE login = ?")
@@ -132,12 +131,14 @@ impl Store {
             return Ok(());
         };
         sqlx::query(
-            "INSERT INTO applied_users (login, source, account_id, state_json, hash, applied_at, asserted_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, CASE WHEN ?7 THEN ?6 END)
+            "INSERT INTO applied_users
+                (login, source, account_id, state_json, hash, applied_at, asserted_at, verify_from)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, CASE WHEN ?7 IS NOT NULL THEN ?6 END, ?7)
              ON CONFLICT (login) DO UPDATE SET source = excluded.source,
                 account_id = excluded.account_id, state_json = excluded.state_json,
                 hash = excluded.hash, applied_at = excluded.applied_at,
-                asserted_at = COALESCE(excluded.asserted_at, applied_users.asserted_at)",
+                asserted_at = COALESCE(excluded.asserted_at, applied_users.asserted_at),
+                verify_from = COALESCE(excluded.verify_from, applied_users.verify_from)",
         )
         .bind(login)
         .bind(user.owner.source.as_str())
@@ -145,7 +146,7 @@ impl Store {
         .bind(serde_json::to_string(&user.state).unwrap_or_default())
         .bind(state_hash(&user.state))
         .bind(ts(Utc::now()))
-        .bind(asserted)
+        .bind(verify_from)
         .execute(&self.pool)
         .await?;
         Ok(())

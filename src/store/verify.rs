@@ -9,29 +9,54 @@ use std::collections::HashSet;
 use crate::core::model::{AccountKey, SourceKind};
 
 impl Store {
-    /// Listed accounts whose details were read longest ago (never first).
-    pub async fn oldest_verified(&self, source: SourceKind, n: u32) -> Result<Vec<String>> {
+    /// Up to `n` listed accounts due for a details re-read (`verify_from`
+    /// at or before `due_before`), the longest due first; ties by id, so a
+    /// dry run on a copy of the store picks the same ones.
+    pub async fn due_accounts(
+        &self,
+        source: SourceKind,
+        due_before: i64,
+        n: u32,
+    ) -> Result<Vec<String>> {
         Ok(sqlx::query_scalar(
-            "SELECT id FROM source_accounts WHERE source = ?1 AND missing_cycles = 0
-             ORDER BY details_at IS NOT NULL, details_at LIMIT ?2",
+            "SELECT id FROM source_accounts
+             WHERE source = ?1 AND missing_cycles = 0 AND verify_from <= ?2
+             ORDER BY verify_from, id LIMIT ?3",
         )
         .bind(source.as_str())
+        .bind(due_before)
         .bind(n)
         .fetch_all(&self.pool)
         .await?)
     }
 
-    /// Users whose full state was asserted longest ago (never first);
-    /// quarantined ones wait for their release.
-    pub async fn oldest_asserted(&self, n: u32) -> Result<Vec<String>> {
-        Ok(sqlx::query_scalar(
-            "SELECT login FROM applied_users
-             WHERE login NOT IN (SELECT key FROM quarantine WHERE part = 'user')
-             ORDER BY asserted_at IS NOT NULL, asserted_at LIMIT ?1",
-        )
+    /// Up to `n` users due for a full-state push, the longest due first
+    /// (never verified before all); quarantined ones wait for their release.
+    /// Two index range reads: an `OR` or an expression in the order would
+    /// scan every user each cycle.
+    pub async fn due_logins(&self, due_before: i64, n: u32) -> Result<Vec<String>> {
+        let not_quarantined = "login NOT IN (SELECT key FROM quarantine WHERE part = 'user')";
+        let mut out: Vec<String> = sqlx::query_scalar(&format!(
+            "SELECT login FROM applied_users WHERE verify_from IS NULL AND {not_quarantined}
+             ORDER BY login LIMIT ?1"
+        ))
         .bind(n)
         .fetch_all(&self.pool)
-        .await?)
+        .await?;
+        let left = n.saturating_sub(out.len() as u32);
+        if left > 0 {
+            out.extend(
+                sqlx::query_scalar::<_, String>(&format!(
+                    "SELECT login FROM applied_users WHERE verify_from <= ?1 AND {not_quarantined}
+                     ORDER BY verify_from, login LIMIT ?2"
+                ))
+                .bind(due_before)
+                .bind(left)
+                .fetch_all(&self.pool)
+                .await?,
+            );
+        }
+        Ok(out)
     }
 
     pub async fn count_accounts(&self, source: SourceKind) -> Result<u64> {
@@ -66,12 +91,13 @@ impl Store {
         Ok(n.max(0) as u64)
     }
 
-    /// The oldest verification: of a listed account's details (or its first
-    /// sighting) and of a user's full state (or its first write).
+    /// The oldest verification: of a listed account's details (accounts
+    /// never detailed are verified by every listing) and of a user's full
+    /// state (or its first write).
     pub async fn oldest_verification(&self) -> Result<Option<DateTime<Utc>>> {
         let accounts: Option<String> = sqlx::query_scalar(
-            "SELECT MIN(COALESCE(details_at, first_seen)) FROM source_accounts
-             WHERE missing_cycles = 0",
+            "SELECT MIN(details_at) FROM source_accounts
+             WHERE missing_cycles = 0 AND verify_from IS NOT NULL",
         )
         .fetch_one(&self.pool)
         .await?;

@@ -21,6 +21,7 @@ use policy::{error_policy, Next, PushError, TaskKind};
 use crate::config::VmsSettings;
 use crate::core::desired::CoreConfig;
 use crate::core::model::{AccountKey, SourceKind};
+use crate::core::pacing::Pacing;
 use crate::core::plan::{state_hash, Action, AppliedUser, Op, Plan, TreeOp, WritebackOp};
 use crate::sources::WriteBack;
 use crate::store::{AuditRow, QuarantinePart, RetryInfo, Store};
@@ -128,6 +129,9 @@ pub struct PushInput<'a> {
     pub stop: Option<Arc<AtomicBool>>,
     pub now: DateTime<Utc>,
     pub limiter: Arc<governor::DefaultDirectRateLimiter>,
+    /// What a confirmed full-state push counts its next verification from.
+    pub pacing: Pacing,
+    pub clock: super::Clock,
     /// Claim each login before pushing it (a listing cycle); `None`: the
     /// cycle holds its logins already (a targeted cycle).
     pub claims: Option<&'a Claims>,
@@ -148,6 +152,8 @@ pub struct Executor<'a> {
     concurrency: usize,
     requeue_base_secs: u64,
     now: DateTime<Utc>,
+    pacing: Pacing,
+    clock: super::Clock,
     claims: Option<&'a Claims>,
 }
 
@@ -174,6 +180,8 @@ impl<'a> Executor<'a> {
             concurrency: input.settings.concurrency.max(1) as usize,
             requeue_base_secs: input.settings.requeue_base_secs,
             now: input.now,
+            pacing: input.pacing,
+            clock: input.clock,
             claims: input.claims,
         }
     }

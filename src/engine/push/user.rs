@@ -6,6 +6,7 @@ use std::collections::BTreeSet;
 
 use super::policy::PushError;
 use super::Executor;
+use crate::core::pacing::Round;
 use crate::core::plan::{applied_after, Action, AppliedUser, Op, Proof};
 use crate::vms::{VmsError, VmsOp};
 
@@ -40,13 +41,11 @@ impl Executor<'_> {
     /// Records what a VMS answer proved about the op's login.
     async fn confirm(&self, op: &Op, proof: Proof) -> Result<(), PushError> {
         let user = applied_after(op, proof);
-        let asserted = match &op.action {
-            Action::Create => true,
-            Action::Update { full, .. } => *full,
-            Action::Delete => false,
-        };
+        let now = self.clock.now().timestamp();
+        let round = Round::of(&op.action);
+        let verify_from = round.map(|r| self.pacing.verify_from(&op.login, r, now));
         self.store
-            .set_applied(&op.login, user.as_ref(), asserted)
+            .set_applied(&op.login, user.as_ref(), verify_from)
             .await?;
         self.note_on_vms(&op.login, user.is_some());
         Ok(())
