@@ -248,6 +248,11 @@ async fn kill_9_campaign_converges_exactly() {
         running += r as u32;
         pushing += p as u32;
     }
+    // The campaign's premise: kills landed in the middle of pushes.
+    assert!(
+        running > 0 && pushing > 0,
+        "no kill landed while pushing ({running} while running, {pushing} pushing)"
+    );
     faults.clear();
     let mut syncs = 0;
     loop {

@@ -356,3 +356,41 @@ async fn a_lost_re_create_is_adopted_not_quarantined() {
         "create, re-create, re-create"
     );
 }
+
+/// SPEC §9.4: a frozen source keeps its logins. Before, its accounts were
+/// not built at all, so an enabled source's account with the same login
+/// took the user over (its billing id, status and permissions) while the
+/// frozen source's owner could say nothing.
+#[tokio::test]
+async fn a_frozen_source_keeps_its_logins() {
+    let (lab, engine) = setup(2, 2, &[]).await;
+    assert_eq!(cycle(&engine).await.result, CycleResult::Ok);
+    let taken = "client1@ap.example.com";
+    let before = lab.vms.user(taken).unwrap();
+    let off = [("BILLSYNC__SOURCES__ACTIVEPLATFORM__ENABLED", "false")];
+    let engine = Engine::with_store(lab.settings("", &off).unwrap(), engine.store.clone()).unwrap();
+    // A BILLmanager customer now has the frozen user's e-mail (the balance
+    // changes too, so the list row changes and the details are re-read).
+    {
+        let mut bm = lab.bm.data();
+        let a = bm.accounts.iter_mut().find(|a| a.id == 1).unwrap();
+        a.email = taken.into();
+        a.balance = "55.00".into();
+    }
+    let r = cycle(&engine).await;
+    assert!(r.conflicts >= 1, "{r:?}");
+    let after = lab.vms.user(taken).unwrap();
+    assert_eq!(after.billing_info, before.billing_info, "taken over: {r:?}");
+    assert_eq!(after.status, before.status);
+    let sent = lab
+        .vms
+        .data()
+        .events
+        .iter()
+        .filter(|e| e.login == taken)
+        .count();
+    assert_eq!(
+        sent, 2,
+        "the frozen user was pushed (create and attach only)"
+    );
+}

@@ -50,6 +50,31 @@ impl Desired {
     }
 }
 
+impl Desired {
+    /// A frozen source keeps its logins (SPEC §9.4): `kept` maps each login
+    /// whose applied owner is a frozen source to that owner. No account of
+    /// another source takes such a login over: it is a conflict, lost to the
+    /// frozen owner, and its user is not pushed.
+    pub fn keep_frozen(&mut self, kept: &BTreeMap<String, AccountKey>) {
+        for (login, owner) in kept {
+            let Some(user) = self.users.get(login) else {
+                continue;
+            };
+            if user.owner.source == owner.source {
+                continue;
+            }
+            let loser = user.owner.clone();
+            self.users.remove(login);
+            self.conflicts.push(Conflict {
+                login: login.clone(),
+                winner: owner.clone(),
+                loser,
+            });
+        }
+        (self.conflicts).sort_by(|a, b| (&a.login, &a.loser).cmp(&(&b.login, &b.loser)));
+    }
+}
+
 /// One source's contribution to a cycle.
 #[derive(Debug, Clone, Default)]
 pub struct SourceInput {

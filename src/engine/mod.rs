@@ -190,8 +190,12 @@ impl Engine {
             .await?;
         debug_phase("sources read", clock);
         let mut desired = desired::build(&self.core, read.inputs, intent.started);
-        // A disabled or removed source is incomplete for ever (SPEC §9.4).
+        // A disabled or removed source is incomplete for ever and keeps its
+        // logins (SPEC §9.4).
         desired.incomplete.extend(intent.frozen.iter().copied());
+        if !intent.frozen.is_empty() {
+            desired.keep_frozen(&store.applied_owners_in(&intent.frozen).await?);
+        }
         debug_phase("desired state built", clock);
         let mut memory = Memory::load(store).await?;
         let need = select::changed(store, &self.core, &desired, &intent, &memory).await?;

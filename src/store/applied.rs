@@ -8,7 +8,7 @@ use futures::TryStreamExt;
 use sqlx::Row;
 
 use super::{account_key, decode_json, parse_ts, ts, Result, Store};
-use crate::core::model::AccountKey;
+use crate::core::model::{AccountKey, SourceKind};
 use crate::core::plan::{state_hash, Applied, AppliedUser};
 
 /// A login whose last request's answer never came.
@@ -35,6 +35,29 @@ impl Store {
             written: self.load_written().await?,
             in_doubt: in_doubt.into_iter().map(|d| (d.login, d.user)).collect(),
         })
+    }
+
+    /// The applied users owned by accounts of `sources`: login -> owner.
+    pub async fn applied_owners_in(
+        &self,
+        sources: &std::collections::BTreeSet<SourceKind>,
+    ) -> Result<BTreeMap<String, AccountKey>> {
+        let mut out = BTreeMap::new();
+        for source in sources {
+            let rows: Vec<(String, String)> =
+                sqlx::query_as("SELECT login, account_id FROM applied_users WHERE source = ?")
+                    .bind(source.as_str())
+                    .fetch_all(&self.pool)
+                    .await?;
+            for (login, id) in rows {
+                let owner = AccountKey {
+                    source: *source,
+                    id,
+                };
+                out.insert(login, owner);
+            }
+        }
+        Ok(out)
     }
 
     /// Streams `(login, hash)` of every applied user: enough to tell which

@@ -6,8 +6,11 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use rust_decimal::Decimal;
-use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
+
+mod secrets;
+pub use secrets::Secret;
+use secrets::{any_inline_secret, is_secret_key, register_secrets};
 
 pub use crate::core::model::OnDeleted;
 pub use crate::core::rules::Rule;
@@ -34,45 +37,6 @@ impl ConfigError {
             key: key.into(),
             message: message.into(),
         }
-    }
-}
-
-/// A secret value. Debug and Serialize never show it.
-#[derive(Clone, Default)]
-pub struct Secret(Option<SecretString>);
-
-impl Secret {
-    pub fn new(value: impl Into<String>) -> Self {
-        let value: String = value.into();
-        if value.is_empty() {
-            Self(None)
-        } else {
-            Self(Some(SecretString::from(value)))
-        }
-    }
-    pub fn expose(&self) -> Option<&str> {
-        self.0.as_ref().map(|s| s.expose_secret())
-    }
-    pub fn is_set(&self) -> bool {
-        self.0.is_some()
-    }
-}
-
-impl std::fmt::Debug for Secret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(if self.is_set() { "\"***\"" } else { "\"\"" })
-    }
-}
-
-impl Serialize for Secret {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(if self.is_set() { "***" } else { "" })
-    }
-}
-
-impl<'de> Deserialize<'de> for Secret {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        Ok(Secret::new(String::deserialize(d)?))
     }
 }
 
@@ -127,6 +91,7 @@ impl Default for DaemonSettings {
 pub struct AdminSettings {
     pub listen: String,
     pub token: Secret,
+    /// Its `_file` form, read by `secrets::file_overrides`.
     #[serde(skip_serializing)]
     pub token_file: Option<PathBuf>,
 }
@@ -187,6 +152,17 @@ pub struct SourcesSettings {
     /// Absent section: the source is not configured (disabled).
     pub billmanager: Option<BillmanagerSettings>,
     pub activeplatform: Option<ActivePlatformSettings>,
+}
+
+impl SourcesSettings {
+    /// Every source's section present, with its defaults.
+    pub fn every() -> Self {
+        Self {
+            billmanager: Some(Default::default()),
+            activeplatform: Some(Default::default()),
+            ..Default::default()
+        }
+    }
 }
 
 impl Default for SourcesSettings {
@@ -259,11 +235,18 @@ pub struct BillmanagerSettings {
     pub common: SourceCommon,
     pub username: String,
     pub password: Secret,
+    /// Its `_file` form, read by `secrets::file_overrides`.
     #[serde(skip_serializing)]
     pub password_file: Option<PathBuf>,
     pub auth_mode: BmAuthMode,
     pub page_size: u32,
     pub status_map: BTreeMap<String, CanonicalStatus>,
+    /// A secret declared here and nowhere else (tests of `secrets`).
+    #[cfg(test)]
+    pub test_secret: Secret,
+    #[cfg(test)]
+    #[serde(skip_serializing)]
+    pub test_secret_file: Option<PathBuf>,
 }
 
 impl Default for BillmanagerSettings {
@@ -275,6 +258,10 @@ impl Default for BillmanagerSettings {
             password_file: None,
             auth_mode: BmAuthMode::Authinfo,
             page_size: 500,
+            #[cfg(test)]
+            test_secret: Secret::default(),
+            #[cfg(test)]
+            test_secret_file: None,
             status_map: [
                 ("1", CanonicalStatus::Active),
                 ("2", CanonicalStatus::Suspended),
@@ -293,6 +280,7 @@ pub struct ActivePlatformSettings {
     #[serde(flatten)]
     pub common: SourceCommon,
     pub api_token: Secret,
+    /// Its `_file` form, read by `secrets::file_overrides`.
     #[serde(skip_serializing)]
     pub api_token_file: Option<PathBuf>,
     pub page_size: u32,
@@ -478,9 +466,24 @@ pub fn load(path: &Path, env: &[(String, String)]) -> Result<(Settings, LoadRepo
             .set_override(key.clone(), value)
             .map_err(|e| ConfigError::new(key, e.to_string()))?;
     }
-    let cfg = builder
-        .build()
-        .map_err(|e| error_at(config_error_key(&e), &e.to_string()))?;
+    let build = |b: config::builder::ConfigBuilder<config::builder::DefaultState>| {
+        b.build()
+            .map_err(|e| error_at(config_error_key(&e), &e.to_string()))
+    };
+    let cfg = build(builder.clone())?;
+    // `KEY_file` secrets are read into `KEY`, then everything is built again.
+    let files = secrets::file_overrides(&cfg)?;
+    let cfg = match files.is_empty() {
+        true => cfg,
+        false => {
+            for (key, value) in files {
+                builder = builder
+                    .set_override(key, value)
+                    .map_err(|e| ConfigError::new(key, e.to_string()))?;
+            }
+            build(builder)?
+        }
+    };
     let mut settings: Settings = serde_path_to_error::deserialize(cfg.clone()).map_err(|e| {
         let key = e.path().to_string();
         let section = section_of(&key, |k| {
@@ -493,7 +496,7 @@ pub fn load(path: &Path, env: &[(String, String)]) -> Result<(Settings, LoadRepo
         path: path.to_path_buf(),
         warnings: vec![],
     };
-    resolve_secrets(&mut settings)?;
+    secrets::resolve_header_files(&mut settings)?;
     validate(&settings)?;
     register_secrets(&settings);
     if any_inline_secret(&text) && world_readable(path) {
@@ -577,20 +580,6 @@ fn config_error_key(e: &config::ConfigError) -> String {
     }
 }
 
-/// Keys whose values are secrets (their `_file` forms name paths).
-const SECRET_KEYS: [&str; 4] = [
-    "admin.token",
-    "sources.billmanager.password",
-    "sources.activeplatform.api_token",
-    "vms.headers",
-];
-
-fn is_secret_key(key: &str) -> bool {
-    SECRET_KEYS
-        .iter()
-        .any(|k| key == *k || key.strip_prefix(k).is_some_and(|r| r.starts_with('.')))
-}
-
 /// An error at `key`. Parse errors quote values: for a secret key (or a
 /// source section, whose flattened fields hide which one failed) the message
 /// is replaced, and no message may carry a known secret.
@@ -606,110 +595,6 @@ fn error_at(key: String, msg: &str) -> ConfigError {
     } else {
         ConfigError::new(key, redact::scrub(msg))
     }
-}
-
-fn read_secret_file(key: &str, path: &Path) -> Result<Secret, ConfigError> {
-    let resolved = if path.is_relative() {
-        match std::env::var_os("CREDENTIALS_DIRECTORY") {
-            Some(dir) => PathBuf::from(dir).join(path),
-            None => path.to_path_buf(),
-        }
-    } else {
-        path.to_path_buf()
-    };
-    let mut text = std::fs::read_to_string(&resolved)
-        .map_err(|e| ConfigError::new(key, format!("cannot read {}: {e}", resolved.display())))?;
-    if text.ends_with('\n') {
-        text.pop();
-        if text.ends_with('\r') {
-            text.pop();
-        }
-    }
-    if text.is_empty() {
-        return Err(ConfigError::new(
-            key,
-            format!("{} is empty", resolved.display()),
-        ));
-    }
-    Ok(Secret::new(text))
-}
-
-fn pick_secret(key: &str, inline: &mut Secret, file: &Option<PathBuf>) -> Result<(), ConfigError> {
-    if let Some(path) = file {
-        if inline.is_set() {
-            return Err(ConfigError::new(
-                format!("{key}_file"),
-                format!("set both {key} and {key}_file; keep one"),
-            ));
-        }
-        *inline = read_secret_file(&format!("{key}_file"), path)?;
-    }
-    Ok(())
-}
-
-fn resolve_secrets(s: &mut Settings) -> Result<(), ConfigError> {
-    pick_secret("admin.token", &mut s.admin.token, &s.admin.token_file)?;
-    if let Some(bm) = s.sources.billmanager.as_mut() {
-        let file = bm.password_file.clone();
-        pick_secret("sources.billmanager.password", &mut bm.password, &file)?;
-    }
-    if let Some(ap) = s.sources.activeplatform.as_mut() {
-        let file = ap.api_token_file.clone();
-        pick_secret("sources.activeplatform.api_token", &mut ap.api_token, &file)?;
-    }
-    for (name, path) in s.vms.header_files.clone() {
-        let key = format!("vms.header_files.{name}");
-        if s.vms.headers.contains_key(&name) {
-            return Err(ConfigError::new(
-                key,
-                format!("header {name} is also set in vms.headers; keep one"),
-            ));
-        }
-        let value = read_secret_file(&key, &path)?;
-        s.vms.headers.insert(name, value);
-    }
-    Ok(())
-}
-
-fn register_secrets(s: &Settings) {
-    let mut all: Vec<&Secret> = vec![&s.admin.token];
-    if let Some(bm) = &s.sources.billmanager {
-        all.push(&bm.password);
-    }
-    if let Some(ap) = &s.sources.activeplatform {
-        all.push(&ap.api_token);
-    }
-    all.extend(s.vms.headers.values());
-    for secret in all {
-        if let Some(v) = secret.expose() {
-            redact::register(v);
-        }
-    }
-}
-
-fn any_inline_secret(text: &str) -> bool {
-    // Cheap: parse again and look for non-empty secret keys.
-    let Ok(t) = toml::from_str::<toml::Table>(text) else {
-        return false;
-    };
-    let get = |path: &[&str]| -> bool {
-        let mut cur = toml::Value::Table(t.clone());
-        for p in path {
-            match cur.get(p) {
-                Some(v) => cur = v.clone(),
-                None => return false,
-            }
-        }
-        match cur {
-            toml::Value::String(s) => !s.is_empty(),
-            toml::Value::Table(t) => !t.is_empty(),
-            _ => false,
-        }
-    };
-    get(&["admin", "token"])
-        || get(&["sources", "billmanager", "password"])
-        || get(&["sources", "activeplatform", "api_token"])
-        || get(&["vms", "headers"])
 }
 
 #[cfg(unix)]
@@ -1222,6 +1107,56 @@ api_token = "tok-123456"
         let shown = s.to_masked_toml();
         assert!(!shown.contains("from-file-secret"), "{shown}");
         assert!(shown.contains("***"));
+    }
+
+    /// Issue 17: a secret is declared once, by its type. `test_secret`
+    /// exists only in this test build, in the BILLmanager section, and
+    /// nothing else names it: masking, redaction, the inline-secret warning,
+    /// the verbatim environment override and its `_file` form all follow.
+    #[test]
+    fn a_secret_field_declared_in_one_section_is_handled_everywhere() {
+        use std::os::unix::fs::PermissionsExt;
+        let section = "[sources.billmanager]\nurl = \"http://127.0.0.1:3\"\nusername = \"api\"\npassword = \"pw-0123456\"\n";
+        let inline = format!("{MINIMAL}{section}test_secret = \"declared-once-4711\"\n");
+        let f = write(&inline);
+        std::fs::set_permissions(f.path(), std::fs::Permissions::from_mode(0o644)).unwrap();
+        let (s, report) = load(f.path(), &[]).unwrap();
+        let bm = s.sources.billmanager.as_ref().unwrap();
+        assert_eq!(bm.test_secret.expose(), Some("declared-once-4711"));
+        assert!(!s.to_masked_toml().contains("declared-once-4711"));
+        assert!(!format!("{s:?}").contains("declared-once-4711"));
+        let line = redact::scrub("connecting with declared-once-4711");
+        assert!(!line.contains("declared-once-4711"), "{line}");
+        assert!(report.warnings.iter().any(|w| w.contains("readable")));
+        // Only the secret makes the file one that holds a secret.
+        let without = MINIMAL.replace("api_token = \"tok-123456\"", "api_token_file = \"/x\"");
+        assert!(!secrets::any_inline_secret(&without));
+        assert!(secrets::any_inline_secret(&format!("{without}{section}")));
+        // From the environment it is taken verbatim, and named, never
+        // quoted, when it is wrong.
+        assert!(is_secret_key("sources.billmanager.test_secret"));
+        let env = [(
+            "BILLSYNC__SOURCES__BILLMANAGER__TEST_SECRET".to_string(),
+            "1e3".to_string(),
+        )];
+        let (s, _) = load(write(&format!("{MINIMAL}{section}")).path(), &env).unwrap();
+        let bm = s.sources.billmanager.as_ref().unwrap();
+        assert_eq!(bm.test_secret.expose(), Some("1e3"));
+        let bad = format!("{MINIMAL}{section}test_secret = 42\n");
+        let e = load(write(&bad).path(), &[]).unwrap_err();
+        assert!(
+            e.message.contains("secret") && !e.message.contains("42"),
+            "{e}"
+        );
+        // Its `_file` form is read, and both at once is refused.
+        let file = write("from-a-file-0815\n");
+        let by_file = format!("{MINIMAL}{section}test_secret_file = {:?}\n", file.path());
+        let (s, _) = load(write(&by_file).path(), &[]).unwrap();
+        let bm = s.sources.billmanager.as_ref().unwrap();
+        assert_eq!(bm.test_secret.expose(), Some("from-a-file-0815"));
+        let both = format!("{by_file}test_secret = \"x\"\n");
+        let e = load(write(&both).path(), &[]).unwrap_err();
+        assert_eq!(e.key, "sources.billmanager.test_secret_file", "{e}");
     }
 
     /// The shared source fields are flattened: the section still rejects
