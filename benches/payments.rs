@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 mod common;
 
-use billsync::emulators::lab::Lab;
-use common::{credit, paying, unpaid};
+use billsync_emulators::lab::Lab;
+use common::{credit, paying, unpaid, LabSettings};
 use rand::Rng;
 
 const TOKEN: &str = "bench-admin-token-0123456789";

@@ -11,10 +11,10 @@ use std::time::Instant;
 mod common;
 use common::peak_rss_mb;
 
-use billsync::emulators::activeplatform::{self as ap_emu, ApEmulator};
-use billsync::emulators::billmanager::{self as bm_emu, BmEmulator};
 use billsync::engine::read::{read_source, ReadOptions};
 use billsync::store::Store;
+use billsync_emulators::activeplatform::{self as ap_emu, ApEmulator};
+use billsync_emulators::billmanager::{self as bm_emu, BmEmulator};
 
 fn main() {
     let args: Vec<String> = std::env::args()

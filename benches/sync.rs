@@ -15,10 +15,10 @@ use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
 mod common;
-use common::peak_rss_mb;
+use common::{peak_rss_mb, LabSettings};
 
-use billsync::emulators::lab::Lab;
 use billsync::engine::{CycleOptions, Engine};
+use billsync_emulators::lab::Lab;
 
 /// `BILLSYNC_BENCH_LATENCY_MS` overrides, for profiling the no-op cycle.
 fn latency_ms() -> u64 {
@@ -107,19 +107,31 @@ fn bench(n: usize) {
         .chain(std::iter::repeat_n((retyped, false), noops));
     let this = std::env::current_exe().unwrap();
     let baseline = std::env::var_os("BILLSYNC_BENCH_BASELINE").map(std::path::PathBuf::from);
-    // With a baseline, each no-op cycle runs once in each build, alternately,
-    // so both see the same state and the same moments of a noisy machine.
+    // With a baseline, each cycle runs once in each build, alternately, so
+    // both see the same sources and the same moments of a noisy machine.
+    // Each build keeps its own state file (an older binary refuses a state
+    // file a newer one migrated); the baseline's initial sync adopts the
+    // users the first one created.
     let runs = runs.flat_map(|(label, full)| {
-        let other = baseline.as_ref().filter(|_| !full);
         std::iter::once((label, full, &this, ""))
-            .chain(other.map(|b| (label, full, b, " (baseline)")))
+            .chain(baseline.as_ref().map(|b| (label, full, b, " (baseline)")))
     });
+    let state_of = |build: &str| {
+        let dir = std::path::Path::new(&config).parent().unwrap();
+        let name = if build.is_empty() {
+            "state.db"
+        } else {
+            "baseline.db"
+        };
+        dir.join(name).display().to_string()
+    };
     for (label, full, exe, build) in runs {
         let before = emus.ask("stats");
         let user_type = if label == retyped { "b2b" } else { "b2c" };
         let out = Command::new(exe)
             .args([config.as_str(), if full { "full" } else { "incremental" }])
             .env("BILLSYNC_BENCH_ROLE", "cycle")
+            .env("BILLSYNC__DAEMON__STATE_PATH", state_of(build))
             .env("BILLSYNC__VMS__USER_TYPE", user_type)
             .stderr(Stdio::inherit())
             .output()

@@ -9,8 +9,10 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use clap::Parser;
 
+mod cli;
+
 fn main() -> ExitCode {
     billsync::allocator::purge_freed_memory_soon();
-    let cli = billsync::cli::Cli::parse();
-    billsync::cli::run(cli)
+    let args = cli::Cli::parse();
+    cli::run(args)
 }

@@ -6,14 +6,17 @@
 //!
 //! `BILLSYNC_CAMPAIGN_KILLS=200 BILLSYNC_CAMPAIGN_SEED=7 cargo test --test campaign -- --nocapture`
 
+mod common;
+use common::LabSettings;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use billsync::emulators::activeplatform::ApAccount;
-use billsync::emulators::billmanager::BmAccount;
-use billsync::emulators::lab::Lab;
-use billsync::emulators::{Fault, Seq};
+use billsync_emulators::activeplatform::ApAccount;
+use billsync_emulators::billmanager::BmAccount;
+use billsync_emulators::lab::Lab;
+use billsync_emulators::{Fault, Seq};
 
 const BIN: &str = env!("CARGO_BIN_EXE_billsync");
 const MANAGED: [&str; 3] = [

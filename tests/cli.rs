@@ -1,13 +1,16 @@
 //! The real binary against the emulators: exit codes, JSON output, the state
 //! lock, secrets kept out of output, and kill -9 in the middle of a cycle.
 
+mod common;
+use common::LabSettings;
+
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use billsync::emulators::activeplatform::TOKEN;
-use billsync::emulators::billmanager::PASSWORD;
-use billsync::emulators::lab::Lab;
-use billsync::emulators::Fault;
+use billsync_emulators::activeplatform::TOKEN;
+use billsync_emulators::billmanager::PASSWORD;
+use billsync_emulators::lab::Lab;
+use billsync_emulators::Fault;
 
 const BIN: &str = env!("CARGO_BIN_EXE_billsync");
 

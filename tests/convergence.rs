@@ -2,13 +2,16 @@
 //! #9's list), now prevented. The engine runs against the three emulators
 //! with a real SQLite file.
 
+mod common;
+use common::LabSettings;
+
 use std::time::Duration;
 
 use billsync::core::cycle::CycleResult;
 use billsync::core::model::SourceKind;
-use billsync::emulators::lab::Lab;
-use billsync::emulators::Fault;
 use billsync::engine::{CycleOptions, CycleReport, Engine};
+use billsync_emulators::lab::Lab;
+use billsync_emulators::Fault;
 
 const MANAGED: [&str; 3] = [
     "archives-download",

@@ -2,13 +2,16 @@
 //! endpoints, metrics, non-overlapping cycles, SIGTERM mid-cycle, the state
 //! lock, and systemd notifications over a fake NOTIFY_SOCKET.
 
+mod common;
+use common::LabSettings;
+
 use std::os::unix::net::UnixDatagram;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use billsync::emulators::lab::Lab;
-use billsync::emulators::Fault;
 use billsync::store::Store;
+use billsync_emulators::lab::Lab;
+use billsync_emulators::Fault;
 
 const BIN: &str = env!("CARGO_BIN_EXE_billsync");
 const TOKEN: &str = "test-admin-token-0123456789";

@@ -1,22 +1,36 @@
 //! SPEC §2 end to end: the engine against the three emulators over real
 //! loopback HTTP, with a real SQLite file.
 
+mod common;
+use common::LabSettings;
+
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use billsync::core::cycle::{CycleKind, CycleResult};
-use billsync::emulators::lab::Lab;
-use billsync::emulators::Fault;
 use billsync::engine::{Clock, CycleOptions, CycleReport, Engine};
 use billsync::store::RequestKind;
+use billsync_emulators::lab::Lab;
+use billsync_emulators::Fault;
 
 async fn setup(bm: usize, ap: usize, extra: &str, env: &[(&str, &str)]) -> (Lab, Engine) {
     let lab = Lab::start(bm, ap).await.unwrap();
     let settings = lab.settings(extra, env).unwrap();
     let engine = Engine::new(settings).await.unwrap();
     (lab, engine)
+}
+
+/// Replaces the engine's clock with the wall clock plus a shift in seconds
+/// the test sets: days pass without waiting for them.
+fn fake_clock(engine: &mut Engine) -> Arc<AtomicI64> {
+    let shift = Arc::new(AtomicI64::new(0));
+    let s = shift.clone();
+    engine.set_clock(Clock::from_fn(move || {
+        chrono::Utc::now() + chrono::Duration::seconds(s.load(Ordering::SeqCst))
+    }));
+    shift
 }
 
 async fn cycle(engine: &Engine) -> CycleReport {
@@ -154,7 +168,7 @@ async fn on_deleted_delete_removes_the_user() {
     lab.bm
         .data()
         .accounts
-        .push(billsync::emulators::billmanager::BmAccount {
+        .push(billsync_emulators::billmanager::BmAccount {
             id: 99,
             name: "Late".into(),
             email: "late@bm.example.com".into(),
@@ -377,7 +391,7 @@ async fn dry_run_changes_nothing_anywhere() {
     cycle(&engine).await;
     lab.bm.data().accounts[0].balance = "-1000".into();
     lab.ap.data().accounts.push(
-        billsync::emulators::activeplatform::generate(6, 7)
+        billsync_emulators::activeplatform::generate(6, 7)
             .pop()
             .unwrap(),
     );
@@ -983,11 +997,7 @@ async fn rolling_reverification_repairs_drift_a_slice_at_a_time() {
     // and one user.
     let env = [("BILLSYNC__DAEMON__REVERIFY_HOURS", "1")];
     let (lab, mut engine) = setup(3, 3, "", &env).await;
-    let shift = Arc::new(AtomicI64::new(0));
-    let s = shift.clone();
-    engine.set_clock(Clock::from_fn(move || {
-        chrono::Utc::now() + chrono::Duration::seconds(s.load(Ordering::SeqCst))
-    }));
+    let shift = fake_clock(&mut engine);
     cycle(&engine).await;
     let logins: Vec<String> = lab.vms.data().users.keys().cloned().collect();
     assert_eq!(logins.len(), 6);
@@ -1051,11 +1061,7 @@ async fn a_dry_run_shows_exactly_what_the_next_cycle_sends() {
         ("BILLSYNC__DAEMON__SCHEDULE", "0 */10 * * * *"),
     ];
     let (lab, mut engine) = setup(5, 5, "", &env).await;
-    let shift = Arc::new(AtomicI64::new(0));
-    let s = shift.clone();
-    engine.set_clock(Clock::from_fn(move || {
-        chrono::Utc::now() + chrono::Duration::seconds(s.load(Ordering::SeqCst))
-    }));
+    let shift = fake_clock(&mut engine);
     cycle(&engine).await;
     shift.store(5400, Ordering::SeqCst);
     for round in 0..3 {

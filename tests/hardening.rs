@@ -2,15 +2,18 @@
 //! itself, a count the server states never sizes memory, and a panic's text
 //! is scrubbed like every log line.
 
+mod common;
+use common::LabSettings;
+
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use billsync::core::model::SourceKind;
-use billsync::emulators::activeplatform::NOT_UTF8;
-use billsync::emulators::lab::Lab;
-use billsync::emulators::Fault;
 use billsync::engine::{CycleOptions, Engine};
 use billsync::sources;
+use billsync_emulators::activeplatform::NOT_UTF8;
+use billsync_emulators::lab::Lab;
+use billsync_emulators::Fault;
 
 /// The largest single allocation this test binary made.
 struct Largest;

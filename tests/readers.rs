@@ -1,17 +1,20 @@
 //! The read side over real loopback HTTP: both readers against their
 //! emulators, every quirk and injected fault, through the state store.
 
+mod common;
+use common::LabSettings;
+
 use std::time::Duration;
 
 use billsync::core::model::{CanonicalStatus, InvalidCode, SourceKind};
 use billsync::core::normalize::Normalizer;
-use billsync::emulators::activeplatform::Envelope;
-use billsync::emulators::lab::Lab as World;
-use billsync::emulators::Fault;
 use billsync::engine::read::{read_source, ReadOptions, SourceRead};
 use billsync::http::ErrorClass;
 use billsync::sources::{self, Source};
 use billsync::store::Store;
+use billsync_emulators::activeplatform::Envelope;
+use billsync_emulators::lab::Lab as World;
+use billsync_emulators::Fault;
 use rust_decimal::Decimal;
 
 fn source(settings: &billsync::config::Settings, kind: SourceKind) -> Source {
@@ -250,7 +253,7 @@ async fn transport_faults_are_transient_and_retried() {
         assert_eq!(e.class, ErrorClass::Transient, "{fault:?}: {e}");
         assert!(!e
             .message
-            .contains(billsync::emulators::activeplatform::TOKEN));
+            .contains(billsync_emulators::activeplatform::TOKEN));
         w.ap.faults.clear();
     }
     w.ap.faults.always("accounts.json", Fault::TooMany(7));

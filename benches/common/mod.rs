@@ -1,8 +1,12 @@
 //! Shared by the benchmarks (not every one uses every helper).
 #![allow(dead_code)]
 
-use billsync::emulators::lab::Lab;
-use billsync::emulators::vms::VmsEmulator;
+use billsync_emulators::lab::Lab;
+
+#[path = "../../tests/common/mod.rs"]
+mod lab_settings;
+use billsync_emulators::vms::VmsEmulator;
+pub use lab_settings::LabSettings;
 
 /// The daemon's allocator (see `src/main.rs`), so RSS figures are its.
 #[global_allocator]

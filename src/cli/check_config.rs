@@ -4,10 +4,10 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use crate::config::Settings;
-use crate::core::model::SourceKind;
-use crate::http;
-use crate::sources;
+use billsync::config::Settings;
+use billsync::core::model::SourceKind;
+use billsync::http;
+use billsync::sources;
 
 pub async fn run(settings: Settings, connect: bool) -> u8 {
     println!("{}", settings.to_masked_toml());

@@ -6,11 +6,11 @@ use std::collections::{BTreeMap, HashSet};
 use chrono::Utc;
 use serde_json::{json, Value};
 
-use crate::config::Settings;
-use crate::core::desired::{self, SourceInput};
-use crate::core::model::AccountKey;
-use crate::core::plan::{self, Applied, PlanOptions};
-use crate::engine::report_entries;
+use billsync::config::Settings;
+use billsync::core::desired::{self, SourceInput};
+use billsync::core::model::AccountKey;
+use billsync::core::plan::{self, Applied, PlanOptions};
+use billsync::engine::report_entries;
 
 pub async fn run(settings: Settings, target: String, json_out: bool) -> u8 {
     let store = match super::open_store(&settings).await {
@@ -38,9 +38,9 @@ pub async fn run(settings: Settings, target: String, json_out: bool) -> u8 {
 }
 
 async fn resolve(
-    store: &crate::store::Store,
+    store: &billsync::store::Store,
     target: &str,
-) -> Result<Option<AccountKey>, crate::store::StoreError> {
+) -> Result<Option<AccountKey>, billsync::store::StoreError> {
     if let Some(key) = AccountKey::parse(target) {
         return Ok(Some(key));
     }
@@ -57,9 +57,9 @@ fn one(login: &str) -> HashSet<String> {
 
 async fn explain(
     settings: &Settings,
-    store: &crate::store::Store,
+    store: &billsync::store::Store,
     target: &str,
-) -> Result<Value, crate::store::StoreError> {
+) -> Result<Value, billsync::store::StoreError> {
     let Some(key) = resolve(store, target).await? else {
         return Ok(json!({"target": target, "found": false,
                          "why": "no source account or VMS user known by that login or SOURCE:ID"}));
@@ -138,15 +138,27 @@ async fn explain(
         serde_json::to_value(applied.users.get(&login).map(|a| &a.state)).unwrap_or(Value::Null);
     let p = plan::plan(&core, &d, &applied, &PlanOptions::default());
     doc["operations"] = serde_json::to_value(report_entries(&p, &core)).unwrap_or(Value::Null);
+    remembered(store, &login, &account.billing_id, &mut doc).await?;
+    Ok(doc)
+}
+
+/// What the store remembers of the login: quarantine, backoff, doubt,
+/// conflict and recent audit.
+async fn remembered(
+    store: &billsync::store::Store,
+    login: &str,
+    billing_id: &str,
+    doc: &mut Value,
+) -> Result<(), billsync::store::StoreError> {
     let q: Vec<_> = store
         .load_quarantine()
         .await?
         .into_iter()
-        .filter(|q| q.key == login || q.key == account.billing_id)
+        .filter(|q| q.key == login || q.key == billing_id)
         .map(|q| json!({"part": q.part, "error": q.error, "since": q.since}))
         .collect();
     doc["quarantine"] = json!(q);
-    doc["pending"] = json!(store.load_retries().await?.get(&login));
+    doc["pending"] = json!(store.load_retries().await?.get(login));
     let doubt = store
         .load_in_doubt()
         .await?
@@ -159,8 +171,8 @@ async fn explain(
         .into_iter()
         .find(|c| c.login == login);
     doc["conflict"] = json!(conflict.map(|c| c.sources));
-    doc["recent_audit"] = json!(store.audit_of(&login, 10).await?);
-    Ok(doc)
+    doc["recent_audit"] = json!(store.audit_of(login, 10).await?);
+    Ok(())
 }
 
 fn print_human(doc: &Value) {

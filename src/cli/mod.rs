@@ -15,13 +15,24 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use crate::config::{self, Settings};
+use billsync::config::{self, Settings};
 
 /// Exit codes of SPEC §4.
 pub const EXIT_OK: u8 = 0;
 pub const EXIT_UNFINISHED: u8 = 1;
 pub const EXIT_CONFIG: u8 = 2;
 pub const EXIT_ABORTED: u8 = 3;
+
+/// `run`: 0 after a signal, 3 when the daemon could not start (SPEC §4).
+async fn run_daemon(settings: billsync::config::Settings, resync: bool) -> u8 {
+    match billsync::daemon::run(settings, resync).await {
+        Ok(()) => EXIT_OK,
+        Err(e) => {
+            eprintln!("billsync: {e}");
+            EXIT_ABORTED
+        }
+    }
+}
 
 #[derive(Debug, Parser)]
 #[command(
@@ -134,7 +145,7 @@ pub fn run(cli: Cli) -> ExitCode {
     let path = cli.config.clone();
     let code = match cli.command {
         Command::Run { resync } => {
-            with_settings(path.as_deref(), |s| runtime(crate::daemon::run(s, resync)))
+            with_settings(path.as_deref(), |s| runtime(run_daemon(s, resync)))
         }
         Command::Sync(args) => with_settings(path.as_deref(), |s| runtime(sync::run(s, args))),
         Command::Resync { logins } => {
@@ -154,7 +165,7 @@ pub fn run(cli: Cli) -> ExitCode {
             with_settings(path.as_deref(), |s| runtime(check_config::run(s, connect)))
         }
         Command::Sandbox { accounts, once } => {
-            crate::telemetry::init(crate::config::LogFormat::Pretty, "warn");
+            billsync::telemetry::init(billsync::config::LogFormat::Pretty, "warn");
             runtime(sandbox::run(accounts, once))
         }
     };
@@ -166,7 +177,7 @@ fn with_settings(path: Option<&std::path::Path>, f: impl FnOnce(Settings) -> u8)
     let path = config::resolve_path(path);
     match config::load(&path, &config::process_env()) {
         Ok((settings, report)) => {
-            crate::telemetry::init(settings.log.format, &settings.log.level);
+            billsync::telemetry::init(settings.log.format, &settings.log.level);
             for w in &report.warnings {
                 tracing::warn!("{w}");
             }
@@ -195,8 +206,8 @@ fn runtime(fut: impl std::future::Future<Output = u8>) -> u8 {
 /// Opens the state store for the commands that only read it or file a
 /// request (no lock: SQLite serializes them with the running daemon). They
 /// never migrate: a daemon of another version may be using the file.
-async fn open_store(settings: &Settings) -> Result<crate::store::Store, u8> {
-    crate::store::Store::open_current(&settings.daemon.state_path)
+async fn open_store(settings: &Settings) -> Result<billsync::store::Store, u8> {
+    billsync::store::Store::open_current(&settings.daemon.state_path)
         .await
         .map_err(|e| {
             eprintln!("billsync: {e}");

@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex};
 
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::engine::Progress;
+use billsync::engine::Progress;
 
 pub fn terminal() -> Option<(Progress, ProgressBar)> {
     if !std::io::stderr().is_terminal() {

@@ -3,7 +3,7 @@
 use serde_json::json;
 
 use super::QuarantineAction;
-use crate::config::Settings;
+use billsync::config::Settings;
 
 pub async fn run(settings: Settings, action: QuarantineAction) -> u8 {
     let store = match super::open_store(&settings).await {

@@ -1,8 +1,8 @@
 //! `resync [--login L]...` and `approve`: requests written to the state
 //! store, acted on by the running daemon or the next `sync`.
 
-use crate::config::Settings;
-use crate::store::RequestKind;
+use billsync::config::Settings;
+use billsync::store::RequestKind;
 
 pub async fn resync(settings: Settings, logins: Vec<String>) -> u8 {
     let store = match super::open_store(&settings).await {

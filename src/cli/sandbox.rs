@@ -4,8 +4,8 @@
 
 use std::collections::BTreeMap;
 
-use crate::emulators::lab::Lab;
-use crate::engine::CycleReport;
+use billsync::engine::CycleReport;
+use billsync_emulators::lab::Lab;
 
 pub async fn run(accounts: usize, once: bool) -> u8 {
     let bm_n = accounts / 2;
@@ -29,16 +29,15 @@ pub async fn run(accounts: usize, once: bool) -> u8 {
     }
     // The admin token lives in a 0600 file, never on the screen.
     let token_path = lab.dir.path().join("admin.token");
-    let token = crate::vms::random_password();
+    let token = billsync::vms::random_password();
     if let Err(e) = write_private(&token_path, &token) {
         eprintln!("billsync: cannot write {}: {e}", token_path.display());
         return super::EXIT_ABORTED;
     }
     let token_file = token_path.display().to_string();
-    let settings = match lab.settings(
-        EXTRA,
-        &[("BILLSYNC__ADMIN__TOKEN_FILE", token_file.as_str())],
-    ) {
+    let path = lab.write_config(EXTRA);
+    let env = [("BILLSYNC__ADMIN__TOKEN_FILE".to_string(), token_file)];
+    let settings = match billsync::config::load(&path, &env).map(|(s, _)| s) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("billsync: sandbox config: {e}");
@@ -52,7 +51,7 @@ pub async fn run(accounts: usize, once: bool) -> u8 {
     println!("  config          {}", lab.config_path().display());
     println!("  state           {}", lab.state_path().display());
     let store_path = settings.daemon.state_path.clone();
-    let (daemon, lock) = match crate::daemon::start(settings, true).await {
+    let (daemon, lock) = match billsync::daemon::start(settings, true).await {
         Ok(d) => d,
         Err(e) => {
             eprintln!("billsync: {e}");
@@ -62,7 +61,7 @@ pub async fn run(accounts: usize, once: bool) -> u8 {
     println!("  admin           http://{}", daemon.admin_addr);
     println!();
     println!("running the first (full) sync...");
-    let store = match crate::store::Store::open(&store_path).await {
+    let store = match billsync::store::Store::open(&store_path).await {
         Ok(s) => s,
         Err(e) => {
             eprintln!("billsync: {e}");
@@ -99,7 +98,7 @@ pub async fn run(accounts: usize, once: bool) -> u8 {
         return code;
     }
     println!("Ctrl-C stops the daemon and the emulators.");
-    crate::daemon::wait_for_signal().await;
+    billsync::daemon::wait_for_signal().await;
     daemon.stop().await;
     drop(lock);
     store.close().await;

@@ -1,11 +1,11 @@
 //! `sync [--full] [--dry-run] [--allow-deprovision] [--retire-source NAME]
 //! [--account SOURCE:ID] [--json]`: one cycle.
 
-use crate::config::Settings;
-use crate::core::cycle::CycleResult;
-use crate::core::model::{AccountKey, SourceKind};
-use crate::engine::{CycleOptions, CycleReport, Engine, Targets};
-use crate::store::StateLock;
+use billsync::config::Settings;
+use billsync::core::cycle::CycleResult;
+use billsync::core::model::{AccountKey, SourceKind};
+use billsync::engine::{CycleOptions, CycleReport, Engine, Targets};
+use billsync::store::StateLock;
 
 pub async fn run(settings: Settings, args: super::SyncArgs) -> u8 {
     let retire = match retired(&settings, &args.retire_source) {

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use tokio::sync::{mpsc, watch, Notify};
-use tokio_cron_scheduler::{Job, JobScheduler};
+use tokio_cron_scheduler::{Job, JobScheduler, JobSchedulerError};
 
 use crate::config::Settings;
 use crate::core::cycle::{CycleKind, CycleResult};
@@ -102,94 +102,39 @@ impl Daemon {
     }
 }
 
+/// Why the daemon did not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("{0}")]
+    /// Another billsync holds the state store.
+    #[error("not starting: {0}")]
     Locked(String),
     #[error("{0}")]
     Other(String),
+}
+
+fn other(e: impl std::fmt::Display) -> StartError {
+    StartError::Other(e.to_string())
 }
 
 /// Starts everything and returns once the admin server listens and the
 /// store is migrated (READY=1 has been sent).
 pub async fn start(settings: Settings, resync: bool) -> Result<(Daemon, StateLock), StartError> {
     let lock = StateLock::try_acquire(&settings.daemon.state_path).map_err(StartError::Locked)?;
-    let engine = Engine::new(settings.clone())
-        .await
-        .map_err(|e| StartError::Other(e.to_string()))?;
-    let store = engine.store.clone();
-    let abandoned = store
-        .close_abandoned_cycles()
-        .await
-        .map_err(|e| StartError::Other(e.to_string()))?;
-    if abandoned > 0 {
-        tracing::warn!(
-            abandoned,
-            "cycles left unfinished by a previous run were closed as failed"
-        );
-    }
-    if resync {
-        store
-            .request(RequestKind::Resync, None)
-            .await
-            .map_err(|e| StartError::Other(e.to_string()))?;
-    }
+    let engine = open_engine(&settings, resync).await?;
     let shared = Arc::new(Shared {
         period: crate::config::schedule_period(&settings.daemon.schedule),
         settings: settings.clone(),
-        store: store.clone(),
+        store: engine.store.clone(),
         listing: LaneState::default(),
         fast: LaneState::default(),
         loop_alive: AtomicBool::new(true),
         started: Instant::now(),
         started_at: Utc::now(),
     });
-
-    let listener = tokio::net::TcpListener::bind(&settings.admin.listen)
-        .await
-        .map_err(|e| StartError::Other(format!("admin.listen {}: {e}", settings.admin.listen)))?;
-    let admin_addr = listener
-        .local_addr()
-        .map_err(|e| StartError::Other(e.to_string()))?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let admin = {
-        let router = admin::router(shared.clone());
-        let mut rx = shutdown_rx.clone();
-        let limits = serve::Limits::default();
-        tokio::spawn(async move {
-            serve::serve(
-                listener,
-                router,
-                limits,
-                async move { stopped(&mut rx).await },
-            )
-            .await;
-        })
-    };
+    let (admin, admin_addr) = serve_admin(&settings, &shared, shutdown_rx.clone()).await?;
     tracing::info!(admin = %admin_addr, state = %settings.daemon.state_path.display(), "billsync is running");
-
-    // Schedules only send ticks; each lane runs its cycles one at a time.
-    let (listing_tx, listing_rx) = mpsc::channel::<CycleKind>(1);
-    let (fast_tx, fast_rx) = mpsc::channel::<CycleKind>(1);
-    let mut scheduler = JobScheduler::new()
-        .await
-        .map_err(|e| StartError::Other(format!("scheduler: {e}")))?;
-    for (expr, kind) in schedules(&settings) {
-        let tx = match Lane::of(kind) {
-            Lane::Listing => listing_tx.clone(),
-            Lane::Fast => fast_tx.clone(),
-        };
-        let job = tick_job(&expr, kind, tx, shared.clone())?;
-        scheduler
-            .add(job)
-            .await
-            .map_err(|e| StartError::Other(format!("scheduler: {e}")))?;
-    }
-    scheduler
-        .start()
-        .await
-        .map_err(|e| StartError::Other(format!("scheduler: {e}")))?;
-
+    let (scheduler, [listing_rx, fast_rx]) = start_schedules(&settings, &shared).await?;
     notify::ready();
     let watchdog = notify::spawn_watchdog(shared.pulses());
     let engine = Arc::new(engine);
@@ -207,6 +152,7 @@ pub async fn start(settings: Settings, resync: bool) -> Result<(Daemon, StateLoc
         for lane in lanes {
             let _ = lane.await;
         }
+        let mut scheduler = scheduler;
         let _ = scheduler.shutdown().await;
         if let Some(w) = watchdog {
             w.abort();
@@ -214,14 +160,78 @@ pub async fn start(settings: Settings, resync: bool) -> Result<(Daemon, StateLoc
         let _ = admin.await;
         shared.store.close().await;
     });
-    Ok((
-        Daemon {
-            admin_addr,
-            shutdown: shutdown_tx,
-            task,
-        },
-        lock,
-    ))
+    let daemon = Daemon {
+        admin_addr,
+        shutdown: shutdown_tx,
+        task,
+    };
+    Ok((daemon, lock))
+}
+
+/// The engine on a migrated store: cycles a previous run left open are
+/// closed as failed, and `run --resync` is recorded as a request.
+async fn open_engine(settings: &Settings, resync: bool) -> Result<Engine, StartError> {
+    let engine = Engine::new(settings.clone()).await.map_err(other)?;
+    let abandoned = engine.store.close_abandoned_cycles().await.map_err(other)?;
+    if abandoned > 0 {
+        tracing::warn!(
+            abandoned,
+            "cycles left unfinished by a previous run were closed as failed"
+        );
+    }
+    if resync {
+        let request = engine.store.request(RequestKind::Resync, None);
+        request.await.map_err(other)?;
+    }
+    Ok(engine)
+}
+
+/// The admin server, listening, until `shutdown`.
+async fn serve_admin(
+    settings: &Settings,
+    shared: &Arc<Shared>,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(tokio::task::JoinHandle<()>, SocketAddr), StartError> {
+    let listen = &settings.admin.listen;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| StartError::Other(format!("admin.listen {listen}: {e}")))?;
+    let addr = listener.local_addr().map_err(other)?;
+    let router = admin::router(shared.clone());
+    let mut rx = shutdown;
+    let limits = serve::Limits::default();
+    let task = tokio::spawn(async move {
+        serve::serve(
+            listener,
+            router,
+            limits,
+            async move { stopped(&mut rx).await },
+        )
+        .await;
+    });
+    Ok((task, addr))
+}
+
+/// The schedules, started: they only send ticks, to the listing lane and
+/// to the fast lane (whose receivers come back in that order).
+async fn start_schedules(
+    settings: &Settings,
+    shared: &Arc<Shared>,
+) -> Result<(JobScheduler, [mpsc::Receiver<CycleKind>; 2]), StartError> {
+    let (listing_tx, listing_rx) = mpsc::channel::<CycleKind>(1);
+    let (fast_tx, fast_rx) = mpsc::channel::<CycleKind>(1);
+    let scheduler_err = |e: JobSchedulerError| StartError::Other(format!("scheduler: {e}"));
+    let scheduler = JobScheduler::new().await.map_err(scheduler_err)?;
+    for (expr, kind) in schedules(settings) {
+        let tx = match Lane::of(kind) {
+            Lane::Listing => listing_tx.clone(),
+            Lane::Fast => fast_tx.clone(),
+        };
+        let job = tick_job(&expr, kind, tx, shared.clone())?;
+        scheduler.add(job).await.map_err(scheduler_err)?;
+    }
+    scheduler.start().await.map_err(scheduler_err)?;
+    Ok((scheduler, [listing_rx, fast_rx]))
 }
 
 /// The cron schedules of the daemon, each with the kind of cycle it ticks.
@@ -370,25 +380,16 @@ async fn requested(store: &Store, lane: Lane) -> Option<CycleKind> {
     }
 }
 
-/// `billsync run`: until SIGTERM or SIGINT, then exit 0.
-pub async fn run(settings: Settings, resync: bool) -> u8 {
-    let (daemon, _lock) = match start(settings, resync).await {
-        Ok(d) => d,
-        Err(StartError::Locked(e)) => {
-            eprintln!("billsync: not starting: {e}");
-            return crate::cli::EXIT_ABORTED;
-        }
-        Err(StartError::Other(e)) => {
-            eprintln!("billsync: {e}");
-            return crate::cli::EXIT_ABORTED;
-        }
-    };
+/// `billsync run`: until SIGTERM or SIGINT. An error means it could not
+/// start; the command line says so and maps it to an exit code.
+pub async fn run(settings: Settings, resync: bool) -> Result<(), StartError> {
+    let (daemon, _lock) = start(settings, resync).await?;
     wait_for_signal().await;
     tracing::info!("signal received; shutting down");
     notify::stopping();
     daemon.stop().await;
     tracing::info!("stopped");
-    crate::cli::EXIT_OK
+    Ok(())
 }
 
 pub async fn wait_for_signal() {

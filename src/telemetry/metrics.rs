@@ -11,7 +11,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
-use crate::core::cycle::{CycleKind, CycleResult};
+use crate::core::cycle::{CycleKind, CycleResult, OpResult as CoreOpResult};
 use crate::core::model::{InvalidCode, SourceKind};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -95,109 +95,68 @@ pub const SPEC_NAMES: [&str; 14] = [
 /// The `result` of a schedule tick that found a cycle running.
 pub const SKIPPED: &str = "skipped";
 pub const VMS_OPS: [&str; 5] = ["create", "update", "delete", "tree_create", "tree_update"];
-pub const OP_RESULTS: [&str; 4] = ["applied", "retry", "quarantined", "held"];
 
 fn duration_histogram() -> Histogram {
     // 50 ms .. ~7 min
     Histogram::new(exponential_buckets(0.05, 2.0, 14))
 }
 
+/// Registers each `(name, help, field)` of the table: one row a metric.
+macro_rules! register_table {
+    ($m:ident, [$(($name:literal, $help:literal, $field:ident)),* $(,)?]) => {
+        $( $m.registry.register($name, $help, $m.$field.clone()); )*
+    };
+}
+
 impl Metrics {
     fn new() -> Self {
-        let mut registry = Registry::default();
-        let cycles = Family::<KindResult, Counter>::default();
-        let cycle_duration: HistFamily = Family::new_with_constructor(duration_histogram);
-        let last_success = Gauge::<f64, AtomicU64>::default();
-        let source_accounts = Family::<Source, Gauge>::default();
-        let source_requests = Family::<SourceResult, Counter>::default();
-        let vms_requests = Family::<OpCode, Counter>::default();
-        let operations = Family::<OpResult, Counter>::default();
-        let pending = Gauge::default();
-        let quarantined = Gauge::default();
-        let held = Gauge::default();
-        let in_doubt = Gauge::default();
-        let invalid_records = Family::<SourceReason, Counter>::default();
-        // 0.5 s .. ~68 min
-        let payment_to_push = Histogram::new(exponential_buckets(0.5, 2.0, 14));
-        registry.register(
-            "billsync_payment_to_push_seconds",
-            "From the first cycle that saw a payment paid to the confirmed push of its user",
-            payment_to_push.clone(),
-        );
-        let oldest_verification_age = Gauge::default();
-        registry.register(
-            "billsync_oldest_verification_age_seconds",
-            "Age of the oldest verification: an account's details re-read, or a user's full state asserted",
-            oldest_verification_age.clone(),
-        );
+        let mut m = Self {
+            registry: Registry::default(),
+            cycles: Family::default(),
+            cycle_duration: Family::new_with_constructor(duration_histogram),
+            last_success: Gauge::default(),
+            source_accounts: Family::default(),
+            source_requests: Family::default(),
+            vms_requests: Family::default(),
+            operations: Family::default(),
+            pending: Gauge::default(),
+            quarantined: Gauge::default(),
+            held: Gauge::default(),
+            in_doubt: Gauge::default(),
+            invalid_records: Family::default(),
+            // 0.5 s .. ~68 min
+            payment_to_push: Histogram::new(exponential_buckets(0.5, 2.0, 14)),
+            oldest_verification_age: Gauge::default(),
+        };
+        register_table!(m, [
+            ("billsync_payment_to_push_seconds", "From the first cycle that saw a payment paid to the confirmed push of its user", payment_to_push),
+            ("billsync_oldest_verification_age_seconds", "Age of the oldest verification: an account's details re-read, or a user's full state asserted", oldest_verification_age),
+            ("billsync_cycles", "Sync cycles by kind and result", cycles),
+            ("billsync_cycle_duration_seconds", "Duration of sync cycles", cycle_duration),
+            ("billsync_last_success_timestamp_seconds", "Unix time of the last cycle that ended ok, partial or held", last_success),
+            ("billsync_source_accounts", "Accounts listed by each source in the last complete read", source_accounts),
+            ("billsync_source_requests", "HTTP requests to the billing systems", source_requests),
+            ("billsync_vms_requests", "HTTP requests to the VMS by operation and status code", vms_requests),
+            ("billsync_operations", "Planned VMS operations by outcome", operations),
+            ("billsync_pending_operations", "Logins whose desired state is not yet applied", pending),
+            ("billsync_quarantined_accounts", "Logins quarantined after a permanent VMS error", quarantined),
+            ("billsync_held_deprovisions", "Deprovisions held by the safety threshold", held),
+            ("billsync_in_doubt_operations", "Logins whose last VMS request got no answer; pushed in full next", in_doubt),
+            ("billsync_invalid_records", "Source records skipped as invalid", invalid_records),
+        ]);
+        m.start_at_zero();
+        m
+    }
 
-        registry.register(
-            "billsync_cycles",
-            "Sync cycles by kind and result",
-            cycles.clone(),
-        );
-        registry.register(
-            "billsync_cycle_duration_seconds",
-            "Duration of sync cycles",
-            cycle_duration.clone(),
-        );
-        registry.register(
-            "billsync_last_success_timestamp_seconds",
-            "Unix time of the last cycle that ended ok, partial or held",
-            last_success.clone(),
-        );
-        registry.register(
-            "billsync_source_accounts",
-            "Accounts listed by each source in the last complete read",
-            source_accounts.clone(),
-        );
-        registry.register(
-            "billsync_source_requests",
-            "HTTP requests to the billing systems",
-            source_requests.clone(),
-        );
-        registry.register(
-            "billsync_vms_requests",
-            "HTTP requests to the VMS by operation and status code",
-            vms_requests.clone(),
-        );
-        registry.register(
-            "billsync_operations",
-            "Planned VMS operations by outcome",
-            operations.clone(),
-        );
-        registry.register(
-            "billsync_pending_operations",
-            "Logins whose desired state is not yet applied",
-            pending.clone(),
-        );
-        registry.register(
-            "billsync_quarantined_accounts",
-            "Logins quarantined after a permanent VMS error",
-            quarantined.clone(),
-        );
-        registry.register(
-            "billsync_held_deprovisions",
-            "Deprovisions held by the safety threshold",
-            held.clone(),
-        );
-        registry.register(
-            "billsync_in_doubt_operations",
-            "Logins whose last VMS request got no answer; pushed in full next",
-            in_doubt.clone(),
-        );
-        registry.register(
-            "billsync_invalid_records",
-            "Source records skipped as invalid",
-            invalid_records.clone(),
-        );
-
-        // Known label values start at 0, so dashboards see them from start.
+    /// Known label values start at 0, so dashboards see them from start.
+    fn start_at_zero(&self) {
         for kind in CycleKind::ALL.map(CycleKind::as_str) {
-            let _ = cycle_duration.get_or_create(&Kind { kind: kind.into() });
+            let _ = self
+                .cycle_duration
+                .get_or_create(&Kind { kind: kind.into() });
             let results = CycleResult::ALL.map(CycleResult::as_str);
             for result in results.into_iter().chain([SKIPPED]) {
-                let _ = cycles.get_or_create(&KindResult {
+                let _ = self.cycles.get_or_create(&KindResult {
                     kind: kind.into(),
                     result: result.into(),
                 });
@@ -205,52 +164,35 @@ impl Metrics {
         }
         for s in SourceKind::ALL {
             let source = s.as_str().to_string();
-            let _ = source_accounts.get_or_create(&Source {
+            let _ = self.source_accounts.get_or_create(&Source {
                 source: source.clone(),
             });
             for result in ["ok", "error"] {
-                let _ = source_requests.get_or_create(&SourceResult {
+                let _ = self.source_requests.get_or_create(&SourceResult {
                     source: source.clone(),
                     result: result.into(),
                 });
             }
             for code in InvalidCode::ALL {
-                let _ = invalid_records.get_or_create(&SourceReason {
+                let _ = self.invalid_records.get_or_create(&SourceReason {
                     source: source.clone(),
                     reason: code.as_str().into(),
                 });
             }
         }
         for op in VMS_OPS {
-            let _ = vms_requests.get_or_create(&OpCode {
+            let _ = self.vms_requests.get_or_create(&OpCode {
                 op: op.into(),
                 code: "error".into(),
             });
         }
         for op in VMS_OPS.iter().chain(["writeback"].iter()) {
-            for result in OP_RESULTS {
-                let _ = operations.get_or_create(&OpResult {
+            for result in CoreOpResult::COUNTED {
+                let _ = self.operations.get_or_create(&OpResult {
                     op: op.to_string(),
-                    result: result.into(),
+                    result: result.as_str().into(),
                 });
             }
-        }
-        Self {
-            registry,
-            cycles,
-            cycle_duration,
-            last_success,
-            source_accounts,
-            source_requests,
-            vms_requests,
-            operations,
-            pending,
-            quarantined,
-            held,
-            in_doubt,
-            invalid_records,
-            payment_to_push,
-            oldest_verification_age,
         }
     }
 
@@ -264,11 +206,11 @@ impl Metrics {
     }
 
     /// `billsync_operations_total{op, result}`.
-    pub fn operation(&self, op: &str, result: &str) {
+    pub fn operation(&self, op: &str, result: CoreOpResult) {
         self.operations
             .get_or_create(&OpResult {
                 op: op.into(),
-                result: result.into(),
+                result: result.as_str().into(),
             })
             .inc();
     }

@@ -9,7 +9,14 @@ use std::io::Write;
 use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::EnvFilter;
 
-use crate::config::LogFormat;
+/// `log.format`: how log lines are written (config reads it from here, so
+/// telemetry depends on nothing of config).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Json,
+    Pretty,
+}
 
 /// Resident and peak resident memory in MB (Linux; 0 elsewhere), for the
 /// debug-level phase logs.

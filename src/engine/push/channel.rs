@@ -12,6 +12,7 @@ use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use rand::Rng;
 
 use crate::config::VmsSettings;
+use crate::core::cycle::OpResult;
 use crate::http::ErrorClass;
 use crate::telemetry::metrics;
 use crate::vms::{Blame, VmsError, VmsOp};
@@ -196,7 +197,7 @@ impl Channel {
                 (Some(d), None) => Some(full_jitter(d)),
             })
             .notify(|e: &VmsError, d| {
-                metrics::get().operation(op.as_str(), "retry");
+                metrics::get().operation(op.as_str(), OpResult::Retry);
                 tracing::debug!(op = op.as_str(), error = %e, delay_ms = d.as_millis() as u64, "retrying");
             })
             .await

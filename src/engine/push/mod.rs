@@ -19,6 +19,7 @@ use futures::StreamExt;
 use policy::{error_policy, Next, PushError, TaskKind};
 
 use crate::config::VmsSettings;
+use crate::core::cycle::OpResult;
 use crate::core::desired::CoreConfig;
 use crate::core::model::{AccountKey, SourceKind};
 use crate::core::pacing::Pacing;
@@ -160,7 +161,7 @@ pub struct Executor<'a> {
 /// How `record` settled one task.
 struct Recorded {
     kind: TaskKind,
-    result: &'static str,
+    result: OpResult,
     audit: AuditRow,
 }
 
@@ -274,11 +275,11 @@ impl<'a> Executor<'a> {
         self.store.plan_done(&op.login).await?;
         Ok(Recorded {
             kind: TaskKind::User,
-            result: "superseded",
+            result: OpResult::Superseded,
             audit: AuditRow {
                 login: op.login.clone(),
                 action: op.label(&self.core.status_blocked).into(),
-                result: "superseded".into(),
+                result: OpResult::Superseded.as_str().into(),
                 detail: "pushed meanwhile by a newer targeted cycle".into(),
             },
         })
@@ -341,7 +342,7 @@ impl<'a> Executor<'a> {
             Outcome::Applied { adopted } => {
                 self.record_done(task).await?;
                 (
-                    "applied",
+                    OpResult::Applied,
                     if adopted { "adopted existing user" } else { "" }.to_string(),
                 )
             }
@@ -367,7 +368,7 @@ impl<'a> Executor<'a> {
             audit: AuditRow {
                 login: task.key().to_string(),
                 action: task.action(&self.core.status_blocked).into(),
-                result: result.into(),
+                result: result.as_str().into(),
                 detail,
             },
         })
@@ -397,7 +398,7 @@ impl<'a> Executor<'a> {
         error: PushError,
         next: Next,
         attempts: u32,
-    ) -> Result<(&'static str, String), PushError> {
+    ) -> Result<(OpResult, String), PushError> {
         let text = error.to_string();
         match (task, next) {
             (_, Next::FailCycle) => {
@@ -421,20 +422,20 @@ impl<'a> Executor<'a> {
                     .await?;
                 self.store.clear_retry(&op.login).await?;
                 self.store.plan_done(&op.login).await?;
-                return Ok(("quarantined", reason));
+                return Ok((OpResult::Quarantined, reason));
             }
             (Task::Tree(t), Next::Quarantine(reason)) => {
                 self.store
                     .quarantine(&t.external_id, QuarantinePart::Tree, &reason, "")
                     .await?;
-                return Ok(("quarantined", reason));
+                return Ok((OpResult::Quarantined, reason));
             }
             (Task::Tree(_), Next::Retry { .. }) => {}
             (Task::Writeback(w), _) => {
                 tracing::warn!(account = %w.account, error = %text, "write-back failed; retried next cycle");
             }
         }
-        Ok(("retry", text))
+        Ok((OpResult::Retry, text))
     }
 
     /// Failed cycles in a row for this task, this one included.
@@ -463,11 +464,11 @@ impl<'a> Executor<'a> {
         held.iter()
             .map(|op| {
                 let task = Task::User(op);
-                metrics::get().operation(task.metric_op(), "held");
+                metrics::get().operation(task.metric_op(), OpResult::Held);
                 AuditRow {
                     login: op.login.clone(),
                     action: task.action(&self.core.status_blocked).into(),
-                    result: "held".into(),
+                    result: OpResult::Held.as_str().into(),
                     detail: String::new(),
                 }
             })
@@ -524,9 +525,9 @@ impl Tally {
         };
         let s = &mut self.summary;
         match (r.kind, r.result) {
-            (TaskKind::User, "applied") => s.applied += 1,
-            (TaskKind::User, "retry") => s.pending += 1,
-            (_, "quarantined") => s.quarantined += 1,
+            (TaskKind::User, OpResult::Applied) => s.applied += 1,
+            (TaskKind::User, OpResult::Retry) => s.pending += 1,
+            (_, OpResult::Quarantined) => s.quarantined += 1,
             _ => {}
         }
         self.audit.push(r.audit);

@@ -117,7 +117,7 @@ pub fn grants<'r>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::model::{AccountKey, SourceKind};
+    use crate::model::{AccountKey, SourceKind};
     use rust_decimal::Decimal;
     use std::collections::BTreeMap;
 

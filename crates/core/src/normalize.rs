@@ -265,7 +265,7 @@ fn clean_text(raw: &str) -> String {
 /// No digits at all: no phone.
 ///
 /// ```
-/// use billsync::core::normalize::normalize_phone;
+/// use billsync_core::normalize::normalize_phone;
 /// assert_eq!(normalize_phone("+7 (912) 345-67-89").as_deref(), Some("+79123456789"));
 /// assert_eq!(normalize_phone("00 375 29 074 59 30").as_deref(), Some("+375290745930"));
 /// assert_eq!(normalize_phone("n/a"), None);
@@ -286,7 +286,7 @@ pub fn normalize_phone(raw: &str) -> Option<String> {
 /// `"1,234.50"`, `"-5"`. Absurd or ambiguous text is an error.
 ///
 /// ```
-/// use billsync::core::normalize::parse_decimal;
+/// use billsync_core::normalize::parse_decimal;
 /// use rust_decimal::Decimal;
 /// assert_eq!(parse_decimal("1 234,50").unwrap(), Decimal::new(123450, 2));
 /// assert_eq!(parse_decimal("20.00 RUB").unwrap(), Decimal::new(20, 0));

@@ -53,6 +53,40 @@ impl fmt::Display for CycleKind {
     }
 }
 
+/// How one planned operation ended in a cycle: the `result` of
+/// `billsync_operations_total` and of the audit log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum OpResult {
+    Applied,
+    /// Left pending: tried again later.
+    Retry,
+    Quarantined,
+    /// Held by the safety threshold, not sent.
+    Held,
+    /// Pushed meanwhile by a newer targeted cycle; left to the next listing.
+    Superseded,
+}
+
+impl OpResult {
+    /// The values `billsync_operations_total` starts at 0 with (SPEC §6).
+    pub const COUNTED: [OpResult; 4] = [
+        OpResult::Applied,
+        OpResult::Retry,
+        OpResult::Quarantined,
+        OpResult::Held,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OpResult::Applied => "applied",
+            OpResult::Retry => "retry",
+            OpResult::Quarantined => "quarantined",
+            OpResult::Held => "held",
+            OpResult::Superseded => "superseded",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum CycleResult {

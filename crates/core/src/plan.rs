@@ -539,8 +539,8 @@ pub fn apply_op(applied: &mut Applied, op: &Op) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::desired::{build, SourceInput};
-    use crate::core::model::{Account, CanonicalStatus, SourceKind};
+    use crate::desired::{build, SourceInput};
+    use crate::model::{Account, CanonicalStatus, SourceKind};
     use chrono::Utc;
     use proptest::prelude::*;
     use rust_decimal::Decimal;
@@ -556,7 +556,7 @@ mod tests {
         CoreConfig {
             priority: vec![SourceKind::Billmanager, SourceKind::Activeplatform],
             missing_grace_cycles: 2,
-            rules: vec![crate::core::rules::Rule {
+            rules: vec![crate::rules::Rule {
                 name: "paying".into(),
                 sources: vec![],
                 min_available: Some(Decimal::ZERO),

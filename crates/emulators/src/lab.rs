@@ -8,7 +8,6 @@ use super::activeplatform::{self as ap_emu, ApEmulator};
 use super::billmanager::{self as bm_emu, BmEmulator};
 use super::vms::VmsEmulator;
 use super::Server;
-use crate::config::{self, Settings};
 
 pub struct Lab {
     pub bm: Arc<BmEmulator>,
@@ -98,19 +97,12 @@ timeout_secs = 5
         )
     }
 
-    /// Writes the config file (mode 0600) and loads it with `env` overrides.
-    pub fn settings(
-        &self,
-        extra: &str,
-        env: &[(&str, &str)],
-    ) -> Result<Settings, config::ConfigError> {
+    /// Writes the config (mode 0600: it holds the emulators' secrets) and
+    /// returns its path.
+    pub fn write_config(&self, extra: &str) -> PathBuf {
         let path = self.config_path();
         write_private(&path, &self.config_text(extra));
-        let env: Vec<(String, String)> = env
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        config::load(&path, &env).map(|(s, _)| s)
+        path
     }
 }
 

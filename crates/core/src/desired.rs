@@ -130,62 +130,7 @@ pub fn build(
     now: DateTime<Utc>,
 ) -> Desired {
     let mut out = Desired::default();
-    // Missing counts move only on complete listings, so they stand when this
-    // cycle's listing failed: a deleted account stays deleted (an outage
-    // must not revive it), and an incomplete source still deprovisions
-    // nothing new (`may_deprovision`).
-    let effective = |input: &SourceInput, account: &Account| {
-        let missing = input.missing.get(&account.key.id).copied().unwrap_or(0);
-        if missing > 0 && missing >= cfg.missing_grace_cycles {
-            CanonicalStatus::Deleted
-        } else {
-            account.status
-        }
-    };
-    let prio = |kind: &SourceKind| {
-        cfg.priority
-            .iter()
-            .position(|p| p == kind)
-            .unwrap_or(usize::MAX)
-    };
-    // Pass 1: the owner of each login. Lower rank wins: live accounts before
-    // deleted ones, then source priority, then account id. Borrowed strings
-    // only; everyone but the owner is a conflict.
-    let mut winners: HashSet<(SourceKind, usize)> = HashSet::new();
-    {
-        type Rank<'a> = (bool, usize, &'a str);
-        let mut owner: HashMap<&str, (Rank<'_>, SourceKind, usize)> = HashMap::new();
-        for (kind, input) in &inputs {
-            for (i, account) in input.accounts.iter().enumerate() {
-                let dead = effective(input, account) == CanonicalStatus::Deleted;
-                let rank = (dead, prio(kind), account.key.id.as_str());
-                owner
-                    .entry(account.login.as_str())
-                    .and_modify(|best| {
-                        if rank < best.0 {
-                            *best = (rank, *kind, i);
-                        }
-                    })
-                    .or_insert((rank, *kind, i));
-            }
-        }
-        for (kind, input) in &inputs {
-            for (i, account) in input.accounts.iter().enumerate() {
-                let Some(&(_, wkind, wi)) = owner.get(account.login.as_str()) else {
-                    continue;
-                };
-                if (wkind, wi) == (*kind, i) {
-                    winners.insert((wkind, wi));
-                } else {
-                    out.conflicts.push(Conflict {
-                        login: account.login.clone(),
-                        winner: inputs[&wkind].accounts[wi].key.clone(),
-                        loser: account.key.clone(),
-                    });
-                }
-            }
-        }
-    }
+    let winners = owners(cfg, &inputs, &mut out.conflicts);
     out.conflicts
         .sort_by(|a, b| (&a.login, &a.loser).cmp(&(&b.login, &b.loser)));
     // Pass 2: desired users for the owners, consuming the accounts so their
@@ -210,7 +155,7 @@ pub fn build(
             if !winners.contains(&(*kind, i)) {
                 continue;
             }
-            let status = effective(input, &account);
+            let status = effective(cfg, input, &account);
             if status != CanonicalStatus::Deleted && cfg.tree_type.is_some() {
                 out.tree.insert(
                     account.billing_id.clone(),
@@ -225,6 +170,70 @@ pub fn build(
         }
     }
     out
+}
+
+/// An account's status with the missing-account grace applied. Missing
+/// counts move only on complete listings, so they stand when this cycle's
+/// listing failed: a deleted account stays deleted (an outage must not
+/// revive it), and an incomplete source still deprovisions nothing new
+/// (`may_deprovision`).
+fn effective(cfg: &CoreConfig, input: &SourceInput, account: &Account) -> CanonicalStatus {
+    let missing = input.missing.get(&account.key.id).copied().unwrap_or(0);
+    if missing > 0 && missing >= cfg.missing_grace_cycles {
+        CanonicalStatus::Deleted
+    } else {
+        account.status
+    }
+}
+
+/// Pass 1: the owner of each login, as `(source, index)`. Lower rank wins:
+/// live accounts before deleted ones, then source priority, then account
+/// id. Borrowed strings only; everyone but the owner is a conflict.
+fn owners(
+    cfg: &CoreConfig,
+    inputs: &BTreeMap<SourceKind, SourceInput>,
+    conflicts: &mut Vec<Conflict>,
+) -> HashSet<(SourceKind, usize)> {
+    let prio = |kind: &SourceKind| {
+        cfg.priority
+            .iter()
+            .position(|p| p == kind)
+            .unwrap_or(usize::MAX)
+    };
+    type Rank<'a> = (bool, usize, &'a str);
+    let mut owner: HashMap<&str, (Rank<'_>, SourceKind, usize)> = HashMap::new();
+    for (kind, input) in inputs {
+        for (i, account) in input.accounts.iter().enumerate() {
+            let dead = effective(cfg, input, account) == CanonicalStatus::Deleted;
+            let rank = (dead, prio(kind), account.key.id.as_str());
+            owner
+                .entry(account.login.as_str())
+                .and_modify(|best| {
+                    if rank < best.0 {
+                        *best = (rank, *kind, i);
+                    }
+                })
+                .or_insert((rank, *kind, i));
+        }
+    }
+    let mut winners = HashSet::new();
+    for (kind, input) in inputs {
+        for (i, account) in input.accounts.iter().enumerate() {
+            let Some(&(_, wkind, wi)) = owner.get(account.login.as_str()) else {
+                continue;
+            };
+            if (wkind, wi) == (*kind, i) {
+                winners.insert((wkind, wi));
+            } else {
+                conflicts.push(Conflict {
+                    login: account.login.clone(),
+                    winner: inputs[&wkind].accounts[wi].key.clone(),
+                    loser: account.key.clone(),
+                });
+            }
+        }
+    }
+    winners
 }
 
 /// Interned permission sets and rule lists: one allocation per distinct value.
