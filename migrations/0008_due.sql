@@ -12,8 +12,12 @@ ALTER TABLE source_accounts ADD COLUMN verify_from INTEGER;
 UPDATE source_accounts
    SET verify_from = CAST(strftime('%s', details_at) AS INTEGER)
  WHERE details_at IS NOT NULL;
-CREATE INDEX accounts_by_due ON source_accounts (source, verify_from, id);
+-- Listed accounts only (gone rows keep old times and would lead the order).
+CREATE INDEX accounts_by_due ON source_accounts (source, missing_cycles, verify_from, id);
 
 -- The slices are chosen by verify_from now; these served the old order.
 DROP INDEX applied_by_assertion;
 DROP INDEX accounts_by_verification;
+
+-- A frozen source's users, looked up each cycle while it is frozen.
+CREATE INDEX applied_by_source ON applied_users (source);

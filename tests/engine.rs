@@ -22,15 +22,17 @@ async fn setup(bm: usize, ap: usize, extra: &str, env: &[(&str, &str)]) -> (Lab,
     (lab, engine)
 }
 
-/// Replaces the engine's clock with the wall clock plus a shift in seconds
-/// the test sets: days pass without waiting for them.
+/// Replaces the engine's clock with one that reads the Unix second the
+/// test sets (starting at the last whole 10 minutes, plus one second):
+/// days pass without waiting for them.
 fn fake_clock(engine: &mut Engine) -> Arc<AtomicI64> {
-    let shift = Arc::new(AtomicI64::new(0));
-    let s = shift.clone();
+    let now = chrono::Utc::now().timestamp();
+    let time = Arc::new(AtomicI64::new(now - now % 600 + 1));
+    let t = time.clone();
     engine.set_clock(Clock::from_fn(move || {
-        chrono::Utc::now() + chrono::Duration::seconds(s.load(Ordering::SeqCst))
+        chrono::DateTime::from_timestamp(t.load(Ordering::SeqCst), 0).unwrap()
     }));
-    shift
+    time
 }
 
 async fn cycle(engine: &Engine) -> CycleReport {
@@ -1017,7 +1019,7 @@ async fn rolling_reverification_repairs_drift_a_slice_at_a_time() {
     let r = cycle(&engine).await;
     assert_eq!(lab.vms.requests(), before, "nothing is due yet: {r:?}");
     // One and a half periods later everything is due.
-    shift.store(5400, Ordering::SeqCst);
+    shift.fetch_add(5400, Ordering::SeqCst);
     for _ in 0..8 {
         let before = lab.vms.requests();
         let r = cycle(&engine).await;
@@ -1063,7 +1065,10 @@ async fn a_dry_run_shows_exactly_what_the_next_cycle_sends() {
     let (lab, mut engine) = setup(5, 5, "", &env).await;
     let shift = fake_clock(&mut engine);
     cycle(&engine).await;
-    shift.store(5400, Ordering::SeqCst);
+    // Past the first half period users fall due one by one. Each real cycle
+    // runs five minutes after its dry run, in the same schedule interval
+    // (due times count from the interval's start: `Pacing::due_before`).
+    shift.fetch_add(2400, Ordering::SeqCst);
     for round in 0..3 {
         lab.bm.data().accounts[round].balance = "-1000".into();
         let dry = CycleOptions {
@@ -1072,6 +1077,7 @@ async fn a_dry_run_shows_exactly_what_the_next_cycle_sends() {
         };
         let planned = cycle_with(&engine, dry).await;
         assert!(planned.plan.len() >= 2, "no slice: {planned:?}");
+        shift.fetch_add(300, Ordering::SeqCst);
         let before = lab.vms.requests();
         let real = cycle(&engine).await;
         assert_eq!(real.operations, planned.operations, "round {round}");
@@ -1081,6 +1087,7 @@ async fn a_dry_run_shows_exactly_what_the_next_cycle_sends() {
             .collect();
         let shown: BTreeSet<String> = planned.plan.iter().map(|p| p.login.clone()).collect();
         assert_eq!(sent, shown, "round {round}");
+        shift.fetch_add(300, Ordering::SeqCst);
     }
 }
 
@@ -1111,4 +1118,39 @@ async fn a_re_read_account_that_came_back_is_restored() {
     let before = lab.vms.requests();
     cycle(&engine).await;
     assert_eq!(lab.vms.requests(), before);
+}
+
+/// Review of issue 17: a due user that cannot be pushed (a frozen source's)
+/// must not hold the front of the re-verification queue for ever. Before,
+/// once a period had passed the frozen users took every slot, and nobody
+/// else was re-verified again.
+#[tokio::test]
+async fn re_verification_is_not_stuck_behind_users_it_cannot_push() {
+    // A 1 h period and a cycle every 2 s: one user per cycle.
+    let env = [("BILLSYNC__DAEMON__REVERIFY_HOURS", "1")];
+    let (lab, engine) = setup(3, 3, "", &env).await;
+    cycle(&engine).await;
+    let off = [
+        env[0],
+        ("BILLSYNC__SOURCES__ACTIVEPLATFORM__ENABLED", "false"),
+    ];
+    let settings = lab.settings("", &off).unwrap();
+    let mut engine = Engine::with_store(settings, engine.store.clone()).unwrap();
+    let time = fake_clock(&mut engine);
+    time.fetch_add(2 * 3600, Ordering::SeqCst);
+    let before = lab.vms.requests();
+    for _ in 0..4 {
+        cycle(&engine).await;
+    }
+    let events = lab.vms.data().events[before..].to_vec();
+    let pushed: BTreeSet<&str> = events.iter().map(|e| e.login.as_str()).collect();
+    assert!(
+        pushed.iter().all(|l| l.ends_with("@bm.example.com")),
+        "a frozen user was pushed: {pushed:?}"
+    );
+    assert_eq!(
+        pushed.len(),
+        3,
+        "not every BILLmanager user was re-verified: {pushed:?}"
+    );
 }

@@ -104,7 +104,7 @@ async fn save_details(store: &Store, pacing: &Pacing, ids: &[String], at: i64) {
             (id.clone(), format!("h{id}"), raw)
         })
         .collect();
-    (store.save_details(KIND, &rows, time(at), pacing))
+    (store.save_details(KIND, &rows, time(at), pacing, false))
         .await
         .unwrap();
 }

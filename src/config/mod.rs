@@ -493,7 +493,7 @@ pub fn load(path: &Path, env: &[(String, String)]) -> Result<(Settings, LoadRepo
     };
     secrets::resolve_header_files(&mut settings)?;
     validate(&settings)?;
-    register_secrets(&settings);
+    register_secrets(&settings)?;
     if any_inline_secret(&text) && world_readable(path) {
         report.warnings.push(format!(
             "config file {} holds a secret and is readable by other users; chmod 600 it or use *_file secrets",

@@ -65,8 +65,10 @@ impl<'de> Deserialize<'de> for Secret {
     }
 }
 
-/// Every secret field in `value`: its dotted key and its value.
-pub fn secrets_in<T: Serialize>(value: &T) -> Vec<(String, String)> {
+/// Every secret field in `value`: its dotted key and its value. A value
+/// that cannot be walked is an error, never an empty list: redaction must
+/// not be silently off.
+pub fn secrets_in<T: Serialize>(value: &T) -> Result<Vec<(String, String)>, String> {
     struct Reset;
     impl Drop for Reset {
         fn drop(&mut self) {
@@ -76,11 +78,11 @@ pub fn secrets_in<T: Serialize>(value: &T) -> Vec<(String, String)> {
     FIND.set(true);
     let tree = {
         let _reset = Reset;
-        serde_json::to_value(value).unwrap_or_default()
+        serde_json::to_value(value).map_err(|e| e.to_string())?
     };
     let mut out = vec![];
     collect(&tree, String::new(), &mut out);
-    out
+    Ok(out)
 }
 
 fn collect(v: &serde_json::Value, path: String, out: &mut Vec<(String, String)>) {
@@ -119,6 +121,7 @@ fn template() -> Settings {
 /// The secret keys: a plain key, or a map's key ending in `.*`.
 static SECRET_KEYS: LazyLock<Vec<String>> = LazyLock::new(|| {
     secrets_in(&template())
+        .expect("the default settings serialize")
         .into_iter()
         .map(|(k, _)| k)
         .collect()
@@ -202,12 +205,14 @@ pub fn resolve_header_files(s: &mut Settings) -> Result<(), ConfigError> {
 }
 
 /// Teaches the log redactor every secret value the settings hold.
-pub fn register_secrets(s: &Settings) {
-    for (_, value) in secrets_in(s) {
+pub fn register_secrets(s: &Settings) -> Result<(), ConfigError> {
+    let found = secrets_in(s).map_err(|e| ConfigError::new("config", e))?;
+    for (_, value) in found {
         if !value.is_empty() {
             redact::register(&value);
         }
     }
+    Ok(())
 }
 
 /// The config file itself holds a secret (not only `_file` paths).
@@ -251,7 +256,7 @@ mod tests {
         let mut s = Settings::default();
         s.admin.token = Secret::new("tok-123");
         assert_eq!(
-            secrets_in(&s),
+            secrets_in(&s).unwrap(),
             vec![("admin.token".to_string(), "tok-123".to_string())]
         );
         let shown = serde_json::to_string(&s).unwrap();

@@ -222,6 +222,12 @@ impl Engine {
             false => (store.persist_targeted_plan(cycle_id, &desired, plan, blocked)).await?,
         }
         debug_phase("plan persisted", clock);
+        if !intent.dry_run && !intent.reverify_logins.is_empty() {
+            let ops = plan.ops.iter().chain(&plan.held);
+            let planned_logins = ops.map(|o| o.login.as_str()).collect();
+            let slice = &intent.reverify_logins;
+            reverify::defer_unplanned(store, slice, &planned_logins, intent.started).await?;
+        }
         let report = CycleReport::new(&intent, read.summaries, read.invalid, &desired, &planned);
         drop(desired);
         if intent.dry_run {
@@ -371,6 +377,7 @@ impl Engine {
             now: intent.started,
             limiter: self.limiter.clone(),
             pacing: self.pacing,
+            restagger: intent.kind.is_full(),
             clock: self.clock.clone(),
             claims: intent.kind.lists().then_some(&self.claims),
         });

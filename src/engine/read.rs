@@ -417,14 +417,14 @@ async fn fetch_details(
         // The buffered futures hold no pool connection: safe to await.
         if batch.len() >= DETAIL_BATCH {
             store
-                .save_details(kind, &batch, opts.now, &opts.pacing)
+                .save_details(kind, &batch, opts.now, &opts.pacing, opts.full)
                 .await?;
             batch.clear();
         }
     }
     drop(results);
     store
-        .save_details(kind, &batch, opts.now, &opts.pacing)
+        .save_details(kind, &batch, opts.now, &opts.pacing, opts.full)
         .await?;
     if let Some(e) = &first_error {
         tracing::warn!(source = %kind, failed, error = %e, "some account details could not be read; retried next cycle");
@@ -507,7 +507,12 @@ pub async fn read_targeted(
                 let live = (raw.status.as_deref())
                     .and_then(|s| normalizer.status(s))
                     .is_some_and(|s| s != CanonicalStatus::Deleted);
-                let fresh = Fresh { raw: &raw, live };
+                let detailed = source.needs_details(&raw);
+                let fresh = Fresh {
+                    raw: &raw,
+                    live,
+                    detailed,
+                };
                 store
                     .save_fresh(kind, fresh, opts.now, &opts.pacing)
                     .await?;

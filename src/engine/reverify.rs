@@ -38,6 +38,24 @@ pub async fn due_slice(
         slice.accounts.insert(kind, ids.into_iter().collect());
     }
     let n = pacing.bound(store.count_applied().await?);
-    slice.logins = store.due_logins(due_before, n).await?.into_iter().collect();
+    let due = store.due_logins(sources, due_before, n).await?;
+    slice.logins = due.into_iter().collect();
     Ok(slice)
+}
+
+/// The sliced logins the plan has no operation for wait a period.
+pub async fn defer_unplanned(
+    store: &Store,
+    slice: &HashSet<String>,
+    planned: &HashSet<&str>,
+    now: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    let idle: Vec<String> = (slice.iter())
+        .filter(|l| !planned.contains(l.as_str()))
+        .cloned()
+        .collect();
+    if idle.is_empty() {
+        return Ok(());
+    }
+    store.defer_verification(&idle, now.timestamp()).await
 }

@@ -36,6 +36,10 @@ pub struct Fresh<'a> {
     /// It states a live status (active or suspended): the account exists,
     /// whatever earlier listings said, so its "gone" mark ends.
     pub live: bool,
+    /// The source needs detail reads for this account: the re-read counts as
+    /// its verification. (An account whose listing carries everything is
+    /// verified by every listing and stays out of the detail rotation.)
+    pub detailed: bool,
 }
 
 /// `verify_from` of an account's first details read, and of any later one.
@@ -146,11 +150,12 @@ impl Store {
             } else {
                 None
             };
-            // A re-read made after this listing began is newer evidence.
+            // A live re-read made after this listing began (it moved
+            // `last_seen`) is newer evidence that the account exists.
             sqlx::query(
                 "UPDATE source_accounts SET missing_cycles = missing_cycles + 1,
                     last_seen = COALESCE(?3, last_seen)
-                 WHERE source = ?1 AND id = ?2 AND (details_at IS NULL OR details_at <= ?4)",
+                 WHERE source = ?1 AND id = ?2 AND last_seen <= ?4",
             )
             .bind(source.as_str())
             .bind(id)
@@ -195,7 +200,11 @@ impl Store {
         now: DateTime<Utc>,
         pacing: &Pacing,
     ) -> Result<()> {
-        let Fresh { raw: fresh, live } = fresh;
+        let Fresh {
+            raw: fresh,
+            live,
+            detailed,
+        } = fresh;
         // Read and written in one transaction: a listing saved in between
         // must not be merged away.
         let mut tx = self.write_tx().await?;
@@ -208,7 +217,13 @@ impl Store {
             None => (fresh.clone(), fresh.clone()),
         };
         let json = |r: &RawAccount| serde_json::to_string(r).unwrap_or_default();
-        let (first, again) = verify_froms(pacing, source, &fresh.id, now);
+        let (first, again) = match detailed {
+            true => {
+                let (first, again) = verify_froms(pacing, source, &fresh.id, now);
+                (Some(first), Some(again))
+            }
+            false => (None, None),
+        };
         sqlx::query(
             "INSERT INTO source_accounts
                 (source, id, row_json, row_hash, list_raw, details_json, details_at,
@@ -217,7 +232,8 @@ impl Store {
              ON CONFLICT (source, id) DO UPDATE SET
                 list_raw = excluded.list_raw, details_json = excluded.details_json,
                 details_at = excluded.details_at,
-                verify_from = CASE WHEN source_accounts.details_at IS NULL THEN ?6 ELSE ?7 END,
+                verify_from = CASE WHEN ?6 IS NULL THEN source_accounts.verify_from
+                    WHEN source_accounts.details_at IS NULL THEN ?6 ELSE ?7 END,
                 missing_cycles = CASE WHEN ?8 THEN 0 ELSE source_accounts.missing_cycles END,
                 last_seen = CASE WHEN ?8 THEN excluded.last_seen ELSE source_accounts.last_seen END
              WHERE source_accounts.last_seen <= excluded.last_seen",
@@ -237,18 +253,21 @@ impl Store {
     }
 
     /// Details read for listed accounts: each read verifies its account,
-    /// the first one staggered (`core::pacing`).
+    /// the first one staggered (`core::pacing`), and so is every one of a
+    /// full read (`restagger`), which verifies all at once.
     pub async fn save_details(
         &self,
         source: SourceKind,
         details: &[(String, String, RawAccount)],
         now: DateTime<Utc>,
         pacing: &Pacing,
+        restagger: bool,
     ) -> Result<()> {
         let now_s = ts(now);
         let mut tx = self.write_tx().await?;
         for (id, row_hash, raw) in details {
             let (first, again) = verify_froms(pacing, source, id, now);
+            let again = if restagger { first } else { again };
             sqlx::query(
                 "UPDATE source_accounts SET details_json = ?3, details_at = ?4, row_hash = ?5,
                     verify_from = CASE WHEN details_at IS NULL THEN ?6 ELSE ?7 END
@@ -538,7 +557,11 @@ mod tests {
     };
 
     fn fresh(raw: &RawAccount) -> Fresh<'_> {
-        Fresh { raw, live: true }
+        Fresh {
+            raw,
+            live: true,
+            detailed: true,
+        }
     }
 
     fn raw(balance: &str) -> RawAccount {
@@ -563,7 +586,7 @@ mod tests {
             .unwrap();
         let details = [("7".to_string(), format!("hash-{balance}"), raw(balance))];
         store
-            .save_details(kind, &details, now, &PACING)
+            .save_details(kind, &details, now, &PACING, false)
             .await
             .unwrap();
     }

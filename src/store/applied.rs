@@ -37,19 +37,26 @@ impl Store {
         })
     }
 
-    /// The applied users owned by accounts of `sources`: login -> owner.
+    /// The live applied users owned by accounts of `sources`: login ->
+    /// owner. A user already gone (its account deleted) holds nothing: its
+    /// login may pass to another account.
     pub async fn applied_owners_in(
         &self,
         sources: &std::collections::BTreeSet<SourceKind>,
     ) -> Result<BTreeMap<String, AccountKey>> {
         let mut out = BTreeMap::new();
         for source in sources {
-            let rows: Vec<(String, String)> =
-                sqlx::query_as("SELECT login, account_id FROM applied_users WHERE source = ?")
-                    .bind(source.as_str())
-                    .fetch_all(&self.pool)
-                    .await?;
-            for (login, id) in rows {
+            let rows: Vec<(String, String, String)> = sqlx::query_as(
+                "SELECT login, account_id, state_json FROM applied_users WHERE source = ?",
+            )
+            .bind(source.as_str())
+            .fetch_all(&self.pool)
+            .await?;
+            for (login, id, state) in rows {
+                let state: crate::core::model::UserState = decode_json(&state)?;
+                if state.gone {
+                    continue;
+                }
                 let owner = AccountKey {
                     source: *source,
                     id,

@@ -30,14 +30,27 @@ impl Store {
         .await?)
     }
 
-    /// Up to `n` users due for a full-state push, the longest due first
-    /// (never verified before all); quarantined ones wait for their release.
-    /// Two index range reads: an `OR` or an expression in the order would
-    /// scan every user each cycle.
-    pub async fn due_logins(&self, due_before: i64, n: u32) -> Result<Vec<String>> {
-        let not_quarantined = "login NOT IN (SELECT key FROM quarantine WHERE part = 'user')";
+    /// Up to `n` users of `sources` due for a full-state push, the longest
+    /// due first (never verified before all); quarantined ones wait for
+    /// their release. Users of other (frozen) sources are never pushed, so
+    /// they are not taken. Two index range reads: an `OR` or an expression
+    /// in the order would scan every user each cycle.
+    pub async fn due_logins(
+        &self,
+        sources: &[SourceKind],
+        due_before: i64,
+        n: u32,
+    ) -> Result<Vec<String>> {
+        let names: Vec<String> = sources
+            .iter()
+            .map(|s| format!("'{}'", s.as_str()))
+            .collect();
+        let filter = format!(
+            "source IN ({}) AND login NOT IN (SELECT key FROM quarantine WHERE part = 'user')",
+            names.join(",")
+        );
         let mut out: Vec<String> = sqlx::query_scalar(&format!(
-            "SELECT login FROM applied_users WHERE verify_from IS NULL AND {not_quarantined}
+            "SELECT login FROM applied_users WHERE verify_from IS NULL AND {filter}
              ORDER BY login LIMIT ?1"
         ))
         .bind(n)
@@ -47,7 +60,7 @@ impl Store {
         if left > 0 {
             out.extend(
                 sqlx::query_scalar::<_, String>(&format!(
-                    "SELECT login FROM applied_users WHERE verify_from <= ?1 AND {not_quarantined}
+                    "SELECT login FROM applied_users WHERE verify_from <= ?1 AND {filter}
                      ORDER BY verify_from, login LIMIT ?2"
                 ))
                 .bind(due_before)
@@ -57,6 +70,23 @@ impl Store {
             );
         }
         Ok(out)
+    }
+
+    /// Logins a cycle took for re-verification but could not push (an
+    /// invalid owner, an incomplete source, backoff): they wait a period
+    /// rather than hold the front of the queue every cycle. Their
+    /// assertion time stays, so `oldest_verification` still shows them.
+    pub async fn defer_verification(&self, logins: &[String], verify_from: i64) -> Result<()> {
+        let mut tx = self.write_tx().await?;
+        for login in logins {
+            sqlx::query("UPDATE applied_users SET verify_from = ?2 WHERE login = ?1")
+                .bind(login)
+                .bind(verify_from)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(())
     }
 
     pub async fn count_accounts(&self, source: SourceKind) -> Result<u64> {

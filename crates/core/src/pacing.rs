@@ -78,9 +78,14 @@ impl Pacing {
         }
     }
 
-    /// Things whose `verify_from` is at or before this are due at `now`.
+    /// Things whose `verify_from` is at or before this are due in a cycle
+    /// started at `now`. Time counts from the start of the cycle's schedule
+    /// interval, so a dry run and the cycle after it in the same interval
+    /// take the same slice even if something fell due in between.
     pub fn due_before(&self, now: i64) -> i64 {
-        now.saturating_sub(i64::try_from(self.period_secs).unwrap_or(i64::MAX))
+        let interval = i64::try_from(self.interval_secs.max(1)).unwrap_or(i64::MAX);
+        let tick = now - now.rem_euclid(interval);
+        tick.saturating_sub(i64::try_from(self.period_secs).unwrap_or(i64::MAX))
     }
 }
 
@@ -121,6 +126,9 @@ mod tests {
         assert!(offsets.iter().any(|o| *o < 10_000));
         assert!(offsets.iter().any(|o| *o > 33_000));
         assert_eq!(DAY.verify_from("u1", Round::Again, 1_000_000), 1_000_000);
+        // Due times count from the interval's start: 59 s into it, as at 0.
+        assert_eq!(DAY.due_before(1_000_020), 1_000_020 - 86_400);
+        assert_eq!(DAY.due_before(1_000_079), 1_000_020 - 86_400);
         assert_eq!(
             DAY.verify_from("u1", Round::First, 1_000_000),
             1_000_000 - DAY.stagger("u1")

@@ -132,6 +132,10 @@ pub struct PushInput<'a> {
     pub limiter: Arc<governor::DefaultDirectRateLimiter>,
     /// What a confirmed full-state push counts its next verification from.
     pub pacing: Pacing,
+    /// A full resync: it verifies everything at once, so its verifications
+    /// are staggered like a first round (else they would all fall due in
+    /// the same cycle a period later).
+    pub restagger: bool,
     pub clock: super::Clock,
     /// Claim each login before pushing it (a listing cycle); `None`: the
     /// cycle holds its logins already (a targeted cycle).
@@ -154,6 +158,7 @@ pub struct Executor<'a> {
     requeue_base_secs: u64,
     now: DateTime<Utc>,
     pacing: Pacing,
+    restagger: bool,
     clock: super::Clock,
     claims: Option<&'a Claims>,
 }
@@ -182,6 +187,7 @@ impl<'a> Executor<'a> {
             requeue_base_secs: input.settings.requeue_base_secs,
             now: input.now,
             pacing: input.pacing,
+            restagger: input.restagger,
             clock: input.clock,
             claims: input.claims,
         }

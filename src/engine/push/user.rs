@@ -42,7 +42,10 @@ impl Executor<'_> {
     async fn confirm(&self, op: &Op, proof: Proof) -> Result<(), PushError> {
         let user = applied_after(op, proof);
         let now = self.clock.now().timestamp();
-        let round = Round::of(&op.action);
+        let round = Round::of(&op.action).map(|r| match self.restagger {
+            true => Round::First,
+            false => r,
+        });
         let verify_from = round.map(|r| self.pacing.verify_from(&op.login, r, now));
         self.store
             .set_applied(&op.login, user.as_ref(), verify_from)
