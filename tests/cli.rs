@@ -474,3 +474,19 @@ async fn sync_account_pushes_the_named_accounts_only() {
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
     assert!(text(&out).contains("SOURCE:ID"), "{}", text(&out));
 }
+
+/// The README's first command: `billsync sandbox` starts the emulators,
+/// syncs them and shows what the VMS received. `--once` exits after that
+/// first sync with `sync`'s exit code.
+#[test]
+fn the_sandbox_syncs_its_emulators_once() {
+    let out = std::process::Command::new(BIN)
+        .args(["sandbox", "--accounts", "10", "--once"])
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert!(stdout.contains("what the VMS received"), "{stdout}");
+    assert!(stdout.contains("VMS users now (10)"), "{stdout}");
+}
