@@ -62,8 +62,10 @@ impl Store {
         plan: &Plan,
         status_blocked: &str,
     ) -> Result<()> {
-        let (current, gone) = self.desired_delta(desired).await?;
+        // The delta is read inside the write transaction: the fast lane may
+        // write desired rows between a read outside it and the write.
         let mut tx = self.write_tx().await?;
+        let (current, gone) = desired_delta(&mut tx, desired).await?;
         let changed = desired.users.iter();
         let changed = changed.filter(|(login, _)| !current.contains(login.as_str()));
         write_desired(&mut tx, changed).await?;
@@ -103,28 +105,6 @@ impl Store {
         }
         tx.commit().await?;
         Ok(())
-    }
-
-    /// Stored desired rows that are current, and logins nobody desires:
-    /// streamed, so a no-op cycle holds no copy of 100k rows.
-    async fn desired_delta<'d>(
-        &self,
-        desired: &'d Desired,
-    ) -> Result<(HashSet<&'d str>, Vec<String>)> {
-        let mut current = HashSet::new();
-        let mut gone = vec![];
-        let mut rows = sqlx::query("SELECT login, hash FROM desired_users").fetch(&self.pool);
-        while let Some(r) = rows.try_next().await? {
-            let login: &str = r.get(0);
-            match desired.users.get_key_value(login) {
-                Some((key, d)) if d.hash == r.get::<&str, _>(1) => {
-                    current.insert(key.as_str());
-                }
-                Some(_) => {}
-                None => gone.push(login.to_string()),
-            }
-        }
-        Ok((current, gone))
     }
 
     /// A login's planned op is done: it leaves the pending list.
@@ -207,15 +187,49 @@ async fn write_desired<'d>(
     Ok(())
 }
 
+/// Stored desired rows that are current, and logins nobody desires:
+/// streamed, so a no-op cycle holds no copy of 100k rows.
+async fn desired_delta<'d>(
+    tx: &mut Transaction<'_, Sqlite>,
+    desired: &'d Desired,
+) -> Result<(HashSet<&'d str>, Vec<String>)> {
+    let mut current = HashSet::new();
+    let mut gone = vec![];
+    let mut rows = sqlx::query("SELECT login, hash FROM desired_users").fetch(&mut **tx);
+    while let Some(r) = rows.try_next().await? {
+        let login: &str = r.get(0);
+        match desired.users.get_key_value(login) {
+            Some((key, d)) if d.hash == r.get::<&str, _>(1) => {
+                current.insert(key.as_str());
+            }
+            Some(_) => {}
+            None => gone.push(login.to_string()),
+        }
+    }
+    Ok((current, gone))
+}
+
+/// A listing cycle's plan replaces the listing lane's rows, and the rows of
+/// the logins it plans; a targeted cycle's other rows stay (its push may be
+/// running now).
 async fn write_plan(
     tx: &mut Transaction<'_, Sqlite>,
     cycle_id: i64,
     plan: &Plan,
     status_blocked: &str,
 ) -> Result<()> {
-    sqlx::query("DELETE FROM plan_ops")
-        .execute(&mut **tx)
-        .await?;
+    sqlx::query(
+        "DELETE FROM plan_ops WHERE cycle_id IN
+            (SELECT id FROM cycles WHERE kind IN ('incremental', 'full'))",
+    )
+    .execute(&mut **tx)
+    .await?;
+    for op in plan.ops.iter().chain(&plan.held) {
+        sqlx::query("DELETE FROM plan_ops WHERE login = ?")
+            .bind(&op.login)
+            .execute(&mut **tx)
+            .await?;
+    }
     let rows = (plan.ops.iter().map(|o| (o, PlanState::Planned)))
         .chain(plan.held.iter().map(|o| (o, PlanState::Held)));
     for (op, state) in rows {
@@ -265,4 +279,76 @@ async fn write_conflicts(tx: &mut Transaction<'_, Sqlite>, conflicts: &[Conflict
             .await?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::cycle::CycleKind;
+    use crate::core::model::SourceKind;
+    use crate::core::plan::Action;
+
+    fn create(login: &str) -> Op {
+        Op {
+            login: login.into(),
+            owner: AccountKey {
+                source: SourceKind::Activeplatform,
+                id: "1".into(),
+            },
+            action: Action::Create,
+            target: UserState {
+                user_type: "b2c".into(),
+                status: "active".into(),
+                billing_id: "activeplatform-1".into(),
+                properties: vec![],
+                permissions: Default::default(),
+                gone: false,
+            },
+            deprovision: false,
+        }
+    }
+
+    fn plan_of(login: &str) -> Plan {
+        Plan {
+            ops: vec![create(login)],
+            ..Default::default()
+        }
+    }
+
+    /// Issue 17: a listing cycle's plan erased every plan row, the fast
+    /// lane's too, while its push may still be running.
+    #[tokio::test]
+    async fn a_listing_plan_leaves_the_fast_lanes_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("s.db")).await.unwrap();
+        let now = chrono::Utc::now();
+        let fast = store.start_cycle(CycleKind::Payments, now).await.unwrap();
+        let desired = Desired::default();
+        let paid = plan_of("paid@x");
+        (store.persist_targeted_plan(fast, &desired, &paid, "blocked"))
+            .await
+            .unwrap();
+        for _ in 0..2 {
+            let listing = store
+                .start_cycle(CycleKind::Incremental, now)
+                .await
+                .unwrap();
+            let plan = plan_of("listed@x");
+            (store.persist_plan(listing, &desired, &plan, "blocked"))
+                .await
+                .unwrap();
+        }
+        let logins: Vec<String> = store
+            .plan_rows()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| r.login)
+            .collect();
+        assert_eq!(
+            logins,
+            ["paid@x", "listed@x"],
+            "one row each, the fast lane's kept"
+        );
+    }
 }
