@@ -91,7 +91,7 @@ async fn run(n: usize, bm_url: &str, ap_url: &str) {
             continue;
         }
         let normalizer = settings.normalizer(kind).unwrap();
-        for (label, full) in [("initial", false), ("unchanged", false)] {
+        for (seq, (label, full)) in [(1, ("initial", false)), (2, ("unchanged", false))] {
             let opts = ReadOptions {
                 full,
                 payment_window_days: 3,
@@ -99,7 +99,10 @@ async fn run(n: usize, bm_url: &str, ap_url: &str) {
                 missing_grace_cycles: 2,
                 reverify: Default::default(),
                 pacing: settings.pacing(),
-                now: chrono::Utc::now(),
+                read: billsync::store::ReadStamp {
+                    seq,
+                    at: chrono::Utc::now(),
+                },
             };
             let t = Instant::now();
             let r = read_source(&store, &source, &normalizer, &opts, &|_| {})

@@ -1154,3 +1154,119 @@ async fn re_verification_is_not_stuck_behind_users_it_cannot_push() {
         "not every BILLmanager user was re-verified: {pushed:?}"
     );
 }
+
+/// One writer per login (issue 17): the AP account whose login the push
+/// order reaches last, and its login.
+fn last_in_push_order(lab: &Lab) -> (u64, String) {
+    let ap = lab.ap.data();
+    let a = (ap.accounts.iter())
+        .max_by_key(|a| a.email.to_lowercase())
+        .unwrap();
+    (a.id, a.email.to_lowercase())
+}
+
+fn set_paying(lab: &Lab, id: u64, paying: bool) {
+    let mut ap = lab.ap.data();
+    let a = ap.accounts.iter_mut().find(|a| a.id == id).unwrap();
+    (a.balance, a.credit_limit) = if paying { (50.0, 0.0) } else { (-50.0, 0.0) };
+}
+
+fn is_paying(lab: &Lab, login: &str) -> bool {
+    let u = lab.vms.user(login).unwrap();
+    MANAGED.iter().all(|p| u.permissions.contains(*p))
+}
+
+/// Waits until the VMS has answered `n` more requests than `from`.
+async fn vms_answered(lab: &Lab, from: u64, n: u64) {
+    let t = Instant::now();
+    while lab.vms.served() < from + n {
+        assert!(t.elapsed() < Duration::from_secs(20), "the VMS saw no push");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Which read is newer is the read sequence's call, not the clock's. A
+/// listing cycle pushes slowly (one request at a time, 300 ms each, the
+/// customer last); meanwhile the clock steps back an hour, the customer
+/// pays and a trigger re-reads the account. The re-read wins in the store
+/// and at the VMS, and the listing does not push what it read before.
+/// Ordered by the wall clock, the re-read was the older one: the store
+/// dropped it, and the listing blocked the customer again.
+#[tokio::test]
+async fn a_clock_stepped_back_does_not_make_an_older_read_win() {
+    // One request at a time, so the listing reaches the customer last.
+    let env = [("BILLSYNC__VMS__CONCURRENCY", "1")];
+    let (lab, mut engine) = setup(0, 6, "", &env).await;
+    let time = fake_clock(&mut engine);
+    cycle(&engine).await;
+    let (id, login) = last_in_push_order(&lab);
+    assert!(is_paying(&lab, &login));
+    // Every customer stops paying: the listing has pushes to make before
+    // it reaches this one.
+    let ids: Vec<u64> = lab.ap.data().accounts.iter().map(|a| a.id).collect();
+    for other in ids {
+        set_paying(&lab, other, false);
+    }
+    lab.vms.faults.set_latency(Duration::from_millis(300));
+    let served = lab.vms.served();
+    let key = format!("activeplatform:{id}");
+    let trigger = async {
+        vms_answered(&lab, served, 1).await;
+        time.fetch_sub(3600, Ordering::SeqCst);
+        set_paying(&lab, id, true);
+        cycle_with(&engine, targeted(&[&key])).await
+    };
+    let (listing, triggered) = tokio::join!(cycle(&engine), trigger);
+    assert_eq!(listing.result, CycleResult::Ok, "{listing:?}");
+    assert_eq!(triggered.result, CycleResult::Ok, "{triggered:?}");
+    assert!(
+        is_paying(&lab, &login),
+        "the listing pushed what it read before the re-read"
+    );
+    let audit = engine.store.audit_of(&login, 5).await.unwrap();
+    let results: Vec<&str> = audit.iter().map(|a| a.result.as_str()).collect();
+    assert!(results.contains(&"superseded"), "{audit:?}");
+    // The re-read is what the store keeps: the next listing agrees.
+    lab.vms.faults.set_latency(Duration::ZERO);
+    let patches = lab.vms.count_for("PATCH", &login);
+    cycle(&engine).await;
+    assert_eq!(lab.vms.count_for("PATCH", &login), patches);
+    assert!(is_paying(&lab, &login));
+}
+
+/// Both lanes ask for the same login at once, in either order: the VMS
+/// gets one push for it, not one per lane. When the older read pushes
+/// first, the newer cycle (planned against the applied state before that
+/// push) finds its work done; when the newer pushes first, the older is
+/// superseded.
+#[tokio::test]
+async fn the_same_login_asked_by_both_lanes_is_pushed_once() {
+    for trigger_first in [true, false] {
+        let (lab, engine) = setup(0, 4, "", &[]).await;
+        cycle(&engine).await;
+        let (id, login) = last_in_push_order(&lab);
+        set_paying(&lab, id, false);
+        cycle(&engine).await;
+        assert!(!is_paying(&lab, &login));
+        set_paying(&lab, id, true);
+        // Slow answers keep the first lane's push in flight while the
+        // other lane reads and plans.
+        lab.vms.faults.set_latency(Duration::from_millis(400));
+        let patches = lab.vms.count_for("PATCH", &login);
+        let key = format!("activeplatform:{id}");
+        let fast = || cycle_with(&engine, targeted(&[&key]));
+        let (a, b) = match trigger_first {
+            true => tokio::join!(fast(), cycle(&engine)),
+            false => tokio::join!(cycle(&engine), fast()),
+        };
+        assert_eq!(a.result, CycleResult::Ok, "{a:?}");
+        assert_eq!(b.result, CycleResult::Ok, "{b:?}");
+        assert!(is_paying(&lab, &login), "trigger first: {trigger_first}");
+        assert_eq!(
+            lab.vms.count_for("PATCH", &login) - patches,
+            1,
+            "trigger first: {trigger_first}: {:?}",
+            engine.store.audit_of(&login, 4).await.unwrap()
+        );
+    }
+}

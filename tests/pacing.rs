@@ -19,6 +19,14 @@ use billsync::store::Store;
 const KIND: SourceKind = SourceKind::Billmanager;
 const PERIODS: i64 = 3;
 
+/// A read at `secs`: simulated time runs forward, so it orders reads too.
+fn read(secs: i64) -> billsync::store::ReadStamp {
+    billsync::store::ReadStamp {
+        seq: secs,
+        at: time(secs),
+    }
+}
+
 fn time(secs: i64) -> DateTime<Utc> {
     DateTime::from_timestamp(secs, 0).unwrap()
 }
@@ -77,7 +85,7 @@ async fn initial_sync(store: &Store, pacing: &Pacing, n: usize, t0: i64, log: &m
         })
         .collect();
     let index = store.account_index(KIND).await.unwrap();
-    (store.save_listing(KIND, &listing, &index, 2, time(t0)))
+    (store.save_listing(KIND, &listing, &index, 2, read(t0)))
         .await
         .unwrap();
     save_details(store, pacing, &ids, t0).await;
@@ -104,7 +112,7 @@ async fn save_details(store: &Store, pacing: &Pacing, ids: &[String], at: i64) {
             (id.clone(), format!("h{id}"), raw)
         })
         .collect();
-    (store.save_details(KIND, &rows, time(at), pacing, false))
+    (store.save_details(KIND, &rows, read(at), pacing, false))
         .await
         .unwrap();
 }

@@ -41,7 +41,16 @@ fn opts(full: bool) -> ReadOptions {
             interval_secs: 60,
             period_secs: 86_400,
         },
-        now: chrono::Utc::now(),
+        read: next_read(),
+    }
+}
+
+/// Each read a cycle of its own: a sequence higher than the last.
+fn next_read() -> billsync::store::ReadStamp {
+    static SEQ: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(1);
+    billsync::store::ReadStamp {
+        seq: SEQ.fetch_add(1, std::sync::atomic::Ordering::SeqCst),
+        at: chrono::Utc::now(),
     }
 }
 

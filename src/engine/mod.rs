@@ -1,7 +1,6 @@
 //! One cycle, in the phases of ARCHITECTURE.md: requests → read → desired →
 //! select changed → plan with safety → persist → push → record.
 
-pub mod claims;
 mod clock;
 mod finish;
 mod notices;
@@ -10,6 +9,7 @@ mod push;
 pub mod read;
 mod report;
 pub mod reverify;
+pub mod schedule;
 mod select;
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
@@ -100,6 +100,10 @@ pub struct Intent {
     pub reverify_accounts: BTreeMap<SourceKind, HashSet<String>>,
     pub reverify_logins: HashSet<String>,
     pub started: DateTime<Utc>,
+    /// The cycle's row id, assigned by the store when the cycle starts. It
+    /// is also the cycle's read sequence: a read of a higher id supersedes
+    /// one of a lower id, whatever the wall clock said (it may step back).
+    pub cycle_id: i64,
 }
 
 pub struct Engine {
@@ -111,8 +115,8 @@ pub struct Engine {
     core: CoreConfig,
     pacing: Pacing,
     clock: Clock,
-    /// Shared by the cycles that run at once (the listing and fast lanes).
-    claims: claims::Claims,
+    /// The one push scheduler both lanes hand their work to.
+    scheduler: schedule::Scheduler,
     limiter: Arc<governor::DefaultDirectRateLimiter>,
 }
 
@@ -143,7 +147,7 @@ impl Engine {
             core,
             pacing,
             clock: Clock::system(),
-            claims: claims::Claims::default(),
+            scheduler: schedule::Scheduler::default(),
             limiter,
         })
     }
@@ -180,8 +184,8 @@ impl Engine {
     ) -> Result<CycleReport, EngineError> {
         let clock = Instant::now();
         let intent = self.take_requests(store, opts).await?;
-        let _running = self.claims.begin(intent.started);
-        let cycle_id = store.start_cycle(intent.kind, intent.started).await?;
+        let cycle_id = intent.cycle_id;
+        let _running = (!intent.dry_run).then(|| self.scheduler.begin(cycle_id));
         if !intent.dry_run {
             store.start_requests(&intent.request_ids, cycle_id).await?;
         }
@@ -198,13 +202,15 @@ impl Engine {
         }
         debug_phase("desired state built", clock);
         let mut memory = Memory::load(store).await?;
-        let need = select::changed(store, &self.core, &desired, &intent, &memory).await?;
+        let mut need = select::changed(store, &self.core, &desired, &intent, &memory).await?;
         // A targeted cycle holds its logins before it reads their applied
-        // state, so a listing cycle's push cannot slip in between.
-        let _held = match (&need.logins, intent.kind.lists()) {
-            (Some(logins), false) => {
-                let logins = logins.iter().cloned().collect();
-                Some(self.claims.hold(logins, intent.started).await)
+        // state, so a listing cycle's push cannot slip in between; those a
+        // newer read decided meanwhile are left to it.
+        let held = match (need.logins.as_mut(), intent.kind.lists()) {
+            (Some(logins), false) if !intent.dry_run => {
+                let held = self.scheduler.hold(logins.iter(), cycle_id).await;
+                logins.retain(|l| held.holds_login(l));
+                Some(held)
             }
             _ => None,
         };
@@ -233,8 +239,9 @@ impl Engine {
         if intent.dry_run {
             return Ok(finish::dry_run(report, &planned, &self.core));
         }
+        let turns = schedule::Turns::new(&self.scheduler, held.as_ref(), cycle_id);
         let pushed = self
-            .push(store, &planned, &memory, &intent, cycle_id, opts)
+            .push(store, &planned, &memory, &intent, turns, opts)
             .await?;
         let report = self
             .finish(store, cycle_id, report, &planned, &memory, pushed, clock)
@@ -284,6 +291,7 @@ impl Engine {
             }
             notices::unappliable_settings(store, &self.settings).await?;
         }
+        intent.cycle_id = store.start_cycle(intent.kind, intent.started).await?;
         Ok(intent)
     }
 
@@ -310,6 +318,7 @@ impl Engine {
             reverify_accounts: BTreeMap::new(),
             reverify_logins: HashSet::new(),
             started: self.clock.now(),
+            cycle_id: 0,
         }
     }
 
@@ -339,6 +348,7 @@ impl Engine {
             reverify_accounts: BTreeMap::new(),
             reverify_logins: HashSet::new(),
             started: self.clock.now(),
+            cycle_id: 0,
         }
     }
 
@@ -356,7 +366,7 @@ impl Engine {
         planned: &Planned,
         memory: &Memory,
         intent: &Intent,
-        cycle_id: i64,
+        turns: schedule::Turns<'_>,
         opts: &CycleOptions,
     ) -> Result<PushSummary, EngineError> {
         let executor = push::Executor::new(push::PushInput {
@@ -379,10 +389,12 @@ impl Engine {
             pacing: self.pacing,
             restagger: intent.kind.is_full(),
             clock: self.clock.clone(),
-            claims: intent.kind.lists().then_some(&self.claims),
+            turns,
         });
         let progress = opts.progress.as_ref();
-        Ok(executor.push(&planned.plan, cycle_id, progress).await?)
+        Ok(executor
+            .push(&planned.plan, intent.cycle_id, progress)
+            .await?)
     }
 }
 

@@ -20,7 +20,7 @@ use crate::core::model::{
 use crate::core::normalize::{self, Normalizer};
 use crate::core::pacing::Pacing;
 use crate::sources::{BadRow, Details, ListedPayment, Listing, PaymentListing, Source};
-use crate::store::{AccountIndexEntry, Fresh, Store, StoreError};
+use crate::store::{AccountIndexEntry, Fresh, ReadStamp, Store, StoreError};
 use crate::telemetry::{liveness, metrics};
 
 /// Detail calls in flight per source.
@@ -44,7 +44,8 @@ pub struct ReadOptions {
     /// like (rolling re-verification).
     pub reverify: HashSet<String>,
     pub pacing: Pacing,
-    pub now: DateTime<Utc>,
+    /// This cycle's read: its sequence orders it against the other lane's.
+    pub read: ReadStamp,
 }
 
 /// A record skipped this cycle, with why.
@@ -171,7 +172,10 @@ impl Engine {
                 .cloned()
                 .unwrap_or_default(),
             pacing: self.pacing,
-            now: intent.started,
+            read: ReadStamp {
+                seq: intent.cycle_id,
+                at: intent.started,
+            },
         }
     }
 }
@@ -247,10 +251,10 @@ pub async fn read_source(
             &listing.accounts,
             &index,
             opts.missing_grace_cycles,
-            opts.now,
+            opts.read,
         )
         .await?;
-    store.save_payments(&to_save, opts.now).await?;
+    store.save_payments(&to_save, opts.read.at).await?;
     drop(listing);
     let expected = index.len().max(out.listed);
     drop(index);
@@ -292,7 +296,7 @@ async fn list(
         true => opts.payment_window_days.max(opts.paid_history_days),
         false => opts.payment_window_days,
     };
-    let today = opts.now.date_naive();
+    let today = opts.read.at.date_naive();
     let since = today - ChronoDuration::days(i64::from(days));
     let payments = source
         .payments(since, today)
@@ -417,14 +421,14 @@ async fn fetch_details(
         // The buffered futures hold no pool connection: safe to await.
         if batch.len() >= DETAIL_BATCH {
             store
-                .save_details(kind, &batch, opts.now, &opts.pacing, opts.full)
+                .save_details(kind, &batch, opts.read, &opts.pacing, opts.full)
                 .await?;
             batch.clear();
         }
     }
     drop(results);
     store
-        .save_details(kind, &batch, opts.now, &opts.pacing, opts.full)
+        .save_details(kind, &batch, opts.read, &opts.pacing, opts.full)
         .await?;
     if let Some(e) = &first_error {
         tracing::warn!(source = %kind, failed, error = %e, "some account details could not be read; retried next cycle");
@@ -514,7 +518,7 @@ pub async fn read_targeted(
                     detailed,
                 };
                 store
-                    .save_fresh(kind, fresh, opts.now, &opts.pacing)
+                    .save_fresh(kind, fresh, opts.read, &opts.pacing)
                     .await?;
                 out.fresh.push(id.to_string());
             }

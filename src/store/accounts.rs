@@ -29,6 +29,15 @@ pub struct InvalidRow {
     pub detail: String,
 }
 
+/// When a read happened. `seq` orders reads: its cycle's id, assigned by
+/// the store, so a clock stepped backwards cannot make an old read look
+/// new. `at` is the wall time, stored for people and for grace periods.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReadStamp {
+    pub seq: i64,
+    pub at: DateTime<Utc>,
+}
+
 /// A targeted re-read of one account.
 #[derive(Debug, Clone, Copy)]
 pub struct Fresh<'a> {
@@ -90,9 +99,9 @@ impl Store {
         listing: &[ListedAccount],
         index: &HashMap<String, AccountIndexEntry>,
         grace: u32,
-        now: DateTime<Utc>,
+        read: ReadStamp,
     ) -> Result<()> {
-        let now_s = ts(now);
+        let now_s = ts(read.at);
         let mut tx = self.write_tx().await?;
         let prev_listed: Option<String> =
             sqlx::query_scalar("SELECT last_listed_at FROM source_state WHERE source = ?")
@@ -111,14 +120,15 @@ impl Store {
                 let list_raw = serde_json::to_string(&a.raw).unwrap_or_default();
                 sqlx::query(
                     "INSERT INTO source_accounts
-                        (source, id, row_json, row_hash, list_raw, first_seen, last_seen, missing_cycles)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6, 0)
+                        (source, id, row_json, row_hash, list_raw, first_seen, last_seen,
+                         missing_cycles, seen_seq)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6, 0, ?7)
                      ON CONFLICT (source, id) DO UPDATE SET
                         row_json = excluded.row_json, row_hash = excluded.row_hash,
                         list_raw = excluded.list_raw, last_seen = excluded.last_seen,
-                        missing_cycles = 0
-                     WHERE source_accounts.details_at IS NULL
-                        OR source_accounts.details_at <= excluded.last_seen",
+                        missing_cycles = 0, seen_seq = excluded.seen_seq
+                     WHERE source_accounts.details_seq IS NULL
+                        OR source_accounts.details_seq <= excluded.seen_seq",
                 )
                 .bind(source.as_str())
                 .bind(&a.raw.id)
@@ -126,16 +136,18 @@ impl Store {
                 .bind(&a.row_hash)
                 .bind(list_raw)
                 .bind(&now_s)
+                .bind(read.seq)
                 .execute(&mut *tx)
                 .await?;
             } else if known.is_some_and(|k| k.missing_cycles > 0) {
                 sqlx::query(
-                    "UPDATE source_accounts SET missing_cycles = 0, last_seen = ?3
-                     WHERE source = ?1 AND id = ?2",
+                    "UPDATE source_accounts SET missing_cycles = 0, last_seen = ?3, seen_seq = ?4
+                     WHERE source = ?1 AND id = ?2 AND seen_seq <= ?4",
                 )
                 .bind(source.as_str())
                 .bind(&a.raw.id)
                 .bind(&now_s)
+                .bind(read.seq)
                 .execute(&mut *tx)
                 .await?;
             }
@@ -150,17 +162,17 @@ impl Store {
             } else {
                 None
             };
-            // A live re-read made after this listing began (it moved
-            // `last_seen`) is newer evidence that the account exists.
+            // A live re-read of a later cycle (it moved `seen_seq`) is newer
+            // evidence that the account exists.
             sqlx::query(
                 "UPDATE source_accounts SET missing_cycles = missing_cycles + 1,
                     last_seen = COALESCE(?3, last_seen)
-                 WHERE source = ?1 AND id = ?2 AND last_seen <= ?4",
+                 WHERE source = ?1 AND id = ?2 AND seen_seq < ?4",
             )
             .bind(source.as_str())
             .bind(id)
             .bind(last_seen)
-            .bind(&now_s)
+            .bind(read.seq)
             .execute(&mut *tx)
             .await?;
         }
@@ -197,7 +209,7 @@ impl Store {
         &self,
         source: SourceKind,
         fresh: Fresh<'_>,
-        now: DateTime<Utc>,
+        read: ReadStamp,
         pacing: &Pacing,
     ) -> Result<()> {
         let Fresh {
@@ -219,7 +231,7 @@ impl Store {
         let json = |r: &RawAccount| serde_json::to_string(r).unwrap_or_default();
         let (first, again) = match detailed {
             true => {
-                let (first, again) = verify_froms(pacing, source, &fresh.id, now);
+                let (first, again) = verify_froms(pacing, source, &fresh.id, read.at);
                 (Some(first), Some(again))
             }
             false => (None, None),
@@ -227,25 +239,28 @@ impl Store {
         sqlx::query(
             "INSERT INTO source_accounts
                 (source, id, row_json, row_hash, list_raw, details_json, details_at,
-                 first_seen, last_seen, missing_cycles, verify_from)
-             VALUES (?1, ?2, '{}', '', ?3, ?4, ?5, ?5, ?5, 0, ?6)
+                 first_seen, last_seen, missing_cycles, verify_from, seen_seq, details_seq)
+             VALUES (?1, ?2, '{}', '', ?3, ?4, ?5, ?5, ?5, 0, ?6, ?9, ?9)
              ON CONFLICT (source, id) DO UPDATE SET
                 list_raw = excluded.list_raw, details_json = excluded.details_json,
-                details_at = excluded.details_at,
+                details_at = excluded.details_at, details_seq = excluded.details_seq,
                 verify_from = CASE WHEN ?6 IS NULL THEN source_accounts.verify_from
                     WHEN source_accounts.details_at IS NULL THEN ?6 ELSE ?7 END,
                 missing_cycles = CASE WHEN ?8 THEN 0 ELSE source_accounts.missing_cycles END,
-                last_seen = CASE WHEN ?8 THEN excluded.last_seen ELSE source_accounts.last_seen END
-             WHERE source_accounts.last_seen <= excluded.last_seen",
+                last_seen = CASE WHEN ?8 THEN excluded.last_seen ELSE source_accounts.last_seen END,
+                seen_seq = CASE WHEN ?8 THEN excluded.seen_seq ELSE source_accounts.seen_seq END
+             WHERE source_accounts.seen_seq <= ?9
+               AND COALESCE(source_accounts.details_seq, 0) <= ?9",
         )
         .bind(source.as_str())
         .bind(&fresh.id)
         .bind(json(&list))
         .bind(json(&details))
-        .bind(ts(now))
+        .bind(ts(read.at))
         .bind(first)
         .bind(again)
         .bind(live)
+        .bind(read.seq)
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
@@ -259,19 +274,20 @@ impl Store {
         &self,
         source: SourceKind,
         details: &[(String, String, RawAccount)],
-        now: DateTime<Utc>,
+        read: ReadStamp,
         pacing: &Pacing,
         restagger: bool,
     ) -> Result<()> {
-        let now_s = ts(now);
+        let now_s = ts(read.at);
         let mut tx = self.write_tx().await?;
         for (id, row_hash, raw) in details {
-            let (first, again) = verify_froms(pacing, source, id, now);
+            let (first, again) = verify_froms(pacing, source, id, read.at);
             let again = if restagger { first } else { again };
             sqlx::query(
                 "UPDATE source_accounts SET details_json = ?3, details_at = ?4, row_hash = ?5,
-                    verify_from = CASE WHEN details_at IS NULL THEN ?6 ELSE ?7 END
-                 WHERE source = ?1 AND id = ?2 AND (details_at IS NULL OR details_at <= ?4)",
+                    verify_from = CASE WHEN details_at IS NULL THEN ?6 ELSE ?7 END,
+                    details_seq = ?8
+                 WHERE source = ?1 AND id = ?2 AND (details_seq IS NULL OR details_seq <= ?8)",
             )
             .bind(source.as_str())
             .bind(id)
@@ -280,6 +296,7 @@ impl Store {
             .bind(row_hash)
             .bind(first)
             .bind(again)
+            .bind(read.seq)
             .execute(&mut *tx)
             .await?;
         }
@@ -572,21 +589,44 @@ mod tests {
         }
     }
 
-    async fn list(store: &Store, balance: &str, now: DateTime<Utc>) {
+    /// Read `seq` at a wall time that runs backwards as `seq` grows: the
+    /// clock stepped back an hour before each read.
+    fn read(seq: i64) -> ReadStamp {
+        ReadStamp {
+            seq,
+            at: at(-3600 * seq),
+        }
+    }
+
+    async fn list(store: &Store, balance: &str, read: ReadStamp) {
         let kind = SourceKind::Activeplatform;
         let index = store.account_index(kind).await.unwrap();
-        let row = ListedAccount {
-            raw: raw(balance),
-            row_hash: format!("hash-{balance}"),
-            row_json: None,
-        };
+        let rows: Vec<_> = (balance != "unlisted")
+            .then(|| ListedAccount {
+                raw: raw(balance),
+                row_hash: format!("hash-{balance}"),
+                row_json: None,
+            })
+            .into_iter()
+            .collect();
         store
-            .save_listing(kind, &[row], &index, 3, now)
+            .save_listing(kind, &rows, &index, 3, read)
             .await
             .unwrap();
-        let details = [("7".to_string(), format!("hash-{balance}"), raw(balance))];
+        let details: Vec<_> = rows
+            .iter()
+            .map(|r| ("7".to_string(), r.row_hash.clone(), raw(balance)))
+            .collect();
         store
-            .save_details(kind, &details, now, &PACING, false)
+            .save_details(kind, &details, read, &PACING, false)
+            .await
+            .unwrap();
+    }
+
+    async fn re_read(store: &Store, balance: &str, read: ReadStamp) {
+        let kind = SourceKind::Activeplatform;
+        let raw = raw(balance);
+        (store.save_fresh(kind, fresh(&raw), read, &PACING))
             .await
             .unwrap();
     }
@@ -598,40 +638,43 @@ mod tests {
     }
 
     /// The two lanes save at once: a listing cycle that read before a
-    /// targeted re-read must not overwrite it, nor the reverse.
+    /// targeted re-read must not overwrite it, nor the reverse. Which read
+    /// is older is the sequence's call: the wall clock runs backwards here.
     #[tokio::test]
     async fn an_older_read_never_overwrites_a_fresher_one() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("s.db")).await.unwrap();
         let paid = || (Some("50".to_string()), Some("50".to_string()));
-        list(&store, "-5", at(0)).await;
-        store
-            .save_fresh(
-                SourceKind::Activeplatform,
-                fresh(&raw("50")),
-                at(20),
-                &PACING,
-            )
-            .await
-            .unwrap();
+        list(&store, "-5", read(1)).await;
+        re_read(&store, "50", read(3)).await;
         assert_eq!(balance(&store).await, paid());
-        // A listing cycle that started at 10 saves what it read then.
-        list(&store, "-6", at(10)).await;
+        // A listing cycle that started before the re-read saves what it read.
+        list(&store, "-6", read(2)).await;
         assert_eq!(balance(&store).await, paid(), "a stale listing won");
         // A listing that started after the re-read is fresher.
-        list(&store, "60", at(30)).await;
+        list(&store, "60", read(5)).await;
         let sixty = (Some("60".to_string()), Some("60".to_string()));
         assert_eq!(balance(&store).await, sixty);
         // A targeted read from before that listing is older news.
-        store
-            .save_fresh(
-                SourceKind::Activeplatform,
-                fresh(&raw("1")),
-                at(25),
-                &PACING,
-            )
-            .await
-            .unwrap();
+        re_read(&store, "1", read(4)).await;
         assert_eq!(balance(&store).await, sixty, "a stale re-read won");
+    }
+
+    /// A listing that began before a live re-read does not count the
+    /// account missing, though the re-read's wall time is earlier.
+    #[tokio::test]
+    async fn a_live_re_read_outranks_an_older_listing_that_missed_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("s.db")).await.unwrap();
+        let missing = || async {
+            let index = store.account_index(SourceKind::Activeplatform).await;
+            index.unwrap()["7"].missing_cycles
+        };
+        list(&store, "5", read(1)).await;
+        re_read(&store, "5", read(3)).await;
+        list(&store, "unlisted", read(2)).await;
+        assert_eq!(missing().await, 0, "the older listing counted it gone");
+        list(&store, "unlisted", read(4)).await;
+        assert_eq!(missing().await, 1, "a newer listing is the authority");
     }
 }

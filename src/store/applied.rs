@@ -231,6 +231,21 @@ impl Store {
         Ok(())
     }
 
+    /// Whether the VMS is known to hold exactly `user` for `login` (None:
+    /// no user): recorded so, and not in doubt.
+    pub async fn holds_exactly(&self, login: &str, user: Option<&AppliedUser>) -> Result<bool> {
+        let in_doubt: Option<i64> = sqlx::query_scalar("SELECT 1 FROM in_doubt WHERE login = ?")
+            .bind(login)
+            .fetch_optional(&self.pool)
+            .await?;
+        if in_doubt.is_some() {
+            return Ok(false);
+        }
+        let one = HashSet::from([login.to_string()]);
+        let applied = self.applied_by_key(&one).await?;
+        Ok(applied.get(login) == user)
+    }
+
     pub async fn clear_in_doubt(&self, login: &str) -> Result<()> {
         sqlx::query("DELETE FROM in_doubt WHERE login = ?")
             .bind(login)

@@ -11,7 +11,7 @@ mod plan;
 mod retry;
 mod verify;
 
-pub use accounts::{AccountIndexEntry, Fresh, InvalidRow, StoredAccount};
+pub use accounts::{AccountIndexEntry, Fresh, InvalidRow, ReadStamp, StoredAccount};
 pub use applied::InDoubt;
 pub use history::{
     AuditEntry, AuditRow, DroppedRequest, LastCycle, Notice, RequestKind, Requests, TriggerBody,

@@ -63,7 +63,8 @@ pub enum OpResult {
     Quarantined,
     /// Held by the safety threshold, not sent.
     Held,
-    /// Pushed meanwhile by a newer targeted cycle; left to the next listing.
+    /// Not sent: another cycle decided the key (a newer read, or an older
+    /// one whose push already did this). Audited, not counted in metrics.
     Superseded,
 }
 

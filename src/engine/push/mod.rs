@@ -23,7 +23,9 @@ use crate::core::cycle::OpResult;
 use crate::core::desired::CoreConfig;
 use crate::core::model::{AccountKey, SourceKind};
 use crate::core::pacing::Pacing;
-use crate::core::plan::{state_hash, Action, AppliedUser, Op, Plan, TreeOp, WritebackOp};
+use crate::core::plan::{
+    applied_after, state_hash, Action, AppliedUser, Op, Plan, TreeOp, WritebackOp,
+};
 use crate::sources::WriteBack;
 use crate::store::{AuditRow, QuarantinePart, RetryInfo, Store};
 use crate::telemetry::metrics;
@@ -31,8 +33,11 @@ use crate::vms::{VmsClient, VmsOp};
 pub use channel::limiter;
 use channel::Channel;
 
-use super::claims::Claims;
+use super::schedule::{Key, Turn, Turns};
 use super::Progress;
+
+const NEWER_READ: &str = "pushed meanwhile from a newer read";
+const DONE_MEANWHILE: &str = "done meanwhile by the other lane";
 
 /// One planned operation.
 #[derive(Debug, Clone, Copy)]
@@ -48,6 +53,15 @@ impl Task<'_> {
             Task::User(_) => TaskKind::User,
             Task::Tree(_) => TaskKind::Tree,
             Task::Writeback(_) => TaskKind::Writeback,
+        }
+    }
+
+    /// What the task writes, for the scheduler.
+    fn schedule_key(&self) -> Key {
+        match self {
+            Task::User(op) => Key::Login(op.login.clone()),
+            Task::Tree(t) => Key::Tree(t.external_id.clone()),
+            Task::Writeback(w) => Key::Writeback(w.account.to_string()),
         }
     }
 
@@ -137,9 +151,8 @@ pub struct PushInput<'a> {
     /// the same cycle a period later).
     pub restagger: bool,
     pub clock: super::Clock,
-    /// Claim each login before pushing it (a listing cycle); `None`: the
-    /// cycle holds its logins already (a targeted cycle).
-    pub claims: Option<&'a Claims>,
+    /// Each task's turn at its key: the push scheduler.
+    pub turns: Turns<'a>,
 }
 
 pub struct Executor<'a> {
@@ -160,7 +173,7 @@ pub struct Executor<'a> {
     pacing: Pacing,
     restagger: bool,
     clock: super::Clock,
-    claims: Option<&'a Claims>,
+    turns: Turns<'a>,
 }
 
 /// How `record` settled one task.
@@ -189,7 +202,7 @@ impl<'a> Executor<'a> {
             pacing: input.pacing,
             restagger: input.restagger,
             clock: input.clock,
-            claims: input.claims,
+            turns: input.turns,
         }
     }
 
@@ -258,42 +271,63 @@ impl<'a> Executor<'a> {
         }
     }
 
-    /// Executes and records a task while holding its login (one writer per
-    /// login), so its applied state is written before another cycle's turn.
+    /// Executes and records a task in its turn at its key (one writer per
+    /// key), so its outcome is written before another cycle's turn.
     fn run<'t>(&'t self, task: Task<'t>) -> BoxFuture<'t, Result<Recorded, PushError>> {
         Box::pin(async move {
-            let _claim = match (task, self.claims) {
-                (Task::User(op), Some(claims)) => match claims.claim(&op.login, self.now).await {
-                    Some(claim) => Some(claim),
-                    None => return self.superseded(op).await,
-                },
-                _ => None,
+            let (_turn, full) = match self.turns.take(task.schedule_key()).await {
+                Turn::Superseded => return self.superseded(task, NEWER_READ).await,
+                Turn::Held => (None, false),
+                Turn::Taken { taken, stale } => {
+                    if stale && self.done_meanwhile(task).await? {
+                        return self.superseded(task, DONE_MEANWHILE).await;
+                    }
+                    (Some(taken), stale)
+                }
             };
-            let outcome = self.execute(task).await;
+            let outcome = self.execute(task, full).await;
             self.record(task, outcome).await
         })
     }
 
-    /// A newer targeted cycle pushed this login after this cycle read it:
-    /// what this cycle planned is older news. The next listing re-diffs it.
-    async fn superseded(&self, op: &Op) -> Result<Recorded, PushError> {
-        tracing::debug!(login = %op.login, "pushed meanwhile by a newer targeted cycle; left to the next listing");
-        self.store.plan_done(&op.login).await?;
+    /// Another cycle decided this key after this one read it: a newer read
+    /// (this plan is older news; the next listing re-diffs it), or an
+    /// older one that already left the VMS as this task would.
+    async fn superseded(&self, task: Task<'_>, why: &str) -> Result<Recorded, PushError> {
+        tracing::debug!(key = task.key(), why, "left to what another cycle pushed");
+        if let Task::User(op) = task {
+            self.store.plan_done(&op.login).await?;
+        }
         Ok(Recorded {
-            kind: TaskKind::User,
+            kind: task.kind(),
             result: OpResult::Superseded,
             audit: AuditRow {
-                login: op.login.clone(),
-                action: op.label(&self.core.status_blocked).into(),
+                login: task.key().to_string(),
+                action: task.action(&self.core.status_blocked).into(),
                 result: OpResult::Superseded.as_str().into(),
-                detail: "pushed meanwhile by a newer targeted cycle".into(),
+                detail: why.into(),
             },
         })
     }
 
-    pub async fn execute(&self, task: Task<'_>) -> Outcome {
+    /// Whether an older cycle's push, made after this cycle read the
+    /// applied state, left exactly what this user task would (a duplicate
+    /// of both lanes, merged). Tree and write-back tasks are sent again:
+    /// they are idempotent.
+    async fn done_meanwhile(&self, task: Task<'_>) -> Result<bool, PushError> {
+        let Task::User(op) = task else {
+            return Ok(false);
+        };
+        let last = op.proofs().last().copied();
+        let after = last.and_then(|proof| applied_after(op, proof));
+        Ok(self.store.holds_exactly(&op.login, after.as_ref()).await?)
+    }
+
+    /// `full`: the op's applied state moved since it was planned, so a
+    /// user update states the whole target, not the planned difference.
+    pub async fn execute(&self, task: Task<'_>, full: bool) -> Outcome {
         let done = match task {
-            Task::User(op) => self.user(op).await.map(|d| d.adopted),
+            Task::User(op) => self.user(op, full).await.map(|d| d.adopted),
             Task::Tree(t) => self.tree(t).await.map(|()| false),
             Task::Writeback(w) => self.write_back(w).await.map(|()| false),
         };

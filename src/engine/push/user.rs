@@ -19,8 +19,11 @@ pub struct Done {
 
 const DONE: Done = Done { adopted: false };
 
+type Permissions = BTreeSet<String>;
+
 impl Executor<'_> {
-    pub(super) async fn user(&self, op: &Op) -> Result<Done, PushError> {
+    /// `full`: update with the whole target state (see `execute`).
+    pub(super) async fn user(&self, op: &Op, full: bool) -> Result<Done, PushError> {
         // Until an answer proves what happened, the login is in doubt; a
         // crash or a lost answer leaves it so (SPEC §9.1).
         if !self.channel.closed() {
@@ -33,7 +36,8 @@ impl Executor<'_> {
         }
         match &op.action {
             Action::Create => self.create(op).await,
-            Action::Update { attach, detach, .. } => self.update(op, attach, detach).await,
+            Action::Update { .. } if full => self.update(op, None).await,
+            Action::Update { attach, detach, .. } => self.update(op, Some((attach, detach))).await,
             Action::Delete => self.delete(op).await,
         }
     }
@@ -110,20 +114,24 @@ impl Executor<'_> {
         Ok(DONE)
     }
 
+    /// The planned difference of permissions, or (None) the full state.
     async fn update(
         &self,
         op: &Op,
-        attach: &BTreeSet<String>,
-        detach: &BTreeSet<String>,
+        delta: Option<(&Permissions, &Permissions)>,
     ) -> Result<Done, PushError> {
         let t = &op.target;
-        match self
-            .channel
-            .request(VmsOp::Update, || {
-                self.vms.update(&op.login, t, attach, detach)
-            })
-            .await
-        {
+        let sent = match delta {
+            Some((attach, detach)) => {
+                self.channel
+                    .request(VmsOp::Update, || {
+                        self.vms.update(&op.login, t, attach, detach)
+                    })
+                    .await
+            }
+            None => self.full_patch(op).await,
+        };
+        match sent {
             Ok(()) => {
                 self.confirm(op, Proof::Updated).await?;
                 Ok(DONE)
