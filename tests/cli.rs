@@ -490,3 +490,77 @@ fn the_sandbox_syncs_its_emulators_once() {
     assert!(stdout.contains("what the VMS received"), "{stdout}");
     assert!(stdout.contains("VMS users now (10)"), "{stdout}");
 }
+
+/// Every command the sandbox prints works as printed while it runs: the
+/// binary's real path, the sandbox's own config (with the admin address
+/// and token file the daemon uses), a dry run beside the running daemon.
+#[tokio::test(flavor = "multi_thread")]
+async fn every_command_the_sandbox_prints_works_as_printed() {
+    use std::io::{BufRead, BufReader};
+    let mut sandbox = Command::new(BIN)
+        .args(["sandbox", "--accounts", "12"])
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = sandbox.stdout.take().unwrap();
+    let lines = tokio::task::spawn_blocking(move || {
+        let mut lines = vec![];
+        for line in BufReader::new(stdout).lines() {
+            let line = line.unwrap();
+            let done = line.starts_with("Ctrl-C");
+            lines.push(line);
+            if done {
+                break;
+            }
+        }
+        lines
+    });
+    let lines = tokio::time::timeout(Duration::from_secs(60), lines)
+        .await
+        .expect("the sandbox never printed its commands")
+        .unwrap();
+    let commands: Vec<&str> = lines
+        .iter()
+        .filter_map(|l| l.strip_prefix("  "))
+        .filter(|l| l.starts_with("curl ") || l.starts_with(BIN))
+        .collect();
+    assert_eq!(commands.len(), 6, "{lines:#?}");
+    for c in &commands {
+        let line = c.to_string();
+        let out = tokio::task::spawn_blocking(move || {
+            Command::new("bash").args(["-c", &line]).output().unwrap()
+        })
+        .await
+        .unwrap();
+        assert_eq!(out.status.code(), Some(0), "{c}: {}", text(&out));
+    }
+    let pid = sandbox.id().to_string();
+    Command::new("kill").args(["-INT", &pid]).status().unwrap();
+    let status = tokio::task::spawn_blocking(move || sandbox.wait().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+}
+
+/// `status | head` must not panic when head closes the pipe: billsync ends
+/// quietly with 0, as `ls | head` does. The reader here closes its end at
+/// once, so every write of billsync meets a closed pipe.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_closed_pipe_ends_output_quietly() {
+    let lab = lab(3, 3, "").await;
+    assert_eq!(run(&lab, &["sync"]).await.status.code(), Some(0));
+    for args in ["status", "explain user1@bm.example.com", "sync --dry-run"] {
+        let line = format!(
+            "{BIN} --config {} {args} | {{ exec 0<&-; sleep 1; }}; exit ${{PIPESTATUS[0]}}",
+            lab.config_path().display()
+        );
+        let out = tokio::task::spawn_blocking(move || {
+            Command::new("bash").args(["-c", &line]).output().unwrap()
+        });
+        let out = out.await.unwrap();
+        assert_eq!(out.status.code(), Some(0), "{args}: {}", text(&out));
+        assert!(!text(&out).contains("panicked"), "{args}: {}", text(&out));
+    }
+}

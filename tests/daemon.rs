@@ -5,6 +5,7 @@
 mod common;
 use common::LabSettings;
 
+use std::collections::BTreeSet;
 use std::os::unix::net::UnixDatagram;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -866,4 +867,65 @@ async fn a_daemon_at_its_defaults_is_quiet_when_nothing_changes() {
         lab.bm.calls("account") > 0 && lab.ap.calls("list") > 0,
         "listings ran"
     );
+}
+
+/// A preview beside the running daemon (`sync --dry-run` while `run`
+/// holds the lock): it succeeds, sends nothing, writes nothing (the daemon
+/// is stopped with SIGSTOP meanwhile, so any change to the state file or
+/// the VMS log is the dry run's), and the daemon's next cycle sends exactly
+/// what it planned.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dry_run_beside_the_daemon_previews_its_next_cycle() {
+    let lab = lab(4, 4).await;
+    let d = start(&lab, &[], &[]).await;
+    let first = wait_finished(&d.admin, "incremental", 1).await;
+    // Stopped right after a cycle, well before the next (every 2 s).
+    let from = wait_finished(&d.admin, "incremental", first + 1).await;
+    let pid = d.child.id().to_string();
+    signal("-STOP", &pid);
+    // Two customers stop paying.
+    for id in [1, 2] {
+        let mut bm = lab.bm.data();
+        let a = bm.accounts.iter_mut().find(|a| a.id == id).unwrap();
+        (a.balance, a.credit_limits) = ("-50.00".into(), vec!["0".into()]);
+    }
+    let files = |lab: &Lab| {
+        let state = lab.state_path();
+        let wal = state.with_extension("db-wal");
+        (std::fs::read(&state).unwrap(), std::fs::read(wal).ok())
+    };
+    let (before, requests) = (files(&lab), lab.vms.requests());
+    let mut cmd = Command::new(BIN);
+    cmd.arg("--config").arg(lab.config_path());
+    cmd.args(["sync", "--dry-run", "--json"])
+        .env_remove("RUST_LOG");
+    let out = tokio::task::spawn_blocking(move || cmd.output().unwrap());
+    let out = out.await.unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains(&format!("billsync pid {pid} holds")),
+        "{stderr}"
+    );
+    assert_eq!(lab.vms.requests(), requests, "the dry run sent requests");
+    assert!(files(&lab) == before, "the dry run wrote to the state file");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let planned: BTreeSet<String> = (report["plan"].as_array().unwrap().iter())
+        .map(|p| p["login"].as_str().unwrap().to_string())
+        .collect();
+    let expected = ["user1@bm.example.com", "user2@bm.example.com"];
+    assert_eq!(planned, expected.map(String::from).into(), "{report}");
+    let events = lab.vms.data().events.len();
+    signal("-CONT", &pid);
+    wait_finished(&d.admin, "incremental", from + 1).await;
+    let sent: BTreeSet<String> = lab.vms.data().events[events..]
+        .iter()
+        .map(|e| e.login.clone())
+        .collect();
+    assert_eq!(sent, planned, "the next cycle sent another plan");
+}
+
+fn signal(which: &str, pid: &str) {
+    let ok = Command::new("kill").args([which, pid]).status().unwrap();
+    assert!(ok.success(), "kill {which} {pid}");
 }

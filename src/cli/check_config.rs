@@ -10,17 +10,17 @@ use billsync::http;
 use billsync::sources;
 
 pub async fn run(settings: Settings, connect: bool) -> u8 {
-    println!("{}", settings.to_masked_toml());
+    outln!("{}", settings.to_masked_toml());
     for kind in SourceKind::ALL {
         if settings.configured(kind).is_some() && settings.source(kind).is_none() {
-            println!(
+            outln!(
                 "# sources.{kind} is disabled: the VMS users it owns are frozen (never \
                  deprovisioned); `billsync sync --retire-source {kind}` retires them"
             );
         }
     }
     if !connect {
-        println!("# config OK");
+        outln!("# config OK");
         return super::EXIT_OK;
     }
     let mut ok = true;
@@ -51,31 +51,29 @@ pub async fn run(settings: Settings, connect: bool) -> u8 {
                     .iter()
                     .filter(|s| normalizer.status(s).is_none())
                     .collect();
-                println!(
+                outln!(
                     "{kind}: OK, first page has {} accounts; raw statuses seen: {:?}",
                     listing.accounts.len(),
                     seen
                 );
                 if missing.is_empty() {
-                    println!("{kind}: status_map covers every status seen");
+                    outln!("{kind}: status_map covers every status seen");
                 } else {
                     ok = false;
-                    println!(
-                        "{kind}: status_map LACKS {missing:?}: such accounts would be skipped"
-                    );
+                    outln!("{kind}: status_map LACKS {missing:?}: such accounts would be skipped");
                 }
             }
             Err(e) => {
                 ok = false;
-                println!("{kind}: FAILED: {e}");
+                outln!("{kind}: FAILED: {e}");
             }
         }
     }
     match probe_vms(&settings).await {
-        Ok(status) => println!("vms: answers (GET /api/v1/billing/tree: HTTP {status})"),
+        Ok(status) => outln!("vms: answers (GET /api/v1/billing/tree: HTTP {status})"),
         Err(e) => {
             ok = false;
-            println!("vms: FAILED: {e}");
+            outln!("vms: FAILED: {e}");
         }
     }
     if ok {

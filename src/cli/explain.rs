@@ -177,7 +177,7 @@ async fn remembered(
 
 fn print_human(doc: &Value) {
     if doc["found"].as_bool() != Some(true) {
-        println!(
+        outln!(
             "{}: {}",
             doc["target"].as_str().unwrap_or(""),
             doc["why"].as_str().unwrap_or("not found")
@@ -202,7 +202,7 @@ fn print_human(doc: &Value) {
     ] {
         if let Some(v) = doc.get(key) {
             let text = serde_json::to_string_pretty(v).unwrap_or_default();
-            println!("{key}: {text}");
+            outln!("{key}: {text}");
         }
     }
 }

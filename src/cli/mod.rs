@@ -1,6 +1,17 @@
 //! The command line (SPEC §4): one file per subcommand. Logs go to stderr,
 //! results to stdout.
 
+/// `println!` that ends the process quietly (exit 0) once stdout is closed,
+/// as `ls | head` does: `billsync status | head -1` must not panic.
+macro_rules! outln {
+    () => {
+        $crate::cli::write_line(format_args!(""))
+    };
+    ($($arg:tt)*) => {
+        $crate::cli::write_line(format_args!($($arg)*))
+    };
+}
+
 mod check_config;
 mod explain;
 mod progress;
@@ -42,7 +53,7 @@ async fn run_daemon(settings: billsync::config::Settings, resync: bool) -> u8 {
 )]
 pub struct Cli {
     /// Config file (default: $BILLSYNC_CONFIG, else /etc/billsync/billsync.toml)
-    #[arg(long, global = true, value_name = "PATH")]
+    #[arg(long, value_name = "PATH")]
     pub config: Option<PathBuf>,
 
     #[command(subcommand)]
@@ -115,14 +126,21 @@ pub enum Command {
         connect: bool,
     },
     /// Emulators of all three systems on loopback, one full sync, and what was pushed
-    Sandbox {
-        /// Generated accounts (split between the two billing systems)
-        #[arg(long, default_value_t = 50)]
-        accounts: usize,
-        /// Exit after the first full sync instead of running until Ctrl-C
-        #[arg(long)]
-        once: bool,
-    },
+    Sandbox(SandboxArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct SandboxArgs {
+    /// Generated accounts (split between the two billing systems)
+    #[arg(long, default_value_t = 50)]
+    pub accounts: usize,
+    /// Exit after the first full sync instead of running until Ctrl-C
+    #[arg(long)]
+    pub once: bool,
+    /// Keep the sandbox's files (config, state, admin token) in a new
+    /// directory under DIR instead of deleting them on exit
+    #[arg(long, value_name = "DIR")]
+    pub keep: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -164,9 +182,13 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::CheckConfig { connect } => {
             with_settings(path.as_deref(), |s| runtime(check_config::run(s, connect)))
         }
-        Command::Sandbox { accounts, once } => {
+        Command::Sandbox(args) if path.is_none() => {
             billsync::telemetry::init(billsync::config::LogFormat::Pretty, "warn");
-            runtime(sandbox::run(accounts, once))
+            runtime(sandbox::run(args))
+        }
+        Command::Sandbox(_) => {
+            eprintln!("billsync: sandbox writes its own config; --config is not used");
+            EXIT_CONFIG
         }
     };
     ExitCode::from(code)
@@ -174,8 +196,7 @@ pub fn run(cli: Cli) -> ExitCode {
 
 /// Loads the config (exit 2 on error), sets up logging, runs `f`.
 fn with_settings(path: Option<&std::path::Path>, f: impl FnOnce(Settings) -> u8) -> u8 {
-    let path = config::resolve_path(path);
-    match config::load(&path, &config::process_env()) {
+    match config::load_resolved(config::resolve_path(path), &config::process_env()) {
         Ok((settings, report)) => {
             billsync::telemetry::init(settings.log.format, &settings.log.level);
             for w in &report.warnings {
@@ -215,9 +236,22 @@ async fn open_store(settings: &Settings) -> Result<billsync::store::Store, u8> {
         })
 }
 
+/// One line to stdout; a closed pipe ends the process quietly.
+pub fn write_line(args: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = out.write_fmt(args).and_then(|()| out.write_all(b"\n")) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(i32::from(EXIT_OK));
+        }
+        eprintln!("billsync: cannot write to stdout: {e}");
+        std::process::exit(i32::from(EXIT_ABORTED));
+    }
+}
+
 fn print_json(v: &impl serde::Serialize) {
     match serde_json::to_string_pretty(v) {
-        Ok(s) => println!("{s}"),
+        Ok(s) => outln!("{s}"),
         Err(e) => eprintln!("billsync: cannot render JSON: {e}"),
     }
 }

@@ -23,10 +23,10 @@ pub async fn run(settings: Settings, action: QuarantineAction) -> u8 {
                         .collect();
                     super::print_json(&list);
                 } else if entries.is_empty() {
-                    println!("nothing is quarantined");
+                    outln!("nothing is quarantined");
                 } else {
                     for q in entries {
-                        println!(
+                        outln!(
                             "{}  {}  {}  {}",
                             q.key,
                             q.part.as_str(),
@@ -46,7 +46,7 @@ pub async fn run(settings: Settings, action: QuarantineAction) -> u8 {
             let keys = (!all).then_some(logins.as_slice());
             match store.release_quarantine(keys).await {
                 Ok(n) => {
-                    println!("released {n}; the next cycle pushes them again");
+                    outln!("released {n}; the next cycle pushes them again");
                     super::EXIT_OK
                 }
                 Err(e) => {

@@ -14,9 +14,9 @@ pub async fn resync(settings: Settings, logins: Vec<String>) -> u8 {
         Ok(_) => {
             match named {
                 None => {
-                    println!("full resync requested; the next cycle will push every user in full")
+                    outln!("full resync requested; the next cycle will push every user in full")
                 }
-                Some(l) => println!("resync requested for {}: {}", l.len(), l.join(", ")),
+                Some(l) => outln!("resync requested for {}: {}", l.len(), l.join(", ")),
             }
             super::EXIT_OK
         }
@@ -34,7 +34,7 @@ pub async fn approve(settings: Settings) -> u8 {
     };
     match store.approve_held().await {
         Ok((_, held)) => {
-            println!(
+            outln!(
                 "approval recorded for the {held} logins held now: the next cycle sends their \
                  deprovisions; any that appeared since are counted against the threshold afresh"
             );

@@ -1,23 +1,76 @@
-//! `sandbox [--accounts N]`: the three emulators on loopback with N
-//! generated accounts, a temporary state file, one full sync, and a readable
-//! account of what was pushed. The way to try billsync, and rules, safely.
+//! `sandbox [--accounts N] [--once] [--keep DIR]`: the three emulators on
+//! loopback with N generated accounts, a state file of its own, one full
+//! sync (with progress), a readable account of what was pushed, then the
+//! daemon with commands to try, each of which works as printed. The way to
+//! try billsync, and rules, safely.
 
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 
-use billsync::engine::CycleReport;
+use billsync::config::Settings;
+use billsync::engine::{CycleOptions, CycleReport, Engine};
+use billsync::store::StateLock;
 use billsync_emulators::lab::Lab;
 
-pub async fn run(accounts: usize, once: bool) -> u8 {
+use super::SandboxArgs;
+
+pub async fn run(args: SandboxArgs) -> u8 {
+    match sandbox(args).await {
+        Ok(code) | Err(code) => code,
+    }
+}
+
+async fn sandbox(args: SandboxArgs) -> Result<u8, u8> {
+    let (mut lab, settings, token_path) = prepare(args.accounts, args.keep.as_deref()).await?;
+    print_header(&lab);
+    let report = first_sync(&settings).await?;
+    super::sync::print_human(&report);
+    outln!();
+    print_pushed(&lab);
+    outln!();
+    let code = super::sync::exit_code(&report);
+    let kept = args.keep.is_some();
+    lab.dir.disable_cleanup(kept);
+    let cli = Commands::new(&lab)?;
+    if args.once {
+        if kept {
+            outln!("kept in {}; it still answers:", lab.dir.path().display());
+            outln!("  {}", cli.status());
+        }
+        return Ok(code);
+    }
+    let (daemon, lock) = billsync::daemon::start(settings, false)
+        .await
+        .map_err(|e| fail(&e))?;
+    let admin = format!("http://{}", daemon.admin_addr);
+    outln!("the daemon runs an incremental cycle every 2 s. Try, in another terminal:");
+    outln!("  curl -fsS {admin}/status");
+    outln!("  curl -fsS {admin}/metrics");
+    outln!(
+        "  curl -fsS -X POST -H \"Authorization: Bearer $(cat {})\" {admin}/resync",
+        quoted(&token_path)
+    );
+    outln!("  {}", cli.status());
+    outln!("  {}", cli.explain(&lab));
+    outln!("  {}", cli.run("sync --dry-run"));
+    match kept {
+        true => outln!("Ctrl-C stops the daemon and the emulators; the files stay."),
+        false => outln!("Ctrl-C stops the daemon and the emulators, and deletes the files."),
+    }
+    billsync::daemon::wait_for_signal().await;
+    daemon.stop().await;
+    drop(lock);
+    Ok(super::EXIT_OK)
+}
+
+/// The emulators with a little payment history, the admin token in a 0600
+/// file, and a config that says everything the daemon uses.
+async fn prepare(accounts: usize, keep: Option<&Path>) -> Result<(Lab, Settings, PathBuf), u8> {
     let bm_n = accounts / 2;
     let ap_n = accounts - bm_n;
-    let lab = match Lab::start(bm_n, ap_n).await {
-        Ok(l) => l,
-        Err(e) => {
-            eprintln!("billsync: cannot start the emulators: {e}");
-            return super::EXIT_ABORTED;
-        }
-    };
-    // A little history, so the payment rules have something to see.
+    let lab = Lab::start_in(bm_n, ap_n, keep)
+        .await
+        .map_err(|e| fail(&format!("cannot start the emulators: {e}")))?;
     let today = chrono::Utc::now();
     for id in (1..=bm_n as u64).step_by(3) {
         lab.bm
@@ -30,79 +83,106 @@ pub async fn run(accounts: usize, once: bool) -> u8 {
     // The admin token lives in a 0600 file, never on the screen.
     let token_path = lab.dir.path().join("admin.token");
     let token = billsync::vms::random_password();
-    if let Err(e) = write_private(&token_path, &token) {
-        eprintln!("billsync: cannot write {}: {e}", token_path.display());
-        return super::EXIT_ABORTED;
-    }
-    let token_file = token_path.display().to_string();
-    let path = lab.write_config(EXTRA);
-    let env = [("BILLSYNC__ADMIN__TOKEN_FILE".to_string(), token_file)];
-    let settings = match billsync::config::load(&path, &env).map(|(s, _)| s) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("billsync: sandbox config: {e}");
-            return super::EXIT_CONFIG;
-        }
-    };
-    println!("billsync sandbox: {bm_n} BILLmanager and {ap_n} ActivePlatform accounts on loopback");
-    println!("  BILLmanager     {}/billmgr", lab.bm_srv.base_url());
-    println!("  ActivePlatform  {}", lab.ap_srv.base_url());
-    println!("  VMS             {}", lab.vms_srv.base_url());
-    println!("  config          {}", lab.config_path().display());
-    println!("  state           {}", lab.state_path().display());
-    let store_path = settings.daemon.state_path.clone();
-    let (daemon, lock) = match billsync::daemon::start(settings, true).await {
-        Ok(d) => d,
-        Err(e) => {
-            eprintln!("billsync: {e}");
-            return super::EXIT_ABORTED;
-        }
-    };
-    println!("  admin           http://{}", daemon.admin_addr);
-    println!();
-    println!("running the first (full) sync...");
-    let store = match billsync::store::Store::open(&store_path).await {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("billsync: {e}");
-            return super::EXIT_ABORTED;
-        }
-    };
-    let report = loop {
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-        let last = store.last_cycles(1).await.unwrap_or_default();
-        if let Some(r) = last.into_iter().next() {
-            if let Ok(r) = serde_json::from_value::<CycleReport>(r) {
-                break r;
-            }
-        }
-    };
-    super::sync::print_human(&report);
-    println!();
-    print_pushed(&lab);
-    println!();
-    let admin = format!("http://{}", daemon.admin_addr);
-    println!("the daemon keeps running incremental cycles every 2 s. Try:");
-    println!("  curl {admin}/status");
-    println!("  curl {admin}/metrics");
-    println!(
-        "  curl -X POST -H \"Authorization: Bearer $(cat {})\" {admin}/resync",
+    write_private(&token_path, &token)
+        .map_err(|e| fail(&format!("cannot write {}: {e}", token_path.display())))?;
+    let port = free_port().map_err(|e| fail(&format!("no free loopback port: {e}")))?;
+    let admin = format!(
+        "listen = \"127.0.0.1:{port}\"\ntoken_file = \"{}\"",
         token_path.display()
     );
-    println!("  billsync --config {} status", lab.config_path().display());
-    let code = super::sync::exit_code(&report);
-    if once {
-        daemon.stop().await;
-        drop(lock);
-        store.close().await;
-        return code;
+    let path = lab.write_config_text(&lab.config_with_admin(EXTRA, &admin));
+    let settings = billsync::config::load(&path, &[])
+        .map(|(s, _)| s)
+        .map_err(|e| {
+            eprintln!("billsync: sandbox config: {e}");
+            super::EXIT_CONFIG
+        })?;
+    Ok((lab, settings, token_path))
+}
+
+/// A port free now, for the admin endpoint the printed commands name.
+fn free_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+fn print_header(lab: &Lab) {
+    let (bm, ap) = (lab.bm.data().accounts.len(), lab.ap.data().accounts.len());
+    outln!("billsync sandbox: {bm} BILLmanager and {ap} ActivePlatform accounts on loopback");
+    outln!("  BILLmanager     {}/billmgr", lab.bm_srv.base_url());
+    outln!("  ActivePlatform  {}", lab.ap_srv.base_url());
+    outln!("  VMS             {}", lab.vms_srv.base_url());
+    outln!("  config          {}", lab.config_path().display());
+    outln!("  state           {}", lab.state_path().display());
+    outln!();
+}
+
+/// The first full sync, run here (with progress on a terminal) as
+/// `billsync sync --full` would, before the daemon starts.
+async fn first_sync(settings: &Settings) -> Result<CycleReport, u8> {
+    let _lock = StateLock::try_acquire(&settings.daemon.state_path).map_err(|e| fail(&e))?;
+    let engine = Engine::new(settings.clone()).await.map_err(|e| fail(&e))?;
+    outln!("the first (full) sync:");
+    let bar = super::progress::terminal();
+    let opts = CycleOptions {
+        full: true,
+        progress: bar.as_ref().map(|(p, _)| p.clone()),
+        ..Default::default()
+    };
+    let report = engine.run_cycle(&opts).await;
+    if let Some((_, bar)) = bar {
+        bar.finish_and_clear();
     }
-    println!("Ctrl-C stops the daemon and the emulators.");
-    billsync::daemon::wait_for_signal().await;
-    daemon.stop().await;
-    drop(lock);
-    store.close().await;
-    super::EXIT_OK
+    engine.store.close().await;
+    report.map_err(|e| fail(&e))
+}
+
+/// The billsync commands the sandbox suggests: this very binary, with the
+/// sandbox's config.
+struct Commands {
+    prefix: String,
+}
+
+impl Commands {
+    fn new(lab: &Lab) -> Result<Self, u8> {
+        let exe = std::env::current_exe().map_err(|e| fail(&e))?;
+        let prefix = format!("{} --config {}", quoted(&exe), quoted(&lab.config_path()));
+        Ok(Self { prefix })
+    }
+
+    fn run(&self, args: &str) -> String {
+        format!("{} {args}", self.prefix)
+    }
+
+    fn status(&self) -> String {
+        self.run("status")
+    }
+
+    fn explain(&self, lab: &Lab) -> String {
+        let login = lab
+            .ap
+            .data()
+            .accounts
+            .first()
+            .map(|a| a.email.to_lowercase());
+        self.run(&format!("explain {}", login.unwrap_or_default()))
+    }
+}
+
+/// A path as a shell word.
+fn quoted(path: &Path) -> String {
+    let text = path.display().to_string();
+    let plain = |c: char| c.is_ascii_alphanumeric() || "/._-+:@,=".contains(c);
+    match text.chars().all(plain) {
+        true => text,
+        false => format!("'{}'", text.replace('\'', r"'\''")),
+    }
+}
+
+fn fail(e: &dyn std::fmt::Display) -> u8 {
+    eprintln!("billsync: {e}");
+    super::EXIT_ABORTED
 }
 
 const EXTRA: &str = r#"
@@ -124,7 +204,7 @@ paid_within_days = 30
 grant = ["archives-download"]
 "#;
 
-fn write_private(path: &std::path::Path, text: &str) -> std::io::Result<()> {
+fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let mut f = std::fs::OpenOptions::new()
@@ -144,9 +224,9 @@ fn print_pushed(lab: &Lab) {
             .entry((e.method.clone(), e.path.clone(), e.status))
             .or_default() += 1;
     }
-    println!("what the VMS received:");
+    outln!("what the VMS received (a create, then a PATCH for users granted permissions):");
     for ((method, path, status), n) in &by_call {
-        println!("  {n:>6} x {method:<6} /api/v1/billing/{path:<12} -> {status}");
+        outln!("  {n:>6} x {method:<6} /api/v1/billing/{path:<12} -> {status}");
     }
     let mut by_perms: BTreeMap<String, usize> = BTreeMap::new();
     for u in data.users.values() {
@@ -156,29 +236,20 @@ fn print_pushed(lab: &Lab) {
             .filter(|p| p.starts_with("archives-"))
             .map(String::as_str)
             .collect();
-        let key = format!(
-            "{:<8} {}",
-            u.status,
-            if managed.is_empty() {
-                "(no archive access)".to_string()
-            } else {
-                managed.join(" + ")
-            }
-        );
-        *by_perms.entry(key).or_default() += 1;
+        let perms = match managed.is_empty() {
+            true => "(no archive access)".to_string(),
+            false => managed.join(" + "),
+        };
+        *by_perms
+            .entry(format!("{:<8} {perms}", u.status))
+            .or_default() += 1;
     }
-    println!(
-        "VMS users now ({}), by status and archive permissions:",
+    outln!(
+        "VMS users now ({}), by status and the archive permissions billsync manages:",
         data.users.len()
     );
     for (k, n) in &by_perms {
-        println!("  {n:>6}  {k}");
+        outln!("  {n:>6}  {k}");
     }
-    println!("tree elements: {}", data.tree.len());
-    for u in data.users.values().take(3) {
-        println!(
-            "  e.g. {} [{}] {} properties={} permissions={:?}",
-            u.login, u.user_type, u.status, u.properties, u.permissions
-        );
-    }
+    outln!("tree elements: {}", data.tree.len());
 }

@@ -66,16 +66,16 @@ fn list(doc: &Value, key: &str) -> Vec<Value> {
 fn print_human(doc: &Value) {
     if let Some(v) = doc.get("oldest_verification").filter(|v| !v.is_null()) {
         let hours = v["age_secs"].as_i64().unwrap_or(0) as f64 / 3600.0;
-        println!(
+        outln!(
             "oldest verification: {} ({hours:.1} h ago)",
-            v["at"].as_str().unwrap_or("?")
+            seconds(v["at"].as_str().unwrap_or("?"))
         );
     }
-    println!("last cycles:");
+    outln!("last cycles:");
     for c in list(doc, "cycles") {
-        println!(
+        outln!(
             "  {} {:<11} {:<8} applied {} pending {} quarantined {} held {}",
-            c["started_at"].as_str().unwrap_or(""),
+            seconds(c["started_at"].as_str().unwrap_or("")),
             c["kind"].as_str().unwrap_or(""),
             c["result"].as_str().unwrap_or(""),
             c["applied"],
@@ -88,34 +88,56 @@ fn print_human(doc: &Value) {
         print_list(title, &list(doc, key), fields);
     }
     for n in list(doc, "notices") {
-        println!(
+        outln!(
             "notice ({}): {}",
-            n["at"].as_str().unwrap_or(""),
+            seconds(n["at"].as_str().unwrap_or("")),
             n["message"].as_str().unwrap_or("")
         );
     }
     if doc["resync_requested"].as_bool() == Some(true) {
-        println!("a resync is requested and waits for the next cycle");
+        outln!("a resync is requested and waits for the next cycle");
     }
     if doc["approval_pending"].as_bool() == Some(true) {
-        println!("an approval is recorded and waits for the next cycle");
+        outln!("an approval is recorded and waits for the next cycle");
     }
 }
 
 fn print_list(title: &str, items: &[Value], fields: &[&str]) {
-    println!("{title}: {}", items.len());
+    outln!("{title}: {}", items.len());
     for item in items.iter().take(50) {
         let parts: Vec<String> = fields
             .iter()
             .map(|f| match &item[*f] {
-                Value::String(s) => s.clone(),
+                Value::String(s) => seconds(s),
                 Value::Null => "-".into(),
                 other => other.to_string(),
             })
             .collect();
-        println!("  {}", parts.join("  "));
+        outln!("  {}", parts.join("  "));
     }
     if items.len() > 50 {
-        println!("  ... and {} more (see --json)", items.len() - 50);
+        outln!("  ... and {} more (see --json)", items.len() - 50);
+    }
+}
+
+/// An RFC 3339 time to the second, for people (`--json` keeps it whole);
+/// any other text as it is.
+pub fn seconds(text: &str) -> String {
+    match chrono::DateTime::parse_from_rfc3339(text) {
+        Ok(t) => t
+            .with_timezone(&chrono::Utc)
+            .format("%Y-%m-%d %H:%M:%SZ")
+            .to_string(),
+        Err(_) => text.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn times_are_shown_to_the_second() {
+        let t = "2026-12-01T13:37:37.641234567Z";
+        assert_eq!(super::seconds(t), "2026-12-01 13:37:37Z");
+        assert_eq!(super::seconds("client1@x"), "client1@x");
     }
 }

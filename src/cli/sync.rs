@@ -5,37 +5,33 @@ use billsync::config::Settings;
 use billsync::core::cycle::CycleResult;
 use billsync::core::model::{AccountKey, SourceKind};
 use billsync::engine::{CycleOptions, CycleReport, Engine, Targets};
-use billsync::store::StateLock;
+use billsync::store::{StateLock, Store};
 
 pub async fn run(settings: Settings, args: super::SyncArgs) -> u8 {
+    match cycle(settings, args).await {
+        Ok(code) | Err(code) => code,
+    }
+}
+
+async fn cycle(settings: Settings, args: super::SyncArgs) -> Result<u8, u8> {
     let retire = match retired(&settings, &args.retire_source) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("billsync: {e}");
-            return super::EXIT_CONFIG;
+            return Err(super::EXIT_CONFIG);
         }
     };
     let targets = match targets(&args.account) {
         Ok(t) => t,
         Err(e) => {
             eprintln!("billsync: {e}");
-            return super::EXIT_CONFIG;
+            return Err(super::EXIT_CONFIG);
         }
     };
-    let _lock = match StateLock::try_acquire(&settings.daemon.state_path) {
-        Ok(l) => l,
-        Err(e) => {
-            eprintln!("billsync: {e}");
-            return super::EXIT_ABORTED;
-        }
-    };
-    let engine = match Engine::new(settings).await {
-        Ok(e) => e,
-        Err(e) => {
-            eprintln!("billsync: {e}");
-            return super::EXIT_ABORTED;
-        }
-    };
+    let (engine, _held) = match args.dry_run {
+        true => preview_engine(settings).await,
+        false => locked_engine(settings).await,
+    }?;
     let bar = super::progress::terminal();
     let opts = CycleOptions {
         full: args.full,
@@ -56,18 +52,66 @@ pub async fn run(settings: Settings, args: super::SyncArgs) -> u8 {
         Ok(r) => r,
         Err(e) => {
             eprintln!("billsync: cycle aborted: {e}");
-            return super::EXIT_ABORTED;
+            return Err(super::EXIT_ABORTED);
         }
     };
     if args.json {
         match serde_json::to_string(&report) {
-            Ok(s) => println!("{s}"),
+            Ok(s) => outln!("{s}"),
             Err(e) => eprintln!("billsync: {e}"),
         }
     } else {
         print_human(&report);
     }
-    exit_code(&report)
+    Ok(exit_code(&report))
+}
+
+/// A real cycle: the state store's one writer.
+async fn locked_engine(settings: Settings) -> Result<(Engine, Held), u8> {
+    let lock = StateLock::try_acquire(&settings.daemon.state_path).map_err(|e| {
+        eprintln!("billsync: {e}");
+        super::EXIT_ABORTED
+    })?;
+    let engine = Engine::new(settings).await.map_err(|e| {
+        eprintln!("billsync: {e}");
+        super::EXIT_ABORTED
+    })?;
+    Ok((engine, Held::Lock(lock)))
+}
+
+/// What a cycle's engine needs kept until it ends.
+enum Held {
+    Lock(#[allow(dead_code)] StateLock),
+    Scratch(#[allow(dead_code)] tempfile::TempDir),
+    Nothing,
+}
+
+/// A dry run takes no lock and writes nothing: it reads the live state file
+/// (beside a running daemon too) and plans on a snapshot of it, so it can
+/// preview another config against the state the daemon keeps.
+async fn preview_engine(settings: Settings) -> Result<(Engine, Held), u8> {
+    let state = settings.daemon.state_path.clone();
+    if let Some(pid) = billsync::store::lock_holder(&state) {
+        eprintln!(
+            "billsync: billsync pid {pid} holds {}; planning on a snapshot of it",
+            state.display()
+        );
+    }
+    let fail = |e: &dyn std::fmt::Display| {
+        eprintln!("billsync: {e}");
+        super::EXIT_ABORTED
+    };
+    let (store, held) = match Store::open_read_only(&state).await.map_err(|e| fail(&e))? {
+        Some(store) => (store, Held::Nothing),
+        // Nothing ran yet: plan against an empty state.
+        None => {
+            let dir = tempfile::tempdir().map_err(|e| fail(&e))?;
+            let store = Store::open(&dir.path().join("empty.db")).await;
+            (store.map_err(|e| fail(&e))?, Held::Scratch(dir))
+        }
+    };
+    let engine = Engine::with_store(settings, store).map_err(|e| fail(&e))?;
+    Ok((engine, held))
 }
 
 /// `--retire-source` names: known sources that are not enabled.
@@ -101,7 +145,7 @@ pub fn exit_code(r: &CycleReport) -> u8 {
 
 pub fn print_human(r: &CycleReport) {
     let took = (r.finished_at - r.started_at).num_milliseconds() as f64 / 1000.0;
-    println!(
+    outln!(
         "{} cycle{}: {} in {took:.1}s",
         r.kind,
         if r.dry_run { " (dry run)" } else { "" },
@@ -109,32 +153,41 @@ pub fn print_human(r: &CycleReport) {
     );
     for (name, s) in &r.sources {
         match &s.error {
-            None => println!("  {name}: {} accounts", s.accounts),
-            Some(e) => println!("  {name}: INCOMPLETE: {e}"),
+            None => outln!("  {name}: {} accounts", s.accounts),
+            Some(e) => outln!("  {name}: INCOMPLETE: {e}"),
         }
     }
     let o = &r.operations;
-    println!(
+    outln!(
         "  planned: {} create, {} update, {} delete, {} tree create, {} tree rename, {} write-back",
-        o.create, o.update, o.delete, o.tree_create, o.tree_update, o.writeback
+        o.create,
+        o.update,
+        o.delete,
+        o.tree_create,
+        o.tree_update,
+        o.writeback
     );
     if !r.dry_run {
-        println!(
+        outln!(
             "  applied {}, pending {}, quarantined {}, held {}",
-            r.applied, r.pending, r.quarantined, r.held
+            r.applied,
+            r.pending,
+            r.quarantined,
+            r.held
         );
     }
     if r.invalid > 0 || r.conflicts > 0 {
-        println!(
+        outln!(
             "  {} invalid records and {} login conflicts (see `billsync status`)",
-            r.invalid, r.conflicts
+            r.invalid,
+            r.conflicts
         );
     }
     if r.held > 0 {
-        println!("  deprovisions HELD by the safety threshold: review, then `billsync approve`");
+        outln!("  deprovisions HELD by the safety threshold: review, then `billsync approve`");
     }
     for p in &r.plan {
-        println!(
+        outln!(
             "  {:<12} {:<40} {}",
             p.action,
             p.login,

@@ -416,22 +416,53 @@ pub struct LoadReport {
 }
 
 /// Which file to read: `--config`, else `$BILLSYNC_CONFIG`, else the default.
-pub fn resolve_path(cli: Option<&Path>) -> PathBuf {
-    if let Some(p) = cli {
-        return p.to_path_buf();
-    }
-    match std::env::var_os("BILLSYNC_CONFIG") {
-        Some(p) if !p.is_empty() => PathBuf::from(p),
-        _ => PathBuf::from(DEFAULT_PATH),
+/// Where the config file's path came from: errors name it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PathOrigin {
+    Flag,
+    Env,
+    Default,
+}
+
+impl PathOrigin {
+    /// The key a read error is reported under.
+    pub fn key(self) -> &'static str {
+        match self {
+            PathOrigin::Flag => "--config",
+            PathOrigin::Env => "$BILLSYNC_CONFIG",
+            PathOrigin::Default => "the default config path (no --config, no $BILLSYNC_CONFIG)",
+        }
     }
 }
+
+pub fn resolve_path(cli: Option<&Path>) -> (PathBuf, PathOrigin) {
+    if let Some(p) = cli {
+        return (p.to_path_buf(), PathOrigin::Flag);
+    }
+    match std::env::var_os("BILLSYNC_CONFIG") {
+        Some(p) if !p.is_empty() => (PathBuf::from(p), PathOrigin::Env),
+        _ => (PathBuf::from(DEFAULT_PATH), PathOrigin::Default),
+    }
+}
+
+/// `load`, with a read error named after where the path came from.
+pub fn load_resolved(
+    (path, origin): (PathBuf, PathOrigin),
+    env: &[(String, String)],
+) -> Result<(Settings, LoadReport), ConfigError> {
+    load(&path, env).map_err(|e| match e.key == READ_KEY {
+        true => ConfigError::new(origin.key(), e.message),
+        false => e,
+    })
+}
+
+const READ_KEY: &str = "--config";
 
 /// Loads, overrides, resolves secrets and validates. The environment is passed
 /// in so tests need not touch the process environment.
 pub fn load(path: &Path, env: &[(String, String)]) -> Result<(Settings, LoadReport), ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        ConfigError::new("--config", format!("cannot read {}: {e}", path.display()))
-    })?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError::new(READ_KEY, format!("cannot read {}: {e}", path.display())))?;
     // The file is checked strictly first (the config crate would quietly
     // turn `enabled = 3` into `true`).
     serde_path_to_error::deserialize::<_, Settings>(toml::Deserializer::new(&text)).map_err(

@@ -16,7 +16,7 @@ pub use applied::InDoubt;
 pub use history::{
     AuditEntry, AuditRow, DroppedRequest, LastCycle, Notice, RequestKind, Requests, TriggerBody,
 };
-pub use lock::StateLock;
+pub use lock::{holder as lock_holder, StateLock};
 pub use plan::{ConflictRow, DesiredRow, PlanRow, PlanState};
 pub use retry::{QuarantineEntry, QuarantinePart, RetryInfo};
 
@@ -128,6 +128,33 @@ impl Store {
                  (restart the service) or `billsync sync` starts",
             )),
         }
+    }
+
+    /// Opens a state file for reading only, as it is (an older schema too;
+    /// a newer one is refused): what a dry run beside a daemon snapshots.
+    /// No file yet: `None` (nothing has run).
+    pub async fn open_read_only(path: &Path) -> Result<Option<Self>> {
+        if !path.exists() {
+            return Ok(None);
+        }
+        let opts = SqliteConnectOptions::new()
+            .filename(path)
+            .read_only(true)
+            .busy_timeout(Duration::from_secs(10));
+        let pool = SqlitePoolOptions::new()
+            .max_connections(2)
+            .acquire_timeout(Duration::from_secs(30))
+            .connect_with(opts)
+            .await
+            .map_err(|e| open_err(path, e.to_string()))?;
+        let store = Self {
+            pool,
+            path: path.to_path_buf(),
+        };
+        if store.schema().await? == Schema::Newer {
+            return Err(schema_err(path, NEWER));
+        }
+        Ok(Some(store))
     }
 
     async fn connect(path: &Path) -> Result<Self> {

@@ -21,6 +21,22 @@ pub struct Lab {
 
 impl Lab {
     pub async fn start(bm_accounts: usize, ap_accounts: usize) -> std::io::Result<Self> {
+        Self::start_in(bm_accounts, ap_accounts, None).await
+    }
+
+    /// With its files in a new directory under `parent` (else the system's
+    /// temporary directory); `dir.disable_cleanup(true)` keeps them.
+    pub async fn start_in(
+        bm_accounts: usize,
+        ap_accounts: usize,
+        parent: Option<&std::path::Path>,
+    ) -> std::io::Result<Self> {
+        let mut dir = tempfile::Builder::new();
+        dir.prefix("billsync-lab-");
+        let dir = match parent {
+            Some(p) => dir.tempdir_in(p)?,
+            None => dir.tempdir()?,
+        };
         let bm = BmEmulator::new(bm_accounts, 7);
         let ap = ApEmulator::new(ap_accounts, 7);
         let vms = VmsEmulator::new();
@@ -34,7 +50,7 @@ impl Lab {
             bm_srv,
             ap_srv,
             vms_srv,
-            dir: tempfile::tempdir()?,
+            dir,
         })
     }
 
@@ -48,17 +64,23 @@ impl Lab {
 
     /// A complete config for the three emulators; `extra` is appended (start
     /// it with a `[section]` header). Everything is the shipped default but
-    /// what a lab must change, each with its reason.
+    /// what a lab must change, each with its reason. The admin endpoint
+    /// takes any free port, its token comes from elsewhere.
     pub fn config_text(&self, extra: &str) -> String {
+        self.config_with_admin(extra, "listen = \"127.0.0.1:0\"")
+    }
+
+    /// The same with `admin` as the body of the `[admin]` section.
+    pub fn config_with_admin(&self, extra: &str, admin: &str) -> String {
         format!(
             r#"[daemon]
 state_path = "{state}"
-# Seconds, not minutes: tests wait for cycles.
+# Every 2 s rather than every minute, so cycles can be watched.
 schedule = "*/2 * * * * *"
 control_poll_secs = 1
 
 [admin]
-listen = "127.0.0.1:0"
+{admin}
 
 [log]
 format = "pretty"
@@ -66,9 +88,8 @@ level = "warn"
 
 [vms]
 url = "{vms}"
-# Loopback answers at once: short timeouts keep fault tests short, a high
-# rate keeps initial syncs short, and no requeue base lets a test see a
-# retry in the next cycle.
+# The emulators answer on loopback at once: short timeouts, a high rate,
+# and a retry in the next cycle rather than minutes later.
 timeout_secs = 5
 max_requests_per_second = 1000
 requeue_base_secs = 0
@@ -100,8 +121,13 @@ timeout_secs = 5
     /// Writes the config (mode 0600: it holds the emulators' secrets) and
     /// returns its path.
     pub fn write_config(&self, extra: &str) -> PathBuf {
+        self.write_config_text(&self.config_text(extra))
+    }
+
+    /// Writes `text` as the config (mode 0600) and returns its path.
+    pub fn write_config_text(&self, text: &str) -> PathBuf {
         let path = self.config_path();
-        write_private(&path, &self.config_text(extra));
+        write_private(&path, text);
         path
     }
 }
