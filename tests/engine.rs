@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use billsync::core::cycle::{CycleKind, CycleResult};
+use billsync::core::model::SourceKind as Kind;
 use billsync::engine::{Clock, CycleOptions, CycleReport, Engine};
 use billsync::store::RequestKind;
 use billsync_emulators::lab::Lab;
@@ -1226,47 +1227,69 @@ async fn a_clock_stepped_back_does_not_make_an_older_read_win() {
     let audit = engine.store.audit_of(&login, 5).await.unwrap();
     let results: Vec<&str> = audit.iter().map(|a| a.result.as_str()).collect();
     assert!(results.contains(&"superseded"), "{audit:?}");
-    // The re-read is what the store keeps: the next listing agrees.
-    lab.vms.faults.set_latency(Duration::ZERO);
-    let patches = lab.vms.count_for("PATCH", &login);
-    cycle(&engine).await;
-    assert_eq!(lab.vms.count_for("PATCH", &login), patches);
-    assert!(is_paying(&lab, &login));
+    // The store kept the re-read, not the listing's older row.
+    let id = id.to_string();
+    let stored = engine.store.source_account(Kind::Activeplatform, &id);
+    let stored = stored.await.unwrap().unwrap();
+    assert_eq!(stored.list.balance.as_deref(), Some("50.0"), "{stored:?}");
 }
 
 /// Both lanes ask for the same login at once, in either order: the VMS
-/// gets one push for it, not one per lane. When the older read pushes
-/// first, the newer cycle (planned against the applied state before that
-/// push) finds its work done; when the newer pushes first, the older is
-/// superseded.
+/// gets one push for it, not one per lane. The second lane starts once the
+/// first has a request in flight (one at a time, 300 ms each; the
+/// customer is the listing's last push):
+/// - trigger first: the listing, planned against the applied state before
+///   the trigger's push, finds that push did its work (merged);
+/// - listing first: the trigger's newer read pushes the customer, and the
+///   listing's own push of it is superseded.
 #[tokio::test]
 async fn the_same_login_asked_by_both_lanes_is_pushed_once() {
+    let env = [("BILLSYNC__VMS__CONCURRENCY", "1")];
     for trigger_first in [true, false] {
-        let (lab, engine) = setup(0, 4, "", &[]).await;
-        cycle(&engine).await;
+        let (lab, engine) = setup(0, 4, "", &env).await;
         let (id, login) = last_in_push_order(&lab);
         set_paying(&lab, id, false);
         cycle(&engine).await;
         assert!(!is_paying(&lab, &login));
-        set_paying(&lab, id, true);
-        // Slow answers keep the first lane's push in flight while the
-        // other lane reads and plans.
-        lab.vms.faults.set_latency(Duration::from_millis(400));
+        // The customer pays; the others stop, so the listing has pushes to
+        // make before it reaches the customer.
+        let ids: Vec<u64> = lab.ap.data().accounts.iter().map(|a| a.id).collect();
+        for other in ids {
+            set_paying(&lab, other, other == id);
+        }
+        lab.vms.faults.set_latency(Duration::from_millis(300));
         let patches = lab.vms.count_for("PATCH", &login);
+        let served = lab.vms.served();
         let key = format!("activeplatform:{id}");
         let fast = || cycle_with(&engine, targeted(&[&key]));
-        let (a, b) = match trigger_first {
-            true => tokio::join!(fast(), cycle(&engine)),
-            false => tokio::join!(cycle(&engine), fast()),
+        let second = || async {
+            vms_answered(&lab, served, 1).await;
         };
-        assert_eq!(a.result, CycleResult::Ok, "{a:?}");
-        assert_eq!(b.result, CycleResult::Ok, "{b:?}");
-        assert!(is_paying(&lab, &login), "trigger first: {trigger_first}");
-        assert_eq!(
-            lab.vms.count_for("PATCH", &login) - patches,
-            1,
-            "trigger first: {trigger_first}: {:?}",
-            engine.store.audit_of(&login, 4).await.unwrap()
-        );
+        let (a, b) = match trigger_first {
+            true => tokio::join!(fast(), async {
+                second().await;
+                cycle(&engine).await
+            }),
+            false => tokio::join!(cycle(&engine), async {
+                second().await;
+                fast().await
+            }),
+        };
+        let case = if trigger_first {
+            "trigger first"
+        } else {
+            "listing first"
+        };
+        assert_eq!(a.result, CycleResult::Ok, "{case}: {a:?}");
+        assert_eq!(b.result, CycleResult::Ok, "{case}: {b:?}");
+        assert!(is_paying(&lab, &login), "{case}");
+        let audit = engine.store.audit_of(&login, 4).await.unwrap();
+        let pushes = lab.vms.count_for("PATCH", &login) - patches;
+        assert_eq!(pushes, 1, "{case}: {audit:?}");
+        let why = match trigger_first {
+            true => "done meanwhile by the other lane",
+            false => "pushed meanwhile from a newer read",
+        };
+        assert!(audit.iter().any(|a| a.detail == why), "{case}: {audit:?}");
     }
 }

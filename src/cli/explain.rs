@@ -1,16 +1,18 @@
 //! `explain LOGIN|SOURCE:ID [--json]`: one account traced like a
 //! provision-on-demand, from the state store, without touching any system.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use serde_json::{json, Value};
 
 use billsync::config::Settings;
 use billsync::core::desired::{self, SourceInput};
-use billsync::core::model::AccountKey;
+use billsync::core::model::{Account, AccountKey};
 use billsync::core::plan::{self, Applied, PlanOptions};
+use billsync::core::rules::{self, RuleContext};
 use billsync::engine::report_entries;
+use billsync::store::PlanState;
 
 pub async fn run(settings: Settings, target: String, json_out: bool) -> u8 {
     let store = match super::open_store(&settings).await {
@@ -119,7 +121,10 @@ async fn explain(
             fresh: Default::default(),
         },
     );
-    let d = desired::build(&core, inputs, Utc::now());
+    let now = Utc::now();
+    doc["raw_status"] = json!(merged.status);
+    doc["rules"] = rule_verdicts(&core, &account, &inputs[&key.source].last_paid, now);
+    let d = desired::build(&core, inputs, now);
     let login = account.login.clone();
     let du = d.users.get(&login);
     doc["rules_matched"] = json!(du.map(|u| u.rules.clone()).unwrap_or_default());
@@ -136,10 +141,40 @@ async fn explain(
     }
     doc["applied"] =
         serde_json::to_value(applied.users.get(&login).map(|a| &a.state)).unwrap_or(Value::Null);
+    let times = store.applied_times(&login).await?;
+    doc["applied_at"] = json!(times.as_ref().map(|t| &t.0));
+    doc["asserted_at"] = json!(times.and_then(|t| t.1));
     let p = plan::plan(&core, &d, &applied, &PlanOptions::default());
     doc["operations"] = serde_json::to_value(report_entries(&p, &core)).unwrap_or(Value::Null);
+    doc["held"] = json!(store
+        .plan_rows()
+        .await?
+        .iter()
+        .any(|r| r.login == login && r.state == PlanState::Held));
     remembered(store, &login, &account.billing_id, &mut doc).await?;
     Ok(doc)
+}
+
+/// Each rule, matched or not, with the first condition that failed: the
+/// very check cycles run (`core::rules::check`).
+fn rule_verdicts(
+    core: &desired::CoreConfig,
+    account: &Account,
+    last_paid: &HashMap<String, DateTime<Utc>>,
+    now: DateTime<Utc>,
+) -> Value {
+    let ctx = RuleContext { last_paid, now };
+    let verdicts = core.rules.iter().map(|rule| {
+        let why = rules::check(rule, account, &ctx).err();
+        json!({
+            "name": rule.name,
+            "matched": why.is_none(),
+            "why": why.as_ref().map(ToString::to_string),
+            "unmet": why,
+            "grant": rule.grant,
+        })
+    });
+    Value::Array(verdicts.collect())
 }
 
 /// What the store remembers of the login: quarantine, backoff, doubt,
@@ -176,33 +211,180 @@ async fn remembered(
 }
 
 fn print_human(doc: &Value) {
+    let text = |v: &Value| {
+        v.as_str()
+            .map(str::to_string)
+            .unwrap_or_else(|| v.to_string())
+    };
     if doc["found"].as_bool() != Some(true) {
-        outln!(
-            "{}: {}",
-            doc["target"].as_str().unwrap_or(""),
-            doc["why"].as_str().unwrap_or("not found")
-        );
+        outln!("{}: {}", text(&doc["target"]), text(&doc["why"]));
         return;
     }
-    for key in [
-        "account",
-        "source_record",
-        "normalized",
-        "last_paid",
-        "rules_matched",
-        "desired",
-        "applied",
-        "operations",
-        "quarantine",
-        "pending",
-        "in_doubt",
-        "conflict",
-        "recent_audit",
-        "note",
-    ] {
-        if let Some(v) = doc.get(key) {
-            let text = serde_json::to_string_pretty(v).unwrap_or_default();
-            outln!("{key}: {text}");
+    outln!("{}", text(&doc["account"]));
+    let rec = &doc["source_record"];
+    outln!(
+        "  source     first seen {}, last seen {}, missing from {} listings",
+        when(&rec["first_seen"]),
+        when(&rec["last_seen"]),
+        rec["missing_cycles"]
+    );
+    let n = &doc["normalized"];
+    if let Some(why) = n.get("invalid").or(n.get("error")) {
+        outln!("  skipped    {}", text(why));
+        outln!("             {}", text(&doc["note"]));
+        return;
+    }
+    print_account(doc, text);
+    print_rules(doc, text);
+    print_users(doc);
+    print_next(doc);
+    print_remembered(doc, text);
+}
+
+fn print_account(doc: &Value, text: impl Fn(&Value) -> String) {
+    let n = &doc["normalized"];
+    outln!(
+        "  account    login {}, status {} (raw {}), balance {} + credit limit {}, last paid {}",
+        text(&n["login"]),
+        text(&n["status"]),
+        doc["raw_status"],
+        text(&n["balance"]),
+        text(&n["credit_limit"]),
+        match doc["last_paid"].is_null() {
+            true => "never".to_string(),
+            false => when(&doc["last_paid"]),
         }
+    );
+}
+
+fn print_rules(doc: &Value, text: impl Fn(&Value) -> String) {
+    let rules = doc["rules"].as_array().cloned().unwrap_or_default();
+    if rules.is_empty() {
+        outln!("  rules      none configured: no managed permission is granted");
+    }
+    for r in rules {
+        let verdict = match r["matched"].as_bool() == Some(true) {
+            true => format!("matches: grants {}", list(&r["grant"])),
+            false => format!("no: {}", text(&r["why"])),
+        };
+        outln!("  rule       {}: {verdict}", text(&r["name"]));
+    }
+}
+
+fn print_users(doc: &Value) {
+    outln!("  desired    {}", user(&doc["desired"]));
+    let age = match doc["applied_at"].is_null() {
+        true => String::new(),
+        false => format!(" (confirmed {})", ago(&doc["applied_at"])),
+    };
+    outln!("  applied    {}{age}", user(&doc["applied"]));
+}
+
+fn print_next(doc: &Value) {
+    let ops = doc["operations"].as_array().cloned().unwrap_or_default();
+    if ops.is_empty() {
+        outln!("  next       nothing to do: the VMS has what billsync wants");
+    }
+    for op in ops {
+        let changes = list(&op["changes"]);
+        outln!(
+            "  next       {} ({changes})",
+            op["action"].as_str().unwrap_or("?")
+        );
+    }
+}
+
+/// Quarantine, backoff, doubt, the safety hold, conflicts: each with what
+/// releases it.
+fn print_remembered(doc: &Value, text: impl Fn(&Value) -> String) {
+    for q in doc["quarantine"].as_array().into_iter().flatten() {
+        outln!(
+            "  quarantined since {}: {}; released by a change of the account or `billsync quarantine release LOGIN`",
+            when(&q["since"]),
+            text(&q["error"])
+        );
+    }
+    let p = &doc["pending"];
+    if !p.is_null() {
+        outln!(
+            "  backing off after {} failed attempts until {}: {}; `billsync resync --login LOGIN` retries at once",
+            p["attempts"],
+            when(&p["next_attempt_at"]),
+            text(&p["last_error"])
+        );
+    }
+    let d = &doc["in_doubt"];
+    if !d.is_null() {
+        outln!(
+            "  in doubt since {}: the answer to a {} never came; the next push states the full state",
+            when(&d["since"]),
+            text(&d["op"])
+        );
+    }
+    if doc["held"].as_bool() == Some(true) {
+        outln!("  held by the safety threshold: `billsync approve` lets the held deprovisions through once");
+    }
+    if !doc["conflict"].is_null() {
+        outln!(
+            "  login conflict between {}: the source with the higher priority owns it",
+            list(&doc["conflict"])
+        );
+    }
+}
+
+/// A user state in a line.
+fn user(v: &Value) -> String {
+    if v.is_null() {
+        return "no user".into();
+    }
+    let perms = match v["permissions"].as_array().is_some_and(|p| !p.is_empty()) {
+        true => list(&v["permissions"]),
+        false => "no managed permissions".into(),
+    };
+    let gone = if v["gone"].as_bool() == Some(true) {
+        ", account gone"
+    } else {
+        ""
+    };
+    format!(
+        "{} [{}], {perms}{gone}",
+        v["status"].as_str().unwrap_or("?"),
+        v["type"].as_str().unwrap_or("?")
+    )
+}
+
+fn list(v: &Value) -> String {
+    let items = v.as_array().into_iter().flatten();
+    let items: Vec<&str> = items.filter_map(Value::as_str).collect();
+    match items.is_empty() {
+        true => "nothing".into(),
+        false => items.join(", "),
+    }
+}
+
+fn when(v: &Value) -> String {
+    super::status::seconds(v.as_str().unwrap_or("?"))
+}
+
+/// A stored time and its age.
+fn ago(v: &Value) -> String {
+    let at = v
+        .as_str()
+        .and_then(|t| DateTime::parse_from_rfc3339(t).ok());
+    match at {
+        Some(t) => {
+            let secs = (Utc::now() - t.with_timezone(&Utc)).num_seconds().max(0);
+            format!("{}, {} ago", when(v), age(secs))
+        }
+        None => when(v),
+    }
+}
+
+fn age(secs: i64) -> String {
+    match secs {
+        s if s < 120 => format!("{s} s"),
+        s if s < 7200 => format!("{} min", s / 60),
+        s if s < 172_800 => format!("{} h", s / 3600),
+        s => format!("{} days", s / 86_400),
     }
 }

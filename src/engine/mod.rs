@@ -35,7 +35,7 @@ use crate::core::normalize::Normalizer;
 use crate::core::pacing::Pacing;
 use crate::core::plan::Approval;
 use crate::sources::{self, Source};
-use crate::store::{Requests, Store, StoreError};
+use crate::store::{RequestKind, Requests, Store, StoreError};
 use crate::vms::VmsClient;
 
 /// Cycles that may take an operator request without completing before it
@@ -100,10 +100,12 @@ pub struct Intent {
     pub reverify_accounts: BTreeMap<SourceKind, HashSet<String>>,
     pub reverify_logins: HashSet<String>,
     pub started: DateTime<Utc>,
-    /// The cycle's row id, assigned by the store when the cycle starts. It
-    /// is also the cycle's read sequence: a read of a higher id supersedes
-    /// one of a lower id, whatever the wall clock said (it may step back).
+    /// The cycle's row id, assigned by the store when the cycle starts.
     pub cycle_id: i64,
+    /// The cycle's read sequence (`Store::next_read_seq`): a read of a
+    /// higher sequence supersedes one of a lower, whatever the wall clock
+    /// said (it may step back).
+    pub seq: i64,
 }
 
 pub struct Engine {
@@ -185,7 +187,7 @@ impl Engine {
         let clock = Instant::now();
         let intent = self.take_requests(store, opts).await?;
         let cycle_id = intent.cycle_id;
-        let _running = (!intent.dry_run).then(|| self.scheduler.begin(cycle_id));
+        let _running = (!intent.dry_run).then(|| self.scheduler.begin(intent.seq));
         if !intent.dry_run {
             store.start_requests(&intent.request_ids, cycle_id).await?;
         }
@@ -201,19 +203,7 @@ impl Engine {
             desired.keep_frozen(&store.applied_owners_in(&intent.frozen).await?);
         }
         debug_phase("desired state built", clock);
-        let mut memory = Memory::load(store).await?;
-        let mut need = select::changed(store, &self.core, &desired, &intent, &memory).await?;
-        // A targeted cycle holds its logins before it reads their applied
-        // state, so a listing cycle's push cannot slip in between; those a
-        // newer read decided meanwhile are left to it.
-        let held = match (need.logins.as_mut(), intent.kind.lists()) {
-            (Some(logins), false) if !intent.dry_run => {
-                let held = self.scheduler.hold(logins.iter(), cycle_id).await;
-                logins.retain(|l| held.holds_login(l));
-                Some(held)
-            }
-            _ => None,
-        };
+        let (need, held, mut memory) = self.select(store, &desired, &intent).await?;
         let planned = self
             .plan_with_safety(store, &desired, &need, &intent, &mut memory)
             .await?;
@@ -239,7 +229,7 @@ impl Engine {
         if intent.dry_run {
             return Ok(finish::dry_run(report, &planned, &self.core));
         }
-        let turns = schedule::Turns::new(&self.scheduler, held.as_ref(), cycle_id);
+        let turns = schedule::Turns::new(&self.scheduler, held.as_ref(), intent.seq);
         let pushed = self
             .push(store, &planned, &memory, &intent, turns, opts)
             .await?;
@@ -253,6 +243,47 @@ impl Engine {
                 .await?;
         }
         Ok(report)
+    }
+
+    /// Phase 4, which logins to plan. A targeted cycle holds its logins
+    /// before it loads anything of their state (applied, in doubt, backoff),
+    /// so a listing cycle's push cannot slip in between. Those a newer read
+    /// decided meanwhile are left to it; the ones a trigger named are handed
+    /// on as a resync, so their full push is not lost.
+    async fn select(
+        &self,
+        store: &Store,
+        desired: &desired::Desired,
+        intent: &Intent,
+    ) -> Result<(Need, Option<schedule::Taken<'_>>, Memory), EngineError> {
+        if intent.kind.lists() || intent.dry_run {
+            let memory = Memory::load(store).await?;
+            let need = select::changed(store, &self.core, desired, intent, &memory).await?;
+            return Ok((need, None, memory));
+        }
+        let mut logins = select::targeted(desired, intent);
+        let sorted: BTreeSet<&String> = logins.iter().collect();
+        let held = self.scheduler.hold(sorted.into_iter(), intent.seq).await;
+        let named: Vec<String> = (logins.iter())
+            .filter(|l| !held.holds_login(l) && intent.resync_logins.contains(*l))
+            .cloned()
+            .collect();
+        logins.retain(|l| held.holds_login(l));
+        if !named.is_empty() {
+            tracing::info!(
+                logins = named.len(),
+                "named logins a newer cycle pushed meanwhile; resynced by the next listing"
+            );
+            store.request(RequestKind::Resync, Some(&named)).await?;
+        }
+        let memory = Memory::load(store).await?;
+        Ok((
+            Need {
+                logins: Some(logins),
+            },
+            Some(held),
+            memory,
+        ))
     }
 
     /// Phase 1: the operator requests this cycle acts on. A resync clears
@@ -291,6 +322,7 @@ impl Engine {
             }
             notices::unappliable_settings(store, &self.settings).await?;
         }
+        intent.seq = store.next_read_seq().await?;
         intent.cycle_id = store.start_cycle(intent.kind, intent.started).await?;
         Ok(intent)
     }
@@ -319,6 +351,7 @@ impl Engine {
             reverify_logins: HashSet::new(),
             started: self.clock.now(),
             cycle_id: 0,
+            seq: 0,
         }
     }
 
@@ -349,6 +382,7 @@ impl Engine {
             reverify_logins: HashSet::new(),
             started: self.clock.now(),
             cycle_id: 0,
+            seq: 0,
         }
     }
 
@@ -390,11 +424,10 @@ impl Engine {
             restagger: intent.kind.is_full(),
             clock: self.clock.clone(),
             turns,
+            cycle_id: intent.cycle_id,
         });
         let progress = opts.progress.as_ref();
-        Ok(executor
-            .push(&planned.plan, intent.cycle_id, progress)
-            .await?)
+        Ok(executor.push(&planned.plan, progress).await?)
     }
 }
 

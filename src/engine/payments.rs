@@ -10,6 +10,7 @@ use super::read::{new_payments, SourceRead};
 use super::{CycleOptions, CycleReport, Engine, EngineError, Targets};
 use crate::core::model::AccountKey;
 use crate::sources::Source;
+use crate::store::ReadStamp;
 
 impl Engine {
     /// Runs the fast path: `None` when no payment changed.
@@ -38,7 +39,12 @@ impl Engine {
     /// next listing cycle reads its payments.
     async fn paid_accounts(&self) -> Result<Targets, EngineError> {
         let mut targets = Targets::default();
-        let now = Utc::now();
+        // The tick's read, ordered against the listing lane's.
+        let read = ReadStamp {
+            seq: self.store.next_read_seq().await?,
+            at: Utc::now(),
+        };
+        let now = read.at;
         for source in &self.sources {
             let kind = source.kind();
             let days = self
@@ -58,7 +64,7 @@ impl Engine {
             let mut scratch = SourceRead::default();
             let (paid, to_save) =
                 new_payments(&self.store, source, listed, &names, &mut scratch).await?;
-            self.store.save_payments(&to_save, now).await?;
+            self.store.save_payments(&to_save, read).await?;
             targets
                 .accounts
                 .extend(paid.into_iter().map(|id| AccountKey { source: kind, id }));

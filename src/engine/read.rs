@@ -173,7 +173,7 @@ impl Engine {
                 .unwrap_or_default(),
             pacing: self.pacing,
             read: ReadStamp {
-                seq: intent.cycle_id,
+                seq: intent.seq,
                 at: intent.started,
             },
         }
@@ -254,7 +254,7 @@ pub async fn read_source(
             opts.read,
         )
         .await?;
-    store.save_payments(&to_save, opts.read.at).await?;
+    store.save_payments(&to_save, opts.read).await?;
     drop(listing);
     let expected = index.len().max(out.listed);
     drop(index);

@@ -12,9 +12,9 @@
 //!   the executor checks whether that push did its work already (a merged
 //!   duplicate) and else pushes in full.
 //!
-//! A targeted cycle holds its logins from before it reads their applied
-//! state until its push ends, so its plan is never stale; a listing cycle
-//! takes each key's turn as it pushes it. A holder waits only for tasks
+//! A targeted cycle holds its logins (in order) from before it loads any of
+//! their state until its push ends, so its plan is never stale; a listing
+//! cycle takes each key's turn as it pushes it. A holder waits only for tasks
 //! that hold one key and wait for nothing, so no wait is circular.
 
 use std::collections::{HashMap, HashSet};
@@ -118,8 +118,9 @@ impl Scheduler {
         }
     }
 
-    /// A targeted cycle's logins, each taken (in order) once no one else
-    /// holds it; those a newer read decided meanwhile are left out.
+    /// A targeted cycle's logins, each taken in the order given (sorted, so
+    /// two holders could not wait on each other) once no one else holds it;
+    /// those a newer read decided meanwhile are left out.
     pub async fn hold<'l>(&self, logins: impl Iterator<Item = &'l String>, seq: Seq) -> Taken<'_> {
         let mut held = self.taken(seq);
         for login in logins {
@@ -245,14 +246,11 @@ impl Drop for Running<'_> {
         let mut s = self.scheduler.lock();
         s.runs.retain(|(_, since)| *since != self.since);
         // Keep what can still supersede a running cycle or make it stale.
-        let oldest = s.runs.iter().map(|(q, _)| *q).min();
-        let earliest = s.runs.iter().map(|(_, since)| *since).min();
-        match (oldest, earliest) {
-            (Some(oldest), Some(earliest)) => {
-                s.decided.retain(|_, d| d.seq > oldest || d.at >= earliest)
-            }
-            _ => s.decided.clear(),
-        }
+        let runs = s.runs.clone();
+        let useful = |d: &Decided| {
+            (runs.iter()).any(|(seq, since)| d.seq > *seq || (d.seq != *seq && d.at >= *since))
+        };
+        s.decided.retain(|_, d| useful(d));
     }
 }
 
@@ -340,14 +338,19 @@ mod tests {
         let fast = s.begin(2);
         let names = logins(&["alice"]);
         drop(s.hold(names.iter(), 2).await);
+        drop(turn(&s, login("bob"), 1).await);
+        assert_eq!(s.lock().decided.len(), 2);
         drop(fast);
+        // Only what can supersede the listing stays: its own push of bob
+        // matters to no one once the targeted cycle ended.
         assert_eq!(s.lock().decided.len(), 1, "the listing still runs");
+        assert!(s.lock().decided.contains_key(&login("alice")));
         drop(listing);
         assert!(s.lock().decided.is_empty());
         assert!(s.lock().runs.is_empty());
         // A cycle running alone remembers nothing (a million keys).
         let _alone = s.begin(3);
-        drop(turn(&s, login("bob"), 3).await);
+        drop(turn(&s, login("carol"), 3).await);
         assert!(s.lock().decided.is_empty());
     }
 

@@ -72,7 +72,9 @@ pub async fn changed(
     memory: &Memory,
 ) -> Result<Need, StoreError> {
     if !intent.kind.lists() {
-        return Ok(targeted(desired, intent));
+        return Ok(Need {
+            logins: Some(targeted(desired, intent)),
+        });
     }
     let mut matched: HashSet<&str> = HashSet::new();
     let mut orphans: Vec<String> = vec![];
@@ -119,14 +121,12 @@ pub async fn changed(
 /// A targeted cycle plans only what it targets: the named logins and the
 /// users of the accounts it re-read. Everything else is the listing lane's,
 /// which may be pushing it right now.
-fn targeted(desired: &Desired, intent: &Intent) -> Need {
+pub fn targeted(desired: &Desired, intent: &Intent) -> HashSet<String> {
     let mut logins = intent.resync_logins.clone();
     let owned = desired.users.iter();
     let owned = owned.filter(|(_, d)| intent.accounts.contains(&d.owner));
     logins.extend(owned.map(|(login, _)| login.clone()));
-    Need {
-        logins: Some(logins),
-    }
+    logins
 }
 
 /// A cycle's plan, with what the push needs to know about it.

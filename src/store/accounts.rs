@@ -341,21 +341,23 @@ impl Store {
     pub async fn save_payments(
         &self,
         payments: &[(Payment, String)],
-        now: DateTime<Utc>,
+        read: ReadStamp,
     ) -> Result<()> {
-        let now_s = ts(now);
+        let now_s = ts(read.at);
         let mut tx = self.write_tx().await?;
         for (p, hash) in payments {
             sqlx::query(
                 "INSERT INTO payments
                     (source, id, account_id, account_name, amount, paid, is_final, paid_at, row_hash,
-                     seen_at, paid_seen_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, CASE WHEN ?6 THEN ?10 END)
+                     seen_at, paid_seen_at, seen_seq)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, CASE WHEN ?6 THEN ?10 END, ?11)
                  ON CONFLICT (source, id) DO UPDATE SET
                     account_id = excluded.account_id, account_name = excluded.account_name,
                     amount = excluded.amount, paid = excluded.paid, is_final = excluded.is_final,
                     paid_at = excluded.paid_at, row_hash = excluded.row_hash, seen_at = excluded.seen_at,
-                    paid_seen_at = COALESCE(payments.paid_seen_at, excluded.paid_seen_at)",
+                    paid_seen_at = COALESCE(payments.paid_seen_at, excluded.paid_seen_at),
+                    seen_seq = excluded.seen_seq
+                 WHERE payments.seen_seq <= excluded.seen_seq",
             )
             .bind(p.source.as_str())
             .bind(&p.id)
@@ -367,6 +369,7 @@ impl Store {
             .bind(p.paid_at.map(ts))
             .bind(hash)
             .bind(&now_s)
+            .bind(read.seq)
             .execute(&mut *tx)
             .await?;
         }

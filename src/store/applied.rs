@@ -231,6 +231,16 @@ impl Store {
         Ok(())
     }
 
+    /// When the login's applied state was last confirmed, and last asserted
+    /// in full (re-verification), as stored (RFC 3339).
+    pub async fn applied_times(&self, login: &str) -> Result<Option<(String, Option<String>)>> {
+        let row = sqlx::query("SELECT applied_at, asserted_at FROM applied_users WHERE login = ?")
+            .bind(login)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.map(|r| (r.get(0), r.get(1))))
+    }
+
     /// Whether the VMS is known to hold exactly `user` for `login` (None:
     /// no user): recorded so, and not in doubt.
     pub async fn holds_exactly(&self, login: &str, user: Option<&AppliedUser>) -> Result<bool> {

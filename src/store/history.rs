@@ -364,6 +364,18 @@ impl Store {
     }
 
     /// A small remembered value (`meta` table).
+    /// The next read sequence: it orders the reads of both lanes (a cycle,
+    /// a payment tick) whatever the clock says. Never reused.
+    pub async fn next_read_seq(&self) -> Result<i64> {
+        Ok(sqlx::query_scalar(
+            "INSERT INTO meta (key, value) VALUES ('read_seq', '1')
+             ON CONFLICT (key) DO UPDATE SET value = CAST(CAST(meta.value AS INTEGER) + 1 AS TEXT)
+             RETURNING CAST(value AS INTEGER)",
+        )
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
     pub async fn meta(&self, key: &str) -> Result<Option<String>> {
         let row = sqlx::query("SELECT value FROM meta WHERE key = ?")
             .bind(key)

@@ -116,6 +116,17 @@ impl Store {
         Ok(())
     }
 
+    /// One cycle's planned op for a login leaves the pending list (a task
+    /// superseded: the other lane's row for the login is its own).
+    pub async fn plan_done_in(&self, login: &str, cycle_id: i64) -> Result<()> {
+        sqlx::query("DELETE FROM plan_ops WHERE login = ? AND cycle_id = ? AND state = 'planned'")
+            .bind(login)
+            .bind(cycle_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
     /// The persisted plan, in order.
     pub async fn plan_rows(&self) -> Result<Vec<PlanRow>> {
         let rows = sqlx::query("SELECT login, action, state FROM plan_ops ORDER BY seq")

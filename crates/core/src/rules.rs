@@ -69,31 +69,122 @@ pub struct RuleContext<'a> {
 }
 
 pub fn matches(rule: &Rule, account: &Account, ctx: &RuleContext<'_>) -> bool {
+    check(rule, account, ctx).is_ok()
+}
+
+/// The first condition of a rule an account does not meet, with the
+/// values it was judged on (what `explain` shows).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "condition", rename_all = "snake_case")]
+pub enum Unmet {
+    /// Rules apply only to active accounts.
+    NotActive {
+        status: CanonicalStatus,
+    },
+    OtherSource {
+        source: SourceKind,
+    },
+    MinAvailable {
+        min: Decimal,
+        balance: Decimal,
+        credit_limit: Decimal,
+    },
+    PaidWithin {
+        days: u32,
+        last_paid: Option<DateTime<Utc>>,
+    },
+    Attribute {
+        name: String,
+        want: String,
+        have: Option<String>,
+    },
+}
+
+/// Whether a rule matches an account (`Ok`), else the first condition that
+/// failed. `matches` is this, so what `explain` says is what cycles do.
+pub fn check(rule: &Rule, account: &Account, ctx: &RuleContext<'_>) -> Result<(), Unmet> {
     if account.status != CanonicalStatus::Active {
-        return false;
+        return Err(Unmet::NotActive {
+            status: account.status,
+        });
     }
     if !rule.sources.is_empty() && !rule.sources.contains(&account.key.source) {
-        return false;
+        return Err(Unmet::OtherSource {
+            source: account.key.source,
+        });
     }
     if let Some(min) = rule.min_available {
-        match account.balance.checked_add(account.credit_limit) {
+        let (balance, credit_limit) = (account.balance, account.credit_limit);
+        match balance.checked_add(credit_limit) {
             Some(avail) if avail >= min => {}
-            _ => return false,
+            _ => {
+                return Err(Unmet::MinAvailable {
+                    min,
+                    balance,
+                    credit_limit,
+                })
+            }
         }
     }
     if rule.paid_within_days > 0 {
         let since = ctx.now - Duration::days(i64::from(rule.paid_within_days));
-        match ctx.last_paid.get(&account.key.id) {
-            Some(t) if *t >= since => {}
-            _ => return false,
+        let last_paid = ctx.last_paid.get(&account.key.id).copied();
+        if last_paid.is_none_or(|t| t < since) {
+            return Err(Unmet::PaidWithin {
+                days: rule.paid_within_days,
+                last_paid,
+            });
         }
     }
-    rule.attributes.iter().all(|(name, want)| {
-        account
-            .attributes
-            .get(name)
-            .is_some_and(|have| have.trim() == want.trim())
-    })
+    for (name, want) in &rule.attributes {
+        let have = account.attributes.get(name);
+        if have.is_none_or(|have| have.trim() != want.trim()) {
+            return Err(Unmet::Attribute {
+                name: name.clone(),
+                want: want.clone(),
+                have: have.cloned(),
+            });
+        }
+    }
+    Ok(())
+}
+
+impl std::fmt::Display for Unmet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Unmet::NotActive { status } => write!(
+                f,
+                "the account is {}: rules apply only to active accounts",
+                status.as_str()
+            ),
+            Unmet::OtherSource { source } => {
+                write!(f, "the rule names other sources than {}", source.as_str())
+            }
+            Unmet::MinAvailable {
+                min,
+                balance,
+                credit_limit,
+            } => match balance.checked_add(*credit_limit) {
+                Some(sum) => write!(
+                    f,
+                    "min_available {min}: balance {balance} + credit limit {credit_limit} = {sum}, below it"
+                ),
+                None => write!(f, "min_available {min}: balance + credit limit overflows"),
+            },
+            Unmet::PaidWithin { days, last_paid } => match last_paid {
+                Some(t) => write!(
+                    f,
+                    "paid_within_days {days}: the last paid payment is from {}",
+                    t.format("%Y-%m-%d")
+                ),
+                None => write!(f, "paid_within_days {days}: no paid payment on record"),
+            },
+            Unmet::Attribute { name, want, have } => match have {
+                Some(have) => write!(f, "attribute {name} = {want:?}: the account has {have:?}"),
+                None => write!(f, "attribute {name} = {want:?}: the account has none"),
+            },
+        }
+    }
 }
 
 /// The managed permissions an account should have, and the rules that gave them.
@@ -185,6 +276,45 @@ mod tests {
             &account(0, CanonicalStatus::Suspended),
             &ctx
         ));
+    }
+
+    /// What `explain` prints: the first failed condition, with its values.
+    #[test]
+    fn a_rule_that_does_not_match_says_why() {
+        let now = Utc::now();
+        let paid = HashMap::new();
+        let ctx = RuleContext {
+            last_paid: &paid,
+            now,
+        };
+        let why = |r: &Rule, a: &Account| check(r, a, &ctx).unwrap_err().to_string();
+        let suspended = account(449, CanonicalStatus::Suspended);
+        assert_eq!(
+            why(&rule(&[]), &suspended),
+            "the account is suspended: rules apply only to active accounts"
+        );
+        let a = account(-15, CanonicalStatus::Active);
+        let mut r = rule(&[]);
+        r.min_available = Some(Decimal::ZERO);
+        assert_eq!(
+            why(&r, &a),
+            "min_available 0: balance -15 + credit limit 10 = -5, below it"
+        );
+        r.min_available = None;
+        r.paid_within_days = 30;
+        assert_eq!(
+            why(&r, &a),
+            "paid_within_days 30: no paid payment on record"
+        );
+        r.paid_within_days = 0;
+        r.attributes.insert("Tariff".into(), "silver".into());
+        assert_eq!(
+            why(&r, &a),
+            "attribute Tariff = \"silver\": the account has \"gold\""
+        );
+        r.attributes.clear();
+        r.sources = vec![SourceKind::Billmanager];
+        assert!(why(&r, &a).contains("other sources than activeplatform"));
     }
 
     #[test]

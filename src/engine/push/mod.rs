@@ -153,6 +153,7 @@ pub struct PushInput<'a> {
     pub clock: super::Clock,
     /// Each task's turn at its key: the push scheduler.
     pub turns: Turns<'a>,
+    pub cycle_id: i64,
 }
 
 pub struct Executor<'a> {
@@ -174,6 +175,7 @@ pub struct Executor<'a> {
     restagger: bool,
     clock: super::Clock,
     turns: Turns<'a>,
+    cycle_id: i64,
 }
 
 /// How `record` settled one task.
@@ -203,6 +205,7 @@ impl<'a> Executor<'a> {
             restagger: input.restagger,
             clock: input.clock,
             turns: input.turns,
+            cycle_id: input.cycle_id,
         }
     }
 
@@ -212,7 +215,6 @@ impl<'a> Executor<'a> {
     pub async fn push(
         &self,
         plan: &Plan,
-        cycle_id: i64,
         progress: Option<&Progress>,
     ) -> Result<PushSummary, PushError> {
         let mut tally = Tally::default();
@@ -225,7 +227,7 @@ impl<'a> Executor<'a> {
             self.stage(label, tasks, &mut tally, progress).await;
         }
         tally.audit.extend(self.held(&plan.held));
-        self.store.audit(cycle_id, &tally.audit).await?;
+        self.store.audit(self.cycle_id, &tally.audit).await?;
         match tally.failure {
             Some(e) => Err(e),
             None => Ok(PushSummary {
@@ -296,7 +298,7 @@ impl<'a> Executor<'a> {
     async fn superseded(&self, task: Task<'_>, why: &str) -> Result<Recorded, PushError> {
         tracing::debug!(key = task.key(), why, "left to what another cycle pushed");
         if let Task::User(op) = task {
-            self.store.plan_done(&op.login).await?;
+            self.store.plan_done_in(&op.login, self.cycle_id).await?;
         }
         Ok(Recorded {
             kind: task.kind(),
