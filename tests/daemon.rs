@@ -410,7 +410,7 @@ async fn sigterm_mid_cycle_exits_0_with_a_consistent_store() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_second_daemon_refuses_to_start() {
     let lab = lab(1, 0).await;
-    let _first = start(&lab, &[RARE], &[]).await;
+    let first = start(&lab, &[RARE], &[]).await;
     let (mut second, _) = spawn(&lab, &[RARE], &[]);
     let t = Instant::now();
     let status = wait_exit(
@@ -423,7 +423,9 @@ async fn a_second_daemon_refuses_to_start() {
     assert_eq!(status.code(), Some(3));
     let mut err = String::new();
     std::io::Read::read_to_string(&mut second.stderr.take().unwrap(), &mut err).unwrap();
-    assert!(err.contains("in use by another billsync"), "{err}");
+    let holder = format!("in use by billsync pid {}", first.child.id());
+    assert!(err.contains(&holder), "{err}");
+    assert!(err.contains("`sync --dry-run`"), "says what works beside it: {err}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -235,6 +235,22 @@ fn the_package_unit_and_runbook_agree() {
         "the unit does not start /{bin_dir}billsync"
     );
     let readme = read("README.md");
+    // The packaged README points at nothing missing: each document it
+    // links is packaged beside it.
+    let docs: Vec<&str> = (readme.split("](").skip(1))
+        .filter_map(|rest| rest.split(')').next())
+        .filter(|target| target.ends_with(".md"))
+        .collect();
+    assert!(docs.len() >= 3, "{docs:?}");
+    for doc in docs {
+        let packaged = format!("usr/share/doc/billsync/{doc}");
+        assert!(
+            assets
+                .iter()
+                .any(|(src, dest)| *src == doc && *dest == packaged),
+            "README links {doc}, which the package lacks"
+        );
+    }
     let alerts = read("deploy/alerts.yml");
     let anchors: Vec<&str> = alerts
         .lines()
