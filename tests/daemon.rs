@@ -425,7 +425,10 @@ async fn a_second_daemon_refuses_to_start() {
     std::io::Read::read_to_string(&mut second.stderr.take().unwrap(), &mut err).unwrap();
     let holder = format!("in use by billsync pid {}", first.child.id());
     assert!(err.contains(&holder), "{err}");
-    assert!(err.contains("`sync --dry-run`"), "says what works beside it: {err}");
+    assert!(
+        err.contains("`sync --dry-run`"),
+        "says what works beside it: {err}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
