@@ -119,6 +119,7 @@ async fn explain(
             last_paid,
             protected: Default::default(),
             fresh: Default::default(),
+            services: Default::default(),
         },
     );
     let now = Utc::now();
@@ -163,7 +164,12 @@ fn rule_verdicts(
     last_paid: &HashMap<String, DateTime<Utc>>,
     now: DateTime<Utc>,
 ) -> Value {
-    let ctx = RuleContext { last_paid, now };
+    let services = HashMap::new();
+    let ctx = RuleContext {
+        last_paid,
+        services: &services,
+        now,
+    };
     let verdicts = core.rules.iter().map(|rule| {
         let why = rules::check(rule, account, &ctx).err();
         json!({

@@ -401,7 +401,10 @@ impl Default for PermissionSettings {
                 min_available: Some(Decimal::ZERO),
                 paid_within_days: 0,
                 attributes: BTreeMap::new(),
+                plans: vec![],
+                plan_ids: vec![],
                 grant: managed.clone(),
+                camera_groups: vec![],
             }],
             managed,
         }
@@ -921,8 +924,28 @@ fn validate(s: &Settings) -> Result<(), ConfigError> {
                 ));
             }
         }
+        not_yet_read(i, rule)?;
     }
     Ok(())
+}
+
+/// Plan conditions and camera groups need the service reads and camera
+/// pushes of SPEC §12, which this build does not have yet: a rule naming
+/// plans would match no account and take its permissions away. Refused,
+/// so no config relies on them before they work.
+fn not_yet_read(i: usize, rule: &crate::core::rules::Rule) -> Result<(), ConfigError> {
+    let unsupported = [
+        ("plans", rule.plans.is_empty()),
+        ("plan_ids", rule.plan_ids.is_empty()),
+        ("camera_groups", rule.camera_groups.is_empty()),
+    ];
+    match unsupported.into_iter().find(|(_, empty)| !empty) {
+        Some((key, _)) => Err(ConfigError::new(
+            format!("permissions.rules[{i}].{key}"),
+            "services and camera access (SPEC §12) are not read by this build yet",
+        )),
+        None => Ok(()),
+    }
 }
 
 impl Settings {
@@ -1242,6 +1265,26 @@ api_token = "tok-123456"
             load(f.path(), &[]).unwrap_err().key,
             "permissions.rules[0].grant"
         );
+    }
+
+    /// Plan rules parse (ids as strings or integers), and are refused until
+    /// services are read: a rule naming plans would match no account.
+    #[test]
+    fn plan_rules_are_refused_until_services_are_read() {
+        for (line, key) in [
+            ("plans = [\"Video 30\"]", "plans"),
+            ("plan_ids = [7, \"8\"]", "plan_ids"),
+            ("camera_groups = [\"{billing_id}\"]", "camera_groups"),
+        ] {
+            let f = write(&format!(
+                "{MINIMAL}\n[[permissions.rules]]\nname = \"x\"\n{line}\ngrant = []\n"
+            ));
+            let e = load(f.path(), &[]).unwrap_err();
+            assert_eq!(e.key, format!("permissions.rules[0].{key}"), "{e}");
+        }
+        let rule: crate::core::rules::Rule =
+            toml::from_str("name = \"x\"\nplan_ids = [7, \" 8 \"]").unwrap();
+        assert_eq!(rule.plan_ids, ["7", "8"]);
     }
 
     #[test]

@@ -204,6 +204,7 @@ impl Reads {
             last_paid: r.last_paid,
             protected,
             fresh: r.fresh.into_iter().collect(),
+            services: Default::default(),
         };
         self.inputs.insert(kind, input);
     }

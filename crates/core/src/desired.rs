@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 
+use super::entitlements::Service;
 use super::model::{Account, AccountKey, CanonicalStatus, OnDeleted, SourceKind, UserState};
 use super::rules::{self, Rule, RuleContext};
 
@@ -88,6 +89,9 @@ pub struct SourceInput {
     /// Re-read one by one this cycle (a targeted read): their own state is
     /// known for sure even though the source was not listed.
     pub fresh: HashSet<String>,
+    /// What each account bought, by account id, states settled (SPEC §12;
+    /// empty while no services are read).
+    pub services: HashMap<String, Vec<Service>>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -149,6 +153,7 @@ pub fn build(
         let accounts = std::mem::take(&mut input.accounts);
         let ctx = RuleContext {
             last_paid: &input.last_paid,
+            services: &input.services,
             now,
         };
         for (i, account) in accounts.into_iter().enumerate() {

@@ -4,6 +4,7 @@
 
 pub mod cycle;
 pub mod desired;
+pub mod entitlements;
 pub mod model;
 pub mod normalize;
 pub mod pacing;

@@ -563,6 +563,7 @@ mod tests {
                 paid_within_days: 0,
                 attributes: Default::default(),
                 grant: managed.clone(),
+                ..Default::default()
             }],
             managed,
             user_type: "b2c".into(),

@@ -8,9 +8,10 @@ use chrono::{DateTime, Duration, Utc};
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
+use super::entitlements::{Service, ServiceState};
 use super::model::{Account, CanonicalStatus, SourceKind};
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Rule {
     pub name: String,
@@ -23,8 +24,44 @@ pub struct Rule {
     pub paid_within_days: u32,
     #[serde(default)]
     pub attributes: BTreeMap<String, String>,
+    /// Plan names (SPEC §12.2): the rule matches only while the account
+    /// has an active service on one of them (or of `plan_ids`).
+    #[serde(default)]
+    pub plans: Vec<String>,
+    /// Plan ids, as strings (TOML integers accepted).
+    #[serde(default, with = "id_list")]
+    pub plan_ids: Vec<String>,
     #[serde(default)]
     pub grant: Vec<String>,
+    /// Camera group templates (`entitlements::render_group`).
+    #[serde(default)]
+    pub camera_groups: Vec<String>,
+}
+
+/// Ids given as strings or integers, kept as strings.
+mod id_list {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &[String], s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(v)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Id {
+            I(i64),
+            S(String),
+        }
+        let ids = Vec::<Id>::deserialize(d)?;
+        Ok(ids
+            .into_iter()
+            .map(|id| match id {
+                Id::I(i) => i.to_string(),
+                Id::S(s) => s.trim().to_string(),
+            })
+            .collect())
+    }
 }
 
 /// Decimals arrive from TOML as floats or integers; keep them exact via text.
@@ -65,6 +102,8 @@ mod opt_decimal {
 pub struct RuleContext<'a> {
     /// Latest paid payment per account id, for the account's source.
     pub last_paid: &'a HashMap<String, DateTime<Utc>>,
+    /// Services per account id, for the account's source (states settled).
+    pub services: &'a HashMap<String, Vec<Service>>,
     pub now: DateTime<Utc>,
 }
 
@@ -83,6 +122,13 @@ pub enum Unmet {
     },
     OtherSource {
         source: SourceKind,
+    },
+    /// No active service on a plan the rule names.
+    Plan {
+        plans: Vec<String>,
+        plan_ids: Vec<String>,
+        /// The plans of the account's active services.
+        active: Vec<String>,
     },
     MinAvailable {
         min: Decimal,
@@ -113,6 +159,7 @@ pub fn check(rule: &Rule, account: &Account, ctx: &RuleContext<'_>) -> Result<()
             source: account.key.source,
         });
     }
+    check_plan(rule, account, ctx)?;
     if let Some(min) = rule.min_available {
         let (balance, credit_limit) = (account.balance, account.credit_limit);
         match balance.checked_add(credit_limit) {
@@ -149,6 +196,36 @@ pub fn check(rule: &Rule, account: &Account, ctx: &RuleContext<'_>) -> Result<()
     Ok(())
 }
 
+/// A rule that names plans needs an active service on one of them.
+fn check_plan(rule: &Rule, account: &Account, ctx: &RuleContext<'_>) -> Result<(), Unmet> {
+    if rule.plans.is_empty() && rule.plan_ids.is_empty() {
+        return Ok(());
+    }
+    let services = ctx
+        .services
+        .get(&account.key.id)
+        .map_or(&[][..], Vec::as_slice);
+    if services
+        .iter()
+        .any(|s| s.grants_plan(&rule.plans, &rule.plan_ids))
+    {
+        return Ok(());
+    }
+    let active = services.iter().filter(|s| s.state == ServiceState::Active);
+    Err(Unmet::Plan {
+        plans: rule.plans.clone(),
+        plan_ids: rule.plan_ids.clone(),
+        active: active
+            .map(|s| {
+                s.plan_name
+                    .clone()
+                    .or(s.plan_id.clone())
+                    .unwrap_or_default()
+            })
+            .collect(),
+    })
+}
+
 impl std::fmt::Display for Unmet {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -159,6 +236,22 @@ impl std::fmt::Display for Unmet {
             ),
             Unmet::OtherSource { source } => {
                 write!(f, "the rule names other sources than {}", source.as_str())
+            }
+            Unmet::Plan {
+                plans,
+                plan_ids,
+                active,
+            } => {
+                let wanted: Vec<&str> = plans.iter().chain(plan_ids).map(String::as_str).collect();
+                match active.is_empty() {
+                    true => write!(f, "plans {}: the account has no active service", wanted.join(", ")),
+                    false => write!(
+                        f,
+                        "plans {}: the account's active services are on {}",
+                        wanted.join(", "),
+                        active.join(", ")
+                    ),
+                }
             }
             Unmet::MinAvailable {
                 min,
@@ -237,7 +330,10 @@ mod tests {
             min_available: None,
             paid_within_days: 0,
             attributes: BTreeMap::new(),
+            plans: vec![],
+            plan_ids: vec![],
             grant: grant.iter().map(|g| g.to_string()).collect(),
+            camera_groups: vec![],
         }
     }
 
@@ -245,8 +341,10 @@ mod tests {
     fn conditions() {
         let now = Utc::now();
         let paid = HashMap::from([("1".to_string(), now - Duration::days(3))]);
+        let none = HashMap::new();
         let ctx = RuleContext {
             last_paid: &paid,
+            services: &none,
             now,
         };
         let a = account(-5, CanonicalStatus::Active);
@@ -283,8 +381,10 @@ mod tests {
     fn a_rule_that_does_not_match_says_why() {
         let now = Utc::now();
         let paid = HashMap::new();
+        let none = HashMap::new();
         let ctx = RuleContext {
             last_paid: &paid,
+            services: &none,
             now,
         };
         let why = |r: &Rule, a: &Account| check(r, a, &ctx).unwrap_err().to_string();
@@ -317,12 +417,66 @@ mod tests {
         assert!(why(&r, &a).contains("other sources than activeplatform"));
     }
 
+    /// SPEC §12.2: a rule naming plans matches only while the account has
+    /// an active service on one of them; the other conditions still apply.
+    #[test]
+    fn a_plan_rule_needs_an_active_service_on_its_plan() {
+        use crate::entitlements::{Service, ServiceState};
+        let a = account(5, CanonicalStatus::Active);
+        let service = |state, plan: &str| Service {
+            id: "s".into(),
+            owner: a.key.clone(),
+            plan_id: Some("7".into()),
+            plan_name: Some(plan.into()),
+            state,
+        };
+        let mut r = rule(&["x"]);
+        r.plans = vec!["Video 30".into()];
+        let check_with = |services: Vec<Service>, r: &Rule| {
+            let paid = HashMap::new();
+            let by_account = HashMap::from([("1".to_string(), services)]);
+            let ctx = RuleContext {
+                last_paid: &paid,
+                services: &by_account,
+                now: Utc::now(),
+            };
+            check(r, &a, &ctx).map_err(|u| u.to_string())
+        };
+        assert_eq!(
+            check_with(vec![service(ServiceState::Active, "video 30")], &r),
+            Ok(())
+        );
+        assert_eq!(
+            check_with(vec![service(ServiceState::Active, "Video 7")], &r),
+            Err("plans Video 30: the account's active services are on Video 7".into())
+        );
+        assert_eq!(
+            check_with(vec![service(ServiceState::Suspended, "Video 30")], &r),
+            Err("plans Video 30: the account has no active service".into())
+        );
+        r.min_available = Some(Decimal::from(100));
+        let poor = check_with(vec![service(ServiceState::Active, "Video 30")], &r);
+        assert!(
+            poor.unwrap_err().starts_with("min_available"),
+            "other conditions apply"
+        );
+        r.min_available = None;
+        r.plans.clear();
+        r.plan_ids = vec!["7".into()];
+        assert_eq!(
+            check_with(vec![service(ServiceState::Active, "Video 7")], &r),
+            Ok(())
+        );
+    }
+
     #[test]
     fn grants_are_a_union_within_managed() {
         let now = Utc::now();
         let paid = HashMap::new();
+        let none = HashMap::new();
         let ctx = RuleContext {
             last_paid: &paid,
+            services: &none,
             now,
         };
         let rules = vec![rule(&["a", "b"]), rule(&["b", "c", "unmanaged"])];

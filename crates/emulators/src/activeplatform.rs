@@ -1,6 +1,7 @@
 //! An ActivePlatform vendor API v1 emulator: `api_token` in the query, page
 //! and per_page, a configurable list envelope, list rows that sometimes lack
-//! `email`, account GET and PUT, and payments filtered by `updated_at`.
+//! `email`, account GET and PUT, and payments filtered by `updated_at`;
+//! subscriptions (listed, per account) and plan names.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -53,6 +54,20 @@ pub struct ApPayment {
     pub updated_at: String,
 }
 
+/// One subscription; `name` is its own, not the plan's.
+#[derive(Debug, Clone, Default)]
+pub struct ApSubscription {
+    pub id: u64,
+    pub plan_id: u64,
+    pub account_id: u64,
+    pub name: String,
+    /// As on the wire: snake_case (`active`, `graced`, `stopping_failed`).
+    pub status: String,
+    pub trial: bool,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
 #[derive(Debug)]
 pub struct ApData {
     pub accounts: Vec<ApAccount>,
@@ -63,6 +78,9 @@ pub struct ApData {
     pub max_page_size: usize,
     /// Answers page 1 whatever `page` asks (a server that ignores paging).
     pub ignore_page: bool,
+    pub subscriptions: Vec<ApSubscription>,
+    /// Plan names by plan id.
+    pub plans: BTreeMap<u64, String>,
 }
 
 pub struct ApEmulator {
@@ -93,6 +111,8 @@ impl ApEmulator {
                 balance_as_string: false,
                 max_page_size: 500,
                 ignore_page: false,
+                subscriptions: vec![],
+                plans: BTreeMap::new(),
             }),
             rows: Default::default(),
             faults: Faults::default(),
@@ -109,6 +129,12 @@ impl ApEmulator {
                 get(get_account).put(put_account),
             )
             .route("/api/vendor/v1/payments.json", get(list_payments))
+            .route("/api/vendor/v1/subscriptions.json", get(list_subscriptions))
+            .route(
+                "/api/vendor/v1/accounts/{file}/subscriptions.json",
+                get(account_subscriptions),
+            )
+            .route("/api/vendor/v1/plans/{file}", get(get_plan))
             .with_state(self.clone());
         Server::start(router).await
     }
@@ -124,7 +150,8 @@ impl ApEmulator {
         self.data.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Calls by kind: `list`, `get`, `put`, `payments`.
+    /// Calls by kind: `list`, `get`, `put`, `payments`, `subscriptions`,
+    /// `account_subscriptions`, `plan`.
     pub fn calls(&self, kind: &str) -> u64 {
         self.calls
             .lock()
@@ -424,4 +451,194 @@ async fn list_payments(
             .collect()
     };
     Json(wrap(rows, data.envelope)).into_response()
+}
+
+fn not_found() -> Response {
+    (StatusCode::NOT_FOUND, Json(json!({"error": "Not found"}))).into_response()
+}
+
+fn subscription_json(s: &ApSubscription) -> Value {
+    json!({
+        "id": s.id, "plan_id": s.plan_id, "account_id": s.account_id, "name": s.name,
+        "trial": s.trial, "status": s.status, "start_date": s.created_at,
+        "expiration_date": null, "created_at": s.created_at, "updated_at": s.updated_at,
+    })
+}
+
+/// `filters[account_id|plan_id|status]` match exactly, `filters[created_at|
+/// updated_at]` from that time on.
+fn subscription_matches(s: &ApSubscription, q: &HashMap<String, String>) -> bool {
+    let is = |key: &str, value: String| q.get(key).is_none_or(|want| *want == value);
+    let since = |key: &str, value: &str| q.get(key).is_none_or(|from| value >= from.as_str());
+    is("filters[account_id]", s.account_id.to_string())
+        && is("filters[plan_id]", s.plan_id.to_string())
+        && is("filters[status]", s.status.clone())
+        && since("filters[created_at]", &s.created_at)
+        && since("filters[updated_at]", &s.updated_at)
+}
+
+async fn list_subscriptions(
+    State(emu): State<Arc<ApEmulator>>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    emu.count("subscriptions");
+    let fault = match emu.faults.apply("subscriptions.json").await {
+        Ok(f) => f,
+        Err(r) => return r,
+    };
+    if let Err(r) = authorized(&q) {
+        return r;
+    }
+    let data = emu.read();
+    let (mut page, per) = paging(&q, data.max_page_size);
+    if data.ignore_page {
+        page = 1;
+    }
+    let rows: Vec<Value> = if fault == Some(Fault::EmptyListing) {
+        vec![]
+    } else {
+        data.subscriptions
+            .iter()
+            .filter(|s| subscription_matches(s, &q))
+            .skip((page - 1) * per)
+            .take(per)
+            .map(subscription_json)
+            .collect()
+    };
+    let mut body = wrap(rows, data.envelope);
+    if data.envelope == Envelope::Items {
+        body["page"] = json!(page);
+    }
+    Json(body).into_response()
+}
+
+/// One account's subscriptions, a bare array; 404 for an account that is
+/// neither known nor named by a subscription.
+async fn account_subscriptions(
+    State(emu): State<Arc<ApEmulator>>,
+    Path(file): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    emu.count("account_subscriptions");
+    let key = format!("account_subscriptions/{file}.json");
+    let fault = match emu.faults.apply(&key).await {
+        Ok(f) => f,
+        Err(r) => return r,
+    };
+    if let Err(r) = authorized(&q) {
+        return r;
+    }
+    let Ok(id) = file.parse::<u64>() else {
+        return not_found();
+    };
+    let data = emu.read();
+    let mut rows: Vec<Value> = data
+        .subscriptions
+        .iter()
+        .filter(|s| s.account_id == id)
+        .map(subscription_json)
+        .collect();
+    if rows.is_empty() && data.find(id).is_none() {
+        return not_found();
+    }
+    if fault == Some(Fault::EmptyListing) {
+        rows.clear();
+    }
+    Json(Value::Array(rows)).into_response()
+}
+
+async fn get_plan(
+    State(emu): State<Arc<ApEmulator>>,
+    Path(file): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    emu.count("plan");
+    if let Err(r) = emu.faults.apply(&format!("plans/{file}")).await {
+        return r;
+    }
+    if let Err(r) = authorized(&q) {
+        return r;
+    }
+    let data = emu.read();
+    let id = account_id(&file);
+    match id.and_then(|id| data.plans.get(&id).map(|name| (id, name))) {
+        Some((id, name)) => Json(json!({"id": id, "name": name})).into_response(),
+        None => not_found(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sub(id: u64, account_id: u64, status: &str) -> ApSubscription {
+        ApSubscription {
+            id,
+            plan_id: 7,
+            account_id,
+            name: format!("Cameras #{id}"),
+            status: status.into(),
+            ..Default::default()
+        }
+    }
+
+    fn query(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        let mut q: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        q.insert("api_token".into(), TOKEN.into());
+        q
+    }
+
+    async fn json_of(resp: Response) -> (StatusCode, Value) {
+        let status = resp.status();
+        let body = axum::body::to_bytes(resp.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        (status, serde_json::from_slice(&body).unwrap())
+    }
+
+    #[tokio::test]
+    async fn subscriptions_filter_page_and_name_plans() {
+        let emu = ApEmulator::new(2, 1);
+        {
+            let mut d = emu.data();
+            d.subscriptions = vec![
+                sub(1, 2_000_001, "active"),
+                sub(2, 2_000_002, "graced"),
+                sub(3, 2_000_001, "stopped"),
+            ];
+            d.plans.insert(7, "Cameras 10".into());
+        }
+        let q = query(&[
+            ("filters[account_id]", "2000001"),
+            ("per_page", "1"),
+            ("page", "2"),
+        ]);
+        let (_, v) = json_of(list_subscriptions(State(emu.clone()), Query(q)).await).await;
+        assert_eq!(v, json!([subscription_json(&sub(3, 2_000_001, "stopped"))]));
+        let one = account_subscriptions(
+            State(emu.clone()),
+            Path("2000002".into()),
+            Query(query(&[])),
+        );
+        let (_, v) = json_of(one.await).await;
+        assert_eq!(v[0]["status"], "graced");
+        let plan = get_plan(State(emu.clone()), Path("7.json".into()), Query(query(&[])));
+        assert_eq!(
+            json_of(plan.await).await.1,
+            json!({"id": 7, "name": "Cameras 10"})
+        );
+        let plan = get_plan(State(emu.clone()), Path("8.json".into()), Query(query(&[])));
+        assert_eq!(json_of(plan.await).await.0, StatusCode::NOT_FOUND);
+        assert_eq!(
+            (
+                emu.calls("subscriptions"),
+                emu.calls("account_subscriptions"),
+                emu.calls("plan")
+            ),
+            (1, 1, 2)
+        );
+    }
 }

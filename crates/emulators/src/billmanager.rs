@@ -2,6 +2,8 @@
 //! `out=json` documents with `$`/`$orig` scalars, errors in HTTP 200 bodies,
 //! paging that clamps past the last page, `elem` as a single object for one
 //! row and absent for none, repeated fields as arrays, unknown fields.
+//! Service lists per product type (`func=INTNAME`) page like `func=account`;
+//! their rows name the owner and the tariff plan by display name.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -43,6 +45,23 @@ pub struct BmPayment {
     pub pay_date: String,
 }
 
+/// One service (what a customer bought) of a product type.
+#[derive(Debug, Clone, Default)]
+pub struct BmService {
+    pub id: u64,
+    /// The product type's `intname`, e.g. `videocam`.
+    pub item_type: String,
+    pub account_id: u64,
+    /// The owner's display name (the row's `account`).
+    pub account_name: String,
+    /// The tariff plan's display name.
+    pub pricelist: String,
+    pub pricelist_id: Option<u64>,
+    /// Raw `item_status` code (`$orig`): 1 ordered, 2 active, 3 suspended,
+    /// 4 deleted, 5 processing.
+    pub item_status: String,
+}
+
 #[derive(Debug, Default)]
 pub struct BmData {
     pub accounts: Vec<BmAccount>,
@@ -52,6 +71,13 @@ pub struct BmData {
     /// The server's own cap on `p_cnt`.
     pub max_page_size: usize,
     pub sessions: Vec<String>,
+    pub services: Vec<BmService>,
+    /// Product types (`intname`) whose `func=INTNAME` lists services.
+    pub itemtypes: Vec<String>,
+    /// Whether service rows carry `account_id` (`new`: true).
+    pub services_have_account_id: bool,
+    /// Whether service rows carry `pricelist_id` (`new`: false).
+    pub services_have_pricelist_id: bool,
 }
 
 pub struct BmEmulator {
@@ -81,6 +107,10 @@ impl BmEmulator {
                 payments_have_account_id: true,
                 max_page_size: 1000,
                 sessions: vec![],
+                services: vec![],
+                itemtypes: vec![],
+                services_have_account_id: true,
+                services_have_pricelist_id: false,
             }),
             rows: Default::default(),
             faults: Faults::default(),
@@ -155,6 +185,21 @@ impl BmEmulator {
         });
         id
     }
+
+    /// Adds a service and lists its type in `itemtypes`; an empty
+    /// `account_name` is taken from the account.
+    pub fn add_service(&self, mut sv: BmService) {
+        let mut d = self.data();
+        if sv.account_name.is_empty() {
+            if let Some(a) = d.find(sv.account_id) {
+                sv.account_name = a.name.clone();
+            }
+        }
+        if !d.itemtypes.contains(&sv.item_type) {
+            d.itemtypes.push(sv.item_type.clone());
+        }
+        d.services.push(sv);
+    }
 }
 
 /// Deterministic accounts: mostly active, some suspended, money in the
@@ -218,6 +263,17 @@ fn status_label(code: &str) -> &'static str {
         "1" => "Active",
         "2" => "Suspended",
         "3" => "Deleted",
+        _ => "Unknown",
+    }
+}
+
+fn item_status_label(code: &str) -> &'static str {
+    match code {
+        "1" => "Ordered",
+        "2" => "Active",
+        "3" => "Suspended",
+        "4" => "Deleted",
+        "5" => "Processing",
         _ => "Unknown",
     }
 }
@@ -364,8 +420,61 @@ async fn handle(
             };
             page(&rows, &params, data.max_page_size, Value::clone)
         }
-        _ => error("missed", "Unknown function"),
+        _ => {
+            let data = emu.read();
+            services(&data, &func, &params, empty)
+                .unwrap_or_else(|| error("missed", "Unknown function"))
+        }
     }
+}
+
+/// `func=INTNAME` for a type in `itemtypes`: its services, paged like
+/// `func=account`. `None` for any other function.
+fn services(
+    data: &BmData,
+    func: &str,
+    params: &HashMap<String, String>,
+    empty: bool,
+) -> Option<Response> {
+    if !data.itemtypes.iter().any(|t| t == func) {
+        return None;
+    }
+    let rows: Vec<&BmService> = if empty {
+        vec![]
+    } else {
+        data.services
+            .iter()
+            .filter(|sv| sv.item_type == func)
+            .collect()
+    };
+    let ids = (
+        data.services_have_account_id,
+        data.services_have_pricelist_id,
+    );
+    Some(page(&rows, params, data.max_page_size, |sv| {
+        service_row(sv, ids)
+    }))
+}
+
+/// A service row; `ids` says whether `account_id` and `pricelist_id` are shown.
+fn service_row(sv: &BmService, ids: (bool, bool)) -> Value {
+    let mut row = json!({
+        "id": s(sv.id.to_string()),
+        "pricelist": s(sv.pricelist.clone()),
+        "account": s(sv.account_name.clone()),
+        "item_status": {"$orig": sv.item_status.clone(), "$": item_status_label(&sv.item_status)},
+        "status_msg": s(""),
+        "createdate": s("2026-01-01"),
+        "expiredate": s("2027-01-01"),
+        "cost": s("100.00 RUB"),
+    });
+    if ids.0 {
+        row["account_id"] = s(sv.account_id.to_string());
+    }
+    if let (true, Some(p)) = (ids.1, sv.pricelist_id) {
+        row["pricelist_id"] = s(p.to_string());
+    }
+    row
 }
 
 fn account_row(a: &BmAccount) -> Value {
@@ -456,4 +565,47 @@ fn page<T>(
     body.insert("p_cnt".into(), s(cnt.to_string()));
     body.insert("tparams".into(), json!({"out": {"$": "json"}}));
     doc(Value::Object(body))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn call(emu: &Arc<BmEmulator>, query: &str) -> Value {
+        let q = format!("{query}&out=json&authinfo={USER}:{PASSWORD}");
+        let resp = handle(State(emu.clone()), RawQuery(Some(q)), Bytes::new()).await;
+        let body = axum::body::to_bytes(resp.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        serde_json::from_slice(&body).unwrap()
+    }
+
+    #[tokio::test]
+    async fn service_lists_page_like_accounts() {
+        let emu = BmEmulator::new(3, 1);
+        for id in 1..=3 {
+            emu.add_service(BmService {
+                id,
+                item_type: "videocam".into(),
+                account_id: id,
+                pricelist: "Cameras 10".into(),
+                pricelist_id: Some(7),
+                item_status: "2".into(),
+                ..Default::default()
+            });
+        }
+        let v = call(&emu, "func=videocam&p_cnt=2&p_num=9").await;
+        let doc = &v["doc"];
+        assert_eq!(doc["p_elems"]["$"], "3");
+        assert_eq!(doc["p_num"]["$"], "2");
+        let row = &doc["elem"];
+        assert_eq!(row["id"]["$"], "3");
+        assert_eq!(row["account"]["$"], "Customer 3");
+        assert_eq!(row["item_status"]["$orig"], "2");
+        assert_eq!(row["account_id"]["$"], "3");
+        assert!(row.get("pricelist_id").is_none());
+        assert_eq!(emu.calls("videocam"), 1);
+        let v = call(&emu, "func=vds").await;
+        assert_eq!(v["doc"]["error"]["$type"], "missed");
+    }
 }

@@ -1,14 +1,16 @@
 //! An AIPIX VMS Billing API emulator: users by login with status, type,
 //! billing_info, properties and permissions; Laravel 422s (duplicate login,
-//! unknown login, invalid fields); tree elements; injected faults.
+//! unknown login, invalid fields); tree elements; camera access by public
+//! group (ids or 25.06 objects, replaced or merged) and its read-back;
+//! injected faults.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
-use axum::extract::State;
+use axum::extract::{Query, State};
 use axum::http::{Method, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::any;
+use axum::routing::{any, get, post};
 use axum::{Json, Router};
 use serde_json::{json, Value};
 
@@ -26,6 +28,20 @@ pub struct VmsUser {
     pub billing_info: Value,
     pub properties: Value,
     pub permissions: BTreeSet<String>,
+    /// Public camera groups (external ids) the user sees; never rendered in
+    /// `user/manage` answers.
+    pub camera_groups: BTreeSet<String>,
+}
+
+/// How `user/manage/cameras` treats the user's current groups.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CamerasMode {
+    /// The set becomes exactly the active entries sent.
+    #[default]
+    Replace,
+    /// Active entries are added, `blocked` objects removed; bare ids never
+    /// remove.
+    Merge,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -56,6 +72,7 @@ pub struct VmsData {
     pub events: Vec<Event>,
     /// Keep events (the sandbox and tests); off for large benchmarks.
     pub record_events: bool,
+    pub cameras_mode: CamerasMode,
     next_id: u64,
 }
 
@@ -75,6 +92,7 @@ impl VmsEmulator {
                 force_422: HashSet::new(),
                 events: vec![],
                 record_events: true,
+                cameras_mode: CamerasMode::Replace,
                 next_id: 1,
             }),
             faults: Faults::default(),
@@ -91,6 +109,8 @@ impl VmsEmulator {
         let router = Router::new()
             .route("/api/v1/billing/user/manage", any(user))
             .route("/api/v1/billing/tree", any(tree))
+            .route("/api/v1/billing/user/manage/cameras", post(cameras))
+            .route("/api/v1/billing/cameras/list", get(camera_list))
             .with_state(self.clone());
         Server::start(router).await
     }
@@ -190,6 +210,20 @@ fn finish(
     (status, Json(body)).into_response()
 }
 
+/// Records a request answered by an injected fault.
+fn record_fault(emu: &VmsEmulator, method: &str, path: &str, login: &str, r: &Response) {
+    let mut data = emu.data();
+    if data.record_events {
+        data.events.push(Event {
+            method: method.into(),
+            path: path.into(),
+            login: login.into(),
+            status: r.status().as_u16(),
+            summary: "injected fault".into(),
+        });
+    }
+}
+
 async fn user(
     State(emu): State<Arc<VmsEmulator>>,
     method: Method,
@@ -206,17 +240,7 @@ async fn user(
     let key = format!("{method} user/manage {login}");
     let fault = emu.faults.apply(&key).await;
     if let Err(r) = fault {
-        let status = r.status().as_u16();
-        let mut data = emu.data();
-        if data.record_events {
-            data.events.push(Event {
-                method: method.to_string(),
-                path: "user/manage".into(),
-                login: login.clone(),
-                status,
-                summary: "injected fault".into(),
-            });
-        }
+        record_fault(&emu, method.as_str(), "user/manage", &login, &r);
         return r;
     }
     let (status, out) = user_inner(&emu, &method, &parsed, &login);
@@ -313,6 +337,7 @@ fn user_inner(
                 billing_info: body.get("billing_info").cloned().unwrap_or(Value::Null),
                 properties: properties_of(body),
                 permissions: DEFAULT_PERMISSIONS.iter().map(|p| p.to_string()).collect(),
+                camera_groups: BTreeSet::new(),
             };
             let out = user_json(&u);
             data.users.insert(login.into(), u);
@@ -448,4 +473,236 @@ async fn tree(
         }
     };
     finish(&emu, &method, "tree", &ext, status, out)
+}
+
+fn unknown_login() -> (StatusCode, Value) {
+    invalid(
+        "The selected login is invalid.",
+        "login",
+        "The selected login is invalid.",
+    )
+}
+
+/// The 422 that a missing or refused login gets on any call.
+fn login_error(data: &VmsData, login: &str) -> Option<(StatusCode, Value)> {
+    if login.is_empty() {
+        return Some(invalid(
+            "The login field is required.",
+            "login",
+            "The login field is required.",
+        ));
+    }
+    if data.force_422.contains(login) {
+        return Some(invalid(
+            "The given data was invalid.",
+            "status",
+            "The selected status is invalid.",
+        ));
+    }
+    if !data.users.contains_key(login) {
+        return Some(unknown_login());
+    }
+    None
+}
+
+/// One entry of `public_group_external_ids`.
+#[derive(Debug, Clone, PartialEq)]
+enum GroupEntry {
+    /// A bare external id (23.09+).
+    Bare(String),
+    /// `{external_id, status: "active"}` (25.06+).
+    Active(String),
+    /// `{external_id, status: "blocked"}` (25.06+).
+    Blocked(String),
+}
+
+fn group_entry(e: &Value) -> Option<GroupEntry> {
+    if let Some(id) = e.as_str() {
+        return Some(GroupEntry::Bare(id.into()));
+    }
+    let id = e.get("external_id")?.as_str()?.to_string();
+    match e.get("status").and_then(Value::as_str) {
+        Some("active") => Some(GroupEntry::Active(id)),
+        Some("blocked") => Some(GroupEntry::Blocked(id)),
+        _ => None,
+    }
+}
+
+/// The entries sent; absent or null is an empty list.
+fn group_entries(v: Option<&Value>) -> Result<Vec<GroupEntry>, (StatusCode, Value)> {
+    let list = match v {
+        None | Some(Value::Null) => return Ok(vec![]),
+        Some(Value::Array(a)) => a,
+        Some(_) => {
+            return Err(invalid(
+                "The given data was invalid.",
+                "public_group_external_ids",
+                "The public group external ids must be an array.",
+            ))
+        }
+    };
+    list.iter()
+        .enumerate()
+        .map(|(i, e)| {
+            group_entry(e).ok_or_else(|| {
+                let field = format!("public_group_external_ids.{i}");
+                invalid(
+                    "The given data was invalid.",
+                    &field,
+                    "The entry is invalid.",
+                )
+            })
+        })
+        .collect()
+}
+
+fn apply_groups(set: &mut BTreeSet<String>, entries: Vec<GroupEntry>, mode: CamerasMode) {
+    if mode == CamerasMode::Replace {
+        set.clear();
+    }
+    for e in entries {
+        match e {
+            GroupEntry::Bare(id) | GroupEntry::Active(id) => {
+                set.insert(id);
+            }
+            GroupEntry::Blocked(id) => {
+                set.remove(&id);
+            }
+        }
+    }
+}
+
+fn cameras_inner(emu: &VmsEmulator, body: &Value, login: &str) -> (StatusCode, Value) {
+    let mut data = emu.data();
+    if let Some(e) = login_error(&data, login) {
+        return e;
+    }
+    let entries = match group_entries(body.get("public_group_external_ids")) {
+        Ok(e) => e,
+        Err(e) => return e,
+    };
+    let mode = data.cameras_mode;
+    let Some(u) = data.users.get_mut(login) else {
+        return unknown_login();
+    };
+    apply_groups(&mut u.camera_groups, entries, mode);
+    (StatusCode::NO_CONTENT, Value::Null)
+}
+
+/// `POST user/manage/cameras {login, public_group_external_ids}`: 204.
+async fn cameras(State(emu): State<Arc<VmsEmulator>>, body: axum::body::Bytes) -> Response {
+    emu.served
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let parsed: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    let login = parsed
+        .get("login")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_string();
+    let path = "user/manage/cameras";
+    let fault = emu.faults.apply(&format!("POST {path} {login}")).await;
+    if let Err(r) = fault {
+        record_fault(&emu, "POST", path, &login, &r);
+        return r;
+    }
+    let (status, out) = cameras_inner(&emu, &parsed, &login);
+    let response = finish(&emu, &Method::POST, path, &login, status, out);
+    if let Ok(Some(Fault::LoseAnswer(hold))) = fault {
+        tokio::time::sleep(hold).await;
+    }
+    response
+}
+
+/// One camera per group the user sees, or `null` for none.
+fn camera_list_inner(emu: &VmsEmulator, login: &str, empty: bool) -> (StatusCode, Value) {
+    let data = emu.data();
+    if let Some(e) = login_error(&data, login) {
+        return e;
+    }
+    let groups = match data.users.get(login) {
+        Some(u) if !empty => &u.camera_groups,
+        _ => return (StatusCode::OK, Value::Null),
+    };
+    if groups.is_empty() {
+        return (StatusCode::OK, Value::Null);
+    }
+    let cams: Vec<Value> = groups
+        .iter()
+        .enumerate()
+        .map(|(i, g)| {
+            json!({"id": i + 1, "external_id": format!("cam-{g}"), "name": format!("Camera {g}"),
+                   "status": "active", "group_type": "public", "group_external_id": g})
+        })
+        .collect();
+    (StatusCode::OK, Value::Array(cams))
+}
+
+/// `GET cameras/list?login=L`.
+async fn camera_list(
+    State(emu): State<Arc<VmsEmulator>>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    emu.served
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let login = q.get("login").cloned().unwrap_or_default();
+    let path = "cameras/list";
+    let fault = match emu.faults.apply(&format!("GET {path} {login}")).await {
+        Ok(f) => f,
+        Err(r) => {
+            record_fault(&emu, "GET", path, &login, &r);
+            return r;
+        }
+    };
+    let empty = fault == Some(Fault::EmptyListing);
+    let (status, out) = camera_list_inner(&emu, &login, empty);
+    finish(&emu, &Method::GET, path, &login, status, out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ids(set: &BTreeSet<String>) -> Vec<&str> {
+        set.iter().map(String::as_str).collect()
+    }
+
+    #[test]
+    fn camera_groups_replace_or_merge() {
+        let body = json!(["a", {"external_id": "b", "status": "active"},
+                          {"external_id": "c", "status": "blocked"}]);
+        let entries = group_entries(Some(&body)).unwrap();
+        let start: BTreeSet<String> = ["c", "d"].iter().map(|s| s.to_string()).collect();
+        let mut set = start.clone();
+        apply_groups(&mut set, entries.clone(), CamerasMode::Replace);
+        assert_eq!(ids(&set), ["a", "b"]);
+        let mut set = start;
+        apply_groups(&mut set, entries, CamerasMode::Merge);
+        assert_eq!(ids(&set), ["a", "b", "d"]);
+        assert!(group_entries(Some(&json!([{"external_id": "x"}]))).is_err());
+        assert!(group_entries(Some(&json!("x"))).is_err());
+        assert!(group_entries(None).unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn cameras_need_a_known_login_and_list_back() {
+        let emu = VmsEmulator::new();
+        let body = json!({"login": "u1", "public_group_external_ids": ["g1"]}).to_string();
+        let r = cameras(State(emu.clone()), body.clone().into()).await;
+        assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY);
+        let create = json!({"login": "u1", "type": "b2c", "password": "p"});
+        assert_eq!(
+            user_inner(&emu, &Method::POST, &create, "u1").0,
+            StatusCode::OK
+        );
+        let (_, v) = camera_list_inner(&emu, "u1", false);
+        assert_eq!(v, Value::Null);
+        let r = cameras(State(emu.clone()), body.into()).await;
+        assert_eq!(r.status(), StatusCode::NO_CONTENT);
+        let (_, v) = camera_list_inner(&emu, "u1", false);
+        assert_eq!(v[0]["external_id"], "cam-g1");
+        assert!(!user_json(&emu.user("u1").unwrap())
+            .to_string()
+            .contains("g1"));
+        assert_eq!(emu.count_for("POST", "u1"), 2);
+    }
 }
