@@ -486,3 +486,107 @@ async fn detail_failures_are_retried_next_cycle() {
     let r = read(&w, &store, SourceKind::Billmanager, false).await;
     assert_eq!(r.accounts.len(), 20);
 }
+
+/// SPEC §12.1 read side: BILLmanager service lists per product type, paged
+/// with the account listing's proofs (the server caps and clamps pages);
+/// the owner by `account_id` where the row has it, else by name; the
+/// status as its code (`$orig`), not the localized label.
+#[tokio::test]
+async fn billmanager_service_lists_are_read_completely() {
+    use billsync_emulators::billmanager::BmService;
+    let w = World::start(40, 0).await.unwrap();
+    w.bm.data().max_page_size = 7;
+    for id in 1..=40u64 {
+        w.bm.add_service(BmService {
+            id: 500 + id,
+            item_type: "videocam".into(),
+            account_id: id,
+            pricelist: format!("Video {}", if id % 2 == 0 { 30 } else { 7 }),
+            pricelist_id: Some(if id % 2 == 0 { 30 } else { 7 }),
+            item_status: "2".into(),
+            ..Default::default()
+        });
+    }
+    let mut settings = w.settings("", &[]).unwrap();
+    let bm = settings.sources.billmanager.as_mut().unwrap();
+    bm.services.item_types = vec!["videocam".into()];
+    let src = source(&settings, SourceKind::Billmanager);
+    let listing = src
+        .list_services(&|_| {})
+        .await
+        .expect("configured")
+        .unwrap();
+    assert_eq!(listing.services.len(), 40, "{:?}", listing.bad);
+    let s = listing.services.iter().find(|s| s.id == "502").unwrap();
+    assert_eq!(s.owner_id.as_deref(), Some("2"));
+    assert_eq!(s.plan_name.as_deref(), Some("Video 30"));
+    assert_eq!(s.status.as_deref(), Some("2"), "the code, not the label");
+    assert_eq!(s.plan_id, None, "this version shows no pricelist_id");
+    // Another version: no account_id, but pricelist_id; owners by name.
+    {
+        let mut d = w.bm.data();
+        (d.services_have_account_id, d.services_have_pricelist_id) = (false, true);
+    }
+    let listing = src.list_services(&|_| {}).await.unwrap().unwrap();
+    let s = listing.services.iter().find(|s| s.id == "502").unwrap();
+    assert_eq!(
+        (s.owner_id.as_deref(), s.plan_id.as_deref()),
+        (None, Some("30"))
+    );
+    assert!(s.owner_name.is_some());
+    // Not configured: no service call at all.
+    let plain = source(&w.settings("", &[]).unwrap(), SourceKind::Billmanager);
+    assert!(plain.list_services(&|_| {}).await.is_none());
+}
+
+/// ActivePlatform subscriptions, paged; plan names from `plans/{id}.json`,
+/// read once and cached; a server that ignores paging cannot prove the
+/// listing complete, so it is an error (nothing is taken away on it).
+#[tokio::test]
+async fn activeplatform_subscriptions_carry_cached_plan_names() {
+    use billsync_emulators::activeplatform::ApSubscription;
+    let w = World::start(0, 30).await.unwrap();
+    let ids: Vec<u64> = w.ap.data().accounts.iter().map(|a| a.id).collect();
+    {
+        let mut d = w.ap.data();
+        d.plans.insert(7, "Video 7".into());
+        d.plans.insert(30, "Video 30".into());
+        for (i, account_id) in ids.iter().enumerate() {
+            d.subscriptions.push(ApSubscription {
+                id: 9000 + i as u64,
+                plan_id: if i % 3 == 0 { 30 } else { 7 },
+                account_id: *account_id,
+                name: "Home video".into(),
+                status: if i == 1 {
+                    "Stopping failed".into()
+                } else {
+                    "active".into()
+                },
+                ..Default::default()
+            });
+        }
+    }
+    let mut settings = w.settings("", &[]).unwrap();
+    let ap = settings.sources.activeplatform.as_mut().unwrap();
+    (ap.services.enabled, ap.page_size) = (true, 8);
+    let src = source(&settings, SourceKind::Activeplatform);
+    for _ in 0..2 {
+        let listing = src.list_services(&|_| {}).await.unwrap().unwrap();
+        assert_eq!(listing.services.len(), 30);
+        let first = &listing.services[0];
+        assert_eq!(
+            first.plan_name.as_deref(),
+            Some("Video 30"),
+            "not the subscription's name"
+        );
+        assert_eq!(first.owner_id, Some(ids[0].to_string()));
+        assert_eq!(
+            listing.services[1].status.as_deref(),
+            Some("Stopping failed")
+        );
+    }
+    assert_eq!(w.ap.calls("plan"), 2, "each plan's name read once");
+    w.ap.data().ignore_page = true;
+    let err = src.list_services(&|_| {}).await.unwrap().unwrap_err();
+    assert!(err.to_string().contains("repeats"), "{err}");
+}

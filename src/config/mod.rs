@@ -16,6 +16,7 @@ pub use crate::core::model::OnDeleted;
 pub use crate::core::rules::Rule;
 
 use crate::core::desired::CoreConfig;
+use crate::core::entitlements::ServiceState;
 use crate::core::model::{CanonicalStatus, SourceKind};
 use crate::core::normalize::{Normalizer, TEMPLATE_VARS};
 use crate::telemetry::redact;
@@ -236,6 +237,7 @@ pub struct BillmanagerSettings {
     pub auth_mode: BmAuthMode,
     pub page_size: u32,
     pub status_map: BTreeMap<String, CanonicalStatus>,
+    pub services: BmServiceSettings,
     /// A secret declared here and nowhere else (tests of `secrets`).
     #[cfg(test)]
     pub test_secret: Secret,
@@ -253,6 +255,7 @@ impl Default for BillmanagerSettings {
             password_file: None,
             auth_mode: BmAuthMode::Authinfo,
             page_size: 500,
+            services: BmServiceSettings::default(),
             #[cfg(test)]
             test_secret: Secret::default(),
             #[cfg(test)]
@@ -281,6 +284,7 @@ pub struct ActivePlatformSettings {
     pub page_size: u32,
     pub status_map: BTreeMap<String, CanonicalStatus>,
     pub writeback_attribute: String,
+    pub services: ApServiceSettings,
 }
 
 impl Default for ActivePlatformSettings {
@@ -303,6 +307,75 @@ impl Default for ActivePlatformSettings {
             .map(|(k, v)| (k.to_string(), v))
             .collect(),
             writeback_attribute: String::new(),
+            services: ApServiceSettings::default(),
+        }
+    }
+}
+
+/// `[sources.billmanager.services]` (SPEC §12.1): the product types whose
+/// service lists are read, and what their `item_status` codes mean.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BmServiceSettings {
+    pub item_types: Vec<String>,
+    pub status_map: BTreeMap<String, ServiceState>,
+}
+
+impl Default for BmServiceSettings {
+    fn default() -> Self {
+        use ServiceState::*;
+        let map = [
+            ("1", Pending),
+            ("2", Active),
+            ("3", Suspended),
+            ("4", Closed),
+            ("5", Pending),
+        ];
+        Self {
+            item_types: vec![],
+            status_map: map.into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
+        }
+    }
+}
+
+/// `[sources.activeplatform.services]` (SPEC §12.1): whether subscriptions
+/// are read, and what their statuses mean (compared as `status_key`s).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApServiceSettings {
+    pub enabled: bool,
+    pub status_map: BTreeMap<String, ServiceState>,
+}
+
+impl Default for ApServiceSettings {
+    fn default() -> Self {
+        use ServiceState::*;
+        let pending = [
+            "ordered",
+            "installing",
+            "installation_failed",
+            "activating",
+            "activating_failed",
+            "delivered",
+            "updating",
+            "updating_failed",
+            "renewing",
+            "renewing_failed",
+            "waiting_for_manual_approve",
+            "stopping",
+            "stopping_failed",
+            "deletion_failed",
+        ];
+        let settled = [
+            ("active", Active),
+            ("graced", Active),
+            ("stopped", Closed),
+            ("deleted", Closed),
+        ];
+        let map = settled.into_iter().chain(pending.map(|p| (p, Pending)));
+        Self {
+            enabled: false,
+            status_map: map.map(|(k, v)| (k.to_string(), v)).collect(),
         }
     }
 }
@@ -926,8 +999,28 @@ fn validate(s: &Settings) -> Result<(), ConfigError> {
         }
         not_yet_read(i, rule)?;
     }
+    let bm_types = s
+        .sources
+        .billmanager
+        .as_ref()
+        .is_some_and(|b| !b.services.item_types.is_empty());
+    let ap_subs = s
+        .sources
+        .activeplatform
+        .as_ref()
+        .is_some_and(|a| a.services.enabled);
+    for (key, set) in [
+        ("sources.billmanager.services.item_types", bm_types),
+        ("sources.activeplatform.services.enabled", ap_subs),
+    ] {
+        if set {
+            return Err(ConfigError::new(key, NOT_YET));
+        }
+    }
     Ok(())
 }
+
+const NOT_YET: &str = "services and camera access (SPEC §12) are not applied by this build yet";
 
 /// Plan conditions and camera groups need the service reads and camera
 /// pushes of SPEC §12, which this build does not have yet: a rule naming
@@ -942,7 +1035,7 @@ fn not_yet_read(i: usize, rule: &crate::core::rules::Rule) -> Result<(), ConfigE
     match unsupported.into_iter().find(|(_, empty)| !empty) {
         Some((key, _)) => Err(ConfigError::new(
             format!("permissions.rules[{i}].{key}"),
-            "services and camera access (SPEC §12) are not read by this build yet",
+            NOT_YET,
         )),
         None => Ok(()),
     }
@@ -1285,6 +1378,23 @@ api_token = "tok-123456"
         let rule: crate::core::rules::Rule =
             toml::from_str("name = \"x\"\nplan_ids = [7, \" 8 \"]").unwrap();
         assert_eq!(rule.plan_ids, ["7", "8"]);
+        let f = write(&format!(
+            "{MINIMAL}\n[sources.activeplatform.services]\nenabled = true\n"
+        ));
+        let e = load(f.path(), &[]).unwrap_err();
+        assert_eq!(e.key, "sources.activeplatform.services.enabled", "{e}");
+        // The defaults of SPEC §12.1 parse and validate.
+        let f = write(&format!(
+            "{MINIMAL}\n[sources.activeplatform.services]\nstatus_map = {{ graced = \"active\" }}\n"
+        ));
+        assert!(load(f.path(), &[]).is_ok());
+        let ap = ApServiceSettings::default();
+        assert_eq!(ap.status_map["graced"], ServiceState::Active);
+        assert_eq!(ap.status_map["stopped"], ServiceState::Closed);
+        assert_eq!(
+            BmServiceSettings::default().status_map["5"],
+            ServiceState::Pending
+        );
     }
 
     #[test]

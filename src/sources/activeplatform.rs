@@ -1,8 +1,8 @@
 //! ActivePlatform vendor API v1 reader (and the one write-back call).
 //! `api_token` travels in the query, so no URL of ours is ever logged raw.
 
-use std::collections::HashSet;
-use std::time::Duration;
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
 
 use chrono::NaiveDate;
 use serde_json::{Map, Value};
@@ -12,9 +12,10 @@ use async_trait::async_trait;
 
 use super::{
     json_text, with_retry, BadRow, BillingSource, Details, ListedAccount, ListedPayment, Listing,
-    PaymentListing, WriteBack,
+    PaymentListing, ServiceListing, WriteBack,
 };
 use crate::config::{ActivePlatformSettings, Secret};
+use crate::core::entitlements::RawService;
 use crate::core::model::{PaymentState, RawAccount, RawPayment, SourceKind};
 use crate::http::{self, FetchError};
 use crate::telemetry::metrics;
@@ -27,7 +28,14 @@ pub struct ActivePlatformClient {
     token: Secret,
     page_size: u32,
     writeback_attribute: Option<String>,
+    /// Whether subscriptions are read (SPEC §12.1).
+    services: bool,
+    /// Plan names by plan id, each kept for a re-verification period.
+    plans: std::sync::Mutex<HashMap<String, (String, Instant)>>,
 }
+
+/// How long a plan name is trusted before it is read again.
+const PLAN_NAME_TTL: Duration = Duration::from_secs(24 * 3600);
 
 impl ActivePlatformClient {
     pub fn new(cfg: &ActivePlatformSettings) -> anyhow::Result<Self> {
@@ -45,6 +53,8 @@ impl ActivePlatformClient {
             token: cfg.api_token.clone(),
             page_size: cfg.page_size,
             writeback_attribute: Some(cfg.writeback_attribute.clone()).filter(|a| !a.is_empty()),
+            services: cfg.services.enabled,
+            plans: Default::default(),
         })
     }
 
@@ -166,6 +176,65 @@ impl ActivePlatformClient {
     }
 }
 
+impl ActivePlatformClient {
+    /// A plan's name: from the cache while fresh, else `plans/{id}.json`.
+    /// A plan that cannot be read leaves the name unknown (a rule naming
+    /// plans by name then does not match it; `plan_ids` still do).
+    async fn plan_name(&self, id: &str) -> Result<Option<String>, FetchError> {
+        let cached = self
+            .plans
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(id)
+            .cloned();
+        if let Some((name, _)) = cached.filter(|(_, at)| at.elapsed() < PLAN_NAME_TTL) {
+            return Ok(Some(name));
+        }
+        let path = format!("api/vendor/v1/plans/{}.json", urlencode(id));
+        let doc = match with_retry(|| self.get(&path, &[])).await {
+            Ok(doc) => doc,
+            Err(e) if e.status == Some(404) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let plan = doc.get("plan").unwrap_or(&doc);
+        let name = plan.get("name").and_then(json_text);
+        if let Some(n) = &name {
+            let mut plans = self.plans.lock().unwrap_or_else(|e| e.into_inner());
+            plans.insert(id.to_string(), (n.clone(), Instant::now()));
+        }
+        Ok(name)
+    }
+
+    async fn with_plan_names(
+        &self,
+        mut rows: Vec<RawService>,
+    ) -> Result<Vec<RawService>, FetchError> {
+        for row in &mut rows {
+            if let Some(id) = row.plan_id.clone() {
+                row.plan_name = self.plan_name(&id).await?;
+            }
+        }
+        Ok(rows)
+    }
+}
+
+/// A subscription row: `name` is the subscription's own, not its plan's.
+fn subscription_row(row: &Map<String, Value>, id: String) -> RawService {
+    let text = |name: &str| {
+        row.get(name)
+            .and_then(json_text)
+            .filter(|v| !v.trim().is_empty())
+    };
+    RawService {
+        id,
+        owner_id: text("account_id"),
+        owner_name: None,
+        plan_id: text("plan_id"),
+        plan_name: None,
+        status: text("status"),
+    }
+}
+
 #[async_trait]
 impl BillingSource for ActivePlatformClient {
     fn kind(&self) -> SourceKind {
@@ -207,6 +276,25 @@ impl BillingSource for ActivePlatformClient {
             accounts,
             bad,
             requests,
+        })
+    }
+
+    /// Every subscription (paged like accounts), with its plan's name.
+    async fn list_services(
+        &self,
+        progress: &(dyn Fn(usize) + Sync),
+    ) -> Option<Result<ServiceListing, FetchError>> {
+        if !self.services {
+            return None;
+        }
+        let path = "api/vendor/v1/subscriptions.json";
+        let listed = self.page_all(path, &[], progress, MAX_PAGES, subscription_row);
+        Some(match listed.await {
+            Ok((rows, bad, _)) => self
+                .with_plan_names(rows)
+                .await
+                .map(|services| ServiceListing { services, bad }),
+            Err(e) => Err(e),
         })
     }
 

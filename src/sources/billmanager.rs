@@ -14,9 +14,10 @@ use async_trait::async_trait;
 
 use super::{
     with_retry, BadRow, BillingSource, Details, ListedAccount, ListedPayment, Listing,
-    PaymentListing,
+    PaymentListing, ServiceListing,
 };
 use crate::config::{BillmanagerSettings, BmAuthMode, Secret};
+use crate::core::entitlements::RawService;
 use crate::core::model::{PaymentState, RawAccount, RawPayment, SourceKind};
 use crate::core::normalize::parse_decimal;
 use crate::http::{self, FetchError};
@@ -33,6 +34,8 @@ pub struct BillmanagerClient {
     mode: BmAuthMode,
     page_size: u32,
     session: Mutex<Option<String>>,
+    /// Product types (`intname`) whose service lists are read.
+    service_types: Vec<String>,
 }
 
 /// A decoded `doc`: a JSON object.
@@ -55,6 +58,7 @@ impl BillmanagerClient {
             mode: cfg.auth_mode,
             page_size: cfg.page_size,
             session: Mutex::new(None),
+            service_types: cfg.services.item_types.clone(),
         })
     }
 
@@ -278,6 +282,32 @@ impl BillingSource for BillmanagerClient {
         })
     }
 
+    /// Each configured product type's list (`func=INTNAME`), with the
+    /// account listing's paging and completeness proofs; the owner is the
+    /// row's `account_id` where it has one, else its `account` name.
+    async fn list_services(
+        &self,
+        progress: &(dyn Fn(usize) + Sync),
+    ) -> Option<Result<ServiceListing, FetchError>> {
+        if self.service_types.is_empty() {
+            return None;
+        }
+        let mut out = ServiceListing::default();
+        for func in &self.service_types {
+            match self
+                .page_all(func, &[], progress, MAX_PAGES, service_row)
+                .await
+            {
+                Ok((services, bad, _)) => {
+                    out.services.extend(services);
+                    out.bad.extend(bad);
+                }
+                Err(e) => return Some(Err(e)),
+            }
+        }
+        Some(Ok(out))
+    }
+
     async fn first_page(&self) -> Result<Listing, FetchError> {
         let params = [
             ("p_num", "1".to_string()),
@@ -484,6 +514,20 @@ pub fn scalar(v: &Value) -> Option<String> {
 
 fn field(row: &Map<String, Value>, name: &str) -> Option<String> {
     row.get(name).and_then(scalar)
+}
+
+/// A service list row (API-NOTES v3): `pricelist` and `account` are
+/// display names; `account_id` and `pricelist_id` only on some versions.
+fn service_row(row: &Map<String, Value>, id: String) -> RawService {
+    let text = |name: &str| field(row, name).filter(|v| !v.trim().is_empty());
+    RawService {
+        id,
+        owner_id: text("account_id"),
+        owner_name: text("account"),
+        plan_id: text("pricelist_id"),
+        plan_name: text("pricelist"),
+        status: text("item_status"),
+    }
 }
 
 #[cfg(test)]

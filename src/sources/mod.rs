@@ -14,6 +14,7 @@ use backon::{ExponentialBuilder, Retryable};
 use chrono::NaiveDate;
 
 use crate::config::Settings;
+use crate::core::entitlements::RawService;
 pub use crate::core::model::ListedAccount;
 use crate::core::model::{PaymentState, RawAccount, RawPayment, SourceKind};
 use crate::http::FetchError;
@@ -48,6 +49,14 @@ pub struct Listing {
     pub accounts: Vec<ListedAccount>,
     pub bad: Vec<BadRow>,
     pub requests: u32,
+}
+
+/// A complete service listing (SPEC §12.1): every row of the configured
+/// kinds, and the rows that could not be decoded.
+#[derive(Debug, Default)]
+pub struct ServiceListing {
+    pub services: Vec<RawService>,
+    pub bad: Vec<BadRow>,
 }
 
 #[derive(Debug, Default)]
@@ -98,6 +107,15 @@ pub trait BillingSource: Send + Sync {
         since: NaiveDate,
         until: NaiveDate,
     ) -> Result<PaymentListing, FetchError>;
+
+    /// Every service of the kinds configured, with the completeness proofs
+    /// of an account listing; `None`: this source is not set to read any.
+    async fn list_services(
+        &self,
+        _progress: &(dyn Fn(usize) + Sync),
+    ) -> Option<Result<ServiceListing, FetchError>> {
+        None
+    }
 }
 
 /// Storing the VMS login on a source account (SPEC §2.2 write-back).

@@ -59,6 +59,18 @@ pub fn service_state(raw: &str, map: &BTreeMap<String, ServiceState>) -> Option<
         .map(|(_, s)| *s)
 }
 
+/// A service or subscription row as a reader decoded it (SPEC §12.1): the
+/// owner by id when the row carries it, else by the account's name.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RawService {
+    pub id: String,
+    pub owner_id: Option<String>,
+    pub owner_name: Option<String>,
+    pub plan_id: Option<String>,
+    pub plan_name: Option<String>,
+    pub status: Option<String>,
+}
+
 /// One thing an account bought, normalized, its state settled.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Service {
