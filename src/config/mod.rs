@@ -210,6 +210,8 @@ pub struct SourceSettings<'a> {
     pub common: &'a SourceCommon,
     pub page_size: u32,
     pub status_map: &'a BTreeMap<String, CanonicalStatus>,
+    /// What its service statuses mean (SPEC §12.1).
+    pub service_states: &'a BTreeMap<String, ServiceState>,
     /// The custom attribute that receives the VMS login, for systems that
     /// can take a write-back.
     pub writeback_attribute: Option<&'a str>,
@@ -999,45 +1001,20 @@ fn validate(s: &Settings) -> Result<(), ConfigError> {
         }
         not_yet_read(i, rule)?;
     }
-    let bm_types = s
-        .sources
-        .billmanager
-        .as_ref()
-        .is_some_and(|b| !b.services.item_types.is_empty());
-    let ap_subs = s
-        .sources
-        .activeplatform
-        .as_ref()
-        .is_some_and(|a| a.services.enabled);
-    for (key, set) in [
-        ("sources.billmanager.services.item_types", bm_types),
-        ("sources.activeplatform.services.enabled", ap_subs),
-    ] {
-        if set {
-            return Err(ConfigError::new(key, NOT_YET));
-        }
-    }
     Ok(())
 }
 
-const NOT_YET: &str = "services and camera access (SPEC §12) are not applied by this build yet";
+const NOT_YET: &str = "camera access (SPEC §12.3) is not pushed by this build yet";
 
-/// Plan conditions and camera groups need the service reads and camera
-/// pushes of SPEC §12, which this build does not have yet: a rule naming
-/// plans would match no account and take its permissions away. Refused,
-/// so no config relies on them before they work.
+/// Camera groups need the camera pushes of SPEC §12.3, which this build
+/// does not have yet: refused, so no config relies on them before they work.
 fn not_yet_read(i: usize, rule: &crate::core::rules::Rule) -> Result<(), ConfigError> {
-    let unsupported = [
-        ("plans", rule.plans.is_empty()),
-        ("plan_ids", rule.plan_ids.is_empty()),
-        ("camera_groups", rule.camera_groups.is_empty()),
-    ];
-    match unsupported.into_iter().find(|(_, empty)| !empty) {
-        Some((key, _)) => Err(ConfigError::new(
-            format!("permissions.rules[{i}].{key}"),
+    match rule.camera_groups.is_empty() {
+        true => Ok(()),
+        false => Err(ConfigError::new(
+            format!("permissions.rules[{i}].camera_groups"),
             NOT_YET,
         )),
-        None => Ok(()),
     }
 }
 
@@ -1079,6 +1056,7 @@ impl Settings {
                 common: &b.common,
                 page_size: b.page_size,
                 status_map: &b.status_map,
+                service_states: &b.services.status_map,
                 writeback_attribute: None,
             }),
             SourceKind::Activeplatform => {
@@ -1090,6 +1068,7 @@ impl Settings {
                         common: &a.common,
                         page_size: a.page_size,
                         status_map: &a.status_map,
+                        service_states: &a.services.status_map,
                         writeback_attribute: Some(a.writeback_attribute.as_str())
                             .filter(|w| !w.is_empty()),
                     })
@@ -1149,12 +1128,14 @@ impl Settings {
         let src = self
             .source(kind)
             .ok_or_else(|| format!("{kind} is not enabled"))?;
-        Normalizer::new(
+        let mut n = Normalizer::new(
             kind,
             &src.common.login_template,
             &src.common.billing_id_template,
             src.status_map,
-        )
+        )?;
+        n.service_states = src.service_states.clone();
+        Ok(n)
     }
 }
 
@@ -1360,34 +1341,22 @@ api_token = "tok-123456"
         );
     }
 
-    /// Plan rules parse (ids as strings or integers), and are refused until
-    /// services are read: a rule naming plans would match no account.
+    /// Plan rules and service sections parse with SPEC §12's defaults (ids
+    /// as strings or integers); camera groups are refused until cameras are
+    /// pushed: a rule granting them would change nothing.
     #[test]
-    fn plan_rules_are_refused_until_services_are_read() {
-        for (line, key) in [
-            ("plans = [\"Video 30\"]", "plans"),
-            ("plan_ids = [7, \"8\"]", "plan_ids"),
-            ("camera_groups = [\"{billing_id}\"]", "camera_groups"),
-        ] {
-            let f = write(&format!(
-                "{MINIMAL}\n[[permissions.rules]]\nname = \"x\"\n{line}\ngrant = []\n"
-            ));
-            let e = load(f.path(), &[]).unwrap_err();
-            assert_eq!(e.key, format!("permissions.rules[0].{key}"), "{e}");
-        }
-        let rule: crate::core::rules::Rule =
-            toml::from_str("name = \"x\"\nplan_ids = [7, \" 8 \"]").unwrap();
-        assert_eq!(rule.plan_ids, ["7", "8"]);
+    fn plan_rules_parse_and_camera_groups_wait() {
+        let rule = "[[permissions.rules]]\nname = \"x\"\nplans = [\"Video 30\"]\nplan_ids = [7, \" 8 \"]\ngrant = []\n";
+        let services = "[sources.activeplatform.services]\nenabled = true\nstatus_map = { graced = \"active\" }\n";
+        let (s, _) = load(write(&format!("{MINIMAL}\n{rule}{services}")).path(), &[]).unwrap();
+        assert_eq!(s.permissions.rules[0].plan_ids, ["7", "8"]);
+        let ap = s.sources.activeplatform.as_ref().unwrap();
+        assert!(ap.services.enabled);
         let f = write(&format!(
-            "{MINIMAL}\n[sources.activeplatform.services]\nenabled = true\n"
+            "{MINIMAL}\n[[permissions.rules]]\nname = \"x\"\ncamera_groups = [\"{{billing_id}}\"]\ngrant = []\n"
         ));
         let e = load(f.path(), &[]).unwrap_err();
-        assert_eq!(e.key, "sources.activeplatform.services.enabled", "{e}");
-        // The defaults of SPEC §12.1 parse and validate.
-        let f = write(&format!(
-            "{MINIMAL}\n[sources.activeplatform.services]\nstatus_map = {{ graced = \"active\" }}\n"
-        ));
-        assert!(load(f.path(), &[]).is_ok());
+        assert_eq!(e.key, "permissions.rules[0].camera_groups", "{e}");
         let ap = ApServiceSettings::default();
         assert_eq!(ap.status_map["graced"], ServiceState::Active);
         assert_eq!(ap.status_map["stopped"], ServiceState::Closed);

@@ -11,6 +11,7 @@ mod report;
 pub mod reverify;
 pub mod schedule;
 mod select;
+mod services;
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::atomic::AtomicBool;

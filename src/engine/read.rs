@@ -77,6 +77,8 @@ pub struct SourceRead {
     pub unusable: Vec<String>,
     /// Accounts re-read one by one (a targeted read).
     pub fresh: Vec<String>,
+    /// What each account bought, by account id (SPEC §12.1).
+    pub services: HashMap<String, Vec<crate::core::entitlements::Service>>,
 }
 
 /// Every source's contribution to a cycle.
@@ -204,7 +206,7 @@ impl Reads {
             last_paid: r.last_paid,
             protected,
             fresh: r.fresh.into_iter().collect(),
-            services: Default::default(),
+            services: r.services,
         };
         self.inputs.insert(kind, input);
     }
@@ -266,6 +268,7 @@ pub async fn read_source(
     debug_step(kind, "normalized", t0);
     out.last_paid = store.last_paid(kind).await?;
     out.complete = true;
+    super::services::read(store, source, normalizer, opts, &mut out).await?;
     finish(store, kind, &mut out).await?;
     Ok(out)
 }
@@ -533,6 +536,7 @@ pub async fn read_targeted(
         }
     }
     stored_accounts(store, kind, normalizer, &mut out).await?;
+    super::services::stored(store, source, &mut out).await?;
     out.complete = false;
     Ok(out)
 }
@@ -567,6 +571,7 @@ async fn incomplete(
     tracing::warn!(source = %kind, error = %error, "source read failed; it is incomplete this cycle");
     store.record_source_error(kind, &error).await?;
     stored_accounts(store, kind, normalizer, &mut out).await?;
+    out.services = store.load_services(kind).await?;
     out.complete = false;
     out.error = Some(error);
     Ok(out)

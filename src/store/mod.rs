@@ -9,6 +9,7 @@ mod history;
 mod lock;
 mod plan;
 mod retry;
+mod services;
 mod verify;
 
 pub use accounts::{AccountIndexEntry, Fresh, InvalidRow, ReadStamp, StoredAccount};
@@ -19,6 +20,7 @@ pub use history::{
 pub use lock::{holder as lock_holder, StateLock};
 pub use plan::{ConflictRow, DesiredRow, PlanRow, PlanState};
 pub use retry::{QuarantineEntry, QuarantinePart, RetryInfo};
+pub use services::ListedService;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

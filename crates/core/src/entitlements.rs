@@ -33,6 +33,16 @@ impl ServiceState {
         }
     }
 
+    pub fn parse(text: &str) -> Option<ServiceState> {
+        match text {
+            "active" => Some(ServiceState::Active),
+            "suspended" => Some(ServiceState::Suspended),
+            "closed" => Some(ServiceState::Closed),
+            "pending" => Some(ServiceState::Pending),
+            _ => None,
+        }
+    }
+
     /// A pending service stands for the state it had before (none yet:
     /// it grants nothing, and takes nothing away that it never gave).
     pub fn settle(self, before: Option<ServiceState>) -> ServiceState {

@@ -7,6 +7,7 @@ use std::str::FromStr;
 use chrono::{DateTime, NaiveDate, NaiveDateTime, TimeZone, Utc};
 use rust_decimal::Decimal;
 
+use super::entitlements::ServiceState;
 use super::model::{
     Account, AccountKey, CanonicalStatus, Invalid, InvalidCode, Payment, PaymentState, RawAccount,
     RawPayment, SourceKind,
@@ -98,6 +99,9 @@ pub struct Normalizer {
     pub login: Template,
     pub billing_id: Template,
     pub status_map: BTreeMap<String, CanonicalStatus>,
+    /// What the source's service statuses mean (SPEC §12.1; empty: the
+    /// source reads no services).
+    pub service_states: BTreeMap<String, ServiceState>,
 }
 
 pub const TEMPLATE_VARS: [&str; 3] = ["email", "id", "source"];
@@ -114,6 +118,7 @@ impl Normalizer {
             login: Template::parse(login_template, &TEMPLATE_VARS)?,
             billing_id: Template::parse(billing_id_template, &TEMPLATE_VARS)?,
             status_map: status_map.clone(),
+            service_states: BTreeMap::new(),
         })
     }
 

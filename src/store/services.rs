@@ -1,0 +1,126 @@
+//! Services and subscriptions (SPEC §12.1): saved from complete listings,
+//! counted missing when absent, closed past the grace, loaded per owner. A
+//! pending row keeps what it had settled, its plan included: a plan change
+//! in motion grants the new plan once it is active, not before.
+
+use std::collections::{HashMap, HashSet};
+
+use sqlx::Row;
+
+use super::{ReadStamp, Result, Store};
+use crate::core::entitlements::{RawService, Service, ServiceState};
+use crate::core::model::{AccountKey, SourceKind};
+
+/// A listed service, its owner resolved and its raw state mapped.
+#[derive(Debug, Clone)]
+pub struct ListedService {
+    pub raw: RawService,
+    pub owner_id: String,
+    pub state: ServiceState,
+}
+
+impl Store {
+    /// Records a complete service listing. `skipped` rows (invalid this
+    /// read) keep what they had and are not counted missing.
+    pub async fn save_services(
+        &self,
+        source: SourceKind,
+        listed: &[ListedService],
+        skipped: &HashSet<String>,
+        grace: u32,
+        read: ReadStamp,
+    ) -> Result<()> {
+        let mut tx = self.write_tx().await?;
+        for s in listed {
+            sqlx::query(
+                "INSERT INTO services (source, id, owner_id, raw_json, state, settled, missing_cycles, seen_seq)
+                 VALUES (?1, ?2, ?3, ?4, ?5, CASE WHEN ?5 = 'pending' THEN NULL ELSE ?5 END, 0, ?6)
+                 ON CONFLICT (source, id) DO UPDATE SET
+                    owner_id = excluded.owner_id,
+                    raw_json = CASE WHEN excluded.state = 'pending' AND services.settled IS NOT NULL
+                                    THEN services.raw_json ELSE excluded.raw_json END,
+                    state = excluded.state, missing_cycles = 0, seen_seq = excluded.seen_seq,
+                    settled = CASE WHEN excluded.state = 'pending' THEN services.settled
+                                   ELSE excluded.state END
+                 WHERE services.seen_seq <= excluded.seen_seq",
+            )
+            .bind(source.as_str())
+            .bind(&s.raw.id)
+            .bind(&s.owner_id)
+            .bind(serde_json::to_string(&s.raw).unwrap_or_default())
+            .bind(s.state.as_str())
+            .bind(read.seq)
+            .execute(&mut *tx)
+            .await?;
+        }
+        for id in skipped {
+            sqlx::query("UPDATE services SET seen_seq = ?3 WHERE source = ?1 AND id = ?2")
+                .bind(source.as_str())
+                .bind(id)
+                .bind(read.seq)
+                .execute(&mut *tx)
+                .await?;
+        }
+        // Not in this listing (an older read sequence): one more missing
+        // cycle; past the grace, closed.
+        sqlx::query(
+            "UPDATE services SET missing_cycles = missing_cycles + 1
+             WHERE source = ?1 AND seen_seq < ?2",
+        )
+        .bind(source.as_str())
+        .bind(read.seq)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "UPDATE services SET state = 'closed', settled = 'closed'
+             WHERE source = ?1 AND missing_cycles > ?2",
+        )
+        .bind(source.as_str())
+        .bind(grace)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Every stored service of a source by owner id, pending ones standing
+    /// for the state they had before.
+    pub async fn load_services(&self, source: SourceKind) -> Result<HashMap<String, Vec<Service>>> {
+        let rows = sqlx::query(
+            "SELECT id, owner_id, raw_json, state, settled FROM services WHERE source = ?",
+        )
+        .bind(source.as_str())
+        .fetch_all(&self.pool)
+        .await?;
+        let mut out: HashMap<String, Vec<Service>> = HashMap::new();
+        for r in rows {
+            let raw: RawService = serde_json::from_str(&r.get::<String, _>(2)).unwrap_or_default();
+            let state =
+                ServiceState::parse(&r.get::<String, _>(3)).unwrap_or(ServiceState::Pending);
+            let settled = r
+                .get::<Option<String>, _>(4)
+                .as_deref()
+                .and_then(ServiceState::parse);
+            let owner_id: String = r.get(1);
+            out.entry(owner_id.clone()).or_default().push(Service {
+                id: r.get(0),
+                owner: AccountKey {
+                    source,
+                    id: owner_id,
+                },
+                plan_id: raw.plan_id,
+                plan_name: raw.plan_name,
+                state: state.settle(settled),
+            });
+        }
+        Ok(out)
+    }
+
+    pub async fn count_services(&self, source: SourceKind) -> Result<u64> {
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM services WHERE source = ?")
+            .bind(source.as_str())
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(n.max(0) as u64)
+    }
+}

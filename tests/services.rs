@@ -1,0 +1,197 @@
+//! SPEC §12.1-12.2 end to end: what a customer bought decides what its VMS
+//! user gets. The engine against the emulators over loopback HTTP, with
+//! BILLmanager service lists of one product type and rules on plans.
+
+mod common;
+use common::LabSettings;
+
+use std::collections::BTreeSet;
+
+use billsync::core::cycle::CycleResult;
+use billsync::engine::{CycleOptions, CycleReport, Engine};
+use billsync_emulators::billmanager::BmService;
+use billsync_emulators::lab::Lab;
+use billsync_emulators::Fault;
+
+/// Two rules on plans, no other condition; services of type `videocam`.
+const PLANS: &str = r#"
+[sources.billmanager.services]
+item_types = ["videocam"]
+
+[permissions]
+managed = ["archives-show", "archives-download", "archives-preview-download"]
+
+[[permissions.rules]]
+name = "video 7"
+plans = ["Video 7"]
+grant = ["archives-show"]
+
+[[permissions.rules]]
+name = "video 30"
+plans = ["video 30"]
+grant = ["archives-show", "archives-download", "archives-preview-download"]
+"#;
+
+const ALL: [&str; 3] = [
+    "archives-download",
+    "archives-preview-download",
+    "archives-show",
+];
+
+/// `n` active, paying BILLmanager accounts and an engine reading services.
+async fn setup(n: usize) -> (Lab, Engine) {
+    let lab = Lab::start(n, 0).await.unwrap();
+    for a in lab.bm.data().accounts.iter_mut() {
+        (a.status, a.balance) = ("1".into(), "100.00".into());
+    }
+    let settings = lab.settings(PLANS, &[]).unwrap();
+    (lab, Engine::new(settings).await.unwrap())
+}
+
+async fn cycle(engine: &Engine) -> CycleReport {
+    engine.run_cycle(&CycleOptions::default()).await.unwrap()
+}
+
+fn service(lab: &Lab, account: u64, plan: &str, status: &str) {
+    lab.bm.add_service(BmService {
+        id: 700 + account,
+        item_type: "videocam".into(),
+        account_id: account,
+        pricelist: plan.into(),
+        item_status: status.into(),
+        ..Default::default()
+    });
+}
+
+/// Changes account `account`'s service.
+fn set(lab: &Lab, account: u64, plan: &str, status: &str) {
+    let mut bm = lab.bm.data();
+    let s = bm
+        .services
+        .iter_mut()
+        .find(|s| s.account_id == account)
+        .unwrap();
+    (s.pricelist, s.item_status) = (plan.into(), status.into());
+}
+
+fn perms(lab: &Lab, account: u64) -> BTreeSet<String> {
+    let login = format!("user{account}@bm.example.com");
+    let user = lab.vms.user(&login).unwrap();
+    user.permissions
+        .into_iter()
+        .filter(|p| ALL.contains(&p.as_str()))
+        .collect()
+}
+
+fn these(perms: &[&str]) -> BTreeSet<String> {
+    perms.iter().map(|p| p.to_string()).collect()
+}
+
+/// Plan upgrade, downgrade, a suspended and a closed service, a pending
+/// one that keeps what it had (and one that never had anything); then a
+/// no-op cycle sends nothing.
+#[tokio::test]
+async fn the_plan_decides_what_each_user_gets() {
+    let (lab, engine) = setup(5).await;
+    service(&lab, 1, "Video 7", "2");
+    service(&lab, 2, "Video 30", "2");
+    service(&lab, 3, "Video 30", "3"); // suspended
+    service(&lab, 4, "Video 30", "1"); // ordered: pending, never active
+    let r = cycle(&engine).await;
+    assert_eq!(r.result, CycleResult::Ok, "{r:?}");
+    assert_eq!(perms(&lab, 1), these(&["archives-show"]));
+    assert_eq!(perms(&lab, 2), these(&ALL));
+    for nothing in [3, 4, 5] {
+        assert_eq!(perms(&lab, nothing), these(&[]), "account {nothing}");
+    }
+    set(&lab, 1, "Video 30", "2"); // upgrade
+    set(&lab, 2, "Video 7", "2"); // downgrade
+    cycle(&engine).await;
+    assert_eq!(perms(&lab, 1), these(&ALL), "the upgrade");
+    assert_eq!(perms(&lab, 2), these(&["archives-show"]), "the downgrade");
+    set(&lab, 2, "Video 30", "5"); // processing: keeps what it had
+    set(&lab, 3, "Video 30", "2"); // resumed
+    cycle(&engine).await;
+    assert_eq!(perms(&lab, 2), these(&["archives-show"]), "pending kept");
+    assert_eq!(perms(&lab, 3), these(&ALL), "resumed");
+    set(&lab, 1, "Video 30", "4"); // closed
+    cycle(&engine).await;
+    assert_eq!(perms(&lab, 1), these(&[]), "closed");
+    let requests = lab.vms.requests();
+    let r = cycle(&engine).await;
+    assert_eq!(r.result, CycleResult::Ok, "{r:?}");
+    assert_eq!(lab.vms.requests(), requests, "a no-op cycle sent requests");
+}
+
+/// A service listing that fails or comes back empty while services are
+/// known takes nothing away; a row with an unknown status is reported and
+/// its account keeps what it had.
+#[tokio::test]
+async fn a_doubtful_service_listing_takes_nothing_away() {
+    let (lab, engine) = setup(3).await;
+    for account in 1..=3 {
+        service(&lab, account, "Video 30", "2");
+    }
+    cycle(&engine).await;
+    assert_eq!(perms(&lab, 1), these(&ALL));
+    // Every service closes, but the listing fails.
+    for account in 1..=3 {
+        set(&lab, account, "Video 30", "4");
+    }
+    lab.bm.faults.always("videocam", Fault::Status(500));
+    let r = cycle(&engine).await;
+    assert!(!r.sources["billmanager"].complete, "{r:?}");
+    lab.bm.faults.clear();
+    // Then the listing answers with no rows at all.
+    lab.bm.data().services.clear();
+    let r = cycle(&engine).await;
+    let error = r.sources["billmanager"].error.clone().unwrap_or_default();
+    assert!(error.contains("zero services"), "{r:?}");
+    for account in 1..=3 {
+        assert_eq!(perms(&lab, account), these(&ALL), "account {account}");
+    }
+    // An unknown status: that row is skipped and reported.
+    service(&lab, 1, "Video 30", "9");
+    service(&lab, 2, "Video 30", "2");
+    service(&lab, 3, "Video 30", "4");
+    cycle(&engine).await;
+    assert_eq!(perms(&lab, 1), these(&ALL), "an unknown status took access");
+    assert_eq!(perms(&lab, 3), these(&[]), "a real close is applied");
+    let invalid = engine.store.invalid_records().await.unwrap();
+    assert!(
+        invalid
+            .iter()
+            .any(|i| i.id == "701" && i.reason == "unknown_status"),
+        "{invalid:?}"
+    );
+}
+
+/// A BILLmanager service row without `account_id` is owned by the one
+/// account with its name; a name two accounts share owns nothing.
+#[tokio::test]
+async fn a_service_whose_owner_name_is_shared_is_attached_to_no_one() {
+    let (lab, engine) = setup(3).await;
+    {
+        let mut bm = lab.bm.data();
+        bm.services_have_account_id = false;
+        bm.accounts[0].name = "Ivanov".into();
+        bm.accounts[1].name = "Ivanov".into();
+    }
+    service(&lab, 1, "Video 30", "2");
+    service(&lab, 3, "Video 30", "2");
+    cycle(&engine).await;
+    assert_eq!(perms(&lab, 1), these(&[]));
+    assert_eq!(perms(&lab, 2), these(&[]));
+    assert_eq!(
+        perms(&lab, 3),
+        these(&ALL),
+        "a unique name owns its service"
+    );
+    let invalid = engine.store.invalid_records().await.unwrap();
+    assert!(
+        invalid
+            .iter()
+            .any(|i| i.id == "701" && i.detail.contains("several accounts")),
+        "{invalid:?}"
+    );
+}
