@@ -121,6 +121,23 @@ async fn the_plan_decides_what_each_user_gets() {
     let r = cycle(&engine).await;
     assert_eq!(r.result, CycleResult::Ok, "{r:?}");
     assert_eq!(lab.vms.requests(), requests, "a no-op cycle sent requests");
+    // explain shows the service (raw and settled) and why a rule fails.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_billsync"))
+        .arg("--config")
+        .arg(lab.config_path())
+        .args(["explain", "user2@bm.example.com"])
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap();
+    let shown = String::from_utf8_lossy(&out.stdout);
+    for line in [
+        "service    702: plan Video 7 (null), active (raw \"5\")",
+        "rule       video 30: no: plans video 30: the account's active services are on Video 7",
+        "rule       video 7: matches",
+    ] {
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(shown.contains(line), "{line:?} not in\n{shown}\n{err}");
+    }
 }
 
 /// A service listing that fails or comes back empty while services are

@@ -107,6 +107,7 @@ async fn explain(
     doc["normalized"] = serde_json::to_value(&account).unwrap_or(Value::Null);
     let last_paid = store.last_paid(key.source).await?;
     doc["last_paid"] = json!(last_paid.get(&key.id));
+    let services = services_of(store, &key, &mut doc).await?;
     let mut inputs = BTreeMap::new();
     inputs.insert(
         key.source,
@@ -119,12 +120,13 @@ async fn explain(
             last_paid,
             protected: Default::default(),
             fresh: Default::default(),
-            services: Default::default(),
+            services,
         },
     );
     let now = Utc::now();
     doc["raw_status"] = json!(merged.status);
-    doc["rules"] = rule_verdicts(&core, &account, &inputs[&key.source].last_paid, now);
+    let input = &inputs[&key.source];
+    doc["rules"] = rule_verdicts(&core, &account, input, now);
     let d = desired::build(&core, inputs, now);
     let login = account.login.clone();
     let du = d.users.get(&login);
@@ -161,13 +163,12 @@ async fn explain(
 fn rule_verdicts(
     core: &desired::CoreConfig,
     account: &Account,
-    last_paid: &HashMap<String, DateTime<Utc>>,
+    input: &SourceInput,
     now: DateTime<Utc>,
 ) -> Value {
-    let services = HashMap::new();
     let ctx = RuleContext {
-        last_paid,
-        services: &services,
+        last_paid: &input.last_paid,
+        services: &input.services,
         now,
     };
     let verdicts = core.rules.iter().map(|rule| {
@@ -181,6 +182,29 @@ fn rule_verdicts(
         })
     });
     Value::Array(verdicts.collect())
+}
+
+/// The account's services as the rules see them (pending ones as they
+/// settled), and, for the document, each with its raw status.
+async fn services_of(
+    store: &billsync::store::Store,
+    key: &AccountKey,
+    doc: &mut Value,
+) -> Result<HashMap<String, Vec<billsync::core::entitlements::Service>>, billsync::store::StoreError>
+{
+    let mut by_owner = store.load_services(key.source).await?;
+    let mine = by_owner.remove(&key.id).unwrap_or_default();
+    let raw = store.raw_services_of(key).await?;
+    doc["services"] = Value::Array(
+        mine.iter()
+            .map(|s| {
+                let status = raw.get(&s.id).and_then(|r| r.status.clone());
+                json!({"id": s.id, "plan": s.plan_name, "plan_id": s.plan_id,
+                       "state": s.state.as_str(), "raw_status": status})
+            })
+            .collect(),
+    );
+    Ok(HashMap::from([(key.id.clone(), mine)]))
 }
 
 /// What the store remembers of the login: quarantine, backoff, doubt,
@@ -241,6 +265,16 @@ fn print_human(doc: &Value) {
         return;
     }
     print_account(doc, text);
+    for sv in doc["services"].as_array().into_iter().flatten() {
+        outln!(
+            "  service    {}: plan {} ({}), {} (raw {})",
+            text(&sv["id"]),
+            text(&sv["plan"]),
+            text(&sv["plan_id"]),
+            text(&sv["state"]),
+            sv["raw_status"]
+        );
+    }
     print_rules(doc, text);
     print_users(doc);
     print_next(doc);

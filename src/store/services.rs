@@ -33,13 +33,14 @@ impl Store {
         let mut tx = self.write_tx().await?;
         for s in listed {
             sqlx::query(
-                "INSERT INTO services (source, id, owner_id, raw_json, state, settled, missing_cycles, seen_seq)
-                 VALUES (?1, ?2, ?3, ?4, ?5, CASE WHEN ?5 = 'pending' THEN NULL ELSE ?5 END, 0, ?6)
+                "INSERT INTO services (source, id, owner_id, raw_json, state, settled, missing_cycles, seen_seq, raw_status)
+                 VALUES (?1, ?2, ?3, ?4, ?5, CASE WHEN ?5 = 'pending' THEN NULL ELSE ?5 END, 0, ?6, ?7)
                  ON CONFLICT (source, id) DO UPDATE SET
                     owner_id = excluded.owner_id,
                     raw_json = CASE WHEN excluded.state = 'pending' AND services.settled IS NOT NULL
                                     THEN services.raw_json ELSE excluded.raw_json END,
                     state = excluded.state, missing_cycles = 0, seen_seq = excluded.seen_seq,
+                    raw_status = excluded.raw_status,
                     settled = CASE WHEN excluded.state = 'pending' THEN services.settled
                                    ELSE excluded.state END
                  WHERE services.seen_seq <= excluded.seen_seq",
@@ -50,6 +51,7 @@ impl Store {
             .bind(serde_json::to_string(&s.raw).unwrap_or_default())
             .bind(s.state.as_str())
             .bind(read.seq)
+            .bind(&s.raw.status)
             .execute(&mut *tx)
             .await?;
         }
@@ -114,6 +116,26 @@ impl Store {
             });
         }
         Ok(out)
+    }
+
+    /// The raw rows of one account's services, by service id (`explain`).
+    pub async fn raw_services_of(&self, owner: &AccountKey) -> Result<HashMap<String, RawService>> {
+        let rows = sqlx::query(
+            "SELECT id, raw_json, raw_status FROM services WHERE source = ?1 AND owner_id = ?2",
+        )
+        .bind(owner.source.as_str())
+        .bind(&owner.id)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| {
+                let mut raw: RawService =
+                    serde_json::from_str(&r.get::<String, _>(1)).unwrap_or_default();
+                raw.status = r.get(2);
+                (r.get(0), raw)
+            })
+            .collect())
     }
 
     pub async fn count_services(&self, source: SourceKind) -> Result<u64> {
