@@ -212,3 +212,82 @@ async fn a_service_whose_owner_name_is_shared_is_attached_to_no_one() {
         "{invalid:?}"
     );
 }
+
+/// ActivePlatform subscriptions: plan names from `plans/{id}.json`,
+/// `Stopping failed` read as pending; a trigger naming a subscription
+/// re-reads its owner's subscriptions (no listing) and pushes the upgrade.
+#[tokio::test]
+async fn a_subscription_trigger_pushes_its_owner_without_listing() {
+    use billsync::engine::Targets;
+    use billsync::store::TriggerBody;
+    use billsync_emulators::activeplatform::ApSubscription;
+    let lab = Lab::start(0, 3).await.unwrap();
+    let ids: Vec<u64> = {
+        let mut ap = lab.ap.data();
+        for a in ap.accounts.iter_mut() {
+            a.status = "active".into();
+        }
+        ap.plans.insert(7, "Video 7".into());
+        ap.plans.insert(30, "Video 30".into());
+        let ids: Vec<u64> = ap.accounts.iter().map(|a| a.id).collect();
+        for (i, (plan, status)) in [(7, "active"), (30, "Stopping failed")]
+            .into_iter()
+            .enumerate()
+        {
+            ap.subscriptions.push(ApSubscription {
+                id: 9000 + i as u64,
+                plan_id: plan,
+                account_id: ids[i],
+                name: "Home video".into(),
+                status: status.into(),
+                ..Default::default()
+            });
+        }
+        ids
+    };
+    let rules = PLANS.replace(
+        "[sources.billmanager.services]\nitem_types = [\"videocam\"]",
+        "[sources.activeplatform.services]\nenabled = true",
+    );
+    let engine = Engine::new(lab.settings(&rules, &[]).unwrap())
+        .await
+        .unwrap();
+    cycle(&engine).await;
+    let login = |i: usize| {
+        let ap = lab.ap.data();
+        let a = ap.accounts.iter().find(|a| a.id == ids[i]).unwrap();
+        a.email.to_lowercase()
+    };
+    let perms_of = |i: usize| {
+        let user = lab.vms.user(&login(i)).unwrap();
+        let managed = user
+            .permissions
+            .into_iter()
+            .filter(|p| ALL.contains(&p.as_str()));
+        managed.collect::<BTreeSet<String>>()
+    };
+    assert_eq!(perms_of(0), these(&["archives-show"]));
+    assert_eq!(perms_of(1), these(&[]), "pending, never active: nothing");
+    // The customer upgrades; the billing event names the subscription.
+    lab.ap.data().subscriptions[0].plan_id = 30;
+    let lists = (lab.ap.calls("list"), lab.ap.calls("subscriptions"));
+    let per_account = lab.ap.calls("account_subscriptions");
+    let body = TriggerBody {
+        services: vec!["activeplatform:9000".into()],
+        ..Default::default()
+    };
+    engine.store.request_trigger(&body).await.unwrap();
+    let opts = CycleOptions {
+        targets: Some(Targets::default()),
+        ..Default::default()
+    };
+    let r = engine.run_cycle(&opts).await.unwrap();
+    assert_eq!(r.result, CycleResult::Ok, "{r:?}");
+    assert_eq!(perms_of(0), these(&ALL), "the upgrade was not pushed");
+    assert_eq!(
+        (lab.ap.calls("list"), lab.ap.calls("subscriptions")),
+        lists,
+        "it listed"
+    );
+    assert!(lab.ap.calls("account_subscriptions") > per_account);
+}

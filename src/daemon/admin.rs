@@ -269,23 +269,26 @@ async fn approve(State(s): State<Arc<Shared>>) -> Response {
     }
 }
 
-/// `{"accounts": ["SOURCE:ID", ...], "logins": [...]}`: re-read those
-/// accounts and push their users now (SPEC §10.3).
+/// `{"accounts": ["SOURCE:ID", ...], "logins": [...], "services":
+/// ["SOURCE:ID", ...]}`: re-read those accounts (and the owners of those
+/// services) and push their users now (SPEC §10.3, §12.4).
 async fn trigger(State(s): State<Arc<Shared>>, body: axum::body::Bytes) -> Response {
-    const SHAPE: &str = r#"body must be {"accounts": ["SOURCE:ID", ...], "logins": [...]}"#;
+    const SHAPE: &str = r#"body must be {"accounts": ["SOURCE:ID", ...], "logins": [...], "services": ["SOURCE:ID", ...]}"#;
     let Ok(t) = serde_json::from_slice::<TriggerBody>(&body) else {
         return bad_request(SHAPE);
     };
-    if let Some(bad) = t.accounts.iter().find(|a| AccountKey::parse(a).is_none()) {
+    let keys = t.accounts.iter().chain(&t.services);
+    if let Some(bad) = keys.into_iter().find(|a| AccountKey::parse(a).is_none()) {
         return bad_request(&format!("{bad:?} is not SOURCE:ID (e.g. billmanager:42)"));
     }
-    if t.accounts.is_empty() && t.logins.is_empty() {
+    if t.accounts.is_empty() && t.logins.is_empty() && t.services.is_empty() {
         return bad_request(SHAPE);
     }
     match s.store.request_trigger(&t).await {
         Ok(id) => {
             s.fast.wake.notify_one();
-            let answer = json!({"requested": "trigger", "id": id, "accounts": t.accounts, "logins": t.logins});
+            let answer = json!({"requested": "trigger", "id": id, "accounts": t.accounts,
+                                "logins": t.logins, "services": t.services});
             (StatusCode::ACCEPTED, Json(answer)).into_response()
         }
         Err(e) => (

@@ -524,6 +524,7 @@ pub async fn read_targeted(
                 store
                     .save_fresh(kind, fresh, opts.read, &opts.pacing)
                     .await?;
+                super::services::re_read(store, source, normalizer, opts, id, &mut out).await?;
                 out.fresh.push(id.to_string());
             }
             Ok(Details::Gone) => {

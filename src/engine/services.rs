@@ -31,7 +31,7 @@ pub async fn read(
             incomplete(store, source, out, why).await
         }
         Ok(listing) => {
-            save(store, source, normalizer, opts, listing, out).await?;
+            save(store, source, normalizer, opts, None, listing, out).await?;
             stored(store, source, out).await
         }
         Err(e) => incomplete(store, source, out, format!("service listing failed: {e}")).await,
@@ -71,6 +71,7 @@ async fn save(
     source: &Source,
     normalizer: &Normalizer,
     opts: &ReadOptions,
+    owner: Option<&str>,
     listing: ServiceListing,
     out: &mut SourceRead,
 ) -> Result<(), StoreError> {
@@ -82,7 +83,11 @@ async fn save(
         out.invalid
             .push(invalid(bad.id, InvalidCode::Malformed, bad.reason));
     }
-    for raw in listing.services {
+    for mut raw in listing.services {
+        // A per-account read names its owner even where rows do not.
+        if raw.owner_id.is_none() {
+            raw.owner_id = owner.map(str::to_string);
+        }
         match normalize(&raw, normalizer, &names) {
             Ok((owner_id, state)) => listed.push(ListedService {
                 raw,
@@ -101,8 +106,29 @@ async fn save(
     }
     let grace = opts.missing_grace_cycles;
     store
-        .save_services(kind, &listed, &skipped, grace, opts.read)
+        .save_services(kind, owner, &listed, &skipped, grace, opts.read)
         .await
+}
+
+/// A targeted re-read of one account's services, where the source has a
+/// per-account read (ActivePlatform); a failure leaves the stored ones.
+pub async fn re_read(
+    store: &Store,
+    source: &Source,
+    normalizer: &Normalizer,
+    opts: &ReadOptions,
+    id: &str,
+    out: &mut SourceRead,
+) -> Result<(), StoreError> {
+    match source.account_services(id).await {
+        None => Ok(()),
+        Some(Ok(listing)) => save(store, source, normalizer, opts, Some(id), listing, out).await,
+        Some(Err(e)) => {
+            let kind = source.kind();
+            tracing::warn!(source = %kind, id, error = %e, "services re-read failed; the stored ones stand");
+            Ok(())
+        }
+    }
 }
 
 fn normalize(

@@ -218,6 +218,31 @@ impl ActivePlatformClient {
     }
 }
 
+impl ActivePlatformClient {
+    async fn subscriptions_of(&self, path: &str) -> Result<ServiceListing, FetchError> {
+        let rows = with_retry(|| async { list_envelope(self.get(path, &[]).await?) }).await?;
+        let mut out = ServiceListing::default();
+        let mut services = vec![];
+        for row in rows {
+            let id = row
+                .get("id")
+                .and_then(json_text)
+                .filter(|i| !i.trim().is_empty());
+            match (row.as_object(), id) {
+                (Some(obj), Some(id)) => {
+                    services.push(subscription_row(obj, id.trim().to_string()))
+                }
+                _ => out.bad.push(BadRow {
+                    id: String::new(),
+                    reason: "subscription row without id".into(),
+                }),
+            }
+        }
+        out.services = self.with_plan_names(services).await?;
+        Ok(out)
+    }
+}
+
 /// A subscription row: `name` is the subscription's own, not its plan's.
 fn subscription_row(row: &Map<String, Value>, id: String) -> RawService {
     let text = |name: &str| {
@@ -296,6 +321,18 @@ impl BillingSource for ActivePlatformClient {
                 .map(|services| ServiceListing { services, bad }),
             Err(e) => Err(e),
         })
+    }
+
+    /// `accounts/{id}/subscriptions.json`: a bare array, complete.
+    async fn account_services(&self, id: &str) -> Option<Result<ServiceListing, FetchError>> {
+        if !self.services {
+            return None;
+        }
+        let path = format!(
+            "api/vendor/v1/accounts/{}/subscriptions.json",
+            urlencode(id)
+        );
+        Some(self.subscriptions_of(&path).await)
     }
 
     async fn first_page(&self) -> Result<Listing, FetchError> {

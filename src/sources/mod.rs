@@ -116,6 +116,12 @@ pub trait BillingSource: Send + Sync {
     ) -> Option<Result<ServiceListing, FetchError>> {
         None
     }
+
+    /// One account's services, complete, where the system has such a read
+    /// (targeted cycles); `None`: it has not, or reads no services.
+    async fn account_services(&self, _id: &str) -> Option<Result<ServiceListing, FetchError>> {
+        None
+    }
 }
 
 /// Storing the VMS login on a source account (SPEC §2.2 write-back).

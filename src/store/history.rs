@@ -37,6 +37,10 @@ pub struct TriggerBody {
     pub accounts: Vec<String>,
     #[serde(default)]
     pub logins: Vec<String>,
+    /// Services (`SOURCE:ID`): their owning accounts, from the store, are
+    /// re-read and pushed (SPEC §12.4).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub services: Vec<String>,
 }
 
 /// The unconsumed operator requests, merged.
@@ -276,6 +280,10 @@ impl Store {
                 let keys = body.accounts.iter().filter_map(|a| AccountKey::parse(a));
                 out.triggered_accounts.extend(keys);
                 out.triggered_logins.extend(body.logins);
+                for service in body.services.iter().filter_map(|s| AccountKey::parse(s)) {
+                    out.triggered_accounts
+                        .extend(self.service_owner(&service).await?);
+                }
                 continue;
             }
             out.ids.push(r.get(0));
@@ -294,6 +302,24 @@ impl Store {
             }
         }
         Ok(out)
+    }
+
+    /// The account that owns a stored service (`None`: not listed yet; the
+    /// next listing reads it).
+    async fn service_owner(&self, service: &AccountKey) -> Result<Option<AccountKey>> {
+        let owner: Option<String> =
+            sqlx::query_scalar("SELECT owner_id FROM services WHERE source = ?1 AND id = ?2")
+                .bind(service.source.as_str())
+                .bind(&service.id)
+                .fetch_optional(&self.pool)
+                .await?;
+        if owner.is_none() {
+            tracing::info!(service = %service, "triggered service not listed yet; the next listing reads it");
+        }
+        Ok(owner.map(|id| AccountKey {
+            source: service.source,
+            id,
+        }))
     }
 
     /// Gives up the requests that `max` cycles took without completing

@@ -20,11 +20,13 @@ pub struct ListedService {
 }
 
 impl Store {
-    /// Records a complete service listing. `skipped` rows (invalid this
+    /// Records a complete service listing: of the whole source, or (`owner`)
+    /// of one account (a targeted re-read). `skipped` rows (invalid this
     /// read) keep what they had and are not counted missing.
     pub async fn save_services(
         &self,
         source: SourceKind,
+        owner: Option<&str>,
         listed: &[ListedService],
         skipped: &HashSet<String>,
         grace: u32,
@@ -67,18 +69,20 @@ impl Store {
         // cycle; past the grace, closed.
         sqlx::query(
             "UPDATE services SET missing_cycles = missing_cycles + 1
-             WHERE source = ?1 AND seen_seq < ?2",
+             WHERE source = ?1 AND seen_seq < ?2 AND (?3 IS NULL OR owner_id = ?3)",
         )
         .bind(source.as_str())
         .bind(read.seq)
+        .bind(owner)
         .execute(&mut *tx)
         .await?;
         sqlx::query(
             "UPDATE services SET state = 'closed', settled = 'closed'
-             WHERE source = ?1 AND missing_cycles > ?2",
+             WHERE source = ?1 AND missing_cycles > ?2 AND (?3 IS NULL OR owner_id = ?3)",
         )
         .bind(source.as_str())
         .bind(grace)
+        .bind(owner)
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
