@@ -80,6 +80,7 @@ async fn prepare(accounts: usize, keep: Option<&Path>) -> Result<(Lab, Settings,
         lab.ap
             .add_payment(2_000_000 + i, "15.00", "completed", &today.to_rfc3339());
     }
+    add_services(&lab);
     // The admin token lives in a 0600 file, never on the screen.
     let token_path = lab.dir.path().join("admin.token");
     let token = billsync::vms::random_password();
@@ -115,6 +116,7 @@ fn print_header(lab: &Lab) {
     outln!("  VMS             {}", lab.vms_srv.base_url());
     outln!("  config          {}", lab.config_path().display());
     outln!("  state           {}", lab.state_path().display());
+    outln!("  rules           plan \"Video 7\": archives-show; plan \"Video 30\": all three archive permissions");
     outln!();
 }
 
@@ -185,7 +187,15 @@ fn fail(e: &dyn std::fmt::Display) -> u8 {
     super::EXIT_ABORTED
 }
 
+/// What the customers bought decides what they get (SPEC §12): a video
+/// service on plan "Video 7" or "Video 30" in either billing system.
 const EXTRA: &str = r#"
+[sources.billmanager.services]
+item_types = ["videocam"]
+
+[sources.activeplatform.services]
+enabled = true
+
 [vms.tree]
 enabled = true
 type = "cameras"
@@ -194,15 +204,62 @@ type = "cameras"
 managed = ["archives-show", "archives-download", "archives-preview-download"]
 
 [[permissions.rules]]
-name = "non-negative balance"
-min_available = 0
-grant = ["archives-show", "archives-preview-download"]
+name = "Video 7"
+plans = ["Video 7"]
+grant = ["archives-show"]
 
 [[permissions.rules]]
-name = "paid in the last 30 days"
-paid_within_days = 30
-grant = ["archives-download"]
+name = "Video 30"
+plans = ["Video 30"]
+grant = ["archives-show", "archives-download", "archives-preview-download"]
 "#;
+
+/// Plan of the `i`th account's video service (none for every fifth) and
+/// whether it is suspended (every seventh).
+fn plan_of(i: u64) -> Option<(u64, &'static str, bool)> {
+    let suspended = i.is_multiple_of(7);
+    match i % 5 {
+        0 => None,
+        1 | 3 => Some((30, "Video 30", suspended)),
+        _ => Some((7, "Video 7", suspended)),
+    }
+}
+
+/// A video service for most accounts of both emulators.
+fn add_services(lab: &Lab) {
+    use billsync_emulators::activeplatform::ApSubscription;
+    use billsync_emulators::billmanager::BmService;
+    let bm_ids: Vec<u64> = lab.bm.data().accounts.iter().map(|a| a.id).collect();
+    for (i, id) in bm_ids.into_iter().enumerate() {
+        if let Some((plan, name, suspended)) = plan_of(i as u64 + 1) {
+            lab.bm.add_service(BmService {
+                id: 10_000 + id,
+                item_type: "videocam".into(),
+                account_id: id,
+                pricelist: name.into(),
+                pricelist_id: Some(plan),
+                item_status: if suspended { "3" } else { "2" }.into(),
+                ..Default::default()
+            });
+        }
+    }
+    let mut ap = lab.ap.data();
+    ap.plans.insert(7, "Video 7".into());
+    ap.plans.insert(30, "Video 30".into());
+    let ap_ids: Vec<u64> = ap.accounts.iter().map(|a| a.id).collect();
+    for (i, id) in ap_ids.into_iter().enumerate() {
+        if let Some((plan, _, suspended)) = plan_of(i as u64 + 1) {
+            ap.subscriptions.push(ApSubscription {
+                id: 20_000 + i as u64,
+                plan_id: plan,
+                account_id: id,
+                name: "Home video".into(),
+                status: if suspended { "stopped" } else { "active" }.into(),
+                ..Default::default()
+            });
+        }
+    }
+}
 
 fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
     use std::io::Write;
