@@ -132,16 +132,7 @@ async fn explain(
     let du = d.users.get(&login);
     doc["rules_matched"] = json!(du.map(|u| u.rules.clone()).unwrap_or_default());
     doc["desired"] = serde_json::to_value(du.map(|u| &u.state)).unwrap_or(Value::Null);
-    let mut applied = Applied {
-        users: store.load_applied_users(Some(&one(&login))).await?,
-        ..Default::default()
-    };
-    if let Some(name) = store.load_tree().await?.remove(&account.billing_id) {
-        applied.tree.insert(account.billing_id.clone(), name);
-    }
-    if let Some(w) = store.load_written().await?.remove(&key) {
-        applied.written.insert(key.clone(), w);
-    }
+    let applied = applied_of(store, &login, &account, &key).await?;
     doc["applied"] =
         serde_json::to_value(applied.users.get(&login).map(|a| &a.state)).unwrap_or(Value::Null);
     let times = store.applied_times(&login).await?;
@@ -156,6 +147,26 @@ async fn explain(
         .any(|r| r.login == login && r.state == PlanState::Held));
     remembered(store, &login, &account.billing_id, &mut doc).await?;
     Ok(doc)
+}
+
+/// What was applied for this login, its tree element and its write-back.
+async fn applied_of(
+    store: &billsync::store::Store,
+    login: &str,
+    account: &Account,
+    key: &AccountKey,
+) -> Result<Applied, billsync::store::StoreError> {
+    let mut applied = Applied {
+        users: store.load_applied_users(Some(&one(login))).await?,
+        ..Default::default()
+    };
+    if let Some(name) = store.load_tree().await?.remove(&account.billing_id) {
+        applied.tree.insert(account.billing_id.clone(), name);
+    }
+    if let Some(w) = store.load_written().await?.remove(key) {
+        applied.written.insert(key.clone(), w);
+    }
+    Ok(applied)
 }
 
 /// Each rule, matched or not, with the first condition that failed: the
