@@ -9,7 +9,7 @@ use crate::store::{PlanState, Store, StoreError};
 
 /// The top-level keys of the status document (SPEC §6a, plus `notices`):
 /// scripts rely on them.
-pub const KEYS: [&str; 13] = [
+pub const KEYS: [&str; 14] = [
     "cycles",
     "pending",
     "quarantined",
@@ -23,6 +23,7 @@ pub const KEYS: [&str; 13] = [
     "frozen",
     "dropped_requests",
     "oldest_verification",
+    "services",
 ];
 
 /// Sources whose VMS users are frozen: disabled or removed while they still
@@ -112,6 +113,7 @@ pub async fn status_json(store: &Store, settings: &Settings) -> Result<Value, St
         "notices": store.notices().await?,
         "frozen": frozen(store, settings).await?,
         "dropped_requests": store.dropped_requests().await?,
+        "services": store.service_counts().await?,
         "oldest_verification": store.oldest_verification().await?.map(|t| json!({
             "at": t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
             "age_secs": (chrono::Utc::now() - t).num_seconds().max(0),

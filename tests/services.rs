@@ -291,3 +291,35 @@ async fn a_subscription_trigger_pushes_its_owner_without_listing() {
     );
     assert!(lab.ap.calls("account_subscriptions") > per_account);
 }
+
+/// `check-config --connect` lists the raw service statuses it saw and
+/// those the service status map lacks; `status` counts services by state.
+#[tokio::test(flavor = "multi_thread")]
+async fn check_config_names_service_statuses_the_map_lacks() {
+    let (lab, engine) = setup(2).await;
+    service(&lab, 1, "Video 30", "2");
+    service(&lab, 2, "Video 30", "9");
+    cycle(&engine).await;
+    let run = |args: &'static [&'static str]| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_billsync"));
+        cmd.arg("--config")
+            .arg(lab.config_path())
+            .args(args)
+            .env_remove("RUST_LOG");
+        tokio::task::spawn_blocking(move || cmd.output().unwrap())
+    };
+    let out = run(&["check-config", "--connect"]).await.unwrap();
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{shown}");
+    assert!(
+        shown.contains("raw service statuses seen: {\"2\", \"9\"}"),
+        "{shown}"
+    );
+    assert!(
+        shown.contains("services.status_map LACKS [\"9\"]"),
+        "{shown}"
+    );
+    let out = run(&["status", "--json"]).await.unwrap();
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc["services"]["billmanager"]["active"], 1, "{doc}");
+}

@@ -5,7 +5,9 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use billsync::config::Settings;
+use billsync::core::entitlements::service_state;
 use billsync::core::model::SourceKind;
+use billsync::core::normalize::Normalizer;
 use billsync::http;
 use billsync::sources;
 
@@ -68,6 +70,7 @@ pub async fn run(settings: Settings, connect: bool) -> u8 {
                 outln!("{kind}: FAILED: {e}");
             }
         }
+        ok &= check_services(source, &normalizer).await;
     }
     match probe_vms(&settings).await {
         Ok(status) => outln!("vms: answers (GET /api/v1/billing/tree: HTTP {status})"),
@@ -81,6 +84,38 @@ pub async fn run(settings: Settings, connect: bool) -> u8 {
     } else {
         super::EXIT_UNFINISHED
     }
+}
+
+/// The raw service statuses a source's service listing shows, and those
+/// its service `status_map` lacks (SPEC §12.1). True when all is well or
+/// the source reads no services.
+async fn check_services(source: &sources::Source, normalizer: &Normalizer) -> bool {
+    let kind = source.kind();
+    let listing = match source.list_services(&|_| {}).await {
+        None => return true,
+        Some(Ok(listing)) => listing,
+        Some(Err(e)) => {
+            outln!("{kind}: service listing FAILED: {e}");
+            return false;
+        }
+    };
+    let seen: BTreeSet<String> = (listing.services.iter())
+        .filter_map(|s| s.status.clone())
+        .collect();
+    let missing: Vec<&String> = (seen.iter())
+        .filter(|s| service_state(s, &normalizer.service_states).is_none())
+        .collect();
+    outln!(
+        "{kind}: {} services; raw service statuses seen: {seen:?}",
+        listing.services.len()
+    );
+    match missing.is_empty() {
+        true => outln!("{kind}: services.status_map covers every status seen"),
+        false => {
+            outln!("{kind}: services.status_map LACKS {missing:?}: such services would be skipped")
+        }
+    }
+    missing.is_empty()
 }
 
 /// The VMS has no read endpoint for users; the tree listing is read-only

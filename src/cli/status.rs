@@ -84,6 +84,11 @@ fn print_human(doc: &Value) {
             c["held"]
         );
     }
+    if let Some(by_source) = doc["services"].as_object().filter(|m| !m.is_empty()) {
+        for (source, states) in by_source {
+            outln!("services of {source}: {states}");
+        }
+    }
     for (title, key, fields) in LISTS {
         print_list(title, &list(doc, key), fields);
     }

@@ -142,6 +142,25 @@ impl Store {
             .collect())
     }
 
+    /// Services per source and settled state (`status`).
+    pub async fn service_counts(
+        &self,
+    ) -> Result<std::collections::BTreeMap<String, std::collections::BTreeMap<String, u64>>> {
+        let rows = sqlx::query(
+            "SELECT source, COALESCE(CASE WHEN state = 'pending' THEN settled END, state), COUNT(*)
+             FROM services GROUP BY 1, 2",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let mut out: std::collections::BTreeMap<_, std::collections::BTreeMap<_, _>> =
+            Default::default();
+        for r in rows {
+            let n = r.get::<i64, _>(2).max(0) as u64;
+            out.entry(r.get(0)).or_default().insert(r.get(1), n);
+        }
+        Ok(out)
+    }
+
     pub async fn count_services(&self, source: SourceKind) -> Result<u64> {
         let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM services WHERE source = ?")
             .bind(source.as_str())
