@@ -1000,8 +1000,44 @@ fn validate(s: &Settings) -> Result<(), ConfigError> {
             }
         }
         not_yet_read(i, rule)?;
+        plans_are_read(s, i, rule)?;
     }
     Ok(())
+}
+
+/// A rule on plans matches only accounts whose services are read: on a
+/// source that reads none it would match no one and take what it grants
+/// away from everyone. Each source it covers must read services.
+fn plans_are_read(
+    s: &Settings,
+    i: usize,
+    rule: &crate::core::rules::Rule,
+) -> Result<(), ConfigError> {
+    if rule.plans.is_empty() && rule.plan_ids.is_empty() {
+        return Ok(());
+    }
+    let covered = match rule.sources.is_empty() {
+        true => s.enabled_sources(),
+        false => rule.sources.clone(),
+    };
+    let reads = |kind: SourceKind| match kind {
+        SourceKind::Billmanager => {
+            (s.sources.billmanager.as_ref()).is_some_and(|b| !b.services.item_types.is_empty())
+        }
+        SourceKind::Activeplatform => {
+            (s.sources.activeplatform.as_ref()).is_some_and(|a| a.services.enabled)
+        }
+    };
+    match covered.into_iter().find(|k| !reads(*k)) {
+        None => Ok(()),
+        Some(kind) => Err(ConfigError::new(
+            format!("permissions.rules[{i}].plans"),
+            format!(
+                "sources.{kind} reads no services (set its [services]), or name the sources \
+                 the rule is for: it would match none of its accounts"
+            ),
+        )),
+    }
 }
 
 const NOT_YET: &str = "camera access (SPEC §12.3) is not pushed by this build yet";
@@ -1352,6 +1388,13 @@ api_token = "tok-123456"
         assert_eq!(s.permissions.rules[0].plan_ids, ["7", "8"]);
         let ap = s.sources.activeplatform.as_ref().unwrap();
         assert!(ap.services.enabled);
+        // A status_map given replaces the defaults, as for accounts.
+        assert_eq!(ap.services.status_map.len(), 1);
+        let e = load(write(&format!("{MINIMAL}\n{rule}")).path(), &[]).unwrap_err();
+        assert_eq!(
+            e.key, "permissions.rules[0].plans",
+            "no source reads services: {e}"
+        );
         let f = write(&format!(
             "{MINIMAL}\n[[permissions.rules]]\nname = \"x\"\ncamera_groups = [\"{{billing_id}}\"]\ngrant = []\n"
         ));

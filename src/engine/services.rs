@@ -79,6 +79,7 @@ async fn save(
     let names = store.account_names(kind).await?;
     let mut listed = Vec::with_capacity(listing.services.len());
     let mut skipped = HashSet::new();
+    let unreadable = !listing.bad.is_empty();
     for bad in listing.bad {
         out.invalid
             .push(invalid(bad.id, InvalidCode::Malformed, bad.reason));
@@ -104,9 +105,11 @@ async fn save(
             }
         }
     }
+    // Absence proves a close only in a whole listing with every row read.
+    let complete = owner.is_none() && !unreadable;
     let grace = opts.missing_grace_cycles;
     store
-        .save_services(kind, owner, &listed, &skipped, grace, opts.read)
+        .save_services(kind, complete, &listed, &skipped, grace, opts.read)
         .await
 }
 

@@ -178,43 +178,57 @@ impl ActivePlatformClient {
 
 impl ActivePlatformClient {
     /// A plan's name: from the cache while fresh, else `plans/{id}.json`.
-    /// A plan that cannot be read leaves the name unknown (a rule naming
-    /// plans by name then does not match it; `plan_ids` still do).
-    async fn plan_name(&self, id: &str) -> Result<Option<String>, FetchError> {
-        let cached = self
-            .plans
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+    /// A plan's name: from the cache while fresh, else `plans/{id}.json`;
+    /// when that cannot be read, the name last read (stale is better than
+    /// none). `None`: no name can be had.
+    async fn plan_name(&self, id: &str) -> Option<String> {
+        let cached = (self.plans.lock().unwrap_or_else(|e| e.into_inner()))
             .get(id)
             .cloned();
-        if let Some((name, _)) = cached.filter(|(_, at)| at.elapsed() < PLAN_NAME_TTL) {
-            return Ok(Some(name));
+        if let Some((name, _)) = cached
+            .clone()
+            .filter(|(_, at)| at.elapsed() < PLAN_NAME_TTL)
+        {
+            return Some(name);
         }
         let path = format!("api/vendor/v1/plans/{}.json", urlencode(id));
-        let doc = match with_retry(|| self.get(&path, &[])).await {
-            Ok(doc) => doc,
-            Err(e) if e.status == Some(404) => return Ok(None),
-            Err(e) => return Err(e),
-        };
-        let plan = doc.get("plan").unwrap_or(&doc);
-        let name = plan.get("name").and_then(json_text);
-        if let Some(n) = &name {
-            let mut plans = self.plans.lock().unwrap_or_else(|e| e.into_inner());
-            plans.insert(id.to_string(), (n.clone(), Instant::now()));
+        let read = with_retry(|| self.get(&path, &[])).await.ok();
+        let name = read.as_ref().and_then(|doc| {
+            let plan = doc.get("plan").unwrap_or(doc);
+            plan.get("name").and_then(json_text)
+        });
+        match name {
+            Some(n) => {
+                let mut plans = self.plans.lock().unwrap_or_else(|e| e.into_inner());
+                plans.insert(id.to_string(), (n.clone(), Instant::now()));
+                Some(n)
+            }
+            None => cached.map(|(name, _)| name),
         }
-        Ok(name)
     }
 
-    async fn with_plan_names(
-        &self,
-        mut rows: Vec<RawService>,
-    ) -> Result<Vec<RawService>, FetchError> {
-        for row in &mut rows {
-            if let Some(id) = row.plan_id.clone() {
-                row.plan_name = self.plan_name(&id).await?;
+    /// Each row's plan name. A row whose plan has no name to be had is
+    /// unreadable (reported; it keeps what it had): a rule on plan names
+    /// must not stop matching because the catalogue did not answer.
+    async fn with_plan_names(&self, rows: Vec<RawService>) -> ServiceListing {
+        let mut out = ServiceListing::default();
+        for mut row in rows {
+            let Some(id) = row.plan_id.clone() else {
+                out.services.push(row);
+                continue;
+            };
+            match self.plan_name(&id).await {
+                Some(name) => {
+                    row.plan_name = Some(name);
+                    out.services.push(row);
+                }
+                None => out.bad.push(BadRow {
+                    id: row.id,
+                    reason: format!("the name of plan {id} cannot be read"),
+                }),
             }
         }
-        Ok(rows)
+        out
     }
 }
 
@@ -238,7 +252,9 @@ impl ActivePlatformClient {
                 }),
             }
         }
-        out.services = self.with_plan_names(services).await?;
+        let named = self.with_plan_names(services).await;
+        out.services = named.services;
+        out.bad.extend(named.bad);
         Ok(out)
     }
 }
@@ -315,10 +331,14 @@ impl BillingSource for ActivePlatformClient {
         let path = "api/vendor/v1/subscriptions.json";
         let listed = self.page_all(path, &[], progress, MAX_PAGES, subscription_row);
         Some(match listed.await {
-            Ok((rows, bad, _)) => self
-                .with_plan_names(rows)
-                .await
-                .map(|services| ServiceListing { services, bad }),
+            Ok((rows, mut bad, _)) => {
+                let mut named = self.with_plan_names(rows).await;
+                bad.append(&mut named.bad);
+                Ok(ServiceListing {
+                    services: named.services,
+                    bad,
+                })
+            }
             Err(e) => Err(e),
         })
     }

@@ -20,13 +20,15 @@ pub struct ListedService {
 }
 
 impl Store {
-    /// Records a complete service listing: of the whole source, or (`owner`)
-    /// of one account (a targeted re-read). `skipped` rows (invalid this
-    /// read) keep what they had and are not counted missing.
+    /// Records listed services. Only a `complete` listing (the whole
+    /// source, every row readable) counts the services it lacks missing,
+    /// and closes them past the grace; a targeted re-read or a listing with
+    /// unreadable rows only updates what it names. `skipped` rows (invalid
+    /// this read) keep what they had and are not counted missing.
     pub async fn save_services(
         &self,
         source: SourceKind,
-        owner: Option<&str>,
+        complete: bool,
         listed: &[ListedService],
         skipped: &HashSet<String>,
         grace: u32,
@@ -38,7 +40,8 @@ impl Store {
                 "INSERT INTO services (source, id, owner_id, raw_json, state, settled, missing_cycles, seen_seq, raw_status)
                  VALUES (?1, ?2, ?3, ?4, ?5, CASE WHEN ?5 = 'pending' THEN NULL ELSE ?5 END, 0, ?6, ?7)
                  ON CONFLICT (source, id) DO UPDATE SET
-                    owner_id = excluded.owner_id,
+                    owner_id = CASE WHEN excluded.state = 'pending' AND services.settled IS NOT NULL
+                                    THEN services.owner_id ELSE excluded.owner_id END,
                     raw_json = CASE WHEN excluded.state = 'pending' AND services.settled IS NOT NULL
                                     THEN services.raw_json ELSE excluded.raw_json END,
                     state = excluded.state, missing_cycles = 0, seen_seq = excluded.seen_seq,
@@ -58,33 +61,35 @@ impl Store {
             .await?;
         }
         for id in skipped {
-            sqlx::query("UPDATE services SET seen_seq = ?3 WHERE source = ?1 AND id = ?2")
+            sqlx::query(
+                "UPDATE services SET seen_seq = ?3 WHERE source = ?1 AND id = ?2 AND seen_seq <= ?3",
+            )
                 .bind(source.as_str())
                 .bind(id)
                 .bind(read.seq)
                 .execute(&mut *tx)
                 .await?;
         }
-        // Not in this listing (an older read sequence): one more missing
-        // cycle; past the grace, closed.
-        sqlx::query(
-            "UPDATE services SET missing_cycles = missing_cycles + 1
-             WHERE source = ?1 AND seen_seq < ?2 AND (?3 IS NULL OR owner_id = ?3)",
-        )
-        .bind(source.as_str())
-        .bind(read.seq)
-        .bind(owner)
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query(
-            "UPDATE services SET state = 'closed', settled = 'closed'
-             WHERE source = ?1 AND missing_cycles > ?2 AND (?3 IS NULL OR owner_id = ?3)",
-        )
-        .bind(source.as_str())
-        .bind(grace)
-        .bind(owner)
-        .execute(&mut *tx)
-        .await?;
+        if complete {
+            // Not in this listing (an older read sequence): one more
+            // missing cycle; absent from `grace` listings, closed.
+            sqlx::query(
+                "UPDATE services SET missing_cycles = missing_cycles + 1
+                 WHERE source = ?1 AND seen_seq < ?2",
+            )
+            .bind(source.as_str())
+            .bind(read.seq)
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query(
+                "UPDATE services SET state = 'closed', settled = 'closed'
+                 WHERE source = ?1 AND missing_cycles >= ?2",
+            )
+            .bind(source.as_str())
+            .bind(grace.max(1))
+            .execute(&mut *tx)
+            .await?;
+        }
         tx.commit().await?;
         Ok(())
     }
@@ -161,11 +166,14 @@ impl Store {
         Ok(out)
     }
 
+    /// Services not closed: what an empty listing would contradict.
     pub async fn count_services(&self, source: SourceKind) -> Result<u64> {
-        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM services WHERE source = ?")
-            .bind(source.as_str())
-            .fetch_one(&self.pool)
-            .await?;
+        let n: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM services WHERE source = ? AND state != 'closed'",
+        )
+        .bind(source.as_str())
+        .fetch_one(&self.pool)
+        .await?;
         Ok(n.max(0) as u64)
     }
 }
