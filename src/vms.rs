@@ -1,5 +1,9 @@
-//! The AIPIX VMS Billing API client: user create/update/delete and tree
-//! elements, Laravel 422 decoding, transient/permanent classes, Retry-After.
+//! The AIPIX VMS Billing API client: user create/update/delete, tree
+//! elements and camera access (`cameras.rs`), Laravel 422 decoding,
+//! transient/permanent classes, Retry-After.
+
+mod cameras;
+pub use cameras::VisibleCamera;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -25,6 +29,7 @@ pub enum VmsOp {
     Delete,
     TreeCreate,
     TreeUpdate,
+    Cameras,
 }
 
 impl VmsOp {
@@ -35,6 +40,7 @@ impl VmsOp {
             VmsOp::Delete => "delete",
             VmsOp::TreeCreate => "tree_create",
             VmsOp::TreeUpdate => "tree_update",
+            VmsOp::Cameras => "cameras",
         }
     }
 }
@@ -125,6 +131,7 @@ pub struct VmsClient {
     base: Url,
     properties_field: String,
     tree_type: String,
+    camera_format: crate::config::CameraFormat,
 }
 
 impl VmsClient {
@@ -151,6 +158,7 @@ impl VmsClient {
             base,
             properties_field: cfg.properties_field.clone(),
             tree_type: cfg.tree.kind.clone(),
+            camera_format: cfg.cameras.format,
         })
     }
 
@@ -290,6 +298,8 @@ pub enum Expect<'a> {
     User(&'a str),
     /// 200 or 204.
     Deleted,
+    /// 204, or a 2xx with the user object for this login.
+    Synced(&'a str),
     /// The tree element: its `external_id` or `id`.
     Element(&'a str),
 }
@@ -298,6 +308,9 @@ impl Expect<'_> {
     pub fn confirmed_by(self, status: u16, body: &[u8]) -> bool {
         match self {
             Expect::Deleted => status == 200 || status == 204,
+            Expect::Synced(login) => {
+                status == 204 || Expect::User(login).confirmed_by(status, body)
+            }
             Expect::User(login) => answer_object(body)
                 .and_then(|o| o.get("login")?.as_str().map(|l| same_login(l, login)))
                 .unwrap_or(false),

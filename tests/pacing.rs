@@ -44,6 +44,7 @@ fn user(id: &str) -> AppliedUser {
             properties: vec![],
             permissions: Arc::default(),
             gone: false,
+            cameras: None,
         },
     }
 }

@@ -1,5 +1,6 @@
-//! `explain LOGIN|SOURCE:ID [--json]`: one account traced like a
-//! provision-on-demand, from the state store, without touching any system.
+//! `explain LOGIN|SOURCE:ID [--json] [--vms]`: one account traced like a
+//! provision-on-demand, from the state store, without touching any system;
+//! `--vms` also asks the VMS (read-only) which cameras the user sees.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
@@ -7,6 +8,7 @@ use chrono::{DateTime, Utc};
 use serde_json::{json, Value};
 
 use billsync::config::Settings;
+use billsync::core::cameras;
 use billsync::core::desired::{self, SourceInput};
 use billsync::core::model::{Account, AccountKey};
 use billsync::core::plan::{self, Applied, PlanOptions};
@@ -14,13 +16,16 @@ use billsync::core::rules::{self, RuleContext};
 use billsync::engine::report_entries;
 use billsync::store::PlanState;
 
-pub async fn run(settings: Settings, target: String, json_out: bool) -> u8 {
+pub async fn run(settings: Settings, target: String, json_out: bool, vms: bool) -> u8 {
     let store = match super::open_store(&settings).await {
         Ok(s) => s,
         Err(code) => return code,
     };
     match explain(&settings, &store, &target).await {
-        Ok(doc) => {
+        Ok(mut doc) => {
+            if vms {
+                ask_vms(&settings, &mut doc).await;
+            }
             if json_out {
                 super::print_json(&doc);
             } else {
@@ -131,8 +136,15 @@ async fn explain(
     let login = account.login.clone();
     let du = d.users.get(&login);
     doc["rules_matched"] = json!(du.map(|u| u.rules.clone()).unwrap_or_default());
-    doc["desired"] = serde_json::to_value(du.map(|u| &u.state)).unwrap_or(Value::Null);
     let applied = applied_of(store, &login, &account, &key).await?;
+    // A kept camera set is the applied one: shown as it will be sent.
+    let desired_state = du.map(|u| {
+        let mut state = u.state.clone();
+        cameras::resolve(&mut state, applied.users.get(&login));
+        state
+    });
+    doc["desired"] = serde_json::to_value(desired_state).unwrap_or(Value::Null);
+    doc["camera_error"] = json!(d.camera_errors.first().map(|(_, e)| e.to_string()));
     doc["applied"] =
         serde_json::to_value(applied.users.get(&login).map(|a| &a.state)).unwrap_or(Value::Null);
     let times = store.applied_times(&login).await?;
@@ -190,6 +202,7 @@ fn rule_verdicts(
             "why": why.as_ref().map(ToString::to_string),
             "unmet": why,
             "grant": rule.grant,
+            "camera_groups": rule.camera_groups,
         })
     });
     Value::Array(verdicts.collect())
@@ -288,6 +301,7 @@ fn print_human(doc: &Value) {
     }
     print_rules(doc, text);
     print_users(doc);
+    print_vms(doc);
     print_next(doc);
     print_remembered(doc, text);
 }
@@ -324,6 +338,9 @@ fn print_rules(doc: &Value, text: impl Fn(&Value) -> String) {
 
 fn print_users(doc: &Value) {
     outln!("  desired    {}", user(&doc["desired"]));
+    if let Some(e) = doc["camera_error"].as_str() {
+        outln!("             {e}: the camera set stays as applied");
+    }
     let age = match doc["applied_at"].is_null() {
         true => String::new(),
         false => format!(" (confirmed {})", ago(&doc["applied_at"])),
@@ -398,10 +415,75 @@ fn user(v: &Value) -> String {
         ""
     };
     format!(
-        "{} [{}], {perms}{gone}",
+        "{} [{}], {perms}{}{gone}",
         v["status"].as_str().unwrap_or("?"),
-        v["type"].as_str().unwrap_or("?")
+        v["type"].as_str().unwrap_or("?"),
+        camera_groups(&v["cameras"]),
     )
+}
+
+/// A user's camera groups in a few words (nothing while cameras are off).
+fn camera_groups(c: &Value) -> String {
+    if c.is_null() {
+        return String::new();
+    }
+    let kept = match c["kept"].as_bool() == Some(true) {
+        true => " (kept as applied)",
+        false => "",
+    };
+    format!(", camera groups {}{kept}", list(&c["groups"]))
+}
+
+/// `--vms`: what the VMS says the user sees (`cameras/list`, read-only).
+async fn ask_vms(settings: &Settings, doc: &mut Value) {
+    let Some(login) = doc["normalized"]["login"].as_str().map(String::from) else {
+        return;
+    };
+    let answer = match billsync::vms::VmsClient::new(&settings.vms) {
+        Ok(client) => client
+            .visible_cameras(&login)
+            .await
+            .map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    doc["vms_cameras"] = match answer {
+        Ok(cams) => Value::Array(
+            cams.iter()
+                .map(|c| {
+                    json!({"external_id": c.external_id, "name": c.name,
+                                "status": c.status, "group_type": c.group_type})
+                })
+                .collect(),
+        ),
+        Err(e) => json!({"error": e}),
+    };
+}
+
+fn print_vms(doc: &Value) {
+    let cams = &doc["vms_cameras"];
+    if let Some(e) = cams.get("error") {
+        outln!(
+            "  vms sees   (could not ask: {})",
+            e.as_str().unwrap_or("?")
+        );
+        return;
+    }
+    let Some(cams) = cams.as_array() else {
+        return;
+    };
+    if cams.is_empty() {
+        outln!("  vms sees   no cameras");
+    }
+    let text = |v: &Value| v.as_str().unwrap_or("?").to_string();
+    for c in cams {
+        outln!(
+            "  vms sees   camera {} \"{}\", {}, {} group",
+            text(&c["external_id"]),
+            text(&c["name"]),
+            text(&c["status"]),
+            text(&c["group_type"])
+        );
+    }
 }
 
 fn list(v: &Value) -> String {

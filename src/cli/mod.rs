@@ -113,6 +113,9 @@ pub enum Command {
         target: String,
         #[arg(long)]
         json: bool,
+        /// Also ask the VMS which cameras the user sees (read-only)
+        #[arg(long)]
+        vms: bool,
     },
     /// List or release quarantined logins
     Quarantine {
@@ -173,9 +176,9 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Status { json } => {
             with_settings(path.as_deref(), |s| runtime(status::run(s, json)))
         }
-        Command::Explain { target, json } => {
-            with_settings(path.as_deref(), |s| runtime(explain::run(s, target, json)))
-        }
+        Command::Explain { target, json, vms } => with_settings(path.as_deref(), |s| {
+            runtime(explain::run(s, target, json, vms))
+        }),
         Command::Quarantine { action } => {
             with_settings(path.as_deref(), |s| runtime(quarantine::run(s, action)))
         }

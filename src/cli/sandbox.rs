@@ -117,6 +117,7 @@ fn print_header(lab: &Lab) {
     outln!("  config          {}", lab.config_path().display());
     outln!("  state           {}", lab.state_path().display());
     outln!("  rules           plan \"Video 7\": archives-show; plan \"Video 30\": all three archive permissions");
+    outln!("                  and the group \"{CITY}\"; every active account sees its own tree element");
     outln!();
 }
 
@@ -187,8 +188,14 @@ fn fail(e: &dyn std::fmt::Display) -> u8 {
     super::EXIT_ABORTED
 }
 
+/// A public camera group the operator made by hand (seeded in the VMS
+/// emulator's tree): "Video 30" customers also see the city's cameras.
+const CITY: &str = "city-cameras";
+
 /// What the customers bought decides what they get (SPEC §12): a video
-/// service on plan "Video 7" or "Video 30" in either billing system.
+/// service on plan "Video 7" or "Video 30" in either billing system. With
+/// tree elements and camera access on, each active account's user sees
+/// its own element (its home cameras); "Video 30" adds the city's.
 const EXTRA: &str = r#"
 [sources.billmanager.services]
 item_types = ["videocam"]
@@ -199,6 +206,9 @@ enabled = true
 [vms.tree]
 enabled = true
 type = "cameras"
+
+[vms.cameras]
+enabled = true
 
 [permissions]
 managed = ["archives-show", "archives-download", "archives-preview-download"]
@@ -212,6 +222,7 @@ grant = ["archives-show"]
 name = "Video 30"
 plans = ["Video 30"]
 grant = ["archives-show", "archives-download", "archives-preview-download"]
+camera_groups = ["city-cameras"]
 "#;
 
 /// Plan of the `i`th account's video service (none for every fifth) and
@@ -243,6 +254,7 @@ fn add_services(lab: &Lab) {
             });
         }
     }
+    lab.vms.add_tree_element(CITY, "City cameras", "cameras");
     let mut ap = lab.ap.data();
     ap.plans.insert(7, "Video 7".into());
     ap.plans.insert(30, "Video 30".into());
@@ -273,6 +285,18 @@ fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
     f.write_all(text.as_bytes())
 }
 
+/// A user's camera groups, its own tree element called "own".
+fn cameras(u: &billsync_emulators::vms::VmsUser) -> String {
+    let billing_id = u.billing_info["billing_id"].as_str().unwrap_or("");
+    let groups: Vec<&str> = (u.camera_groups.iter())
+        .map(|g| if g == billing_id { "own" } else { g.as_str() })
+        .collect();
+    match groups.is_empty() {
+        true => "(no cameras)".into(),
+        false => format!("cameras: {}", groups.join(" + ")),
+    }
+}
+
 fn print_pushed(lab: &Lab) {
     let data = lab.vms.data();
     let mut by_call: BTreeMap<(String, String, u16), usize> = BTreeMap::new();
@@ -281,7 +305,7 @@ fn print_pushed(lab: &Lab) {
             .entry((e.method.clone(), e.path.clone(), e.status))
             .or_default() += 1;
     }
-    outln!("what the VMS received (a create, then a PATCH for users granted permissions):");
+    outln!("what the VMS received (a create, a PATCH for users granted permissions, then each camera set):");
     for ((method, path, status), n) in &by_call {
         outln!("  {n:>6} x {method:<6} /api/v1/billing/{path:<12} -> {status}");
     }
@@ -298,11 +322,11 @@ fn print_pushed(lab: &Lab) {
             false => managed.join(" + "),
         };
         *by_perms
-            .entry(format!("{:<8} {perms}", u.status))
+            .entry(format!("{:<8} {perms:<60} {}", u.status, cameras(u)))
             .or_default() += 1;
     }
     outln!(
-        "VMS users now ({}), by status and the archive permissions billsync manages:",
+        "VMS users now ({}), by status, the archive permissions and the camera groups billsync manages:",
         data.users.len()
     );
     for (k, n) in &by_perms {

@@ -158,8 +158,12 @@ pub fn print_human(r: &CycleReport) {
         }
     }
     let o = &r.operations;
+    let cameras = match o.cameras {
+        0 => String::new(),
+        n => format!(", {n} camera set"),
+    };
     outln!(
-        "  planned: {} create, {} update, {} delete, {} tree create, {} tree rename, {} write-back",
+        "  planned: {} create, {} update, {} delete, {} tree create, {} tree rename, {} write-back{cameras}",
         o.create,
         o.update,
         o.delete,

@@ -15,6 +15,7 @@ use secrets::{any_inline_secret, is_secret_key, register_secrets};
 pub use crate::core::model::OnDeleted;
 pub use crate::core::rules::Rule;
 
+use crate::core::cameras::CameraPolicy;
 use crate::core::desired::CoreConfig;
 use crate::core::entitlements::ServiceState;
 use crate::core::model::{CanonicalStatus, SourceKind};
@@ -407,6 +408,7 @@ pub struct VmsSettings {
     pub ca_file: String,
     pub insecure_skip_tls_verify: bool,
     pub tree: TreeSettings,
+    pub cameras: CameraSettings,
 }
 
 impl Default for VmsSettings {
@@ -431,8 +433,30 @@ impl Default for VmsSettings {
             ca_file: String::new(),
             insecure_skip_tls_verify: false,
             tree: TreeSettings::default(),
+            cameras: CameraSettings::default(),
         }
     }
+}
+
+/// `[vms.cameras]` (SPEC §12.3).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CameraSettings {
+    pub enabled: bool,
+    pub format: CameraFormat,
+    pub on_block: crate::core::cameras::OnBlock,
+}
+
+/// How `user/manage/cameras` names groups.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CameraFormat {
+    /// Bare external ids (23.09+).
+    #[default]
+    Ids,
+    /// `{external_id, status}` objects (25.06+); removed groups are sent
+    /// once more as blocked.
+    Objects,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -999,7 +1023,7 @@ fn validate(s: &Settings) -> Result<(), ConfigError> {
                 ));
             }
         }
-        not_yet_read(i, rule)?;
+        camera_groups_are_pushed(s, i, rule)?;
         plans_are_read(s, i, rule)?;
     }
     Ok(())
@@ -1040,18 +1064,23 @@ fn plans_are_read(
     }
 }
 
-const NOT_YET: &str = "camera access (SPEC §12.3) is not pushed by this build yet";
-
-/// Camera groups need the camera pushes of SPEC §12.3, which this build
-/// does not have yet: refused, so no config relies on them before they work.
-fn not_yet_read(i: usize, rule: &crate::core::rules::Rule) -> Result<(), ConfigError> {
-    match rule.camera_groups.is_empty() {
-        true => Ok(()),
-        false => Err(ConfigError::new(
-            format!("permissions.rules[{i}].camera_groups"),
-            NOT_YET,
-        )),
+/// A rule granting camera groups changes nothing unless billsync pushes
+/// camera access, and each template names only placeholders it knows.
+fn camera_groups_are_pushed(
+    s: &Settings,
+    i: usize,
+    rule: &crate::core::rules::Rule,
+) -> Result<(), ConfigError> {
+    let key = || format!("permissions.rules[{i}].camera_groups");
+    if !rule.camera_groups.is_empty() && !s.vms.cameras.enabled {
+        let why = "camera groups are pushed only with [vms.cameras] enabled = true";
+        return Err(ConfigError::new(key(), why));
     }
+    for template in &rule.camera_groups {
+        crate::core::entitlements::check_template(template)
+            .map_err(|why| ConfigError::new(key(), format!("{template:?}: {why}")))?;
+    }
+    Ok(())
 }
 
 impl Settings {
@@ -1156,6 +1185,10 @@ impl Settings {
                     Some((k, attr.to_string()))
                 })
                 .collect(),
+            cameras: self.vms.cameras.enabled.then_some(CameraPolicy {
+                on_block: self.vms.cameras.on_block,
+                own_group: self.vms.tree.enabled,
+            }),
         }
     }
 
@@ -1378,10 +1411,11 @@ api_token = "tok-123456"
     }
 
     /// Plan rules and service sections parse with SPEC §12's defaults (ids
-    /// as strings or integers); camera groups are refused until cameras are
-    /// pushed: a rule granting them would change nothing.
+    /// as strings or integers); camera groups are refused while cameras are
+    /// not pushed (a rule granting them would change nothing), and so is a
+    /// template with a placeholder nobody fills.
     #[test]
-    fn plan_rules_parse_and_camera_groups_wait() {
+    fn plan_rules_and_camera_groups_parse() {
         let rule = "[[permissions.rules]]\nname = \"x\"\nplans = [\"Video 30\"]\nplan_ids = [7, \" 8 \"]\ngrant = []\n";
         let services = "[sources.activeplatform.services]\nenabled = true\nstatus_map = { graced = \"active\" }\n";
         let (s, _) = load(write(&format!("{MINIMAL}\n{rule}{services}")).path(), &[]).unwrap();
@@ -1400,6 +1434,18 @@ api_token = "tok-123456"
         ));
         let e = load(f.path(), &[]).unwrap_err();
         assert_eq!(e.key, "permissions.rules[0].camera_groups", "{e}");
+        assert!(e.to_string().contains("[vms.cameras]"), "{e}");
+        let on = "[vms.cameras]\nenabled = true\nformat = \"objects\"\non_block = \"clear\"\n";
+        let rule = |t: &str| {
+            format!("{MINIMAL}\n{on}[[permissions.rules]]\nname = \"x\"\ncamera_groups = [\"{t}\"]\ngrant = []\n")
+        };
+        let (s, _) = load(write(&rule("zone-{attr:Zone}-{id}")).path(), &[]).unwrap();
+        assert_eq!(s.vms.cameras.format, CameraFormat::Objects);
+        assert_eq!(s.vms.cameras.on_block, crate::core::cameras::OnBlock::Clear);
+        for bad in ["{email}", "{attr:}", "open-{id"] {
+            let e = load(write(&rule(bad)).path(), &[]).unwrap_err();
+            assert_eq!(e.key, "permissions.rules[0].camera_groups", "{bad}: {e}");
+        }
         let ap = ApServiceSettings::default();
         assert_eq!(ap.status_map["graced"], ServiceState::Active);
         assert_eq!(ap.status_map["stopped"], ServiceState::Closed);

@@ -203,6 +203,9 @@ impl Engine {
         if !intent.frozen.is_empty() {
             desired.keep_frozen(&store.applied_owners_in(&intent.frozen).await?);
         }
+        if intent.kind.lists() && !intent.dry_run {
+            read::record_camera_errors(store, &desired.camera_errors).await?;
+        }
         debug_phase("desired state built", clock);
         let (need, held, mut memory) = self.select(store, &desired, &intent).await?;
         let planned = self
@@ -225,7 +228,8 @@ impl Engine {
             let slice = &intent.reverify_logins;
             reverify::defer_unplanned(store, slice, &planned_logins, intent.started).await?;
         }
-        let report = CycleReport::new(&intent, read.summaries, read.invalid, &desired, &planned);
+        let invalid = read.invalid + desired.camera_errors.len();
+        let report = CycleReport::new(&intent, read.summaries, invalid, &desired, &planned);
         drop(desired);
         if intent.dry_run {
             return Ok(finish::dry_run(report, &planned, &self.core));

@@ -603,3 +603,22 @@ async fn finish(store: &Store, kind: SourceKind, out: &mut SourceRead) -> Result
     }
     store.replace_invalid(kind, &records, Utc::now()).await
 }
+
+/// Accounts whose camera group template has no value: reported as invalid
+/// (reason `camera_group`); their users' sets stay as applied.
+pub(super) async fn record_camera_errors(
+    store: &Store,
+    errors: &[(
+        crate::core::model::AccountKey,
+        crate::core::entitlements::MissingPlaceholder,
+    )],
+) -> Result<(), StoreError> {
+    let m = metrics::get();
+    let mut records = vec![];
+    for (key, e) in errors {
+        m.invalid(key.source, InvalidCode::CameraGroup);
+        tracing::warn!(account = %key, detail = %e, "camera group template without a value; the camera set stays as applied");
+        records.push((key.source, key.id.clone(), e.to_string()));
+    }
+    store.replace_camera_errors(&records, Utc::now()).await
+}

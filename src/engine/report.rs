@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use super::{Intent, Planned};
 use crate::core::cycle::{CycleKind, CycleResult};
 use crate::core::desired::{CoreConfig, Desired};
-use crate::core::plan::{Action, Plan};
+use crate::core::plan::{Action, Op, Plan};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct SourceSummary {
@@ -25,6 +25,9 @@ pub struct OperationCounts {
     pub tree_create: usize,
     pub tree_update: usize,
     pub writeback: usize,
+    /// Camera set requests (SPEC §12.3), part of creates and updates.
+    #[serde(default)]
+    pub cameras: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -62,6 +65,7 @@ impl OperationCounts {
                 Action::Update { .. } => ops.update += 1,
                 Action::Delete => ops.delete += 1,
             }
+            ops.cameras += usize::from(op.cameras.is_some());
         }
         for t in &plan.tree {
             if t.create {
@@ -101,6 +105,26 @@ impl CycleReport {
             plan: vec![],
         }
     }
+}
+
+/// An op's camera set request: the whole set, and what it removes.
+fn camera_entry(op: &Op, suffix: &[String]) -> Option<PlanEntry> {
+    let step = op.cameras.as_ref()?;
+    let groups = op.target.cameras.as_ref()?.groups.iter();
+    let mut changes = vec![format!(
+        "set={}",
+        groups.cloned().collect::<Vec<_>>().join(",")
+    )];
+    if !step.removed.is_empty() {
+        let removed = step.removed.iter().cloned().collect::<Vec<_>>();
+        changes.push(format!("removed={}", removed.join(",")));
+    }
+    changes.extend(suffix.iter().cloned());
+    Some(PlanEntry {
+        login: op.login.clone(),
+        action: "cameras".into(),
+        changes,
+    })
 }
 
 /// The plan, per login, as people read it: create / update with changed
@@ -168,6 +192,7 @@ pub fn plan_entries(plan: &Plan, core: &CoreConfig) -> Vec<PlanEntry> {
                 }
             }
         }
+        out.extend(camera_entry(op, &suffix));
     }
     for t in &plan.tree {
         out.push(PlanEntry {

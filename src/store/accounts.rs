@@ -496,6 +496,35 @@ impl Store {
         Ok(())
     }
 
+    /// Replaces the accounts reported for a camera group template without
+    /// a value (reason `camera_group`), across sources: a listing cycle's
+    /// desired state finds them all at once.
+    pub async fn replace_camera_errors(
+        &self,
+        records: &[(SourceKind, String, String)],
+        now: DateTime<Utc>,
+    ) -> Result<()> {
+        let now_s = ts(now);
+        let mut tx = self.write_tx().await?;
+        sqlx::query("DELETE FROM invalid_records WHERE reason = 'camera_group'")
+            .execute(&mut *tx)
+            .await?;
+        for (source, id, detail) in records {
+            sqlx::query(
+                "INSERT INTO invalid_records (source, id, kind, reason, detail, seen_at)
+                 VALUES (?1, ?2, 'account', 'camera_group', ?3, ?4)",
+            )
+            .bind(source.as_str())
+            .bind(id)
+            .bind(detail)
+            .bind(&now_s)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
     /// Every invalid record (at most 1000).
     pub async fn invalid_records(&self) -> Result<Vec<InvalidRow>> {
         let rows = sqlx::query(

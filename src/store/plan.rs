@@ -314,8 +314,10 @@ mod tests {
                 properties: vec![],
                 permissions: Default::default(),
                 gone: false,
+                cameras: None,
             },
             deprovision: false,
+            cameras: None,
         }
     }
 

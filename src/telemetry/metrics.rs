@@ -94,7 +94,14 @@ pub const SPEC_NAMES: [&str; 14] = [
 
 /// The `result` of a schedule tick that found a cycle running.
 pub const SKIPPED: &str = "skipped";
-pub const VMS_OPS: [&str; 5] = ["create", "update", "delete", "tree_create", "tree_update"];
+pub const VMS_OPS: [&str; 6] = [
+    "create",
+    "update",
+    "delete",
+    "tree_create",
+    "tree_update",
+    "cameras",
+];
 
 fn duration_histogram() -> Histogram {
     // 50 ms .. ~7 min

@@ -8,7 +8,8 @@ use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 
-use super::entitlements::Service;
+use super::cameras::{self, CameraPolicy};
+use super::entitlements::{MissingPlaceholder, Service};
 use super::model::{Account, AccountKey, CanonicalStatus, OnDeleted, SourceKind, UserState};
 use super::rules::{self, Rule, RuleContext};
 
@@ -28,6 +29,8 @@ pub struct CoreConfig {
     pub tree_type: Option<String>,
     /// Sources that take a write-back of the login, and into which attribute.
     pub writeback: BTreeMap<SourceKind, String>,
+    /// `Some` when billsync owns the users' public camera groups.
+    pub cameras: Option<CameraPolicy>,
 }
 
 impl Desired {
@@ -47,6 +50,7 @@ impl Desired {
             incomplete: self.incomplete.clone(),
             protected: self.protected.clone(),
             fresh: self.fresh.clone(),
+            camera_errors: vec![],
         }
     }
 }
@@ -125,6 +129,9 @@ pub struct Desired {
     /// Accounts of incomplete sources re-read this cycle: what their state
     /// says (suspended, unpaid) may be applied; absence still may not.
     pub fresh: HashSet<AccountKey>,
+    /// Accounts whose camera group template has no value: their users'
+    /// sets stay as applied (SPEC §12.2).
+    pub camera_errors: Vec<(AccountKey, MissingPlaceholder)>,
 }
 
 /// Builds the desired state from every source's accounts.
@@ -170,7 +177,10 @@ pub fn build(
                         .unwrap_or_else(|| account.login.clone()),
                 );
             }
-            let user = desired_user(cfg, account, status, &ctx, &mut shared);
+            let (user, camera_error) = desired_user(cfg, account, status, &ctx, &mut shared);
+            if let Some(e) = camera_error {
+                out.camera_errors.push((user.owner.clone(), e));
+            }
             out.users.insert(user.login.clone(), user);
         }
     }
@@ -260,16 +270,23 @@ fn desired_user(
     status: CanonicalStatus,
     ctx: &RuleContext<'_>,
     shared: &mut Shared,
-) -> DesiredUser {
+) -> (DesiredUser, Option<MissingPlaceholder>) {
     // `status` is the account's own, or Deleted: rules only see active ones.
-    let (permissions, matched) = if status == CanonicalStatus::Active {
-        let (p, m) = rules::grants(&cfg.rules, &cfg.managed, &account, ctx);
-        (p, m.into_iter().map(String::from).collect())
-    } else {
-        (BTreeSet::new(), vec![])
+    let active = status == CanonicalStatus::Active;
+    let (permissions, matched) = match active {
+        true => rules::grants(&cfg.rules, &cfg.managed, &account, ctx),
+        false => (BTreeSet::new(), vec![]),
+    };
+    let (cameras, camera_error) = match cfg.cameras {
+        Some(policy) => {
+            let (set, error) = cameras::desired(policy, &account, active, &matched);
+            (Some(set), error)
+        }
+        None => (None, None),
     };
     let permissions = intern(&mut shared.permissions, permissions);
-    let matched = intern(&mut shared.rules, matched);
+    let names = matched.iter().map(|r| r.name.clone()).collect();
+    let matched = intern(&mut shared.rules, names);
     let mut properties: Vec<(String, String)> = cfg
         .properties
         .iter()
@@ -295,17 +312,19 @@ fn desired_user(
         properties,
         permissions,
         gone: status == CanonicalStatus::Deleted,
+        cameras,
     };
     let writeback_seen = cfg
         .writeback
         .get(&account.key.source)
         .and_then(|a| account.attributes.remove(a));
-    DesiredUser {
+    let user = DesiredUser {
         login: account.login,
         owner: account.key,
         hash: super::plan::state_hash(&state),
         state,
         rules: matched,
         writeback_seen,
-    }
+    };
+    (user, camera_error)
 }

@@ -142,6 +142,28 @@ pub fn render_group(template: &str, account: &Account) -> Result<String, Missing
     Ok(out)
 }
 
+/// Whether a template names only placeholders `render_group` fills (for
+/// config validation; a value may still be missing for one account).
+pub fn check_template(template: &str) -> Result<(), String> {
+    let mut rest = template;
+    while let Some(open) = rest.find('{') {
+        let after = &rest[open + 1..];
+        let close = after.find('}').ok_or("a \"{\" is never closed")?;
+        let name = &after[..close];
+        let known = matches!(name, "billing_id" | "id" | "source")
+            || name
+                .strip_prefix("attr:")
+                .is_some_and(|a| !a.trim().is_empty());
+        if !known {
+            return Err(format!(
+                "{{{name}}} is not one of {{billing_id}}, {{id}}, {{source}}, {{attr:NAME}}"
+            ));
+        }
+        rest = &after[close + 1..];
+    }
+    Ok(())
+}
+
 fn placeholder(name: &str, account: &Account) -> Option<String> {
     match name {
         "billing_id" => Some(account.billing_id.clone()),

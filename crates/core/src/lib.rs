@@ -2,6 +2,7 @@
 //! all of it is unit- and property-testable. The core imports no adapter
 //! (sources, store, VMS client) and no config type: it takes its own.
 
+pub mod cameras;
 pub mod cycle;
 pub mod desired;
 pub mod entitlements;

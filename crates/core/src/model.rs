@@ -210,10 +210,12 @@ pub enum InvalidCode {
     MissingField,
     Malformed,
     UnknownAccount,
+    /// A camera group template has no value for the account (SPEC §12.2).
+    CameraGroup,
 }
 
 impl InvalidCode {
-    pub const ALL: [InvalidCode; 7] = [
+    pub const ALL: [InvalidCode; 8] = [
         InvalidCode::NoLogin,
         InvalidCode::BadLogin,
         InvalidCode::UnknownStatus,
@@ -221,6 +223,7 @@ impl InvalidCode {
         InvalidCode::MissingField,
         InvalidCode::Malformed,
         InvalidCode::UnknownAccount,
+        InvalidCode::CameraGroup,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -232,6 +235,7 @@ impl InvalidCode {
             InvalidCode::MissingField => "missing_field",
             InvalidCode::Malformed => "malformed",
             InvalidCode::UnknownAccount => "unknown_account",
+            InvalidCode::CameraGroup => "camera_group",
         }
     }
 }
@@ -282,4 +286,23 @@ pub struct UserState {
     /// The source account is deleted (blocked, or removed with on_deleted = delete).
     #[serde(default)]
     pub gone: bool,
+    /// Public camera groups (SPEC §12.3); None while `[vms.cameras]` is
+    /// off, so states, hashes and stored rows are what they were without it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cameras: Option<Cameras>,
+}
+
+/// A user's public camera groups, as desired or as last applied.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Cameras {
+    /// The account the groups are for: when another account takes the
+    /// login, the set is replaced, never inherited.
+    pub owner: AccountKey,
+    /// External ids of public groups (tree elements).
+    pub groups: std::sync::Arc<std::collections::BTreeSet<String>>,
+    /// Desired: the set stays as applied (the account is not active and
+    /// `on_block = "keep"`, or a template has no value). Applied: it was
+    /// kept. Only this flag, not the groups, is compared while it is set.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub kept: bool,
 }

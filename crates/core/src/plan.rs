@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use serde::{Deserialize, Serialize};
 
+use super::cameras::{self, CameraStep};
 use super::desired::{CoreConfig, Desired, DesiredUser};
 use super::model::{AccountKey, OnDeleted, UserState};
 
@@ -17,6 +18,8 @@ struct Compared<'a> {
     properties: &'a [(String, String)],
     permissions: &'a BTreeSet<String>,
     gone: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cameras: Option<cameras::Compared<'a>>,
 }
 
 /// The one definition of "changed": two states with equal hashes yield no
@@ -28,6 +31,7 @@ pub fn state_hash(s: &UserState) -> String {
         properties: &s.properties,
         permissions: &s.permissions,
         gone: s.gone,
+        cameras: s.cameras.as_ref().map(cameras::compared),
     })
 }
 
@@ -75,8 +79,12 @@ pub struct Op {
     pub action: Action,
     /// The state the VMS should have after this op.
     pub target: UserState,
-    /// Blocks, deletes, or detaches a managed permission.
+    /// Blocks, deletes, detaches a managed permission or removes a
+    /// camera group.
     pub deprovision: bool,
+    /// The camera access request this op makes (SPEC §12.3).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cameras: Option<CameraStep>,
 }
 
 impl Op {
@@ -184,14 +192,15 @@ pub struct PlanOptions {
 }
 
 /// The state a login should end in when its account is gone.
-fn deprovisioned(cfg: &CoreConfig, applied: &UserState) -> Option<UserState> {
+fn deprovisioned(cfg: &CoreConfig, known: &AppliedUser) -> Option<UserState> {
     match cfg.on_deleted {
         OnDeleted::Delete => None,
         OnDeleted::Block => Some(UserState {
             status: cfg.status_blocked.clone(),
             permissions: Default::default(),
             gone: true,
-            ..applied.clone()
+            cameras: cameras::gone(cfg.cameras, known),
+            ..known.state.clone()
         }),
     }
 }
@@ -200,10 +209,11 @@ fn update_op(
     cfg: &CoreConfig,
     login: &str,
     owner: &AccountKey,
-    applied: &UserState,
+    known: &AppliedUser,
     target: &UserState,
     full: bool,
 ) -> Option<Op> {
+    let applied = &known.state;
     let attach: BTreeSet<String> = target
         .permissions
         .difference(&applied.permissions)
@@ -225,12 +235,17 @@ fn update_op(
     if applied.properties != target.properties {
         changes.push("properties".to_string());
     }
+    if cameras::changed(applied, target) {
+        changes.push("cameras".to_string());
+    }
     let marker_changed = applied.gone != target.gone;
     if !full && attach.is_empty() && detach.is_empty() && changes.is_empty() && !marker_changed {
         return None;
     }
+    let step = cameras::update_step(known, target, full);
+    let removes = step.as_ref().is_some_and(|s| !s.removed.is_empty());
     let blocks = applied.status != target.status && target.status == cfg.status_blocked;
-    let deprovision = blocks || !detach.is_empty();
+    let deprovision = blocks || !detach.is_empty() || removes;
     let (attach, detach) = if full {
         (
             (*target.permissions).clone(),
@@ -254,6 +269,7 @@ fn update_op(
         },
         target: target.clone(),
         deprovision,
+        cameras: step,
     })
 }
 
@@ -327,17 +343,20 @@ fn desired_op(
     if known.is_some_and(|a| a.owner != d.owner && desired.protected.contains(&a.owner)) {
         return None;
     }
-    let op = match known.or(doubt) {
+    let last = known.or(doubt);
+    let mut target = d.state.clone();
+    cameras::resolve(&mut target, last);
+    let op = match last {
         // First sight of a deleted account: nothing to create.
         None if d.state.gone => return None,
-        None => create_op(login, d),
-        Some(_) if known.is_none() && !d.state.gone => create_op(login, d),
+        None => create_op(login, &d.owner, target, None),
+        Some(_) if known.is_none() && !d.state.gone => create_op(login, &d.owner, target, doubt),
         Some(a) if d.state.gone && cfg.on_deleted == OnDeleted::Delete => {
             delete_op(login, &d.owner, &a.state)
         }
         Some(a) => {
             let full = opts.is_full(login) || doubt.is_some();
-            update_op(cfg, login, &d.owner, &a.state, &d.state, full)?
+            update_op(cfg, login, &d.owner, a, &target, full)?
         }
     };
     // An incomplete source yields no deprovision, except what an account
@@ -347,12 +366,18 @@ fn desired_op(
     (!(incomplete && op.deprovision)).then_some(op)
 }
 
-fn create_op(login: &str, d: &DesiredUser) -> Op {
+fn create_op(
+    login: &str,
+    owner: &AccountKey,
+    target: UserState,
+    doubt: Option<&AppliedUser>,
+) -> Op {
     Op {
         login: login.to_string(),
-        owner: d.owner.clone(),
+        owner: owner.clone(),
         action: Action::Create,
-        target: d.state.clone(),
+        cameras: cameras::create_step(&target, doubt),
+        target,
         deprovision: false,
     }
 }
@@ -367,14 +392,15 @@ fn delete_op(login: &str, owner: &AccountKey, known: &UserState) -> Op {
             ..known.clone()
         },
         deprovision: true,
+        cameras: None,
     }
 }
 
 /// The op that ends a login nobody desires: delete, or block and strip.
 fn gone_op(cfg: &CoreConfig, login: &str, known: &AppliedUser, full: bool) -> Option<Op> {
-    match deprovisioned(cfg, &known.state) {
+    match deprovisioned(cfg, known) {
         None => Some(delete_op(login, &known.owner, &known.state)),
-        Some(target) => update_op(cfg, login, &known.owner, &known.state, &target, full),
+        Some(target) => update_op(cfg, login, &known.owner, known, &target, full),
     }
 }
 
@@ -458,13 +484,18 @@ pub fn apply_safety(
             continue;
         };
         if let Action::Update { attach, .. } = &op.action {
-            // Keep the applied status and permissions; let the rest through.
+            // Keep the applied status, permissions and camera groups; let
+            // the rest through, unless it would leave another owner's groups.
+            let Some(cameras) = cameras::without_removals(a, &op.target) else {
+                continue;
+            };
             let mut safe = op.target.clone();
             safe.status = a.state.status.clone();
             safe.gone = a.state.gone;
             safe.permissions =
                 std::sync::Arc::new(a.state.permissions.union(attach).cloned().collect());
-            if let Some(rest) = update_op(cfg, &op.login, &op.owner, &a.state, &safe, false) {
+            safe.cameras = cameras;
+            if let Some(rest) = update_op(cfg, &op.login, &op.owner, a, &safe, false) {
                 debug_assert!(!rest.deprovision);
                 plan.ops.push(rest);
             }
@@ -477,6 +508,9 @@ pub fn apply_safety(
 pub enum Proof {
     /// The user exists with the op's profile and no managed permission.
     Created,
+    /// The user has the op's profile and permissions; its camera groups
+    /// are still those before the op (its camera step comes next).
+    Profile,
     /// The user has the op's whole target state.
     Updated,
     /// The VMS no longer has the user (deleted, or it said it never knew it).
@@ -486,10 +520,36 @@ pub enum Proof {
 impl Op {
     /// The proofs a fully successful op collects, in order.
     pub fn proofs(&self) -> &'static [Proof] {
+        let step = self.cameras.as_ref();
         match self.action {
+            Action::Create if step.is_some() => &[Proof::Created, Proof::Profile, Proof::Updated],
             Action::Create => &[Proof::Created, Proof::Updated],
+            Action::Update { .. } if step.is_some_and(|s| !s.first) && self.patches() => {
+                &[Proof::Profile, Proof::Updated]
+            }
             Action::Update { .. } => &[Proof::Updated],
             Action::Delete => &[Proof::Removed],
+        }
+    }
+
+    /// Whether an update sends a PATCH: not when all it changes is the
+    /// camera set, which its camera step sends.
+    pub fn patches(&self) -> bool {
+        match &self.action {
+            Action::Update {
+                attach,
+                detach,
+                changes,
+                full,
+            } => {
+                let only_cameras = changes.iter().all(|c| c == "cameras") && !changes.is_empty();
+                *full
+                    || !attach.is_empty()
+                    || !detach.is_empty()
+                    || !only_cameras
+                    || self.cameras.is_none()
+            }
+            _ => true,
         }
     }
 }
@@ -501,6 +561,11 @@ pub fn applied_after(op: &Op, proof: Proof) -> Option<AppliedUser> {
         Proof::Removed => return None,
         Proof::Created => UserState {
             permissions: Default::default(),
+            cameras: (op.target.cameras.clone()).map(|c| cameras::emptied(c.owner)),
+            ..op.target.clone()
+        },
+        Proof::Profile => UserState {
+            cameras: op.cameras.as_ref().and_then(|s| s.before.clone()),
             ..op.target.clone()
         },
         Proof::Updated => op.target.clone(),
@@ -539,7 +604,9 @@ pub fn apply_op(applied: &mut Applied, op: &Op) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cameras::{CameraPolicy, OnBlock};
     use crate::desired::{build, SourceInput};
+    use crate::model::Cameras;
     use crate::model::{Account, CanonicalStatus, SourceKind};
     use chrono::Utc;
     use proptest::prelude::*;
@@ -552,6 +619,37 @@ mod tests {
     ];
 
     fn cfg(on_deleted: OnDeleted) -> CoreConfig {
+        cfg_with(on_deleted, None)
+    }
+
+    /// With camera access: the paying rule grants group "all", a second
+    /// rule grants "zone-{attr:Zone}" to balances of 3 and more (odd
+    /// account ids have no Zone: their sets stay as applied).
+    fn cfg_with(on_deleted: OnDeleted, cameras: Option<CameraPolicy>) -> CoreConfig {
+        let mut cfg = cfg_base(on_deleted);
+        if cameras.is_some() {
+            cfg.rules[0].camera_groups = vec!["all".into()];
+            cfg.rules.push(crate::rules::Rule {
+                name: "zone".into(),
+                min_available: Some(Decimal::from(3)),
+                camera_groups: vec!["zone-{attr:Zone}".into()],
+                ..Default::default()
+            });
+        }
+        cfg.cameras = cameras;
+        cfg
+    }
+
+    fn arb_policy() -> impl Strategy<Value = Option<CameraPolicy>> {
+        proptest::option::of(
+            (any::<bool>(), any::<bool>()).prop_map(|(clear, own_group)| CameraPolicy {
+                on_block: if clear { OnBlock::Clear } else { OnBlock::Keep },
+                own_group,
+            }),
+        )
+    }
+
+    fn cfg_base(on_deleted: OnDeleted) -> CoreConfig {
         let managed: Vec<String> = MANAGED.iter().map(|p| p.to_string()).collect();
         CoreConfig {
             priority: vec![SourceKind::Billmanager, SourceKind::Activeplatform],
@@ -573,6 +671,7 @@ mod tests {
             on_deleted,
             tree_type: Some("cameras".into()),
             writeback: [(SourceKind::Activeplatform, "vms_login".to_string())].into(),
+            cameras: None,
         }
     }
 
@@ -584,9 +683,10 @@ mod tests {
             proptest::option::of(0u8..3),
             proptest::collection::btree_set(proptest::sample::select(MANAGED.to_vec()), 0..=3),
             any::<bool>(),
+            proptest::option::of(arb_cameras()),
         )
             .prop_map(
-                |(user_type, status, billing, phone, perms, gone)| UserState {
+                |(user_type, status, billing, phone, perms, gone, cameras)| UserState {
                     user_type: user_type.into(),
                     status: status.into(),
                     billing_id: format!("bm-{billing}"),
@@ -595,8 +695,28 @@ mod tests {
                         .unwrap_or_default(),
                     permissions: std::sync::Arc::new(perms.into_iter().map(String::from).collect()),
                     gone,
+                    cameras,
                 },
             )
+    }
+
+    fn arb_cameras() -> impl Strategy<Value = Cameras> {
+        (
+            0u8..2,
+            proptest::collection::btree_set(
+                proptest::sample::select(vec!["g1", "g2", "g3"]),
+                0..=3,
+            ),
+            any::<bool>(),
+        )
+            .prop_map(|(owner, groups, kept)| Cameras {
+                owner: AccountKey {
+                    source: SourceKind::Billmanager,
+                    id: owner.to_string(),
+                },
+                groups: std::sync::Arc::new(groups.into_iter().map(String::from).collect()),
+                kept,
+            })
     }
 
     fn account(
@@ -619,7 +739,10 @@ mod tests {
             status,
             balance: Decimal::from(balance),
             credit_limit: Decimal::ZERO,
-            attributes: Default::default(),
+            attributes: match id % 2 {
+                0 => [("Zone".to_string(), format!("z{}", id % 3))].into(),
+                _ => Default::default(),
+            },
         }
     }
 
@@ -678,11 +801,17 @@ mod tests {
     }
 
     /// What the VMS should hold for the desired state: non-gone users (and,
-    /// with blocking, gone ones that already existed).
+    /// with blocking, gone ones that already existed). A kept camera set is
+    /// whatever the login held.
     fn converged(cfg: &CoreConfig, d: &Desired, a: &Applied) {
         for (login, du) in &d.users {
             match a.users.get(login) {
-                Some(au) => assert_eq!(&au.state, &du.state, "{login}"),
+                Some(au) => {
+                    let mut want = du.state.clone();
+                    crate::cameras::resolve(&mut want, Some(au));
+                    assert_eq!(&au.state, &want, "{login}");
+                    assert_eq!(state_hash(&au.state), du.hash, "{login}");
+                }
                 None => assert!(du.state.gone, "{login} should exist"),
             }
         }
@@ -707,18 +836,19 @@ mod tests {
         /// finds nothing to send (SPEC §2.1 step 6; a setting the VMS cannot
         /// apply, like `user_type`, must not make every user look changed).
         #[test]
-        fn equal_hashes_iff_no_operation(applied in arb_state(), target in arb_state()) {
-            let cfg = cfg(OnDeleted::Block);
+        fn equal_hashes_iff_no_operation(applied in arb_state(), target in arb_state(), policy in arb_policy()) {
+            let cfg = cfg_with(OnDeleted::Block, policy);
             let owner = AccountKey { source: SourceKind::Billmanager, id: "1".into() };
-            let op = update_op(&cfg, "u@x", &owner, &applied, &target, false);
+            let known = AppliedUser { owner: owner.clone(), state: applied.clone() };
+            let op = update_op(&cfg, "u@x", &owner, &known, &target, false);
             prop_assert_eq!(state_hash(&applied) == state_hash(&target), op.is_none(), "{:?}", op);
         }
 
         /// Applying a plan to the applied state yields the desired state, and
         /// planning again yields nothing.
         #[test]
-        fn plan_converges(before in arb_accounts(), after in arb_accounts(), delete in any::<bool>(), full in any::<bool>()) {
-            let cfg = cfg(if delete { OnDeleted::Delete } else { OnDeleted::Block });
+        fn plan_converges(before in arb_accounts(), after in arb_accounts(), delete in any::<bool>(), full in any::<bool>(), policy in arb_policy()) {
+            let cfg = cfg_with(if delete { OnDeleted::Delete } else { OnDeleted::Block }, policy);
             let now = Utc::now();
             let d0 = build(&cfg, inputs(&before, &HashMap::new(), true), now);
             let a0 = apply(&Applied::default(), &plan(&cfg, &d0, &Applied::default(), &PlanOptions::default()));
@@ -736,8 +866,8 @@ mod tests {
         /// became, and ends blocked or deleted when the account is gone
         /// (SPEC §9.1); applying the plan converges and clears the doubt.
         #[test]
-        fn logins_in_doubt_are_pushed_in_full(before in arb_accounts(), after in arb_accounts(), delete in any::<bool>()) {
-            let cfg = cfg(if delete { OnDeleted::Delete } else { OnDeleted::Block });
+        fn logins_in_doubt_are_pushed_in_full(before in arb_accounts(), after in arb_accounts(), delete in any::<bool>(), policy in arb_policy()) {
+            let cfg = cfg_with(if delete { OnDeleted::Delete } else { OnDeleted::Block }, policy);
             let now = Utc::now();
             let d0 = build(&cfg, inputs(&before, &HashMap::new(), true), now);
             // The first plan went out and no answer came back.
@@ -792,8 +922,8 @@ mod tests {
 
         /// An incomplete or empty source never yields a deprovision.
         #[test]
-        fn incomplete_source_never_deprovisions(before in arb_accounts(), after in arb_accounts()) {
-            let cfg = cfg(OnDeleted::Delete);
+        fn incomplete_source_never_deprovisions(before in arb_accounts(), after in arb_accounts(), policy in arb_policy()) {
+            let cfg = cfg_with(OnDeleted::Delete, policy);
             let now = Utc::now();
             let d0 = build(&cfg, inputs(&before, &HashMap::new(), true), now);
             let a0 = apply(&Applied::default(), &plan(&cfg, &d0, &Applied::default(), &PlanOptions::default()));
@@ -803,6 +933,40 @@ mod tests {
             prop_assert!(p.ops.iter().all(|o| !o.deprovision), "{:?}", p.ops);
             let d_empty = build(&cfg, inputs(&[], &HashMap::new(), false), now);
             prop_assert!(plan(&cfg, &d_empty, &a0, &PlanOptions::default()).ops.is_empty());
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(300))]
+
+        /// Camera groups follow the permissions' rules (SPEC §12.3): a
+        /// removed group is a deprovision; a login another account takes
+        /// has its set replaced first and never keeps the old owner's
+        /// groups; a kept set is sent only by a full push.
+        #[test]
+        fn camera_sets_are_owned_and_removals_deprovision(before in arb_accounts(), after in arb_accounts(), policy in arb_policy(), full in any::<bool>()) {
+            let cfg = cfg_with(OnDeleted::Block, policy);
+            let now = Utc::now();
+            let d0 = build(&cfg, inputs(&before, &HashMap::new(), true), now);
+            let a0 = apply(&Applied::default(), &plan(&cfg, &d0, &Applied::default(), &PlanOptions::default()));
+            let d1 = build(&cfg, inputs(&after, &HashMap::new(), true), now);
+            let p = plan(&cfg, &d1, &a0, &PlanOptions { full, ..Default::default() });
+            for op in &p.ops {
+                let Some(step) = &op.cameras else { continue };
+                let known = a0.users.get(&op.login);
+                prop_assert!(step.removed.is_empty() || op.deprovision, "{:?}", op);
+                let moved = known.is_some_and(|k| k.owner != op.owner);
+                prop_assert_eq!(step.first, moved, "{:?}", op);
+                let t = op.target.cameras.as_ref().unwrap();
+                let same_set = known.and_then(|k| k.state.cameras.as_ref()).is_some_and(|b| b.groups == t.groups && b.owner == t.owner);
+                prop_assert!(!(t.kept && same_set) || full, "a kept set sent without a full push: {:?}", op);
+            }
+            let a1 = apply(&a0, &p);
+            for (login, u) in &a1.users {
+                if let Some(c) = &u.state.cameras {
+                    prop_assert_eq!(&c.owner, &u.owner, "{} holds another owner's groups", login);
+                }
+            }
         }
     }
 

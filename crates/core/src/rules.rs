@@ -286,12 +286,12 @@ pub fn grants<'r>(
     managed: &[String],
     account: &Account,
     ctx: &RuleContext<'_>,
-) -> (BTreeSet<String>, Vec<&'r str>) {
+) -> (BTreeSet<String>, Vec<&'r Rule>) {
     let mut perms = BTreeSet::new();
     let mut matched = vec![];
     for rule in rules {
         if matches(rule, account, ctx) {
-            matched.push(rule.name.as_str());
+            matched.push(rule);
             perms.extend(rule.grant.iter().filter(|g| managed.contains(g)).cloned());
         }
     }

@@ -100,6 +100,19 @@ impl VmsEmulator {
         })
     }
 
+    /// A tree element made by hand (not through the API).
+    pub fn add_tree_element(&self, external_id: &str, name: &str, kind: &str) {
+        let mut data = self.data();
+        let id = data.next_id;
+        data.next_id += 1;
+        data.tree.push(TreeElement {
+            id,
+            name: name.into(),
+            kind: kind.into(),
+            external_id: external_id.into(),
+        });
+    }
+
     /// Requests received, faults included (counted even with events off).
     pub fn served(&self) -> u64 {
         self.served.load(std::sync::atomic::Ordering::Relaxed)

@@ -209,9 +209,9 @@ impl<'a> Executor<'a> {
         }
     }
 
-    /// Users first, then tree elements, then write-backs for users the VMS
-    /// has. A failure to record stops the push (in-flight tasks are still
-    /// recorded) and is returned.
+    /// Tree elements first (a user's camera set names them), then users,
+    /// then write-backs for users the VMS has. A failure to record stops
+    /// the push (in-flight tasks are still recorded) and is returned.
     pub async fn push(
         &self,
         plan: &Plan,
@@ -219,8 +219,8 @@ impl<'a> Executor<'a> {
     ) -> Result<PushSummary, PushError> {
         let mut tally = Tally::default();
         let stages = [
-            ("pushing", tasks(&plan.ops, Task::User)),
             ("tree", tasks(&plan.tree, Task::Tree)),
+            ("pushing", tasks(&plan.ops, Task::User)),
             ("write-back", tasks(&plan.writebacks, Task::Writeback)),
         ];
         for (label, tasks) in stages {
@@ -400,6 +400,12 @@ impl<'a> Executor<'a> {
             }
         };
         metrics::get().operation(task.metric_op(), result);
+        if let Task::User(Op {
+            cameras: Some(_), ..
+        }) = task
+        {
+            metrics::get().operation("cameras", result);
+        }
         let detail = match task {
             Task::Tree(t) => t.name.clone(),
             _ => detail,

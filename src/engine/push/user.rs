@@ -1,11 +1,14 @@
 //! VMS user operations: create (then attach), update, delete, adoption on
-//! "login taken", re-creation of a login the VMS forgot. Each confirmed
-//! answer is recorded at once through `confirm`.
+//! "login taken", re-creation of a login the VMS forgot, and each one's
+//! camera step (SPEC §12.3: after the permissions, or first when another
+//! account held the login). Each confirmed answer is recorded at once
+//! through `confirm`.
 
 use std::collections::BTreeSet;
 
 use super::policy::PushError;
 use super::Executor;
+use crate::core::cameras::{self, CameraStep};
 use crate::core::pacing::Round;
 use crate::core::plan::{applied_after, Action, AppliedUser, Op, Proof};
 use crate::vms::{VmsError, VmsOp};
@@ -86,15 +89,33 @@ impl Executor<'_> {
             .await
     }
 
-    /// POST, record, then attach the permissions (create takes none).
+    /// The complete camera set of the op's target.
+    async fn send_cameras(&self, op: &Op, step: &CameraStep) -> Result<(), VmsError> {
+        let Some(set) = &op.target.cameras else {
+            return Ok(());
+        };
+        self.channel
+            .request(VmsOp::Cameras, || {
+                self.vms.cameras(&op.login, &set.groups, &step.removed)
+            })
+            .await
+    }
+
+    /// POST, record, then attach the permissions (create takes none), then
+    /// the camera set.
     async fn create(&self, op: &Op) -> Result<Done, PushError> {
         let t = &op.target;
+        let step = op.cameras.as_ref();
         match self.post(op).await {
             Ok(()) => {}
             // The login exists (created by a run that died before recording,
-            // or by hand): adopt it with a full-state PATCH.
+            // or by hand): adopt it with a full-state PATCH. Whose groups it
+            // holds is not known, so its set is replaced first.
             Err(e) if e.is_login_error() => {
                 tracing::info!(login = %op.login, "login exists on the VMS; adopting it");
+                if let Some(step) = step {
+                    self.send_cameras(op, step).await?;
+                }
                 self.full_patch(op).await?;
                 self.confirm(op, Proof::Updated).await?;
                 return Ok(Done { adopted: true });
@@ -109,41 +130,78 @@ impl Executor<'_> {
                     self.vms.update(&op.login, t, &t.permissions, &none)
                 })
                 .await?;
+            let proof = if step.is_some() {
+                Proof::Profile
+            } else {
+                Proof::Updated
+            };
+            self.confirm(op, proof).await?;
+        }
+        if let Some(step) = step {
+            self.send_cameras(op, step).await?;
             self.confirm(op, Proof::Updated).await?;
         }
         Ok(DONE)
     }
 
-    /// The planned difference of permissions, or (None) the full state.
+    /// The planned difference of permissions, or (None) the full state,
+    /// with the op's camera step; a full push whose op planned no step
+    /// states the target set all the same.
     async fn update(
         &self,
         op: &Op,
         delta: Option<(&Permissions, &Permissions)>,
     ) -> Result<Done, PushError> {
-        let t = &op.target;
-        let sent = match delta {
-            Some((attach, detach)) => {
-                self.channel
-                    .request(VmsOp::Update, || {
-                        self.vms.update(&op.login, t, attach, detach)
-                    })
-                    .await
-            }
-            None => self.full_patch(op).await,
+        let step = match delta {
+            Some(_) => op.cameras.clone(),
+            None => op.cameras.clone().or_else(|| cameras::restate(&op.target)),
         };
-        match sent {
+        match self.send_update(op, delta, step.as_ref()).await {
             Ok(()) => {
                 self.confirm(op, Proof::Updated).await?;
                 Ok(DONE)
             }
             // Nothing to block or strip: the VMS has no such user.
-            Err(e) if e.is_login_error() && op.target.gone => {
+            Err(PushError::Vms(e)) if e.is_login_error() && op.target.gone => {
                 self.confirm(op, Proof::Removed).await?;
                 Ok(DONE)
             }
-            Err(e) if e.is_login_error() => self.recreate(op).await,
-            Err(e) => Err(e.into()),
+            Err(PushError::Vms(e)) if e.is_login_error() => self.recreate(op, step.as_ref()).await,
+            Err(e) => Err(e),
         }
+    }
+
+    /// The requests of an update, in order: a replaced set first, the
+    /// PATCH (unless the set is all that changed), then the set.
+    async fn send_update(
+        &self,
+        op: &Op,
+        delta: Option<(&Permissions, &Permissions)>,
+        step: Option<&CameraStep>,
+    ) -> Result<(), PushError> {
+        let t = &op.target;
+        if let Some(first) = step.filter(|s| s.first) {
+            self.send_cameras(op, first).await?;
+        }
+        let patches = delta.is_none() || op.patches();
+        match delta {
+            _ if !patches => {}
+            Some((attach, detach)) => {
+                self.channel
+                    .request(VmsOp::Update, || {
+                        self.vms.update(&op.login, t, attach, detach)
+                    })
+                    .await?
+            }
+            None => self.full_patch(op).await?,
+        }
+        if let Some(after) = step.filter(|s| !s.first) {
+            if patches {
+                self.confirm(op, Proof::Profile).await?;
+            }
+            self.send_cameras(op, after).await?;
+        }
+        Ok(())
     }
 
     /// The VMS no longer knows the login (removed by hand): create it again
@@ -151,7 +209,7 @@ impl Executor<'_> {
     /// is confirmed; a "taken" answer means an earlier re-create whose answer
     /// was lost made it, so the user is adopted. Another answer about the
     /// data quarantines.
-    async fn recreate(&self, op: &Op) -> Result<Done, PushError> {
+    async fn recreate(&self, op: &Op, step: Option<&CameraStep>) -> Result<Done, PushError> {
         tracing::warn!(login = %op.login, "the VMS no longer knows this login; creating it again");
         match self.post(op).await {
             Ok(()) => {}
@@ -163,6 +221,9 @@ impl Executor<'_> {
             Err(e) => return Err(e.into()),
         }
         self.full_patch(op).await?;
+        if let Some(step) = step {
+            self.send_cameras(op, step).await?;
+        }
         self.confirm(op, Proof::Updated).await?;
         Ok(DONE)
     }
