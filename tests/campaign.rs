@@ -2,7 +2,9 @@
 //! `sync` while the world keeps changing, with 10 % VMS 500s and some
 //! answers lost after the VMS applied the request. Then faults off and
 //! `sync` until it exits 0: the VMS must hold exactly the desired state, old
-//! logins of e-mail changes blocked, and no login created twice.
+//! logins of e-mail changes blocked, and no login created twice. Services
+//! and camera access are on (SPEC §12): ActivePlatform subscriptions change
+//! plans and stop, and every user's camera set must be exact too.
 //!
 //! `BILLSYNC_CAMPAIGN_KILLS=200 BILLSYNC_CAMPAIGN_SEED=7 cargo test --test campaign -- --nocapture`
 
@@ -13,7 +15,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use billsync_emulators::activeplatform::ApAccount;
+use billsync_emulators::activeplatform::{ApAccount, ApSubscription};
 use billsync_emulators::billmanager::BmAccount;
 use billsync_emulators::lab::Lab;
 use billsync_emulators::{Fault, Seq};
@@ -41,13 +43,48 @@ fn billsync(lab: &Lab, args: &[&str]) -> Command {
 }
 
 /// What the VMS must hold for one login once everything converged.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 enum Want {
-    /// Active, with every managed permission or none.
-    Active { paying: bool },
-    /// Blocked with no managed permission, or never created.
+    /// Active, with every managed permission or none, and these camera
+    /// groups exactly.
+    Active {
+        paying: bool,
+        groups: BTreeSet<String>,
+    },
+    /// Blocked with no managed permission and no camera group, or never
+    /// created.
     BlockedOrAbsent,
 }
+
+/// Services and camera access on. `on_block = "clear"` (not the default
+/// `keep`) so that a blocked user's set is a function of the final world
+/// alone: with `keep` it would be whatever its history left.
+const EXTRA: &str = r#"
+[safety]
+max_deprovision = 100000
+
+[sources.activeplatform.services]
+enabled = true
+
+[vms.tree]
+enabled = true
+
+[vms.cameras]
+enabled = true
+on_block = "clear"
+
+[[permissions.rules]]
+name = "paying"
+min_available = 0
+grant = ["archives-show", "archives-download", "archives-preview-download"]
+
+[[permissions.rules]]
+name = "hd"
+sources = ["activeplatform"]
+plans = ["Video 30"]
+grant = []
+camera_groups = ["hd-cameras"]
+"#;
 
 /// The changing world: both billing systems, and every login ever used.
 struct World<'a> {
@@ -55,6 +92,7 @@ struct World<'a> {
     rng: Seq,
     next_bm: u64,
     next_ap: u64,
+    next_sub: u64,
     old_logins: BTreeSet<String>,
 }
 
@@ -63,13 +101,14 @@ impl World<'_> {
     /// removals, e-mail changes.
     fn change(&mut self) {
         for _ in 0..1 + self.rng.below(4) {
-            match self.rng.below(7) {
+            match self.rng.below(8) {
                 0 => self.new_bm(),
                 1 => self.new_ap(),
                 2 => self.money(),
                 3 => self.suspend_or_restore(),
                 4 => self.delete_one(),
                 5 => self.remove_bm(),
+                6 => self.subscription(),
                 _ => self.email_change(),
             }
         }
@@ -148,6 +187,40 @@ impl World<'_> {
         }
     }
 
+    /// A subscription bought, moved to the other plan, stopped or resumed.
+    fn subscription(&mut self) {
+        let mut d = self.lab.ap.data();
+        let i = self.rng.below(d.accounts.len() as u64) as usize;
+        let account_id = d.accounts[i].id;
+        let change = self.rng.below(2);
+        match d
+            .subscriptions
+            .iter_mut()
+            .find(|s| s.account_id == account_id)
+        {
+            Some(s) if change == 0 => s.plan_id = if s.plan_id == 7 { 30 } else { 7 },
+            Some(s) => {
+                s.status = if s.status == "active" {
+                    "stopped"
+                } else {
+                    "active"
+                }
+                .into();
+            }
+            None => {
+                self.next_sub += 1;
+                d.subscriptions.push(ApSubscription {
+                    id: self.next_sub,
+                    plan_id: 30,
+                    account_id,
+                    name: "Home video".into(),
+                    status: "active".into(),
+                    ..Default::default()
+                });
+            }
+        }
+    }
+
     /// Some list rows lack the e-mail, and an edit of only that reaches the
     /// VMS with a full resync or re-verification (SPEC §2.5, §10.1), not an
     /// incremental `sync`: this edit touches the balance too, as most do.
@@ -178,15 +251,24 @@ impl World<'_> {
             let want = match a.status.as_str() {
                 "1" => Want::Active {
                     paying: money >= 0.0,
+                    groups: BTreeSet::from([format!("billmanager-{}", a.id)]),
                 },
                 _ => Want::BlockedOrAbsent,
             };
             out.insert(a.email.trim().to_lowercase(), want);
         }
-        for a in &self.lab.ap.data().accounts {
+        let ap = self.lab.ap.data();
+        for a in &ap.accounts {
+            let hd = (ap.subscriptions.iter())
+                .any(|s| s.account_id == a.id && s.status == "active" && s.plan_id == 30);
+            let mut groups = BTreeSet::from([format!("activeplatform-{}", a.id)]);
+            if hd {
+                groups.insert("hd-cameras".into());
+            }
             let want = match a.status.as_str() {
                 "active" => Want::Active {
                     paying: a.balance + a.credit_limit >= 0.0,
+                    groups,
                 },
                 _ => Want::BlockedOrAbsent,
             };
@@ -213,10 +295,14 @@ async fn kill_9_campaign_converges_exactly() {
     let kills = env_or("BILLSYNC_CAMPAIGN_KILLS", 60);
     let seed = env_or("BILLSYNC_CAMPAIGN_SEED", 1);
     let lab = Lab::start(40, 40).await.unwrap();
-    let extra = "[safety]\nmax_deprovision = 100000\n";
-    lab.settings(extra, &[]).unwrap();
+    {
+        let mut ap = lab.ap.data();
+        ap.plans.insert(7, "Video 7".into());
+        ap.plans.insert(30, "Video 30".into());
+    }
+    lab.settings(EXTRA, &[]).unwrap();
     let text = lab
-        .config_text(extra)
+        .config_text(EXTRA)
         .replace(
             "timeout_secs = 5\nconcurrency",
             "timeout_secs = 1\nconcurrency",
@@ -229,6 +315,7 @@ async fn kill_9_campaign_converges_exactly() {
         rng: Seq::new(seed),
         next_bm: 1000,
         next_ap: 3_000_000,
+        next_sub: 0,
         old_logins: BTreeSet::new(),
     };
     let faults = &lab.vms.faults;
@@ -273,15 +360,21 @@ async fn kill_9_campaign_converges_exactly() {
         t.elapsed()
     );
     let wanted = world.wanted();
+    let hd = |w: &Want| matches!(w, Want::Active { groups, .. } if groups.contains("hd-cameras"));
+    assert!(
+        wanted.values().any(hd),
+        "the premise: some active account ends on Video 30"
+    );
     let users = lab.vms.data().users.clone();
     for (login, want) in &wanted {
         let u = users.get(login);
         match (want, u) {
-            (Want::Active { paying }, Some(u)) => {
+            (Want::Active { paying, groups }, Some(u)) => {
                 assert_eq!(u.status, "active", "{login}");
                 for p in MANAGED {
                     assert_eq!(u.permissions.contains(p), *paying, "{login} {p}");
                 }
+                assert_eq!(&u.camera_groups, groups, "{login}");
             }
             (Want::Active { .. }, None) => panic!("{login} was never created"),
             (Want::BlockedOrAbsent, Some(u)) => {
@@ -289,6 +382,11 @@ async fn kill_9_campaign_converges_exactly() {
                 assert!(
                     MANAGED.iter().all(|p| !u.permissions.contains(*p)),
                     "{login}"
+                );
+                assert!(
+                    u.camera_groups.is_empty(),
+                    "{login} kept {:?}",
+                    u.camera_groups
                 );
             }
             (Want::BlockedOrAbsent, None) => {}
