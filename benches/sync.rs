@@ -8,7 +8,9 @@
 //!
 //! Knobs: `BILLSYNC_BENCH_LATENCY_MS` (VMS latency), `BILLSYNC_BENCH_NOOPS`
 //! (no-op cycles of each kind), `BILLSYNC_BENCH_BASELINE` (another build's
-//! bench binary: each no-op cycle also runs there, alternately).
+//! bench binary: each no-op cycle also runs there, alternately),
+//! `BILLSYNC_BENCH_SERVICES` (`off`, the default; `on`: one service per
+//! account in both sources, read by both; `both`: each size off, then on).
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
@@ -51,7 +53,10 @@ fn main() {
         .build()
         .unwrap();
     match std::env::var("BILLSYNC_BENCH_ROLE").as_deref() {
-        Ok("emulators") => return rt.block_on(emulators(args[0].parse().unwrap())),
+        Ok("emulators") => {
+            let services = args.get(1).is_some_and(|a| a == "services");
+            return rt.block_on(emulators(args[0].parse().unwrap(), services));
+        }
         Ok("cycle") => return rt.block_on(cycle(&args[0], args[1] == "full")),
         _ => {}
     }
@@ -63,8 +68,15 @@ fn main() {
     println!("VMS latency {} ms, vms.concurrency {CONCURRENCY}; accounts split evenly between the two sources", latency_ms());
     println!("| accounts | cycle | time (s) | VMS requests | push phase (s) | ops/s in push | VMS req/s in push | source detail calls | result | peak RSS (MB) |");
     println!("|---:|---|---:|---:|---:|---:|---:|---:|---|---:|");
+    let services: &[bool] = match std::env::var("BILLSYNC_BENCH_SERVICES").as_deref() {
+        Ok("on") => &[true],
+        Ok("both") => &[false, true],
+        _ => &[false],
+    };
     for n in sizes {
-        bench(n);
+        for &with in services {
+            bench(n, with);
+        }
     }
 }
 
@@ -82,9 +94,10 @@ impl Emus {
     }
 }
 
-fn bench(n: usize) {
+fn bench(n: usize, services: bool) {
     let mut child = Command::new(std::env::current_exe().unwrap())
         .arg(n.to_string())
+        .arg(if services { "services" } else { "" })
         .env("BILLSYNC_BENCH_ROLE", "emulators")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -102,8 +115,12 @@ fn bench(n: usize) {
     // apply to existing users: their no-op cycles must cost what the others do.
     let retyped = "no-op after vms.user_type change";
     let noops = noop_runs();
-    let runs = std::iter::once(("initial full sync", true))
-        .chain(std::iter::repeat_n(("no-op incremental", false), noops))
+    let (full_sync, noop) = match services {
+        false => ("initial full sync", "no-op incremental"),
+        true => ("initial full sync, services", "no-op incremental, services"),
+    };
+    let runs = std::iter::once((full_sync, true))
+        .chain(std::iter::repeat_n((noop, false), noops))
         .chain(std::iter::repeat_n((retyped, false), noops));
     let this = std::env::current_exe().unwrap();
     let baseline = std::env::var_os("BILLSYNC_BENCH_BASELINE").map(std::path::PathBuf::from);
@@ -163,13 +180,55 @@ fn bench(n: usize) {
     let _ = emus.child.wait();
 }
 
-async fn emulators(n: usize) {
+/// With services: each source reads them; nothing else changes (the
+/// rules are the default's), so the cost measured is the listings'.
+const SERVICES: &str = "[sources.billmanager.services]\nitem_types = [\"videocam\"]\n\
+                        [sources.activeplatform.services]\nenabled = true\n";
+
+/// One video service per account in both sources.
+fn add_services(lab: &Lab) {
+    use billsync_emulators::activeplatform::ApSubscription;
+    use billsync_emulators::billmanager::BmService;
+    let bm_ids: Vec<u64> = lab.bm.data().accounts.iter().map(|a| a.id).collect();
+    for id in bm_ids {
+        lab.bm.add_service(BmService {
+            id: 1_000_000 + id,
+            item_type: "videocam".into(),
+            account_id: id,
+            pricelist: "Video 30".into(),
+            item_status: "2".into(),
+            ..Default::default()
+        });
+    }
+    let mut ap = lab.ap.data();
+    ap.plans.insert(30, "Video 30".into());
+    let ap_ids: Vec<u64> = ap.accounts.iter().map(|a| a.id).collect();
+    for id in ap_ids {
+        ap.subscriptions.push(ApSubscription {
+            id: 2_000_000 + id,
+            plan_id: 30,
+            account_id: id,
+            name: "Home video".into(),
+            status: "active".into(),
+            ..Default::default()
+        });
+    }
+}
+
+async fn emulators(n: usize, services: bool) {
     let lab = Lab::start(n / 2, n - n / 2).await.unwrap();
     lab.vms
         .faults
         .set_latency(Duration::from_millis(latency_ms()));
     lab.vms.data().record_events = false;
-    let extra = "[vms.tree]\nenabled = false\n";
+    if services {
+        add_services(&lab);
+    }
+    let extra = format!(
+        "[vms.tree]\nenabled = false\n{}",
+        if services { SERVICES } else { "" }
+    );
+    let extra = extra.as_str();
     lab.settings(extra, &[]).unwrap();
     // The lab's config with the benchmark's VMS settings.
     let text = lab

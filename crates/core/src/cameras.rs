@@ -131,10 +131,15 @@ pub struct CameraStep {
 }
 
 impl CameraStep {
-    fn new(before: Option<&Cameras>, target: &Cameras, first: bool) -> Self {
-        let removed = before.map_or_else(BTreeSet::new, |b| {
-            b.groups.difference(&target.groups).cloned().collect()
-        });
+    /// `others`: what else the VMS may hold (a request in doubt), whose
+    /// groups the target lacks are removed too.
+    fn new(before: Option<&Cameras>, others: &[&Cameras], target: &Cameras, first: bool) -> Self {
+        let held = before.into_iter().chain(others.iter().copied());
+        let removed = held
+            .flat_map(|c| c.groups.iter())
+            .filter(|g| !target.groups.contains(*g))
+            .cloned()
+            .collect();
         CameraStep {
             before: before.cloned(),
             removed,
@@ -143,18 +148,39 @@ impl CameraStep {
     }
 }
 
-/// The step of an update from `last`: when the set differs, or in every
-/// full-state push. A kept set nobody knows is not sent (an empty set
-/// goes out only when the rules say so).
-pub fn update_step(last: &AppliedUser, target: &UserState, full: bool) -> Option<CameraStep> {
+/// Whether a record (applied or in doubt) is another account's.
+fn others_record(record: &AppliedUser, owner: &AccountKey) -> bool {
+    record.owner != *owner || (record.state.cameras.as_ref()).is_some_and(|c| c.owner != *owner)
+}
+
+/// A kept set with no group: unknown, or known empty; sending it could
+/// only wipe what someone assigned by hand.
+fn nothing_to_restate(t: &Cameras) -> bool {
+    t.kept && t.groups.is_empty()
+}
+
+/// The step of an update from `last` (and what a request in doubt may
+/// have left): when the set differs, or in every full-state push; first
+/// when another account held the login, in either record.
+pub fn update_step(
+    last: &AppliedUser,
+    doubt: Option<&AppliedUser>,
+    target: &UserState,
+    full: bool,
+) -> Option<CameraStep> {
     let t = target.cameras.as_ref()?;
     let before = last.state.cameras.as_ref();
-    let other_owner = last.owner != t.owner || before.is_some_and(|b| b.owner != t.owner);
+    let other_owner =
+        others_record(last, &t.owner) || doubt.is_some_and(|d| others_record(d, &t.owner));
+    let doubted: Vec<&Cameras> = doubt
+        .and_then(|d| d.state.cameras.as_ref())
+        .into_iter()
+        .collect();
     match before {
-        _ if other_owner => Some(CameraStep::new(before, t, true)),
-        None if t.kept => None,
-        Some(b) if b.groups == t.groups && !full => None,
-        _ => Some(CameraStep::new(before, t, false)),
+        _ if other_owner => Some(CameraStep::new(before, &doubted, t, true)),
+        _ if nothing_to_restate(t) => None,
+        Some(b) if b.groups == t.groups && !full && doubted.is_empty() => None,
+        _ => Some(CameraStep::new(before, &doubted, t, false)),
     }
 }
 
@@ -162,8 +188,46 @@ pub fn update_step(last: &AppliedUser, target: &UserState, full: bool) -> Option
 /// to keep). A login in doubt for another owner is replaced all the same.
 pub fn create_step(target: &UserState, doubt: Option<&AppliedUser>) -> Option<CameraStep> {
     let t = target.cameras.as_ref()?;
-    let other_owner = doubt.is_some_and(|d| d.owner != t.owner);
-    (!t.kept || other_owner).then(|| CameraStep::new(None, t, other_owner))
+    let other_owner = doubt.is_some_and(|d| others_record(d, &t.owner));
+    let doubted: Vec<&Cameras> = doubt
+        .and_then(|d| d.state.cameras.as_ref())
+        .into_iter()
+        .collect();
+    (!t.kept || other_owner).then(|| CameraStep::new(None, &doubted, t, other_owner))
+}
+
+/// The step of a push whose applied state moved since it was planned (the
+/// other lane pushed meanwhile): the target set first, removing whatever
+/// the current record or the plan knew of.
+pub fn stale_step(
+    current: Option<&AppliedUser>,
+    planned: Option<&CameraStep>,
+    target: &UserState,
+) -> Option<CameraStep> {
+    let t = target.cameras.as_ref()?;
+    let other_owner = current.is_some_and(|c| others_record(c, &t.owner));
+    if nothing_to_restate(t) && !other_owner {
+        return None;
+    }
+    let before = current.and_then(|c| c.state.cameras.as_ref());
+    let planned_before = planned.and_then(|p| p.before.as_ref());
+    Some(CameraStep::new(
+        before,
+        &planned_before.into_iter().collect::<Vec<_>>(),
+        t,
+        true,
+    ))
+}
+
+/// The step of an adoption: whose groups an existing user holds is not
+/// known, so its set is replaced first, kept or not.
+pub fn adopt_step(planned: Option<&CameraStep>, target: &UserState) -> Option<CameraStep> {
+    let t = target.cameras.as_ref()?;
+    let mut step = planned
+        .cloned()
+        .unwrap_or_else(|| CameraStep::new(None, &[], t, true));
+    step.first = true;
+    Some(step)
 }
 
 /// The set a held update may still send: additions go, removals wait.
@@ -200,5 +264,85 @@ pub fn gone(policy: Option<CameraPolicy>, last: &AppliedUser) -> Option<Cameras>
 /// unless it is a kept set nobody knows.
 pub fn restate(target: &UserState) -> Option<CameraStep> {
     let t = target.cameras.as_ref()?;
-    (!t.kept || !t.groups.is_empty()).then(|| CameraStep::new(None, t, false))
+    (!nothing_to_restate(t)).then(|| CameraStep::new(None, &[], t, false))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::SourceKind;
+
+    fn key(id: &str) -> AccountKey {
+        AccountKey {
+            source: SourceKind::Activeplatform,
+            id: id.into(),
+        }
+    }
+
+    fn set(owner: &str, groups: &[&str], kept: bool) -> Cameras {
+        Cameras {
+            owner: key(owner),
+            groups: Arc::new(groups.iter().map(|g| g.to_string()).collect()),
+            kept,
+        }
+    }
+
+    fn state(cameras: Cameras) -> UserState {
+        UserState {
+            user_type: "b2c".into(),
+            status: "active".into(),
+            billing_id: "x".into(),
+            properties: vec![],
+            permissions: Default::default(),
+            gone: false,
+            cameras: Some(cameras),
+        }
+    }
+
+    fn record(owner: &str, cameras: Cameras) -> AppliedUser {
+        AppliedUser {
+            owner: key(owner),
+            state: state(cameras),
+        }
+    }
+
+    /// The old owner's groups, only in a request whose answer never came,
+    /// still make the set go first and are removed.
+    #[test]
+    fn a_request_in_doubt_for_another_owner_is_replaced_first() {
+        let applied = record("b", set("b", &["own-b"], false));
+        let doubt = record("a", set("a", &["own-a"], false));
+        let target = state(set("b", &["own-b"], false));
+        let step = update_step(&applied, Some(&doubt), &target, true).unwrap();
+        assert!(step.first);
+        assert_eq!(step.removed, BTreeSet::from(["own-a".to_string()]));
+    }
+
+    /// A kept set with no group is never sent, not even by a full push: it
+    /// would wipe groups assigned by hand.
+    #[test]
+    fn an_empty_kept_set_is_never_sent() {
+        let applied = record("a", set("a", &[], true));
+        let target = state(set("a", &[], true));
+        assert_eq!(update_step(&applied, None, &target, true), None);
+        assert_eq!(restate(&target), None);
+        assert_eq!(stale_step(Some(&applied), None, &target), None);
+        // Another owner's record is replaced all the same.
+        let theirs = record("b", set("b", &["own-b"], false));
+        let step = update_step(&theirs, None, &target, false).unwrap();
+        assert!(step.first && step.removed.contains("own-b"));
+        // An adoption replaces whatever the existing user held.
+        assert!(adopt_step(None, &target).unwrap().first);
+    }
+
+    /// A stale push states its set first and removes what the current
+    /// record holds, which the plan did not know.
+    #[test]
+    fn a_stale_push_removes_what_the_other_lane_added() {
+        let now = record("a", set("a", &["own-a", "hd"], false));
+        let target = state(set("a", &["own-a"], false));
+        let step = stale_step(Some(&now), None, &target).unwrap();
+        assert!(step.first);
+        assert_eq!(step.removed, BTreeSet::from(["hd".to_string()]));
+    }
 }

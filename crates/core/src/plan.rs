@@ -205,11 +205,13 @@ fn deprovisioned(cfg: &CoreConfig, known: &AppliedUser) -> Option<UserState> {
     }
 }
 
+/// `doubt`: what a request whose answer never came asked for (the VMS may
+/// hold it), when it is not `known` itself.
 fn update_op(
     cfg: &CoreConfig,
     login: &str,
     owner: &AccountKey,
-    known: &AppliedUser,
+    (known, doubt): (&AppliedUser, Option<&AppliedUser>),
     target: &UserState,
     full: bool,
 ) -> Option<Op> {
@@ -242,7 +244,7 @@ fn update_op(
     if !full && attach.is_empty() && detach.is_empty() && changes.is_empty() && !marker_changed {
         return None;
     }
-    let step = cameras::update_step(known, target, full);
+    let step = cameras::update_step(known, doubt, target, full);
     let removes = step.as_ref().is_some_and(|s| !s.removed.is_empty());
     let blocks = applied.status != target.status && target.status == cfg.status_blocked;
     let deprovision = blocks || !detach.is_empty() || removes;
@@ -345,7 +347,8 @@ fn desired_op(
     }
     let last = known.or(doubt);
     let mut target = d.state.clone();
-    cameras::resolve(&mut target, last);
+    // A new user has nothing to keep.
+    cameras::resolve(&mut target, known);
     let op = match last {
         // First sight of a deleted account: nothing to create.
         None if d.state.gone => return None,
@@ -356,7 +359,8 @@ fn desired_op(
         }
         Some(a) => {
             let full = opts.is_full(login) || doubt.is_some();
-            update_op(cfg, login, &d.owner, a, &target, full)?
+            let other = doubt.filter(|_| known.is_some());
+            update_op(cfg, login, &d.owner, (a, other), &target, full)?
         }
     };
     // An incomplete source yields no deprovision, except what an account
@@ -400,7 +404,7 @@ fn delete_op(login: &str, owner: &AccountKey, known: &UserState) -> Op {
 fn gone_op(cfg: &CoreConfig, login: &str, known: &AppliedUser, full: bool) -> Option<Op> {
     match deprovisioned(cfg, known) {
         None => Some(delete_op(login, &known.owner, &known.state)),
-        Some(target) => update_op(cfg, login, &known.owner, known, &target, full),
+        Some(target) => update_op(cfg, login, &known.owner, (known, None), &target, full),
     }
 }
 
@@ -495,7 +499,7 @@ pub fn apply_safety(
             safe.permissions =
                 std::sync::Arc::new(a.state.permissions.union(attach).cloned().collect());
             safe.cameras = cameras;
-            if let Some(rest) = update_op(cfg, &op.login, &op.owner, a, &safe, false) {
+            if let Some(rest) = update_op(cfg, &op.login, &op.owner, (a, None), &safe, false) {
                 debug_assert!(!rest.deprovision);
                 plan.ops.push(rest);
             }
@@ -561,7 +565,10 @@ pub fn applied_after(op: &Op, proof: Proof) -> Option<AppliedUser> {
         Proof::Removed => return None,
         Proof::Created => UserState {
             permissions: Default::default(),
-            cameras: (op.target.cameras.clone()).map(|c| cameras::emptied(c.owner)),
+            cameras: (op.target.cameras.clone()).map(|c| crate::model::Cameras {
+                groups: Default::default(),
+                ..c
+            }),
             ..op.target.clone()
         },
         Proof::Profile => UserState {
@@ -840,7 +847,7 @@ mod tests {
             let cfg = cfg_with(OnDeleted::Block, policy);
             let owner = AccountKey { source: SourceKind::Billmanager, id: "1".into() };
             let known = AppliedUser { owner: owner.clone(), state: applied.clone() };
-            let op = update_op(&cfg, "u@x", &owner, &known, &target, false);
+            let op = update_op(&cfg, "u@x", &owner, (&known, None), &target, false);
             prop_assert_eq!(state_hash(&applied) == state_hash(&target), op.is_none(), "{:?}", op);
         }
 

@@ -209,8 +209,8 @@ impl<'a> Executor<'a> {
         }
     }
 
-    /// Tree elements first (a user's camera set names them), then users,
-    /// then write-backs for users the VMS has. A failure to record stops
+    /// Tree elements first when camera access is on (a user's set names
+    /// them), then users, then write-backs for users the VMS has. A failure to record stops
     /// the push (in-flight tasks are still recorded) and is returned.
     pub async fn push(
         &self,
@@ -218,11 +218,15 @@ impl<'a> Executor<'a> {
         progress: Option<&Progress>,
     ) -> Result<PushSummary, PushError> {
         let mut tally = Tally::default();
-        let stages = [
+        let mut stages = [
             ("tree", tasks(&plan.tree, Task::Tree)),
             ("pushing", tasks(&plan.ops, Task::User)),
             ("write-back", tasks(&plan.writebacks, Task::Writeback)),
         ];
+        // Without camera access, users go first, as they always did.
+        if self.core.cameras.is_none() {
+            stages.swap(0, 1);
+        }
         for (label, tasks) in stages {
             self.stage(label, tasks, &mut tally, progress).await;
         }

@@ -27,6 +27,12 @@ type Permissions = BTreeSet<String>;
 impl Executor<'_> {
     /// `full`: update with the whole target state (see `execute`).
     pub(super) async fn user(&self, op: &Op, full: bool) -> Result<Done, PushError> {
+        // Stale: the other lane pushed this login after it was planned, so
+        // its camera step is worked out again from the record as it is now.
+        let step = match full {
+            true => self.stale_step(op).await?,
+            false => op.cameras.clone(),
+        };
         // Until an answer proves what happened, the login is in doubt; a
         // crash or a lost answer leaves it so (SPEC §9.1).
         if !self.channel.closed() {
@@ -37,12 +43,29 @@ impl Executor<'_> {
             let label = op.label(&self.core.status_blocked);
             self.store.mark_in_doubt(&op.login, label, &asked).await?;
         }
+        let step = step.as_ref();
         match &op.action {
-            Action::Create => self.create(op).await,
-            Action::Update { .. } if full => self.update(op, None).await,
-            Action::Update { attach, detach, .. } => self.update(op, Some((attach, detach))).await,
+            Action::Create => self.create(op, step).await,
+            Action::Update { .. } if full => self.update(op, None, step).await,
+            Action::Update { attach, detach, .. } => {
+                self.update(op, Some((attach, detach)), step).await
+            }
             Action::Delete => self.delete(op).await,
         }
+    }
+
+    async fn stale_step(&self, op: &Op) -> Result<Option<CameraStep>, PushError> {
+        if op.target.cameras.is_none() {
+            return Ok(None);
+        }
+        let login = std::collections::HashSet::from([op.login.clone()]);
+        let current = self.store.load_applied_users(Some(&login)).await?;
+        let planned = op.cameras.as_ref();
+        Ok(cameras::stale_step(
+            current.get(&op.login),
+            planned,
+            &op.target,
+        ))
     }
 
     /// Records what a VMS answer proved about the op's login.
@@ -103,9 +126,8 @@ impl Executor<'_> {
 
     /// POST, record, then attach the permissions (create takes none), then
     /// the camera set.
-    async fn create(&self, op: &Op) -> Result<Done, PushError> {
+    async fn create(&self, op: &Op, step: Option<&CameraStep>) -> Result<Done, PushError> {
         let t = &op.target;
-        let step = op.cameras.as_ref();
         match self.post(op).await {
             Ok(()) => {}
             // The login exists (created by a run that died before recording,
@@ -113,8 +135,8 @@ impl Executor<'_> {
             // holds is not known, so its set is replaced first.
             Err(e) if e.is_login_error() => {
                 tracing::info!(login = %op.login, "login exists on the VMS; adopting it");
-                if let Some(step) = step {
-                    self.send_cameras(op, step).await?;
+                if let Some(step) = cameras::adopt_step(step, t) {
+                    self.send_cameras(op, &step).await?;
                 }
                 self.full_patch(op).await?;
                 self.confirm(op, Proof::Updated).await?;
@@ -151,10 +173,11 @@ impl Executor<'_> {
         &self,
         op: &Op,
         delta: Option<(&Permissions, &Permissions)>,
+        step: Option<&CameraStep>,
     ) -> Result<Done, PushError> {
         let step = match delta {
-            Some(_) => op.cameras.clone(),
-            None => op.cameras.clone().or_else(|| cameras::restate(&op.target)),
+            Some(_) => step.cloned(),
+            None => step.cloned().or_else(|| cameras::restate(&op.target)),
         };
         match self.send_update(op, delta, step.as_ref()).await {
             Ok(()) => {
@@ -166,7 +189,10 @@ impl Executor<'_> {
                 self.confirm(op, Proof::Removed).await?;
                 Ok(DONE)
             }
-            Err(PushError::Vms(e)) if e.is_login_error() => self.recreate(op, step.as_ref()).await,
+            Err(PushError::Vms(e)) if e.is_login_error() => {
+                let step = step.or_else(|| cameras::restate(&op.target));
+                self.recreate(op, step.as_ref()).await
+            }
             Err(e) => Err(e),
         }
     }
