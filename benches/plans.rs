@@ -128,10 +128,11 @@ async fn measure(lab: &Lab, customers: &[(u64, String)], admin: &str) -> Vec<f64
     for (sub, login) in customers {
         let gap = rand::rng().random_range(0..30_000);
         tokio::time::sleep(Duration::from_millis(gap)).await;
-        let mut ap = lab.ap.data();
-        let s = ap.subscriptions.iter_mut().find(|s| s.id == *sub).unwrap();
-        s.plan_id = 30;
-        drop(ap);
+        {
+            let mut ap = lab.ap.data();
+            let s = ap.subscriptions.iter_mut().find(|s| s.id == *sub).unwrap();
+            s.plan_id = 30;
+        }
         let t = Instant::now();
         let body = serde_json::json!({"services": [format!("activeplatform:{sub}")]});
         let r = (client.post(format!("{admin}/trigger")))
