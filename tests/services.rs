@@ -190,6 +190,38 @@ async fn a_doubtful_service_listing_takes_nothing_away() {
     );
 }
 
+/// A service that vanishes from complete listings is closed only after the
+/// grace (2 listings); one that comes back within it keeps its access, and
+/// the no-op cycles in between send nothing.
+#[tokio::test]
+async fn a_vanished_service_closes_after_the_grace_and_not_before() {
+    let (lab, engine) = setup(3).await;
+    for account in 1..=3 {
+        service(&lab, account, "Video 30", "2");
+    }
+    cycle(&engine).await;
+    let gone = |lab: &Lab, id: u64| lab.bm.data().services.retain(|s| s.id != id);
+    gone(&lab, 701);
+    gone(&lab, 702);
+    let requests = lab.vms.requests();
+    cycle(&engine).await;
+    assert_eq!(lab.vms.requests(), requests, "one absence took something");
+    assert_eq!(perms(&lab, 1), these(&ALL));
+    service(&lab, 2, "Video 30", "2"); // back within the grace
+    cycle(&engine).await;
+    assert_eq!(perms(&lab, 1), these(&[]), "absent from 2 listings");
+    assert_eq!(perms(&lab, 2), these(&ALL), "back in time, kept");
+    assert_eq!(perms(&lab, 3), these(&ALL));
+    let requests = lab.vms.requests();
+    for _ in 0..2 {
+        cycle(&engine).await;
+    }
+    assert_eq!(lab.vms.requests(), requests, "a no-op cycle sent requests");
+    let counts = engine.store.service_counts().await.unwrap();
+    assert_eq!(counts["billmanager"]["closed"], 1, "{counts:?}");
+    assert_eq!(counts["billmanager"]["active"], 2, "{counts:?}");
+}
+
 /// A BILLmanager service row without `account_id` is owned by the one
 /// account with its name; a name two accounts share owns nothing.
 #[tokio::test]

@@ -14,7 +14,7 @@ use billsync::core::model::{Account, AccountKey};
 use billsync::core::plan::{self, Applied, PlanOptions};
 use billsync::core::rules::{self, RuleContext};
 use billsync::engine::report_entries;
-use billsync::store::PlanState;
+use billsync::store::{PlanState, Store, StoreError, StoredAccount};
 
 pub async fn run(settings: Settings, target: String, json_out: bool, vms: bool) -> u8 {
     let store = match super::open_store(&settings).await {
@@ -44,10 +44,7 @@ pub async fn run(settings: Settings, target: String, json_out: bool, vms: bool) 
     }
 }
 
-async fn resolve(
-    store: &billsync::store::Store,
-    target: &str,
-) -> Result<Option<AccountKey>, billsync::store::StoreError> {
+async fn resolve(store: &Store, target: &str) -> Result<Option<AccountKey>, StoreError> {
     if let Some(key) = AccountKey::parse(target) {
         return Ok(Some(key));
     }
@@ -62,29 +59,30 @@ fn one(login: &str) -> HashSet<String> {
     HashSet::from([login.to_string()])
 }
 
-async fn explain(
-    settings: &Settings,
-    store: &billsync::store::Store,
-    target: &str,
-) -> Result<Value, billsync::store::StoreError> {
+async fn explain(settings: &Settings, store: &Store, target: &str) -> Result<Value, StoreError> {
     let Some(key) = resolve(store, target).await? else {
         return Ok(json!({"target": target, "found": false,
                          "why": "no source account or VMS user known by that login or SOURCE:ID"}));
     };
-    let stored = store.source_account(key.source, &key.id).await?;
-    let Some(stored) = stored else {
+    let Some(stored) = store.source_account(key.source, &key.id).await? else {
         return Ok(
             json!({"target": target, "found": false, "account": key.to_string(),
                          "why": "the state store has no such source account (not listed yet?)"}),
         );
     };
-    let merged = match &stored.details {
-        Some(d) => stored.list.merged_with(d),
-        None => stored.list.clone(),
+    let mut doc = source_doc(target, &key, &stored);
+    let Some(account) = normalized(settings, &key, &stored, &mut doc) else {
+        return Ok(doc);
     };
-    let core = settings.core_config();
-    let normalized = settings.normalizer(key.source).map(|n| n.account(&merged));
-    let mut doc = json!({
+    let input = input_of(store, &key, &stored, &account, &mut doc).await?;
+    trace(settings, store, &account, input, &mut doc).await?;
+    remembered(store, &account.login, &account.billing_id, &mut doc).await?;
+    Ok(doc)
+}
+
+/// The stored source record, as read.
+fn source_doc(target: &str, key: &AccountKey, stored: &StoredAccount) -> Value {
+    json!({
         "target": target,
         "found": true,
         "account": key.to_string(),
@@ -95,79 +93,112 @@ async fn explain(
             "last_seen": stored.last_seen,
             "missing_cycles": stored.missing_cycles,
         },
-    });
-    let account = match normalized {
+    })
+}
+
+/// The account as normalized; `None` (and why, in `doc`) when it cannot
+/// be: its source is off, or the record is invalid.
+fn normalized(
+    settings: &Settings,
+    key: &AccountKey,
+    stored: &StoredAccount,
+    doc: &mut Value,
+) -> Option<Account> {
+    let merged = match &stored.details {
+        Some(d) => stored.list.merged_with(d),
+        None => stored.list.clone(),
+    };
+    match settings.normalizer(key.source).map(|n| n.account(&merged)) {
         Err(e) => {
             doc["normalized"] = json!({"error": format!("source not enabled: {e}")});
-            return Ok(doc);
+            None
         }
         Ok(Err(invalid)) => {
             doc["normalized"] = json!({"invalid": invalid.to_string()});
             doc["note"] =
                 json!("an invalid record is skipped and reported; its VMS user is left alone");
-            return Ok(doc);
+            None
         }
-        Ok(Ok(a)) => a,
-    };
-    doc["normalized"] = serde_json::to_value(&account).unwrap_or(Value::Null);
+        Ok(Ok(account)) => {
+            doc["normalized"] = serde_json::to_value(&account).unwrap_or(Value::Null);
+            doc["raw_status"] = json!(merged.status);
+            Some(account)
+        }
+    }
+}
+
+/// The one-account input the desired state is built from, as a complete
+/// source would give it.
+async fn input_of(
+    store: &Store,
+    key: &AccountKey,
+    stored: &StoredAccount,
+    account: &Account,
+    doc: &mut Value,
+) -> Result<SourceInput, StoreError> {
     let last_paid = store.last_paid(key.source).await?;
     doc["last_paid"] = json!(last_paid.get(&key.id));
-    let services = services_of(store, &key, &mut doc).await?;
-    let mut inputs = BTreeMap::new();
-    inputs.insert(
-        key.source,
-        SourceInput {
-            complete: true,
-            accounts: vec![account.clone()],
-            missing: [(key.id.clone(), stored.missing_cycles)]
-                .into_iter()
-                .collect(),
-            last_paid,
-            protected: Default::default(),
-            fresh: Default::default(),
-            services,
-        },
-    );
+    let services = services_of(store, key, doc).await?;
+    Ok(SourceInput {
+        complete: true,
+        accounts: vec![account.clone()],
+        missing: [(key.id.clone(), stored.missing_cycles)]
+            .into_iter()
+            .collect(),
+        last_paid,
+        protected: Default::default(),
+        fresh: Default::default(),
+        services,
+    })
+}
+
+/// Rules, desired and applied state, and the plan for the account's login.
+async fn trace(
+    settings: &Settings,
+    store: &Store,
+    account: &Account,
+    input: SourceInput,
+    doc: &mut Value,
+) -> Result<(), StoreError> {
+    let core = settings.core_config();
     let now = Utc::now();
-    doc["raw_status"] = json!(merged.status);
-    let input = &inputs[&key.source];
-    doc["rules"] = rule_verdicts(&core, &account, input, now);
-    let d = desired::build(&core, inputs, now);
-    let login = account.login.clone();
-    let du = d.users.get(&login);
+    let key = account.key.clone();
+    doc["rules"] = rule_verdicts(&core, account, &input, now);
+    let d = desired::build(&core, BTreeMap::from([(key.source, input)]), now);
+    let login = &account.login;
+    let du = d.users.get(login);
     doc["rules_matched"] = json!(du.map(|u| u.rules.clone()).unwrap_or_default());
-    let applied = applied_of(store, &login, &account, &key).await?;
+    let applied = applied_of(store, login, account, &key).await?;
     // A kept camera set is the applied one: shown as it will be sent.
     let desired_state = du.map(|u| {
         let mut state = u.state.clone();
-        cameras::resolve(&mut state, applied.users.get(&login));
+        cameras::resolve(&mut state, applied.users.get(login));
         state
     });
     doc["desired"] = serde_json::to_value(desired_state).unwrap_or(Value::Null);
     doc["camera_error"] = json!(d.camera_errors.first().map(|(_, e)| e.to_string()));
     doc["applied"] =
-        serde_json::to_value(applied.users.get(&login).map(|a| &a.state)).unwrap_or(Value::Null);
-    let times = store.applied_times(&login).await?;
+        serde_json::to_value(applied.users.get(login).map(|a| &a.state)).unwrap_or(Value::Null);
+    let times = store.applied_times(login).await?;
     doc["applied_at"] = json!(times.as_ref().map(|t| &t.0));
     doc["asserted_at"] = json!(times.and_then(|t| t.1));
     let p = plan::plan(&core, &d, &applied, &PlanOptions::default());
     doc["operations"] = serde_json::to_value(report_entries(&p, &core)).unwrap_or(Value::Null);
-    doc["held"] = json!(store
-        .plan_rows()
-        .await?
+    let plans = store.plan_rows().await?;
+    let held = plans
         .iter()
-        .any(|r| r.login == login && r.state == PlanState::Held));
-    remembered(store, &login, &account.billing_id, &mut doc).await?;
-    Ok(doc)
+        .any(|r| &r.login == login && r.state == PlanState::Held);
+    doc["held"] = json!(held);
+    Ok(())
 }
 
 /// What was applied for this login, its tree element and its write-back.
 async fn applied_of(
-    store: &billsync::store::Store,
+    store: &Store,
     login: &str,
     account: &Account,
     key: &AccountKey,
-) -> Result<Applied, billsync::store::StoreError> {
+) -> Result<Applied, StoreError> {
     let mut applied = Applied {
         users: store.load_applied_users(Some(&one(login))).await?,
         ..Default::default()
@@ -211,11 +242,10 @@ fn rule_verdicts(
 /// The account's services as the rules see them (pending ones as they
 /// settled), and, for the document, each with its raw status.
 async fn services_of(
-    store: &billsync::store::Store,
+    store: &Store,
     key: &AccountKey,
     doc: &mut Value,
-) -> Result<HashMap<String, Vec<billsync::core::entitlements::Service>>, billsync::store::StoreError>
-{
+) -> Result<HashMap<String, Vec<billsync::core::entitlements::Service>>, StoreError> {
     let mut by_owner = store.load_services(key.source).await?;
     let mine = by_owner.remove(&key.id).unwrap_or_default();
     let raw = store.raw_services_of(key).await?;
@@ -234,11 +264,11 @@ async fn services_of(
 /// What the store remembers of the login: quarantine, backoff, doubt,
 /// conflict and recent audit.
 async fn remembered(
-    store: &billsync::store::Store,
+    store: &Store,
     login: &str,
     billing_id: &str,
     doc: &mut Value,
-) -> Result<(), billsync::store::StoreError> {
+) -> Result<(), StoreError> {
     let q: Vec<_> = store
         .load_quarantine()
         .await?

@@ -233,7 +233,13 @@ pub async fn read_source(
     let t0 = std::time::Instant::now();
     let index = store.account_index(kind).await?;
     let mut out = SourceRead::default();
-    let (mut listing, payments) = match list(source, &index, opts, progress).await {
+    // The services listing runs beside the accounts'; it is saved after
+    // them, as a row may name its owner by an account's name.
+    let (accounts, services) = tokio::join!(
+        list(source, &index, opts, progress),
+        source.list_services(&|_| {})
+    );
+    let (mut listing, payments) = match accounts {
         Ok(read) => read,
         Err(error) => return incomplete(store, kind, normalizer, out, error).await,
     };
@@ -268,12 +274,13 @@ pub async fn read_source(
     debug_step(kind, "normalized", t0);
     out.last_paid = store.last_paid(kind).await?;
     out.complete = true;
-    super::services::read(store, source, normalizer, opts, &mut out).await?;
+    super::services::read(store, source, services, normalizer, opts, &mut out).await?;
+    debug_step(kind, "services read", t0);
     finish(store, kind, &mut out).await?;
     Ok(out)
 }
 
-fn debug_step(kind: SourceKind, what: &str, t0: std::time::Instant) {
+pub(super) fn debug_step(kind: SourceKind, what: &str, t0: std::time::Instant) {
     tracing::debug!(source = %kind, ms = t0.elapsed().as_millis() as u64, rss_mb = ?crate::telemetry::rss_mb(), "{what}");
 }
 

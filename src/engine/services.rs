@@ -8,21 +8,23 @@ use super::read::{InvalidRecord, ReadOptions, SourceRead};
 use crate::core::entitlements::{service_state, RawService};
 use crate::core::model::{Invalid, InvalidCode};
 use crate::core::normalize::Normalizer;
+use crate::http::FetchError;
 use crate::sources::{ServiceListing, Source};
 use crate::store::{ListedService, Store, StoreError};
 
-/// Reads and saves the source's services, then loads every stored one.
+/// Saves the source's service listing, then loads every stored service.
 pub async fn read(
     store: &Store,
     source: &Source,
+    listed: Option<Result<ServiceListing, FetchError>>,
     normalizer: &Normalizer,
     opts: &ReadOptions,
     out: &mut SourceRead,
 ) -> Result<(), StoreError> {
     let kind = source.kind();
-    let listed = match source.list_services(&|_| {}).await {
-        None => return stored(store, source, out).await,
-        Some(listed) => listed,
+    let t0 = std::time::Instant::now();
+    let Some(listed) = listed else {
+        return stored(store, source, out).await;
     };
     let known = store.count_services(kind).await?;
     match listed {
@@ -32,6 +34,7 @@ pub async fn read(
         }
         Ok(listing) => {
             save(store, source, normalizer, opts, None, listing, out).await?;
+            super::read::debug_step(kind, "services saved", t0);
             stored(store, source, out).await
         }
         Err(e) => incomplete(store, source, out, format!("service listing failed: {e}")).await,

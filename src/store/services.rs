@@ -9,7 +9,7 @@ use sqlx::Row;
 
 use super::{ReadStamp, Result, Store};
 use crate::core::entitlements::{RawService, Service, ServiceState};
-use crate::core::model::{AccountKey, SourceKind};
+use crate::core::model::{content_hash, AccountKey, SourceKind};
 
 /// A listed service, its owner resolved and its raw state mapped.
 #[derive(Debug, Clone)]
@@ -19,12 +19,30 @@ pub struct ListedService {
     pub state: ServiceState,
 }
 
+impl ListedService {
+    /// What a re-read compares: the raw row, its owner and its state.
+    fn row_hash(&self) -> String {
+        content_hash(&(&self.raw, &self.owner_id, self.state.as_str()))
+    }
+}
+
+/// What the store knows of a stored service: its last row, whether it is
+/// going missing, and whether it is still open (a closed one absent from a
+/// listing needs nothing more).
+struct KnownService {
+    row_hash: String,
+    missing_cycles: u32,
+    open: bool,
+}
+
 impl Store {
-    /// Records listed services. Only a `complete` listing (the whole
-    /// source, every row readable) counts the services it lacks missing,
-    /// and closes them past the grace; a targeted re-read or a listing with
-    /// unreadable rows only updates what it names. `skipped` rows (invalid
-    /// this read) keep what they had and are not counted missing.
+    /// Records listed services, writing only rows that are new, changed or
+    /// back after going missing (as accounts are). Only a `complete`
+    /// listing (the whole source, every row readable) counts the services
+    /// it lacks missing, and closes them past the grace; a targeted re-read
+    /// or a listing with unreadable rows only updates what it names.
+    /// `skipped` rows (invalid this read) keep what they had and are not
+    /// counted missing.
     pub async fn save_services(
         &self,
         source: SourceKind,
@@ -34,64 +52,48 @@ impl Store {
         grace: u32,
         read: ReadStamp,
     ) -> Result<()> {
+        let known = self.service_index(source).await?;
+        let grace = grace.max(1);
         let mut tx = self.write_tx().await?;
         for s in listed {
-            sqlx::query(
-                "INSERT INTO services (source, id, owner_id, raw_json, state, settled, missing_cycles, seen_seq, raw_status)
-                 VALUES (?1, ?2, ?3, ?4, ?5, CASE WHEN ?5 = 'pending' THEN NULL ELSE ?5 END, 0, ?6, ?7)
-                 ON CONFLICT (source, id) DO UPDATE SET
-                    owner_id = CASE WHEN excluded.state = 'pending' AND services.settled IS NOT NULL
-                                    THEN services.owner_id ELSE excluded.owner_id END,
-                    raw_json = CASE WHEN excluded.state = 'pending' AND services.settled IS NOT NULL
-                                    THEN services.raw_json ELSE excluded.raw_json END,
-                    state = excluded.state, missing_cycles = 0, seen_seq = excluded.seen_seq,
-                    raw_status = excluded.raw_status,
-                    settled = CASE WHEN excluded.state = 'pending' THEN services.settled
-                                   ELSE excluded.state END
-                 WHERE services.seen_seq <= excluded.seen_seq",
-            )
-            .bind(source.as_str())
-            .bind(&s.raw.id)
-            .bind(&s.owner_id)
-            .bind(serde_json::to_string(&s.raw).unwrap_or_default())
-            .bind(s.state.as_str())
-            .bind(read.seq)
-            .bind(&s.raw.status)
-            .execute(&mut *tx)
-            .await?;
-        }
-        for id in skipped {
-            sqlx::query(
-                "UPDATE services SET seen_seq = ?3 WHERE source = ?1 AND id = ?2 AND seen_seq <= ?3",
-            )
-                .bind(source.as_str())
-                .bind(id)
-                .bind(read.seq)
-                .execute(&mut *tx)
-                .await?;
+            let hash = s.row_hash();
+            let same = known.get(&s.raw.id);
+            if same.is_some_and(|k| k.row_hash == hash && k.missing_cycles == 0) {
+                continue;
+            }
+            upsert_service(&mut tx, source, s, &hash, read).await?;
         }
         if complete {
-            // Not in this listing (an older read sequence): one more
-            // missing cycle; absent from `grace` listings, closed.
-            sqlx::query(
-                "UPDATE services SET missing_cycles = missing_cycles + 1
-                 WHERE source = ?1 AND seen_seq < ?2",
-            )
-            .bind(source.as_str())
-            .bind(read.seq)
-            .execute(&mut *tx)
-            .await?;
-            sqlx::query(
-                "UPDATE services SET state = 'closed', settled = 'closed'
-                 WHERE source = ?1 AND missing_cycles >= ?2",
-            )
-            .bind(source.as_str())
-            .bind(grace.max(1))
-            .execute(&mut *tx)
-            .await?;
+            let seen: HashSet<&str> = listed.iter().map(|s| s.raw.id.as_str()).collect();
+            let absent = known
+                .iter()
+                .filter(|(id, k)| !seen.contains(id.as_str()) && !skipped.contains(*id) && k.open);
+            for (id, _) in absent {
+                count_missing(&mut tx, source, id, grace, read).await?;
+            }
         }
         tx.commit().await?;
         Ok(())
+    }
+
+    async fn service_index(&self, source: SourceKind) -> Result<HashMap<String, KnownService>> {
+        let rows = sqlx::query(
+            "SELECT id, row_hash, missing_cycles, state != 'closed' FROM services WHERE source = ?",
+        )
+        .bind(source.as_str())
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| {
+                let known = KnownService {
+                    row_hash: r.get(1),
+                    missing_cycles: r.get::<i64, _>(2).max(0) as u32,
+                    open: r.get(3),
+                };
+                (r.get(0), known)
+            })
+            .collect())
     }
 
     /// Every stored service of a source by owner id, pending ones standing
@@ -176,4 +178,64 @@ impl Store {
         .await?;
         Ok(n.max(0) as u64)
     }
+}
+
+/// A pending row keeps the owner and raw row it settled with; a newer read
+/// (a later `seen_seq`) already stored is never overwritten.
+async fn upsert_service(
+    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    source: SourceKind,
+    s: &ListedService,
+    hash: &str,
+    read: ReadStamp,
+) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO services (source, id, owner_id, raw_json, state, settled, missing_cycles, seen_seq, raw_status, row_hash)
+         VALUES (?1, ?2, ?3, ?4, ?5, CASE WHEN ?5 = 'pending' THEN NULL ELSE ?5 END, 0, ?6, ?7, ?8)
+         ON CONFLICT (source, id) DO UPDATE SET
+            owner_id = CASE WHEN excluded.state = 'pending' AND services.settled IS NOT NULL
+                            THEN services.owner_id ELSE excluded.owner_id END,
+            raw_json = CASE WHEN excluded.state = 'pending' AND services.settled IS NOT NULL
+                            THEN services.raw_json ELSE excluded.raw_json END,
+            state = excluded.state, missing_cycles = 0, seen_seq = excluded.seen_seq,
+            raw_status = excluded.raw_status, row_hash = excluded.row_hash,
+            settled = CASE WHEN excluded.state = 'pending' THEN services.settled
+                           ELSE excluded.state END
+         WHERE services.seen_seq <= excluded.seen_seq",
+    )
+    .bind(source.as_str())
+    .bind(&s.raw.id)
+    .bind(&s.owner_id)
+    .bind(serde_json::to_string(&s.raw).unwrap_or_default())
+    .bind(s.state.as_str())
+    .bind(read.seq)
+    .bind(&s.raw.status)
+    .bind(hash)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// Absent from a complete listing: one more missing cycle, unless a newer
+/// read saw it; absent from `grace` listings, closed.
+async fn count_missing(
+    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    source: SourceKind,
+    id: &str,
+    grace: u32,
+    read: ReadStamp,
+) -> Result<()> {
+    sqlx::query(
+        "UPDATE services SET missing_cycles = missing_cycles + 1,
+            state = CASE WHEN missing_cycles + 1 >= ?3 THEN 'closed' ELSE state END,
+            settled = CASE WHEN missing_cycles + 1 >= ?3 THEN 'closed' ELSE settled END
+         WHERE source = ?1 AND id = ?2 AND seen_seq < ?4",
+    )
+    .bind(source.as_str())
+    .bind(id)
+    .bind(grace)
+    .bind(read.seq)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
 }
