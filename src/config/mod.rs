@@ -58,6 +58,15 @@ pub struct Settings {
 #[serde(deny_unknown_fields, default)]
 pub struct DaemonSettings {
     pub state_path: PathBuf,
+    /// `postgres://...` puts the state store in PostgreSQL (SPEC §13);
+    /// `state_path` is then unused.
+    pub state_url: Secret,
+    /// Its `_file` form, read by `secrets::file_overrides`.
+    #[serde(skip_serializing)]
+    pub state_url_file: Option<PathBuf>,
+    /// This node's name in the leader lease; "" is the host name.
+    pub node_name: String,
+    pub lease_secs: u64,
     pub schedule: String,
     pub full_resync_schedule: String,
     /// The payment fast path (SPEC §10.2); "" disables.
@@ -74,6 +83,10 @@ impl Default for DaemonSettings {
     fn default() -> Self {
         Self {
             state_path: PathBuf::from("/var/lib/billsync/state.db"),
+            state_url: Secret::default(),
+            state_url_file: None,
+            node_name: String::new(),
+            lease_secs: 15,
             schedule: "0 * * * * *".into(),
             // Rolling re-verification repairs drift now (SPEC §10.1); the
             // full resync stays an operator tool.
@@ -900,9 +913,19 @@ fn validate_source(s: &Settings, kind: SourceKind) -> Result<(), ConfigError> {
 
 fn validate(s: &Settings) -> Result<(), ConfigError> {
     let d = &s.daemon;
-    if d.state_path.as_os_str().is_empty() {
+    if d.state_path.as_os_str().is_empty() && !d.state_url.is_set() {
         return Err(ConfigError::new("daemon.state_path", "is required"));
     }
+    if let Some(url) = d.state_url.expose() {
+        if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+            let why = "must be a postgres:// URL (leave it unset for SQLite at state_path)";
+            return Err(ConfigError::new("daemon.state_url", why));
+        }
+    }
+    if d.lease_secs < 3 {
+        return Err(ConfigError::new("daemon.lease_secs", "must be at least 3"));
+    }
+    check_secs("daemon.lease_secs", d.lease_secs)?;
     validate_cron("daemon.schedule", &d.schedule)?;
     if !d.payments_schedule.is_empty() {
         validate_cron("daemon.payments_schedule", &d.payments_schedule)?;

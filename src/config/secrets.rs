@@ -257,7 +257,10 @@ mod tests {
         s.admin.token = Secret::new("tok-123");
         assert_eq!(
             secrets_in(&s).unwrap(),
-            vec![("admin.token".to_string(), "tok-123".to_string())]
+            vec![
+                ("admin.token".to_string(), "tok-123".to_string()),
+                ("daemon.state_url".to_string(), String::new()),
+            ]
         );
         let shown = serde_json::to_string(&s).unwrap();
         assert!(!shown.contains("tok-123") && shown.contains("***"));

@@ -125,7 +125,9 @@ pub struct Engine {
 
 impl Engine {
     pub async fn new(settings: Settings) -> Result<Self, EngineError> {
-        let store = Store::open(&settings.daemon.state_path).await?;
+        let d = &settings.daemon;
+        let store =
+            Store::open_configured(d.state_url.expose(), &d.state_path, d.lease_secs).await?;
         Self::with_store(settings, store)
     }
 

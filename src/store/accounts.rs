@@ -3,8 +3,8 @@
 use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
-use sqlx::Row;
 
+use super::db::{on, on_pool, Row};
 use super::{decode_json, parse_ts, ts, Result, Store};
 use crate::core::model::{AccountKey, ListedAccount, Payment, RawAccount, SourceKind};
 use crate::core::pacing::{Pacing, Round};
@@ -67,13 +67,14 @@ impl Store {
         &self,
         source: SourceKind,
     ) -> Result<HashMap<String, AccountIndexEntry>> {
-        let rows = sqlx::query(
+        let rows = on_pool!(self.db, |c| sqlx::query(
             "SELECT id, row_hash, details_json IS NOT NULL AS has_details, missing_cycles
-             FROM source_accounts WHERE source = ?",
+             FROM source_accounts WHERE source = $1",
         )
         .bind(source.as_str())
-        .fetch_all(&self.pool)
-        .await?;
+        .fetch_all(c)
+        .await
+        .map(Row::all))?;
         Ok(rows
             .into_iter()
             .map(|r| {
@@ -103,12 +104,13 @@ impl Store {
     ) -> Result<()> {
         let now_s = ts(read.at);
         let mut tx = self.write_tx().await?;
-        let prev_listed: Option<String> =
-            sqlx::query_scalar("SELECT last_listed_at FROM source_state WHERE source = ?")
-                .bind(source.as_str())
-                .fetch_optional(&mut *tx)
-                .await?
-                .flatten();
+        let prev_listed: Option<String> = on!(tx.conn(), |c| sqlx::query_scalar(
+            "SELECT last_listed_at FROM source_state WHERE source = $1"
+        )
+        .bind(source.as_str())
+        .fetch_optional(c)
+        .await)?
+        .flatten();
         let mut listed = std::collections::HashSet::with_capacity(listing.len());
         for a in listing {
             listed.insert(a.raw.id.as_str());
@@ -118,11 +120,11 @@ impl Store {
             let changed = a.row_hash.is_empty() || known.is_none_or(|k| k.row_hash != a.row_hash);
             if changed {
                 let list_raw = serde_json::to_string(&a.raw).unwrap_or_default();
-                sqlx::query(
+                on!(tx.conn(), |c| sqlx::query(
                     "INSERT INTO source_accounts
                         (source, id, row_json, row_hash, list_raw, first_seen, last_seen,
                          missing_cycles, seen_seq)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6, 0, ?7)
+                     VALUES ($1, $2, $3, $4, $5, $6, $6, 0, $7)
                      ON CONFLICT (source, id) DO UPDATE SET
                         row_json = excluded.row_json, row_hash = excluded.row_hash,
                         list_raw = excluded.list_raw, last_seen = excluded.last_seen,
@@ -137,19 +139,21 @@ impl Store {
                 .bind(list_raw)
                 .bind(&now_s)
                 .bind(read.seq)
-                .execute(&mut *tx)
-                .await?;
+                .execute(c)
+                .await
+                .map(drop))?;
             } else if known.is_some_and(|k| k.missing_cycles > 0) {
-                sqlx::query(
-                    "UPDATE source_accounts SET missing_cycles = 0, last_seen = ?3, seen_seq = ?4
-                     WHERE source = ?1 AND id = ?2 AND seen_seq <= ?4",
+                on!(tx.conn(), |c| sqlx::query(
+                    "UPDATE source_accounts SET missing_cycles = 0, last_seen = $3, seen_seq = $4
+                     WHERE source = $1 AND id = $2 AND seen_seq <= $4",
                 )
                 .bind(source.as_str())
                 .bind(&a.raw.id)
                 .bind(&now_s)
                 .bind(read.seq)
-                .execute(&mut *tx)
-                .await?;
+                .execute(c)
+                .await
+                .map(drop))?;
             }
         }
         for (id, entry) in index {
@@ -164,41 +168,44 @@ impl Store {
             };
             // A live re-read of a later cycle (it moved `seen_seq`) is newer
             // evidence that the account exists.
-            sqlx::query(
+            on!(tx.conn(), |c| sqlx::query(
                 "UPDATE source_accounts SET missing_cycles = missing_cycles + 1,
-                    last_seen = COALESCE(?3, last_seen)
-                 WHERE source = ?1 AND id = ?2 AND seen_seq < ?4",
+                    last_seen = COALESCE($3, last_seen)
+                 WHERE source = $1 AND id = $2 AND seen_seq < $4",
             )
             .bind(source.as_str())
             .bind(id)
             .bind(last_seen)
             .bind(read.seq)
-            .execute(&mut *tx)
-            .await?;
+            .execute(c)
+            .await
+            .map(drop))?;
         }
-        sqlx::query(
-            "INSERT INTO source_state (source, last_listed_at) VALUES (?1, ?2)
+        on!(tx.conn(), |c| sqlx::query(
+            "INSERT INTO source_state (source, last_listed_at) VALUES ($1, $2)
              ON CONFLICT (source) DO UPDATE SET last_listed_at = excluded.last_listed_at",
         )
         .bind(source.as_str())
         .bind(&now_s)
-        .execute(&mut *tx)
-        .await?;
+        .execute(c)
+        .await
+        .map(drop))?;
         tx.commit().await?;
         Ok(())
     }
 
     pub async fn record_source_error(&self, source: SourceKind, error: &str) -> Result<()> {
-        sqlx::query(
-            "INSERT INTO source_state (source, last_error, last_error_at) VALUES (?1, ?2, ?3)
+        on_pool!(self.db, |c| sqlx::query(
+            "INSERT INTO source_state (source, last_error, last_error_at) VALUES ($1, $2, $3)
              ON CONFLICT (source) DO UPDATE SET last_error = excluded.last_error,
                 last_error_at = excluded.last_error_at",
         )
         .bind(source.as_str())
         .bind(error)
         .bind(ts(Utc::now()))
-        .execute(&self.pool)
-        .await?;
+        .execute(c)
+        .await
+        .map(drop))?;
         Ok(())
     }
 
@@ -220,7 +227,7 @@ impl Store {
         // Read and written in one transaction: a listing saved in between
         // must not be merged away.
         let mut tx = self.write_tx().await?;
-        let old = read_account(&mut *tx, source, &fresh.id).await?;
+        let old = read_account(&mut tx.conn(), source, &fresh.id).await?;
         let (list, details) = match &old {
             Some(o) => (
                 fresh.merged_with(&o.list),
@@ -236,21 +243,21 @@ impl Store {
             }
             false => (None, None),
         };
-        sqlx::query(
+        on!(tx.conn(), |c| sqlx::query(
             "INSERT INTO source_accounts
                 (source, id, row_json, row_hash, list_raw, details_json, details_at,
                  first_seen, last_seen, missing_cycles, verify_from, seen_seq, details_seq)
-             VALUES (?1, ?2, '{}', '', ?3, ?4, ?5, ?5, ?5, 0, ?6, ?9, ?9)
+             VALUES ($1, $2, '{}', '', $3, $4, $5, $5, $5, 0, $6, $9, $9)
              ON CONFLICT (source, id) DO UPDATE SET
                 list_raw = excluded.list_raw, details_json = excluded.details_json,
                 details_at = excluded.details_at, details_seq = excluded.details_seq,
-                verify_from = CASE WHEN ?6 IS NULL THEN source_accounts.verify_from
-                    WHEN source_accounts.details_at IS NULL THEN ?6 ELSE ?7 END,
-                missing_cycles = CASE WHEN ?8 THEN 0 ELSE source_accounts.missing_cycles END,
-                last_seen = CASE WHEN ?8 THEN excluded.last_seen ELSE source_accounts.last_seen END,
-                seen_seq = CASE WHEN ?8 THEN excluded.seen_seq ELSE source_accounts.seen_seq END
-             WHERE source_accounts.seen_seq <= ?9
-               AND COALESCE(source_accounts.details_seq, 0) <= ?9",
+                verify_from = CASE WHEN $6 IS NULL THEN source_accounts.verify_from
+                    WHEN source_accounts.details_at IS NULL THEN $6 ELSE $7 END,
+                missing_cycles = CASE WHEN $8 THEN 0 ELSE source_accounts.missing_cycles END,
+                last_seen = CASE WHEN $8 THEN excluded.last_seen ELSE source_accounts.last_seen END,
+                seen_seq = CASE WHEN $8 THEN excluded.seen_seq ELSE source_accounts.seen_seq END
+             WHERE source_accounts.seen_seq <= $9
+               AND COALESCE(source_accounts.details_seq, 0) <= $9",
         )
         .bind(source.as_str())
         .bind(&fresh.id)
@@ -261,8 +268,9 @@ impl Store {
         .bind(again)
         .bind(live)
         .bind(read.seq)
-        .execute(&mut *tx)
-        .await?;
+        .execute(c)
+        .await
+        .map(drop))?;
         tx.commit().await?;
         Ok(())
     }
@@ -283,11 +291,11 @@ impl Store {
         for (id, row_hash, raw) in details {
             let (first, again) = verify_froms(pacing, source, id, read.at);
             let again = if restagger { first } else { again };
-            sqlx::query(
-                "UPDATE source_accounts SET details_json = ?3, details_at = ?4, row_hash = ?5,
-                    verify_from = CASE WHEN details_at IS NULL THEN ?6 ELSE ?7 END,
-                    details_seq = ?8
-                 WHERE source = ?1 AND id = ?2 AND (details_seq IS NULL OR details_seq <= ?8)",
+            on!(tx.conn(), |c| sqlx::query(
+                "UPDATE source_accounts SET details_json = $3, details_at = $4, row_hash = $5,
+                    verify_from = CASE WHEN details_at IS NULL THEN $6 ELSE $7 END,
+                    details_seq = $8
+                 WHERE source = $1 AND id = $2 AND (details_seq IS NULL OR details_seq <= $8)",
             )
             .bind(source.as_str())
             .bind(id)
@@ -297,8 +305,9 @@ impl Store {
             .bind(first)
             .bind(again)
             .bind(read.seq)
-            .execute(&mut *tx)
-            .await?;
+            .execute(c)
+            .await
+            .map(drop))?;
         }
         tx.commit().await?;
         Ok(())
@@ -313,28 +322,32 @@ impl Store {
         mut f: impl FnMut(RawAccount, Option<RawAccount>, u32),
     ) -> Result<()> {
         use futures::TryStreamExt;
-        let mut rows = sqlx::query(
-            "SELECT list_raw, details_json, missing_cycles FROM source_accounts WHERE source = ?",
-        )
-        .bind(source.as_str())
-        .fetch(&self.pool);
-        while let Some(r) = rows.try_next().await? {
-            let list = decode_raw(&r.get::<String, _>(0))?;
-            let details = match r.get::<Option<String>, _>(1) {
-                Some(d) => Some(decode_raw(&d)?),
-                None => None,
-            };
-            f(list, details, r.get::<i64, _>(2).max(0) as u32);
-        }
+        let sql =
+            "SELECT list_raw, details_json, missing_cycles FROM source_accounts WHERE source = $1";
+        on_pool!(self.db, |c| {
+            let mut rows = sqlx::query(sql).bind(source.as_str()).fetch(c);
+            while let Some(r) = rows.try_next().await? {
+                let r = Row::from(r);
+                let list = decode_raw(&r.get::<String, _>(0))?;
+                let details = match r.get::<Option<String>, _>(1) {
+                    Some(d) => Some(decode_raw(&d)?),
+                    None => None,
+                };
+                f(list, details, r.get::<i64, _>(2).max(0) as u32);
+            }
+        });
         Ok(())
     }
 
     /// Payment hashes by id, to spot new and changed payments.
     pub async fn payment_index(&self, source: SourceKind) -> Result<HashMap<String, String>> {
-        let rows = sqlx::query("SELECT id, row_hash FROM payments WHERE source = ?")
-            .bind(source.as_str())
-            .fetch_all(&self.pool)
-            .await?;
+        let rows = on_pool!(self.db, |c| sqlx::query(
+            "SELECT id, row_hash FROM payments WHERE source = $1"
+        )
+        .bind(source.as_str())
+        .fetch_all(c)
+        .await
+        .map(Row::all))?;
         Ok(rows.into_iter().map(|r| (r.get(0), r.get(1))).collect())
     }
 
@@ -346,11 +359,12 @@ impl Store {
         let now_s = ts(read.at);
         let mut tx = self.write_tx().await?;
         for (p, hash) in payments {
-            sqlx::query(
+            on!(tx.conn(), |c| {
+                sqlx::query(
                 "INSERT INTO payments
                     (source, id, account_id, account_name, amount, paid, is_final, paid_at, row_hash,
                      seen_at, paid_seen_at, seen_seq)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, CASE WHEN ?6 THEN ?10 END, ?11)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, CASE WHEN $6 THEN $10 END, $11)
                  ON CONFLICT (source, id) DO UPDATE SET
                     account_id = excluded.account_id, account_name = excluded.account_name,
                     amount = excluded.amount, paid = excluded.paid, is_final = excluded.is_final,
@@ -370,8 +384,9 @@ impl Store {
             .bind(hash)
             .bind(&now_s)
             .bind(read.seq)
-            .execute(&mut *tx)
-            .await?;
+            .execute(c)
+            .await.map(drop)
+            })?;
         }
         tx.commit().await?;
         Ok(())
@@ -379,14 +394,15 @@ impl Store {
 
     /// Latest paid date per account of a source.
     pub async fn last_paid(&self, source: SourceKind) -> Result<HashMap<String, DateTime<Utc>>> {
-        let rows = sqlx::query(
+        let rows = on_pool!(self.db, |c| sqlx::query(
             "SELECT account_id, MAX(paid_at) FROM payments
-             WHERE source = ? AND paid = 1 AND account_id IS NOT NULL AND paid_at IS NOT NULL
+             WHERE source = $1 AND paid = TRUE AND account_id IS NOT NULL AND paid_at IS NOT NULL
              GROUP BY account_id",
         )
         .bind(source.as_str())
-        .fetch_all(&self.pool)
-        .await?;
+        .fetch_all(c)
+        .await
+        .map(Row::all))?;
         let mut out = HashMap::new();
         for r in rows {
             if let Some(t) = r.get::<Option<String>, _>(1).as_deref().and_then(parse_ts) {
@@ -401,19 +417,21 @@ impl Store {
     /// seen before `older_than`) whose users are deprovisioned or were never
     /// made: the state stays bounded by what is alive.
     pub async fn purge_gone_accounts(&self, grace: u32, older_than: DateTime<Utc>) -> Result<u64> {
-        Ok(sqlx::query(
+        let gone = self.db.backend().json_true("au.state_json", "gone");
+        let sql = format!(
             "DELETE FROM source_accounts
-             WHERE missing_cycles > ?1 AND last_seen < ?2
+             WHERE missing_cycles > $1 AND last_seen < $2
                AND NOT EXISTS (SELECT 1 FROM applied_users au
                    WHERE au.source = source_accounts.source
                      AND au.account_id = source_accounts.id
-                     AND COALESCE(json_extract(au.state_json, '$.gone'), 0) = 0)",
-        )
-        .bind(grace)
-        .bind(ts(older_than))
-        .execute(&self.pool)
-        .await?
-        .rows_affected())
+                     AND NOT {gone})"
+        );
+        Ok(on_pool!(self.db, |c| sqlx::query(&sql)
+            .bind(i64::from(grace))
+            .bind(ts(older_than))
+            .execute(c)
+            .await
+            .map(|r| r.rows_affected()))?)
     }
 
     /// Marks the account's paid payments as pushed (its user's push was
@@ -423,17 +441,17 @@ impl Store {
         account: &AccountKey,
         now: DateTime<Utc>,
     ) -> Result<Vec<DateTime<Utc>>> {
-        let seen: Vec<String> = sqlx::query_scalar(
-            "UPDATE payments SET pushed_at = ?3
-             WHERE source = ?1 AND account_id = ?2 AND paid = 1
+        let seen: Vec<String> = on_pool!(self.db, |c| sqlx::query_scalar(
+            "UPDATE payments SET pushed_at = $3
+             WHERE source = $1 AND account_id = $2 AND paid = TRUE
                AND paid_seen_at IS NOT NULL AND pushed_at IS NULL
              RETURNING paid_seen_at",
         )
         .bind(account.source.as_str())
         .bind(&account.id)
         .bind(ts(now))
-        .fetch_all(&self.pool)
-        .await?;
+        .fetch_all(c)
+        .await)?;
         Ok(seen.iter().filter_map(|s| parse_ts(s)).collect())
     }
 
@@ -443,12 +461,15 @@ impl Store {
         &self,
         source: SourceKind,
     ) -> Result<HashMap<String, Option<String>>> {
-        let rows = sqlx::query(
-            "SELECT id, json_extract(list_raw, '$.name') FROM source_accounts WHERE source = ?",
-        )
-        .bind(source.as_str())
-        .fetch_all(&self.pool)
-        .await?;
+        let name = self.db.backend().json_text("list_raw", "name");
+        let sql = format!("SELECT id, {name} FROM source_accounts WHERE source = $1");
+        let rows = on_pool!(self.db, |c| {
+            sqlx::query(&sql)
+                .bind(source.as_str())
+                .fetch_all(c)
+                .await
+                .map(Row::all)
+        })?;
         let named = rows
             .into_iter()
             .filter_map(|r| Some((r.get::<Option<String>, _>(1)?, r.get::<String, _>(0))));
@@ -456,13 +477,14 @@ impl Store {
     }
 
     pub async fn prune_payments(&self, older_than: DateTime<Utc>) -> Result<u64> {
-        let done = sqlx::query(
-            "DELETE FROM payments WHERE is_final = 1 AND COALESCE(paid_at, seen_at) < ?",
+        let done = on_pool!(self.db, |c| sqlx::query(
+            "DELETE FROM payments WHERE is_final = TRUE AND COALESCE(paid_at, seen_at) < $1",
         )
         .bind(ts(older_than))
-        .execute(&self.pool)
-        .await?;
-        Ok(done.rows_affected())
+        .execute(c)
+        .await
+        .map(|r| r.rows_affected()))?;
+        Ok(done)
     }
 
     /// Replaces a source's invalid records with this cycle's.
@@ -474,14 +496,17 @@ impl Store {
     ) -> Result<()> {
         let now_s = ts(now);
         let mut tx = self.write_tx().await?;
-        sqlx::query("DELETE FROM invalid_records WHERE source = ?")
-            .bind(source.as_str())
-            .execute(&mut *tx)
-            .await?;
+        on!(tx.conn(), |c| sqlx::query(
+            "DELETE FROM invalid_records WHERE source = $1"
+        )
+        .bind(source.as_str())
+        .execute(c)
+        .await
+        .map(drop))?;
         for (id, kind, reason, detail) in records {
-            sqlx::query(
+            on!(tx.conn(), |c| sqlx::query(
                 "INSERT INTO invalid_records (source, id, kind, reason, detail, seen_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                 VALUES ($1, $2, $3, $4, $5, $6)",
             )
             .bind(source.as_str())
             .bind(id)
@@ -489,8 +514,9 @@ impl Store {
             .bind(reason)
             .bind(detail)
             .bind(&now_s)
-            .execute(&mut *tx)
-            .await?;
+            .execute(c)
+            .await
+            .map(drop))?;
         }
         tx.commit().await?;
         Ok(())
@@ -506,20 +532,24 @@ impl Store {
     ) -> Result<()> {
         let now_s = ts(now);
         let mut tx = self.write_tx().await?;
-        sqlx::query("DELETE FROM invalid_records WHERE reason = 'camera_group'")
-            .execute(&mut *tx)
-            .await?;
+        on!(tx.conn(), |c| sqlx::query(
+            "DELETE FROM invalid_records WHERE reason = 'camera_group'"
+        )
+        .execute(c)
+        .await
+        .map(drop))?;
         for (source, id, detail) in records {
-            sqlx::query(
+            on!(tx.conn(), |c| sqlx::query(
                 "INSERT INTO invalid_records (source, id, kind, reason, detail, seen_at)
-                 VALUES (?1, ?2, 'account', 'camera_group', ?3, ?4)",
+                 VALUES ($1, $2, 'account', 'camera_group', $3, $4)",
             )
             .bind(source.as_str())
             .bind(id)
             .bind(detail)
             .bind(&now_s)
-            .execute(&mut *tx)
-            .await?;
+            .execute(c)
+            .await
+            .map(drop))?;
         }
         tx.commit().await?;
         Ok(())
@@ -527,11 +557,13 @@ impl Store {
 
     /// Every invalid record (at most 1000).
     pub async fn invalid_records(&self) -> Result<Vec<InvalidRow>> {
-        let rows = sqlx::query(
+        let rows = on_pool!(self.db, |c| {
+            sqlx::query(
             "SELECT source, id, reason, detail FROM invalid_records ORDER BY source, id LIMIT 1000",
         )
-        .fetch_all(&self.pool)
-        .await?;
+        .fetch_all(c)
+        .await.map(Row::all)
+        })?;
         Ok(rows
             .into_iter()
             .map(|r| InvalidRow {
@@ -561,23 +593,23 @@ impl Store {
         source: SourceKind,
         id: &str,
     ) -> Result<Option<StoredAccount>> {
-        read_account(&self.pool, source, id).await
+        read_account(&mut self.db.acquire().await?.conn(), source, id).await
     }
 }
 
-async fn read_account<'e>(
-    db: impl sqlx::SqliteExecutor<'e>,
+async fn read_account(
+    conn: &mut super::db::Conn<'_>,
     source: SourceKind,
     id: &str,
 ) -> Result<Option<StoredAccount>> {
-    let row = sqlx::query(
-        "SELECT row_json, list_raw, details_json, missing_cycles, first_seen, last_seen
-         FROM source_accounts WHERE source = ? AND id = ?",
-    )
-    .bind(source.as_str())
-    .bind(id)
-    .fetch_optional(db)
-    .await?;
+    let sql = "SELECT row_json, list_raw, details_json, missing_cycles, first_seen, last_seen
+               FROM source_accounts WHERE source = $1 AND id = $2";
+    let row = on!(conn, |c| sqlx::query(sql)
+        .bind(source.as_str())
+        .bind(id)
+        .fetch_optional(&mut **c)
+        .await
+        .map(Row::opt))?;
     let Some(r) = row else { return Ok(None) };
     Ok(Some(StoredAccount {
         row_json: r.get(0),

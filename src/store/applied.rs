@@ -5,8 +5,8 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
 use futures::TryStreamExt;
-use sqlx::Row;
 
+use super::db::{on, on_pool, Row};
 use super::{account_key, decode_json, parse_ts, ts, Result, Store};
 use crate::core::model::{AccountKey, SourceKind};
 use crate::core::plan::{state_hash, Applied, AppliedUser};
@@ -46,12 +46,12 @@ impl Store {
     ) -> Result<BTreeMap<String, AccountKey>> {
         let mut out = BTreeMap::new();
         for source in sources {
-            let rows: Vec<(String, String, String)> = sqlx::query_as(
-                "SELECT login, account_id, state_json FROM applied_users WHERE source = ?",
+            let rows: Vec<(String, String, String)> = on_pool!(self.db, |c| sqlx::query_as(
+                "SELECT login, account_id, state_json FROM applied_users WHERE source = $1",
             )
             .bind(source.as_str())
-            .fetch_all(&self.pool)
-            .await?;
+            .fetch_all(c)
+            .await)?;
             for (login, id, state) in rows {
                 let state: crate::core::model::UserState = decode_json(&state)?;
                 if state.gone {
@@ -70,10 +70,13 @@ impl Store {
     /// Streams `(login, hash)` of every applied user: enough to tell which
     /// logins need planning without holding 100k rows.
     pub async fn scan_applied_hashes(&self, mut f: impl FnMut(&str, &str)) -> Result<()> {
-        let mut rows = sqlx::query("SELECT login, hash FROM applied_users").fetch(&self.pool);
-        while let Some(r) = rows.try_next().await? {
-            f(r.get::<&str, _>(0), r.get::<&str, _>(1));
-        }
+        on_pool!(self.db, |c| {
+            let mut rows = sqlx::query("SELECT login, hash FROM applied_users").fetch(c);
+            while let Some(r) = rows.try_next().await? {
+                let r = Row::from(r);
+                f(r.get::<&str, _>(0), r.get::<&str, _>(1));
+            }
+        });
         Ok(())
     }
 
@@ -94,12 +97,13 @@ impl Store {
     ) -> Result<BTreeMap<String, AppliedUser>> {
         let mut out = BTreeMap::new();
         for login in logins {
-            let row = sqlx::query(
-                "SELECT source, account_id, state_json FROM applied_users WHERE login = ?",
+            let row = on_pool!(self.db, |c| sqlx::query(
+                "SELECT source, account_id, state_json FROM applied_users WHERE login = $1",
             )
             .bind(login)
-            .fetch_optional(&self.pool)
-            .await?;
+            .fetch_optional(c)
+            .await
+            .map(Row::opt))?;
             if let Some(r) = row {
                 out.insert(login.clone(), applied_user(&r, 0)?);
             }
@@ -113,31 +117,39 @@ impl Store {
         logins: Option<&HashSet<String>>,
     ) -> Result<BTreeMap<String, AppliedUser>> {
         let mut out = BTreeMap::new();
-        let mut rows =
-            sqlx::query("SELECT login, source, account_id, state_json FROM applied_users")
-                .fetch(&self.pool);
-        while let Some(r) = rows.try_next().await? {
-            let login: String = r.get(0);
-            if logins.is_some_and(|l| !l.contains(&login)) {
-                continue;
+        let sql = "SELECT login, source, account_id, state_json FROM applied_users";
+        on_pool!(self.db, |c| {
+            let mut rows = sqlx::query(sql).fetch(c);
+            while let Some(r) = rows.try_next().await? {
+                let r = Row::from(r);
+                let login: String = r.get(0);
+                if logins.is_some_and(|l| !l.contains(&login)) {
+                    continue;
+                }
+                out.insert(login, applied_user(&r, 1)?);
             }
-            out.insert(login, applied_user(&r, 1)?);
-        }
+        });
         Ok(out)
     }
 
     pub async fn load_tree(&self) -> Result<BTreeMap<String, String>> {
-        let rows = sqlx::query("SELECT external_id, name FROM applied_tree")
-            .fetch_all(&self.pool)
-            .await?;
+        let rows = on_pool!(self.db, |c| sqlx::query(
+            "SELECT external_id, name FROM applied_tree"
+        )
+        .fetch_all(c)
+        .await
+        .map(Row::all))?;
         Ok(rows.into_iter().map(|r| (r.get(0), r.get(1))).collect())
     }
 
     /// Write-backs done: account -> value written.
     pub async fn load_written(&self) -> Result<HashMap<AccountKey, String>> {
-        let rows = sqlx::query("SELECT source, account_id, value FROM writebacks")
-            .fetch_all(&self.pool)
-            .await?;
+        let rows = on_pool!(self.db, |c| sqlx::query(
+            "SELECT source, account_id, value FROM writebacks"
+        )
+        .fetch_all(c)
+        .await
+        .map(Row::all))?;
         rows.into_iter()
             .map(|r| Ok((account_key(&r.get::<String, _>(0), r.get(1))?, r.get(2))))
             .collect()
@@ -154,16 +166,19 @@ impl Store {
         verify_from: Option<i64>,
     ) -> Result<()> {
         let Some(user) = user else {
-            sqlx::query("DELETE FROM applied_users WHERE login = ?")
-                .bind(login)
-                .execute(&self.pool)
-                .await?;
+            on_pool!(self.db, |c| sqlx::query(
+                "DELETE FROM applied_users WHERE login = $1"
+            )
+            .bind(login)
+            .execute(c)
+            .await
+            .map(drop))?;
             return Ok(());
         };
-        sqlx::query(
+        on_pool!(self.db, |c| sqlx::query(
             "INSERT INTO applied_users
                 (login, source, account_id, state_json, hash, applied_at, asserted_at, verify_from)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, CASE WHEN ?7 IS NOT NULL THEN ?6 END, ?7)
+             VALUES ($1, $2, $3, $4, $5, $6, CASE WHEN $7 IS NOT NULL THEN $6 END, $7)
              ON CONFLICT (login) DO UPDATE SET source = excluded.source,
                 account_id = excluded.account_id, state_json = excluded.state_json,
                 hash = excluded.hash, applied_at = excluded.applied_at,
@@ -177,27 +192,30 @@ impl Store {
         .bind(state_hash(&user.state))
         .bind(ts(Utc::now()))
         .bind(verify_from)
-        .execute(&self.pool)
-        .await?;
+        .execute(c)
+        .await
+        .map(drop))?;
         Ok(())
     }
 
     pub async fn record_tree(&self, external_id: &str, name: &str) -> Result<()> {
-        sqlx::query(
-            "INSERT INTO applied_tree (external_id, name, applied_at) VALUES (?1, ?2, ?3)
+        on_pool!(self.db, |c| {
+            sqlx::query(
+            "INSERT INTO applied_tree (external_id, name, applied_at) VALUES ($1, $2, $3)
              ON CONFLICT (external_id) DO UPDATE SET name = excluded.name, applied_at = excluded.applied_at",
         )
         .bind(external_id)
         .bind(name)
         .bind(ts(Utc::now()))
-        .execute(&self.pool)
-        .await?;
+        .execute(c)
+        .await.map(drop)
+        })?;
         Ok(())
     }
 
     pub async fn record_writeback(&self, account: &AccountKey, value: &str) -> Result<()> {
-        sqlx::query(
-            "INSERT INTO writebacks (source, account_id, value, written_at) VALUES (?1, ?2, ?3, ?4)
+        on_pool!(self.db, |c| sqlx::query(
+            "INSERT INTO writebacks (source, account_id, value, written_at) VALUES ($1, $2, $3, $4)
              ON CONFLICT (source, account_id) DO UPDATE SET value = excluded.value,
                 written_at = excluded.written_at",
         )
@@ -205,8 +223,9 @@ impl Store {
         .bind(&account.id)
         .bind(value)
         .bind(ts(Utc::now()))
-        .execute(&self.pool)
-        .await?;
+        .execute(c)
+        .await
+        .map(drop))?;
         Ok(())
     }
 
@@ -214,9 +233,9 @@ impl Store {
     /// happened, the login is in doubt (SPEC §9.1). An older doubt keeps its
     /// `since`.
     pub async fn mark_in_doubt(&self, login: &str, op: &str, user: &AppliedUser) -> Result<()> {
-        sqlx::query(
+        on_pool!(self.db, |c| sqlx::query(
             "INSERT INTO in_doubt (login, op, source, account_id, state_json, since)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+             VALUES ($1, $2, $3, $4, $5, $6)
              ON CONFLICT (login) DO UPDATE SET op = excluded.op, source = excluded.source,
                 account_id = excluded.account_id, state_json = excluded.state_json",
         )
@@ -226,28 +245,34 @@ impl Store {
         .bind(&user.owner.id)
         .bind(serde_json::to_string(&user.state).unwrap_or_default())
         .bind(ts(Utc::now()))
-        .execute(&self.pool)
-        .await?;
+        .execute(c)
+        .await
+        .map(drop))?;
         Ok(())
     }
 
     /// When the login's applied state was last confirmed, and last asserted
     /// in full (re-verification), as stored (RFC 3339).
     pub async fn applied_times(&self, login: &str) -> Result<Option<(String, Option<String>)>> {
-        let row = sqlx::query("SELECT applied_at, asserted_at FROM applied_users WHERE login = ?")
-            .bind(login)
-            .fetch_optional(&self.pool)
-            .await?;
+        let row = on_pool!(self.db, |c| sqlx::query(
+            "SELECT applied_at, asserted_at FROM applied_users WHERE login = $1"
+        )
+        .bind(login)
+        .fetch_optional(c)
+        .await
+        .map(Row::opt))?;
         Ok(row.map(|r| (r.get(0), r.get(1))))
     }
 
     /// Whether the VMS is known to hold exactly `user` for `login` (None:
     /// no user): recorded so, and not in doubt.
     pub async fn holds_exactly(&self, login: &str, user: Option<&AppliedUser>) -> Result<bool> {
-        let in_doubt: Option<i64> = sqlx::query_scalar("SELECT 1 FROM in_doubt WHERE login = ?")
-            .bind(login)
-            .fetch_optional(&self.pool)
-            .await?;
+        let in_doubt: Option<i64> = on_pool!(self.db, |c| sqlx::query_scalar(
+            "SELECT 1 FROM in_doubt WHERE login = $1"
+        )
+        .bind(login)
+        .fetch_optional(c)
+        .await)?;
         if in_doubt.is_some() {
             return Ok(false);
         }
@@ -257,46 +282,56 @@ impl Store {
     }
 
     pub async fn clear_in_doubt(&self, login: &str) -> Result<()> {
-        sqlx::query("DELETE FROM in_doubt WHERE login = ?")
-            .bind(login)
-            .execute(&self.pool)
-            .await?;
+        on_pool!(self.db, |c| sqlx::query(
+            "DELETE FROM in_doubt WHERE login = $1"
+        )
+        .bind(login)
+        .execute(c)
+        .await
+        .map(drop))?;
         Ok(())
     }
 
     /// Applied users that are live, active on the VMS: the base of the
     /// safety ratio, so that blocked history does not loosen it.
     pub async fn count_live_users(&self, status_active: &str) -> Result<u64> {
-        let n: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) FROM applied_users
-             WHERE json_extract(state_json, '$.status') = ?1
-               AND COALESCE(json_extract(state_json, '$.gone'), 0) = 0",
-        )
-        .bind(status_active)
-        .fetch_one(&self.pool)
-        .await?;
+        let b = self.db.backend();
+        let (status, gone) = (
+            b.json_text("state_json", "status"),
+            b.json_true("state_json", "gone"),
+        );
+        let sql = format!("SELECT COUNT(*) FROM applied_users WHERE {status} = $1 AND NOT {gone}");
+        let n: i64 = on_pool!(self.db, |c| sqlx::query_scalar(&sql)
+            .bind(status_active)
+            .fetch_one(c)
+            .await)?;
         Ok(n.max(0) as u64)
     }
 
     /// Users already blocked because their account is gone: nothing to do
     /// for them while nobody desires them (a full resync re-asserts them).
     pub async fn deprovisioned_logins(&self, status_blocked: &str) -> Result<HashSet<String>> {
-        let rows: Vec<String> = sqlx::query_scalar(
-            "SELECT login FROM applied_users
-             WHERE COALESCE(json_extract(state_json, '$.gone'), 0) = 1
-               AND json_extract(state_json, '$.status') = ?1",
-        )
-        .bind(status_blocked)
-        .fetch_all(&self.pool)
-        .await?;
+        let b = self.db.backend();
+        let (status, gone) = (
+            b.json_text("state_json", "status"),
+            b.json_true("state_json", "gone"),
+        );
+        let sql = format!("SELECT login FROM applied_users WHERE {gone} AND {status} = $1");
+        let rows: Vec<String> = on_pool!(self.db, |c| sqlx::query_scalar(&sql)
+            .bind(status_blocked)
+            .fetch_all(c)
+            .await)?;
         Ok(rows.into_iter().collect())
     }
 
     /// Applied users per owning source.
     pub async fn applied_per_source(&self) -> Result<BTreeMap<String, u64>> {
-        let rows = sqlx::query("SELECT source, COUNT(*) FROM applied_users GROUP BY source")
-            .fetch_all(&self.pool)
-            .await?;
+        let rows = on_pool!(self.db, |c| sqlx::query(
+            "SELECT source, COUNT(*) FROM applied_users GROUP BY source"
+        )
+        .fetch_all(c)
+        .await
+        .map(Row::all))?;
         Ok(rows
             .into_iter()
             .map(|r| (r.get(0), r.get::<i64, _>(1).max(0) as u64))
@@ -304,19 +339,23 @@ impl Store {
     }
 
     pub async fn count_in_doubt(&self) -> Result<u64> {
-        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM in_doubt")
-            .fetch_one(&self.pool)
-            .await?;
+        let n: i64 = on_pool!(self.db, |c| sqlx::query_scalar(
+            "SELECT COUNT(*) FROM in_doubt"
+        )
+        .fetch_one(c)
+        .await)?;
         Ok(n.max(0) as u64)
     }
 
     /// Every login in doubt, oldest first.
     pub async fn load_in_doubt(&self) -> Result<Vec<InDoubt>> {
-        let rows = sqlx::query(
+        let rows = on_pool!(self.db, |c| {
+            sqlx::query(
             "SELECT login, op, since, source, account_id, state_json FROM in_doubt ORDER BY since",
         )
-        .fetch_all(&self.pool)
-        .await?;
+        .fetch_all(c)
+        .await.map(Row::all)
+        })?;
         rows.iter()
             .map(|r| {
                 Ok(InDoubt {
@@ -334,17 +373,23 @@ impl Store {
     pub(super) async fn rehash_states(&self) -> Result<u64> {
         let mut n = 0;
         for table in ["applied_users", "desired_users"] {
-            let rows = sqlx::query(&format!("SELECT login, state_json FROM {table}"))
-                .fetch_all(&self.pool)
-                .await?;
+            let rows = on_pool!(self.db, |c| sqlx::query(&format!(
+                "SELECT login, state_json FROM {table}"
+            ))
+            .fetch_all(c)
+            .await
+            .map(Row::all))?;
             let mut tx = self.write_tx().await?;
             for r in rows {
                 let state = decode_json(&r.get::<String, _>(1))?;
-                sqlx::query(&format!("UPDATE {table} SET hash = ?2 WHERE login = ?1"))
-                    .bind(r.get::<String, _>(0))
-                    .bind(state_hash(&state))
-                    .execute(&mut *tx)
-                    .await?;
+                on!(tx.conn(), |c| sqlx::query(&format!(
+                    "UPDATE {table} SET hash = $2 WHERE login = $1"
+                ))
+                .bind(r.get::<String, _>(0))
+                .bind(state_hash(&state))
+                .execute(c)
+                .await
+                .map(drop))?;
                 n += 1;
             }
             tx.commit().await?;
@@ -354,7 +399,7 @@ impl Store {
 }
 
 /// `(source, account_id, state_json)` from column `first` on.
-fn applied_user(r: &sqlx::sqlite::SqliteRow, first: usize) -> Result<AppliedUser> {
+fn applied_user(r: &Row, first: usize) -> Result<AppliedUser> {
     Ok(AppliedUser {
         owner: account_key(&r.get::<String, _>(first), r.get(first + 1))?,
         state: decode_json(&r.get::<String, _>(first + 2))?,

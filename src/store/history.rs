@@ -5,8 +5,8 @@ use std::collections::{BTreeSet, HashSet};
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
-use sqlx::Row;
 
+use super::db::{on, on_pool, Row};
 use super::{parse_ts, ts, Result, Store};
 use crate::core::cycle::{CycleKind, CycleResult};
 use crate::core::model::AccountKey;
@@ -105,13 +105,14 @@ pub struct Notice {
 
 impl Store {
     pub async fn start_cycle(&self, kind: CycleKind, started: DateTime<Utc>) -> Result<i64> {
-        let id = sqlx::query("INSERT INTO cycles (kind, started_at) VALUES (?1, ?2)")
-            .bind(kind.as_str())
-            .bind(ts(started))
-            .execute(&self.pool)
-            .await?
-            .last_insert_rowid();
-        Ok(id)
+        let sql = "INSERT INTO cycles (kind, started_at) VALUES ($1, $2) RETURNING id";
+        Ok(on_pool!(self.db, |c| {
+            sqlx::query_scalar(sql)
+                .bind(kind.as_str())
+                .bind(ts(started))
+                .fetch_one(c)
+                .await
+        })?)
     }
 
     pub async fn finish_cycle(
@@ -120,24 +121,28 @@ impl Store {
         result: CycleResult,
         summary: &serde_json::Value,
     ) -> Result<()> {
-        sqlx::query("UPDATE cycles SET finished_at = ?2, result = ?3, summary = ?4 WHERE id = ?1")
-            .bind(id)
-            .bind(ts(Utc::now()))
-            .bind(result.as_str())
-            .bind(summary.to_string())
-            .execute(&self.pool)
-            .await?;
+        on_pool!(self.db, |c| sqlx::query(
+            "UPDATE cycles SET finished_at = $2, result = $3, summary = $4 WHERE id = $1"
+        )
+        .bind(id)
+        .bind(ts(Utc::now()))
+        .bind(result.as_str())
+        .bind(summary.to_string())
+        .execute(c)
+        .await
+        .map(drop))?;
         Ok(())
     }
 
     /// Summaries of the last `n` finished cycles, newest first.
     pub async fn last_cycles(&self, n: u32) -> Result<Vec<serde_json::Value>> {
-        let rows = sqlx::query(
-            "SELECT summary FROM cycles WHERE summary IS NOT NULL ORDER BY id DESC LIMIT ?",
+        let rows = on_pool!(self.db, |c| sqlx::query(
+            "SELECT summary FROM cycles WHERE summary IS NOT NULL ORDER BY id DESC LIMIT $1",
         )
         .bind(i64::from(n))
-        .fetch_all(&self.pool)
-        .await?;
+        .fetch_all(c)
+        .await
+        .map(Row::all))?;
         Ok(rows
             .into_iter()
             .filter_map(|r| serde_json::from_str(&r.get::<String, _>(0)).ok())
@@ -146,13 +151,14 @@ impl Store {
 
     /// The newest finished cycle.
     pub async fn last_cycle(&self) -> Result<Option<LastCycle>> {
-        let row = sqlx::query(
+        let row = on_pool!(self.db, |c| sqlx::query(
             "SELECT result, finished_at FROM cycles
              WHERE finished_at IS NOT NULL AND kind IN ('incremental', 'full')
              ORDER BY id DESC LIMIT 1",
         )
-        .fetch_optional(&self.pool)
-        .await?;
+        .fetch_optional(c)
+        .await
+        .map(Row::opt))?;
         Ok(row.and_then(|r| {
             Some(LastCycle {
                 result: CycleResult::parse(r.get::<&str, _>(0))?,
@@ -163,20 +169,22 @@ impl Store {
 
     /// A cycle that never finished (the process died): closed as failed.
     pub async fn close_abandoned_cycles(&self) -> Result<u64> {
-        Ok(sqlx::query(
+        Ok(on_pool!(self.db, |c| {
+            sqlx::query(
             "UPDATE cycles SET finished_at = started_at, result = 'failed' WHERE finished_at IS NULL",
         )
-        .execute(&self.pool)
-        .await?
-        .rows_affected())
+        .execute(c)
+        .await.map(|r| r.rows_affected())
+        })?)
     }
 
     pub async fn audit(&self, cycle_id: i64, rows: &[AuditRow]) -> Result<()> {
         let now = ts(Utc::now());
         let mut tx = self.write_tx().await?;
         for r in rows {
-            sqlx::query(
-                "INSERT INTO audit (cycle_id, at, login, action, result, detail) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            on!(tx.conn(), |c| {
+                sqlx::query(
+                "INSERT INTO audit (cycle_id, at, login, action, result, detail) VALUES ($1, $2, $3, $4, $5, $6)",
             )
             .bind(cycle_id)
             .bind(&now)
@@ -184,8 +192,9 @@ impl Store {
             .bind(&r.action)
             .bind(&r.result)
             .bind(&r.detail)
-            .execute(&mut *tx)
-            .await?;
+            .execute(c)
+            .await.map(drop)
+            })?;
         }
         tx.commit().await?;
         Ok(())
@@ -193,13 +202,15 @@ impl Store {
 
     /// The newest `limit` audit lines of one login.
     pub async fn audit_of(&self, login: &str, limit: u32) -> Result<Vec<AuditEntry>> {
-        let rows = sqlx::query(
-            "SELECT at, action, result, detail FROM audit WHERE login = ? ORDER BY id DESC LIMIT ?",
+        let rows = on_pool!(self.db, |c| {
+            sqlx::query(
+            "SELECT at, action, result, detail FROM audit WHERE login = $1 ORDER BY id DESC LIMIT $2",
         )
         .bind(login)
         .bind(i64::from(limit))
-        .fetch_all(&self.pool)
-        .await?;
+        .fetch_all(c)
+        .await.map(Row::all)
+        })?;
         Ok(rows
             .into_iter()
             .map(|r| AuditEntry {
@@ -214,12 +225,16 @@ impl Store {
     pub async fn prune_history(&self, older_than: DateTime<Utc>) -> Result<()> {
         let cutoff = ts(older_than);
         for sql in [
-            "DELETE FROM audit WHERE at < ?",
-            "DELETE FROM cycles WHERE finished_at IS NOT NULL AND finished_at < ?",
-            "DELETE FROM control_requests WHERE consumed_at IS NOT NULL AND consumed_at < ?",
-            "DELETE FROM notices WHERE at < ?",
+            "DELETE FROM audit WHERE at < $1",
+            "DELETE FROM cycles WHERE finished_at IS NOT NULL AND finished_at < $1",
+            "DELETE FROM control_requests WHERE consumed_at IS NOT NULL AND consumed_at < $1",
+            "DELETE FROM notices WHERE at < $1",
         ] {
-            sqlx::query(sql).bind(&cutoff).execute(&self.pool).await?;
+            on_pool!(self.db, |c| sqlx::query(sql)
+                .bind(&cutoff)
+                .execute(c)
+                .await
+                .map(drop))?;
         }
         Ok(())
     }
@@ -227,28 +242,30 @@ impl Store {
     /// Writes a trigger request (`POST /trigger`).
     pub async fn request_trigger(&self, body: &TriggerBody) -> Result<i64> {
         let text = serde_json::to_string(body).unwrap_or_default();
-        Ok(sqlx::query(
-            "INSERT INTO control_requests (kind, logins, requested_at) VALUES ('trigger', ?1, ?2)",
-        )
-        .bind(text)
-        .bind(ts(Utc::now()))
-        .execute(&self.pool)
-        .await?
-        .last_insert_rowid())
+        let sql = "INSERT INTO control_requests (kind, logins, requested_at)
+                   VALUES ('trigger', $1, $2) RETURNING id";
+        Ok(on_pool!(self.db, |c| {
+            sqlx::query_scalar(sql)
+                .bind(text)
+                .bind(ts(Utc::now()))
+                .fetch_one(c)
+                .await
+        })?)
     }
 
     /// Writes an operator request; `logins` narrows a resync.
     pub async fn request(&self, kind: RequestKind, logins: Option<&[String]>) -> Result<i64> {
         let logins = logins.map(|l| serde_json::to_string(l).unwrap_or_default());
-        Ok(sqlx::query(
-            "INSERT INTO control_requests (kind, logins, requested_at) VALUES (?1, ?2, ?3)",
-        )
-        .bind(kind.as_str())
-        .bind(logins)
-        .bind(ts(Utc::now()))
-        .execute(&self.pool)
-        .await?
-        .last_insert_rowid())
+        let sql = "INSERT INTO control_requests (kind, logins, requested_at)
+                   VALUES ($1, $2, $3) RETURNING id";
+        Ok(on_pool!(self.db, |c| {
+            sqlx::query_scalar(sql)
+                .bind(kind.as_str())
+                .bind(logins)
+                .bind(ts(Utc::now()))
+                .fetch_one(c)
+                .await
+        })?)
     }
 
     /// Approves the deprovisions held right now, and only those (SPEC
@@ -264,11 +281,13 @@ impl Store {
     }
 
     pub async fn pending_requests(&self) -> Result<Requests> {
-        let rows = sqlx::query(
+        let rows = on_pool!(self.db, |c| {
+            sqlx::query(
             "SELECT id, kind, logins FROM control_requests WHERE consumed_at IS NULL ORDER BY id",
         )
-        .fetch_all(&self.pool)
-        .await?;
+        .fetch_all(c)
+        .await.map(Row::all)
+        })?;
         let mut out = Requests::default();
         for r in rows {
             let logins: Option<String> = r.get(2);
@@ -307,12 +326,13 @@ impl Store {
     /// The account that owns a stored service (`None`: not listed yet; the
     /// next listing reads it).
     async fn service_owner(&self, service: &AccountKey) -> Result<Option<AccountKey>> {
-        let owner: Option<String> =
-            sqlx::query_scalar("SELECT owner_id FROM services WHERE source = ?1 AND id = ?2")
-                .bind(service.source.as_str())
-                .bind(&service.id)
-                .fetch_optional(&self.pool)
-                .await?;
+        let owner: Option<String> = on_pool!(self.db, |c| sqlx::query_scalar(
+            "SELECT owner_id FROM services WHERE source = $1 AND id = $2"
+        )
+        .bind(service.source.as_str())
+        .bind(&service.id)
+        .fetch_optional(c)
+        .await)?;
         if owner.is_none() {
             tracing::info!(service = %service, "triggered service not listed yet; the next listing reads it");
         }
@@ -325,40 +345,42 @@ impl Store {
     /// Gives up the requests that `max` cycles took without completing
     /// (each a crash, a kill or a failed cycle); returns how many.
     pub async fn drop_exhausted_requests(&self, max: u32) -> Result<u64> {
-        Ok(sqlx::query(
-            "UPDATE control_requests SET consumed_at = ?1, dropped = 1
-             WHERE consumed_at IS NULL AND attempts >= ?2",
+        Ok(on_pool!(self.db, |c| sqlx::query(
+            "UPDATE control_requests SET consumed_at = $1, dropped = TRUE
+             WHERE consumed_at IS NULL AND attempts >= $2",
         )
         .bind(ts(Utc::now()))
-        .bind(max)
-        .execute(&self.pool)
-        .await?
-        .rows_affected())
+        .bind(i64::from(max))
+        .execute(c)
+        .await
+        .map(|r| r.rows_affected()))?)
     }
 
     /// Counts a cycle that starts with these requests, before it does any
     /// work: a cycle that dies still counts.
     pub async fn start_requests(&self, ids: &[i64], cycle_id: i64) -> Result<()> {
         for id in ids {
-            sqlx::query(
-                "UPDATE control_requests SET attempts = attempts + 1, cycle_id = ?2 WHERE id = ?1",
+            on_pool!(self.db, |c| sqlx::query(
+                "UPDATE control_requests SET attempts = attempts + 1, cycle_id = $2 WHERE id = $1",
             )
             .bind(id)
             .bind(cycle_id)
-            .execute(&self.pool)
-            .await?;
+            .execute(c)
+            .await
+            .map(drop))?;
         }
         Ok(())
     }
 
     /// Requests given up, newest first (pruned with the history).
     pub async fn dropped_requests(&self) -> Result<Vec<DroppedRequest>> {
-        let rows = sqlx::query(
+        let rows = on_pool!(self.db, |c| sqlx::query(
             "SELECT id, kind, logins, requested_at, consumed_at, attempts FROM control_requests
-             WHERE dropped = 1 ORDER BY id DESC",
+             WHERE dropped = TRUE ORDER BY id DESC",
         )
-        .fetch_all(&self.pool)
-        .await?;
+        .fetch_all(c)
+        .await
+        .map(Row::all))?;
         Ok(rows
             .into_iter()
             .map(|r| DroppedRequest {
@@ -377,14 +399,15 @@ impl Store {
     pub async fn consume_requests(&self, ids: &[i64], cycle_id: i64) -> Result<()> {
         let now = ts(Utc::now());
         for id in ids {
-            sqlx::query(
-                "UPDATE control_requests SET consumed_at = ?2, cycle_id = ?3 WHERE id = ?1",
+            on_pool!(self.db, |c| sqlx::query(
+                "UPDATE control_requests SET consumed_at = $2, cycle_id = $3 WHERE id = $1",
             )
             .bind(id)
             .bind(&now)
             .bind(cycle_id)
-            .execute(&self.pool)
-            .await?;
+            .execute(c)
+            .await
+            .map(drop))?;
         }
         Ok(())
     }
@@ -393,49 +416,61 @@ impl Store {
     /// The next read sequence: it orders the reads of both lanes (a cycle,
     /// a payment tick) whatever the clock says. Never reused.
     pub async fn next_read_seq(&self) -> Result<i64> {
-        Ok(sqlx::query_scalar(
-            "INSERT INTO meta (key, value) VALUES ('read_seq', '1')
-             ON CONFLICT (key) DO UPDATE SET value = CAST(CAST(meta.value AS INTEGER) + 1 AS TEXT)
-             RETURNING CAST(value AS INTEGER)",
-        )
-        .fetch_one(&self.pool)
-        .await?)
+        Ok(on_pool!(self.db, |c| {
+            sqlx::query_scalar(
+                "INSERT INTO meta (key, value) VALUES ('read_seq', '1')
+             ON CONFLICT (key) DO UPDATE SET value = CAST(CAST(meta.value AS BIGINT) + 1 AS TEXT)
+             RETURNING CAST(value AS BIGINT)",
+            )
+            .fetch_one(c)
+            .await
+        })?)
     }
 
     pub async fn meta(&self, key: &str) -> Result<Option<String>> {
-        let row = sqlx::query("SELECT value FROM meta WHERE key = ?")
-            .bind(key)
-            .fetch_optional(&self.pool)
-            .await?;
+        let row = on_pool!(self.db, |c| sqlx::query(
+            "SELECT value FROM meta WHERE key = $1"
+        )
+        .bind(key)
+        .fetch_optional(c)
+        .await
+        .map(Row::opt))?;
         Ok(row.map(|r| r.get(0)))
     }
 
     pub async fn set_meta(&self, key: &str, value: &str) -> Result<()> {
-        sqlx::query(
-            "INSERT INTO meta (key, value) VALUES (?1, ?2)
+        on_pool!(self.db, |c| sqlx::query(
+            "INSERT INTO meta (key, value) VALUES ($1, $2)
              ON CONFLICT (key) DO UPDATE SET value = excluded.value",
         )
         .bind(key)
         .bind(value)
-        .execute(&self.pool)
-        .await?;
+        .execute(c)
+        .await
+        .map(drop))?;
         Ok(())
     }
 
     pub async fn add_notice(&self, message: &str) -> Result<()> {
-        sqlx::query("INSERT INTO notices (at, message) VALUES (?1, ?2)")
-            .bind(ts(Utc::now()))
-            .bind(message)
-            .execute(&self.pool)
-            .await?;
+        on_pool!(self.db, |c| sqlx::query(
+            "INSERT INTO notices (at, message) VALUES ($1, $2)"
+        )
+        .bind(ts(Utc::now()))
+        .bind(message)
+        .execute(c)
+        .await
+        .map(drop))?;
         Ok(())
     }
 
     /// Notices, newest first.
     pub async fn notices(&self) -> Result<Vec<Notice>> {
-        let rows = sqlx::query("SELECT at, message FROM notices ORDER BY id DESC")
-            .fetch_all(&self.pool)
-            .await?;
+        let rows = on_pool!(self.db, |c| sqlx::query(
+            "SELECT at, message FROM notices ORDER BY id DESC"
+        )
+        .fetch_all(c)
+        .await
+        .map(Row::all))?;
         Ok(rows
             .into_iter()
             .filter_map(|r| {

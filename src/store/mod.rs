@@ -5,9 +5,11 @@
 
 mod accounts;
 mod applied;
+pub(crate) mod db;
 mod history;
 mod lock;
 mod plan;
+mod postgres;
 mod retry;
 mod services;
 mod verify;
@@ -26,15 +28,17 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use chrono::{DateTime, SecondsFormat, Utc};
+pub use db::Backend;
+use db::{on_pool, Db, Tx};
+pub use postgres::redacted as redacted_url;
 use sqlx::migrate::Migrator;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::SqlitePool;
 
 use crate::core::model::{AccountKey, SourceKind};
 
 #[derive(Clone)]
 pub struct Store {
-    pub(crate) pool: SqlitePool,
+    pub(crate) db: Db,
     path: PathBuf,
 }
 
@@ -80,7 +84,7 @@ pub fn parse_ts(s: &str) -> Option<DateTime<Utc>> {
         .map(|d| d.with_timezone(&Utc))
 }
 
-static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
+static MIGRATOR: Migrator = sqlx::migrate!("./migrations/sqlite");
 
 /// How the schema of a state file compares with this binary's.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -105,7 +109,7 @@ impl Store {
         if store.schema().await? == Schema::Newer {
             return Err(schema_err(path, NEWER));
         }
-        MIGRATOR.run(&store.pool).await?;
+        store.migrate().await?;
         store.upgrade_hashes().await?;
         Ok(store)
     }
@@ -150,7 +154,7 @@ impl Store {
             .await
             .map_err(|e| open_err(path, e.to_string()))?;
         let store = Self {
-            pool,
+            db: Db::Sqlite(pool),
             path: path.to_path_buf(),
         };
         if store.schema().await? == Schema::Newer {
@@ -175,25 +179,45 @@ impl Store {
             .await
             .map_err(|e| open_err(path, e.to_string()))?;
         Ok(Self {
-            pool,
+            db: Db::Sqlite(pool),
             path: path.to_path_buf(),
         })
     }
 
     async fn schema(&self) -> Result<Schema> {
-        let table: Option<String> = sqlx::query_scalar(
-            "SELECT name FROM sqlite_master WHERE type = 'table' AND name = '_sqlx_migrations'",
-        )
-        .fetch_optional(&self.pool)
-        .await?;
-        if table.is_none() {
+        let exists = match self.db.backend() {
+            Backend::Sqlite => {
+                "SELECT COUNT(*) > 0 FROM sqlite_master
+                 WHERE type = 'table' AND name = '_sqlx_migrations'"
+            }
+            Backend::Postgres => "SELECT to_regclass('_sqlx_migrations') IS NOT NULL",
+        };
+        let table: bool = on_pool!(self.db, |c| sqlx::query_scalar(exists).fetch_one(c).await)?;
+        if !table {
             return Ok(Schema::Older);
         }
-        let applied: Vec<i64> =
-            sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success = 1")
-                .fetch_all(&self.pool)
-                .await?;
-        Ok(compare_schema(&applied, MIGRATOR.iter().map(|m| m.version)))
+        let applied: Vec<i64> = on_pool!(self.db, |c| sqlx::query_scalar(
+            "SELECT version FROM _sqlx_migrations WHERE success = TRUE"
+        )
+        .fetch_all(c)
+        .await)?;
+        let known = self.migrator().iter().map(|m| m.version);
+        Ok(compare_schema(&applied, known))
+    }
+
+    fn migrator(&self) -> &'static Migrator {
+        match self.db.backend() {
+            Backend::Sqlite => &MIGRATOR,
+            Backend::Postgres => postgres::migrator(),
+        }
+    }
+
+    fn schema_error(&self, message: &str) -> StoreError {
+        schema_err(&self.path, message)
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.db.backend()
     }
 
     /// Stored hashes follow `core::plan::state_hash`; rows written under an
@@ -212,10 +236,11 @@ impl Store {
 
     /// Copies the database to `dest` (for a dry run that must change nothing).
     pub async fn snapshot_to(&self, dest: &std::path::Path) -> Result<()> {
-        sqlx::query("VACUUM INTO ?")
+        on_pool!(self.db, |c| sqlx::query("VACUUM INTO ?")
             .bind(dest.display().to_string())
-            .execute(&self.pool)
-            .await?;
+            .execute(c)
+            .await
+            .map(drop))?;
         Ok(())
     }
 
@@ -225,20 +250,31 @@ impl Store {
 
     /// Answers when the database does: for health checks.
     pub async fn ping(&self) -> Result<()> {
-        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        on_pool!(self.db, |c| sqlx::query("SELECT 1")
+            .execute(c)
+            .await
+            .map(drop))?;
         Ok(())
     }
 
     pub async fn close(&self) {
-        self.pool.close().await;
+        self.db.close().await;
     }
 
     /// A write transaction that takes the write lock when it begins. The
     /// daemon's two lanes write at once; a deferred transaction that read
     /// first would fail outright (SQLITE_BUSY, no wait) if the other lane
     /// committed meanwhile, where this one waits out the busy timeout.
-    pub(crate) async fn write_tx(&self) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>> {
-        Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?)
+    pub(crate) async fn write_tx(&self) -> Result<Tx> {
+        self.db.begin(true).await
+    }
+
+    async fn migrate(&self) -> Result<()> {
+        match &self.db {
+            Db::Sqlite(p) => MIGRATOR.run(p).await?,
+            Db::Postgres(p) => postgres::migrator().run(p).await?,
+        }
+        Ok(())
     }
 }
 
@@ -300,6 +336,7 @@ fn create_private(path: &Path) -> std::io::Result<()> {
 
 #[cfg(test)]
 mod tests {
+    use super::db::on;
     use super::*;
 
     #[tokio::test]
@@ -330,10 +367,12 @@ mod tests {
     }
 
     async fn versions(store: &Store) -> Vec<i64> {
-        sqlx::query_scalar("SELECT version FROM _sqlx_migrations ORDER BY version")
-            .fetch_all(&store.pool)
-            .await
-            .unwrap()
+        on!(store.db.acquire().await.unwrap().conn(), |c| {
+            sqlx::query_scalar("SELECT version FROM _sqlx_migrations ORDER BY version")
+                .fetch_all(c)
+                .await
+        })
+        .unwrap()
     }
 
     /// `status` beside an older daemon must not upgrade its file.
@@ -343,11 +382,14 @@ mod tests {
         let path = dir.path().join("state.db");
         let store = Store::open(&path).await.unwrap();
         let all = versions(&store).await;
-        sqlx::query("DELETE FROM _sqlx_migrations WHERE version = ?")
-            .bind(all.last())
-            .execute(&store.pool)
-            .await
-            .unwrap();
+        on!(store.db.acquire().await.unwrap().conn(), |c| sqlx::query(
+            "DELETE FROM _sqlx_migrations WHERE version = ?"
+        )
+        .bind(all.last())
+        .execute(c)
+        .await
+        .map(drop))
+        .unwrap();
         let e = Store::open_current(&path).await.err().expect("refused");
         assert!(e.to_string().contains("older billsync"), "{e}");
         assert_eq!(versions(&store).await.len(), all.len() - 1, "migrated");
@@ -362,12 +404,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("state.db");
         let store = Store::open(&path).await.unwrap();
-        sqlx::query(
+        on!(store.db.acquire().await.unwrap().conn(), |c| sqlx::query(
             "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) \
              VALUES (99990101000000, 'from the future', 1, x'00', 0)",
         )
-        .execute(&store.pool)
-        .await
+        .execute(c)
+        .await.map(drop))
         .unwrap();
         for e in [
             Store::open(&path).await.err(),

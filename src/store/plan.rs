@@ -4,8 +4,8 @@
 use std::collections::{BTreeMap, HashSet};
 
 use futures::TryStreamExt;
-use sqlx::{Row, Sqlite, Transaction};
 
+use super::db::{on, on_pool, Row, Tx};
 use super::{account_key, decode_json, Result, Store};
 use crate::core::desired::{Conflict, Desired, DesiredUser};
 use crate::core::model::{AccountKey, UserState};
@@ -70,10 +70,13 @@ impl Store {
         let changed = changed.filter(|(login, _)| !current.contains(login.as_str()));
         write_desired(&mut tx, changed).await?;
         for login in &gone {
-            sqlx::query("DELETE FROM desired_users WHERE login = ?")
-                .bind(login)
-                .execute(&mut *tx)
-                .await?;
+            on!(tx.conn(), |c| sqlx::query(
+                "DELETE FROM desired_users WHERE login = $1"
+            )
+            .bind(login)
+            .execute(c)
+            .await
+            .map(drop))?;
         }
         write_plan(&mut tx, cycle_id, plan, status_blocked).await?;
         write_conflicts(&mut tx, &desired.conflicts).await?;
@@ -97,10 +100,13 @@ impl Store {
         let mut tx = self.write_tx().await?;
         write_desired(&mut tx, planned.into_iter()).await?;
         for op in &plan.ops {
-            sqlx::query("DELETE FROM plan_ops WHERE login = ?")
-                .bind(&op.login)
-                .execute(&mut *tx)
-                .await?;
+            on!(tx.conn(), |c| sqlx::query(
+                "DELETE FROM plan_ops WHERE login = $1"
+            )
+            .bind(&op.login)
+            .execute(c)
+            .await
+            .map(drop))?;
             insert_op(&mut tx, cycle_id, op, PlanState::Planned, status_blocked).await?;
         }
         tx.commit().await?;
@@ -109,29 +115,38 @@ impl Store {
 
     /// A login's planned op is done: it leaves the pending list.
     pub async fn plan_done(&self, login: &str) -> Result<()> {
-        sqlx::query("DELETE FROM plan_ops WHERE login = ? AND state = 'planned'")
-            .bind(login)
-            .execute(&self.pool)
-            .await?;
+        on_pool!(self.db, |c| sqlx::query(
+            "DELETE FROM plan_ops WHERE login = $1 AND state = 'planned'"
+        )
+        .bind(login)
+        .execute(c)
+        .await
+        .map(drop))?;
         Ok(())
     }
 
     /// One cycle's planned op for a login leaves the pending list (a task
     /// superseded: the other lane's row for the login is its own).
     pub async fn plan_done_in(&self, login: &str, cycle_id: i64) -> Result<()> {
-        sqlx::query("DELETE FROM plan_ops WHERE login = ? AND cycle_id = ? AND state = 'planned'")
-            .bind(login)
-            .bind(cycle_id)
-            .execute(&self.pool)
-            .await?;
+        on_pool!(self.db, |c| sqlx::query(
+            "DELETE FROM plan_ops WHERE login = $1 AND cycle_id = $2 AND state = 'planned'"
+        )
+        .bind(login)
+        .bind(cycle_id)
+        .execute(c)
+        .await
+        .map(drop))?;
         Ok(())
     }
 
     /// The persisted plan, in order.
     pub async fn plan_rows(&self) -> Result<Vec<PlanRow>> {
-        let rows = sqlx::query("SELECT login, action, state FROM plan_ops ORDER BY seq")
-            .fetch_all(&self.pool)
-            .await?;
+        let rows = on_pool!(self.db, |c| sqlx::query(
+            "SELECT login, action, state FROM plan_ops ORDER BY seq"
+        )
+        .fetch_all(c)
+        .await
+        .map(Row::all))?;
         Ok(rows
             .into_iter()
             .map(|r| PlanRow {
@@ -146,12 +161,13 @@ impl Store {
     }
 
     pub async fn desired_user(&self, login: &str) -> Result<Option<DesiredRow>> {
-        let row = sqlx::query(
-            "SELECT source, account_id, state_json, rules FROM desired_users WHERE login = ?",
+        let row = on_pool!(self.db, |c| sqlx::query(
+            "SELECT source, account_id, state_json, rules FROM desired_users WHERE login = $1",
         )
         .bind(login)
-        .fetch_optional(&self.pool)
-        .await?;
+        .fetch_optional(c)
+        .await
+        .map(Row::opt))?;
         let Some(r) = row else { return Ok(None) };
         Ok(Some(DesiredRow {
             owner: account_key(&r.get::<String, _>(0), r.get(1))?,
@@ -161,9 +177,12 @@ impl Store {
     }
 
     pub async fn conflicts(&self) -> Result<Vec<ConflictRow>> {
-        let rows = sqlx::query("SELECT login, sources FROM conflicts ORDER BY login")
-            .fetch_all(&self.pool)
-            .await?;
+        let rows = on_pool!(self.db, |c| sqlx::query(
+            "SELECT login, sources FROM conflicts ORDER BY login"
+        )
+        .fetch_all(c)
+        .await
+        .map(Row::all))?;
         Ok(rows
             .into_iter()
             .map(|r| ConflictRow {
@@ -175,13 +194,13 @@ impl Store {
 }
 
 async fn write_desired<'d>(
-    tx: &mut Transaction<'_, Sqlite>,
+    tx: &mut Tx,
     users: impl Iterator<Item = (&'d String, &'d DesiredUser)>,
 ) -> Result<()> {
     for (login, d) in users {
-        sqlx::query(
+        on!(tx.conn(), |c| sqlx::query(
             "INSERT INTO desired_users (login, source, account_id, state_json, hash, rules)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+             VALUES ($1, $2, $3, $4, $5, $6)
              ON CONFLICT (login) DO UPDATE SET source = excluded.source,
                 account_id = excluded.account_id, state_json = excluded.state_json,
                 hash = excluded.hash, rules = excluded.rules",
@@ -192,8 +211,9 @@ async fn write_desired<'d>(
         .bind(serde_json::to_string(&d.state).unwrap_or_default())
         .bind(&d.hash)
         .bind(serde_json::to_string(&d.rules).unwrap_or_default())
-        .execute(&mut **tx)
-        .await?;
+        .execute(c)
+        .await
+        .map(drop))?;
     }
     Ok(())
 }
@@ -201,45 +221,47 @@ async fn write_desired<'d>(
 /// Stored desired rows that are current, and logins nobody desires:
 /// streamed, so a no-op cycle holds no copy of 100k rows.
 async fn desired_delta<'d>(
-    tx: &mut Transaction<'_, Sqlite>,
+    tx: &mut Tx,
     desired: &'d Desired,
 ) -> Result<(HashSet<&'d str>, Vec<String>)> {
     let mut current = HashSet::new();
     let mut gone = vec![];
-    let mut rows = sqlx::query("SELECT login, hash FROM desired_users").fetch(&mut **tx);
-    while let Some(r) = rows.try_next().await? {
-        let login: &str = r.get(0);
-        match desired.users.get_key_value(login) {
-            Some((key, d)) if d.hash == r.get::<&str, _>(1) => {
-                current.insert(key.as_str());
+    on!(tx.conn(), |c| {
+        let mut rows = sqlx::query("SELECT login, hash FROM desired_users").fetch(c);
+        while let Some(r) = rows.try_next().await? {
+            let r = Row::from(r);
+            let login: &str = r.get(0);
+            match desired.users.get_key_value(login) {
+                Some((key, d)) if d.hash == r.get::<&str, _>(1) => {
+                    current.insert(key.as_str());
+                }
+                Some(_) => {}
+                None => gone.push(login.to_string()),
             }
-            Some(_) => {}
-            None => gone.push(login.to_string()),
         }
-    }
+    });
     Ok((current, gone))
 }
 
 /// A listing cycle's plan replaces the listing lane's rows, and the rows of
 /// the logins it plans; a targeted cycle's other rows stay (its push may be
 /// running now).
-async fn write_plan(
-    tx: &mut Transaction<'_, Sqlite>,
-    cycle_id: i64,
-    plan: &Plan,
-    status_blocked: &str,
-) -> Result<()> {
-    sqlx::query(
+async fn write_plan(tx: &mut Tx, cycle_id: i64, plan: &Plan, status_blocked: &str) -> Result<()> {
+    on!(tx.conn(), |c| sqlx::query(
         "DELETE FROM plan_ops WHERE cycle_id IN
             (SELECT id FROM cycles WHERE kind IN ('incremental', 'full'))",
     )
-    .execute(&mut **tx)
-    .await?;
+    .execute(c)
+    .await
+    .map(drop))?;
     for op in plan.ops.iter().chain(&plan.held) {
-        sqlx::query("DELETE FROM plan_ops WHERE login = ?")
-            .bind(&op.login)
-            .execute(&mut **tx)
-            .await?;
+        on!(tx.conn(), |c| sqlx::query(
+            "DELETE FROM plan_ops WHERE login = $1"
+        )
+        .bind(&op.login)
+        .execute(c)
+        .await
+        .map(drop))?;
     }
     let rows = (plan.ops.iter().map(|o| (o, PlanState::Planned)))
         .chain(plan.held.iter().map(|o| (o, PlanState::Held)));
@@ -250,15 +272,15 @@ async fn write_plan(
 }
 
 async fn insert_op(
-    tx: &mut Transaction<'_, Sqlite>,
+    tx: &mut Tx,
     cycle_id: i64,
     op: &Op,
     state: PlanState,
     status_blocked: &str,
 ) -> Result<()> {
-    sqlx::query(
+    on!(tx.conn(), |c| sqlx::query(
         "INSERT INTO plan_ops (cycle_id, login, action, payload, deprovision, state)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+         VALUES ($1, $2, $3, $4, $5, $6)",
     )
     .bind(cycle_id)
     .bind(&op.login)
@@ -266,15 +288,17 @@ async fn insert_op(
     .bind(serde_json::to_string(op).unwrap_or_default())
     .bind(op.deprovision)
     .bind(state.as_str())
-    .execute(&mut **tx)
-    .await?;
+    .execute(c)
+    .await
+    .map(drop))?;
     Ok(())
 }
 
-async fn write_conflicts(tx: &mut Transaction<'_, Sqlite>, conflicts: &[Conflict]) -> Result<()> {
-    sqlx::query("DELETE FROM conflicts")
-        .execute(&mut **tx)
-        .await?;
+async fn write_conflicts(tx: &mut Tx, conflicts: &[Conflict]) -> Result<()> {
+    on!(tx.conn(), |c| sqlx::query("DELETE FROM conflicts")
+        .execute(c)
+        .await
+        .map(drop))?;
     let mut by_login: BTreeMap<&str, Vec<String>> = BTreeMap::new();
     for c in conflicts {
         by_login
@@ -283,11 +307,14 @@ async fn write_conflicts(tx: &mut Transaction<'_, Sqlite>, conflicts: &[Conflict
             .push(c.loser.to_string());
     }
     for (login, sources) in by_login {
-        sqlx::query("INSERT INTO conflicts (login, sources) VALUES (?1, ?2)")
-            .bind(login)
-            .bind(serde_json::to_string(&sources).unwrap_or_default())
-            .execute(&mut **tx)
-            .await?;
+        on!(tx.conn(), |c| sqlx::query(
+            "INSERT INTO conflicts (login, sources) VALUES ($1, $2)"
+        )
+        .bind(login)
+        .bind(serde_json::to_string(&sources).unwrap_or_default())
+        .execute(c)
+        .await
+        .map(drop))?;
     }
     Ok(())
 }

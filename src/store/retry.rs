@@ -5,8 +5,8 @@ use std::collections::{HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use sqlx::Row;
 
+use super::db::{on_pool, Row};
 use super::{parse_ts, ts, Result, Store};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -47,10 +47,12 @@ pub struct QuarantineEntry {
 
 impl Store {
     pub async fn load_retries(&self) -> Result<HashMap<String, RetryInfo>> {
-        let rows =
-            sqlx::query("SELECT login, attempts, next_attempt_at, last_error FROM retry_state")
-                .fetch_all(&self.pool)
-                .await?;
+        let rows = on_pool!(self.db, |c| sqlx::query(
+            "SELECT login, attempts, next_attempt_at, last_error FROM retry_state"
+        )
+        .fetch_all(c)
+        .await
+        .map(Row::all))?;
         Ok(rows
             .into_iter()
             .map(|r| {
@@ -65,8 +67,9 @@ impl Store {
     }
 
     pub async fn set_retry(&self, login: &str, info: &RetryInfo) -> Result<()> {
-        sqlx::query(
-            "INSERT INTO retry_state (login, attempts, next_attempt_at, last_error) VALUES (?1, ?2, ?3, ?4)
+        on_pool!(self.db, |c| {
+            sqlx::query(
+            "INSERT INTO retry_state (login, attempts, next_attempt_at, last_error) VALUES ($1, $2, $3, $4)
              ON CONFLICT (login) DO UPDATE SET attempts = excluded.attempts,
                 next_attempt_at = excluded.next_attempt_at, last_error = excluded.last_error",
         )
@@ -74,24 +77,30 @@ impl Store {
         .bind(i64::from(info.attempts))
         .bind(ts(info.next_attempt_at))
         .bind(&info.last_error)
-        .execute(&self.pool)
-        .await?;
+        .execute(c)
+        .await.map(drop)
+        })?;
         Ok(())
     }
 
     pub async fn clear_retry(&self, login: &str) -> Result<()> {
-        sqlx::query("DELETE FROM retry_state WHERE login = ?")
-            .bind(login)
-            .execute(&self.pool)
-            .await?;
+        on_pool!(self.db, |c| sqlx::query(
+            "DELETE FROM retry_state WHERE login = $1"
+        )
+        .bind(login)
+        .execute(c)
+        .await
+        .map(drop))?;
         Ok(())
     }
 
     pub async fn load_quarantine(&self) -> Result<Vec<QuarantineEntry>> {
-        let rows =
-            sqlx::query("SELECT key, part, error, since, hash FROM quarantine ORDER BY since, key")
-                .fetch_all(&self.pool)
-                .await?;
+        let rows = on_pool!(self.db, |c| sqlx::query(
+            "SELECT key, part, error, since, hash FROM quarantine ORDER BY since, key"
+        )
+        .fetch_all(c)
+        .await
+        .map(Row::all))?;
         Ok(rows
             .into_iter()
             .map(|r| QuarantineEntry {
@@ -114,8 +123,8 @@ impl Store {
         error: &str,
         hash: &str,
     ) -> Result<()> {
-        sqlx::query(
-            "INSERT INTO quarantine (key, part, error, since, hash) VALUES (?1, ?2, ?3, ?4, ?5)
+        on_pool!(self.db, |c| sqlx::query(
+            "INSERT INTO quarantine (key, part, error, since, hash) VALUES ($1, $2, $3, $4, $5)
              ON CONFLICT (key, part) DO UPDATE SET error = excluded.error, hash = excluded.hash",
         )
         .bind(key)
@@ -123,26 +132,30 @@ impl Store {
         .bind(error)
         .bind(ts(Utc::now()))
         .bind(hash)
-        .execute(&self.pool)
-        .await?;
+        .execute(c)
+        .await
+        .map(drop))?;
         Ok(())
     }
 
     /// Releases these keys (every part), or everything when `keys` is None.
     pub async fn release_quarantine(&self, keys: Option<&[String]>) -> Result<u64> {
         let Some(keys) = keys else {
-            let done = sqlx::query("DELETE FROM quarantine")
-                .execute(&self.pool)
-                .await?;
-            return Ok(done.rows_affected());
+            let done = on_pool!(self.db, |c| sqlx::query("DELETE FROM quarantine")
+                .execute(c)
+                .await
+                .map(|r| r.rows_affected()))?;
+            return Ok(done);
         };
         let mut n = 0;
         for k in keys {
-            n += sqlx::query("DELETE FROM quarantine WHERE key = ?")
-                .bind(k)
-                .execute(&self.pool)
-                .await?
-                .rows_affected();
+            n += on_pool!(self.db, |c| sqlx::query(
+                "DELETE FROM quarantine WHERE key = $1"
+            )
+            .bind(k)
+            .execute(c)
+            .await
+            .map(|r| r.rows_affected()))?;
         }
         Ok(n)
     }
@@ -151,19 +164,24 @@ impl Store {
     /// when None).
     pub async fn clear_for_resync(&self, logins: Option<&HashSet<String>>) -> Result<()> {
         let Some(set) = logins else {
-            sqlx::query("DELETE FROM quarantine")
-                .execute(&self.pool)
-                .await?;
-            sqlx::query("DELETE FROM retry_state")
-                .execute(&self.pool)
-                .await?;
+            on_pool!(self.db, |c| sqlx::query("DELETE FROM quarantine")
+                .execute(c)
+                .await
+                .map(drop))?;
+            on_pool!(self.db, |c| sqlx::query("DELETE FROM retry_state")
+                .execute(c)
+                .await
+                .map(drop))?;
             return Ok(());
         };
         for l in set {
-            sqlx::query("DELETE FROM quarantine WHERE key = ?")
-                .bind(l)
-                .execute(&self.pool)
-                .await?;
+            on_pool!(self.db, |c| sqlx::query(
+                "DELETE FROM quarantine WHERE key = $1"
+            )
+            .bind(l)
+            .execute(c)
+            .await
+            .map(drop))?;
             self.clear_retry(l).await?;
         }
         Ok(())

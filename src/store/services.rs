@@ -5,8 +5,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use sqlx::Row;
-
+use super::db::{on, on_pool, Row, Tx};
 use super::{ReadStamp, Result, Store};
 use crate::core::entitlements::{RawService, Service, ServiceState};
 use crate::core::model::{content_hash, AccountKey, SourceKind};
@@ -77,12 +76,14 @@ impl Store {
     }
 
     async fn service_index(&self, source: SourceKind) -> Result<HashMap<String, KnownService>> {
-        let rows = sqlx::query(
-            "SELECT id, row_hash, missing_cycles, state != 'closed' FROM services WHERE source = ?",
+        let rows = on_pool!(self.db, |c| {
+            sqlx::query(
+            "SELECT id, row_hash, missing_cycles, state != 'closed' FROM services WHERE source = $1",
         )
         .bind(source.as_str())
-        .fetch_all(&self.pool)
-        .await?;
+        .fetch_all(c)
+        .await.map(Row::all)
+        })?;
         Ok(rows
             .into_iter()
             .map(|r| {
@@ -99,12 +100,13 @@ impl Store {
     /// Every stored service of a source by owner id, pending ones standing
     /// for the state they had before.
     pub async fn load_services(&self, source: SourceKind) -> Result<HashMap<String, Vec<Service>>> {
-        let rows = sqlx::query(
-            "SELECT id, owner_id, raw_json, state, settled FROM services WHERE source = ?",
+        let rows = on_pool!(self.db, |c| sqlx::query(
+            "SELECT id, owner_id, raw_json, state, settled FROM services WHERE source = $1",
         )
         .bind(source.as_str())
-        .fetch_all(&self.pool)
-        .await?;
+        .fetch_all(c)
+        .await
+        .map(Row::all))?;
         let mut out: HashMap<String, Vec<Service>> = HashMap::new();
         for r in rows {
             let raw: RawService = serde_json::from_str(&r.get::<String, _>(2)).unwrap_or_default();
@@ -131,13 +133,14 @@ impl Store {
 
     /// The raw rows of one account's services, by service id (`explain`).
     pub async fn raw_services_of(&self, owner: &AccountKey) -> Result<HashMap<String, RawService>> {
-        let rows = sqlx::query(
-            "SELECT id, raw_json, raw_status FROM services WHERE source = ?1 AND owner_id = ?2",
+        let rows = on_pool!(self.db, |c| sqlx::query(
+            "SELECT id, raw_json, raw_status FROM services WHERE source = $1 AND owner_id = $2",
         )
         .bind(owner.source.as_str())
         .bind(&owner.id)
-        .fetch_all(&self.pool)
-        .await?;
+        .fetch_all(c)
+        .await
+        .map(Row::all))?;
         Ok(rows
             .into_iter()
             .map(|r| {
@@ -153,12 +156,14 @@ impl Store {
     pub async fn service_counts(
         &self,
     ) -> Result<std::collections::BTreeMap<String, std::collections::BTreeMap<String, u64>>> {
-        let rows = sqlx::query(
+        let rows = on_pool!(self.db, |c| {
+            sqlx::query(
             "SELECT source, COALESCE(CASE WHEN state = 'pending' THEN settled END, state), COUNT(*)
              FROM services GROUP BY 1, 2",
         )
-        .fetch_all(&self.pool)
-        .await?;
+        .fetch_all(c)
+        .await.map(Row::all)
+        })?;
         let mut out: std::collections::BTreeMap<_, std::collections::BTreeMap<_, _>> =
             Default::default();
         for r in rows {
@@ -170,12 +175,12 @@ impl Store {
 
     /// Services not closed: what an empty listing would contradict.
     pub async fn count_services(&self, source: SourceKind) -> Result<u64> {
-        let n: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) FROM services WHERE source = ? AND state != 'closed'",
+        let n: i64 = on_pool!(self.db, |c| sqlx::query_scalar(
+            "SELECT COUNT(*) FROM services WHERE source = $1 AND state != 'closed'",
         )
         .bind(source.as_str())
-        .fetch_one(&self.pool)
-        .await?;
+        .fetch_one(c)
+        .await)?;
         Ok(n.max(0) as u64)
     }
 }
@@ -183,15 +188,16 @@ impl Store {
 /// A pending row keeps the owner and raw row it settled with; a newer read
 /// (a later `seen_seq`) already stored is never overwritten.
 async fn upsert_service(
-    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    tx: &mut Tx,
     source: SourceKind,
     s: &ListedService,
     hash: &str,
     read: ReadStamp,
 ) -> Result<()> {
-    sqlx::query(
+    on!(tx.conn(), |c| {
+        sqlx::query(
         "INSERT INTO services (source, id, owner_id, raw_json, state, settled, missing_cycles, seen_seq, raw_status, row_hash)
-         VALUES (?1, ?2, ?3, ?4, ?5, CASE WHEN ?5 = 'pending' THEN NULL ELSE ?5 END, 0, ?6, ?7, ?8)
+         VALUES ($1, $2, $3, $4, $5, CASE WHEN $5 = 'pending' THEN NULL ELSE $5 END, 0, $6, $7, $8)
          ON CONFLICT (source, id) DO UPDATE SET
             owner_id = CASE WHEN excluded.state = 'pending' AND services.settled IS NOT NULL
                             THEN services.owner_id ELSE excluded.owner_id END,
@@ -211,31 +217,33 @@ async fn upsert_service(
     .bind(read.seq)
     .bind(&s.raw.status)
     .bind(hash)
-    .execute(&mut **tx)
-    .await?;
+    .execute(c)
+    .await.map(drop)
+    })?;
     Ok(())
 }
 
 /// Absent from a complete listing: one more missing cycle, unless a newer
 /// read saw it; absent from `grace` listings, closed.
 async fn count_missing(
-    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    tx: &mut Tx,
     source: SourceKind,
     id: &str,
     grace: u32,
     read: ReadStamp,
 ) -> Result<()> {
-    sqlx::query(
+    on!(tx.conn(), |c| sqlx::query(
         "UPDATE services SET missing_cycles = missing_cycles + 1,
-            state = CASE WHEN missing_cycles + 1 >= ?3 THEN 'closed' ELSE state END,
-            settled = CASE WHEN missing_cycles + 1 >= ?3 THEN 'closed' ELSE settled END
-         WHERE source = ?1 AND id = ?2 AND seen_seq < ?4",
+            state = CASE WHEN missing_cycles + 1 >= $3 THEN 'closed' ELSE state END,
+            settled = CASE WHEN missing_cycles + 1 >= $3 THEN 'closed' ELSE settled END
+         WHERE source = $1 AND id = $2 AND seen_seq < $4",
     )
     .bind(source.as_str())
     .bind(id)
-    .bind(grace)
+    .bind(i64::from(grace))
     .bind(read.seq)
-    .execute(&mut **tx)
-    .await?;
+    .execute(c)
+    .await
+    .map(drop))?;
     Ok(())
 }

@@ -3,6 +3,7 @@
 
 use chrono::{DateTime, Utc};
 
+use super::db::{on, on_pool};
 use super::{parse_ts, Result, Store};
 use std::collections::HashSet;
 
@@ -18,16 +19,18 @@ impl Store {
         due_before: i64,
         n: u32,
     ) -> Result<Vec<String>> {
-        Ok(sqlx::query_scalar(
-            "SELECT id FROM source_accounts
-             WHERE source = ?1 AND missing_cycles = 0 AND verify_from <= ?2
-             ORDER BY verify_from, id LIMIT ?3",
-        )
-        .bind(source.as_str())
-        .bind(due_before)
-        .bind(n)
-        .fetch_all(&self.pool)
-        .await?)
+        Ok(on_pool!(self.db, |c| {
+            sqlx::query_scalar(
+                "SELECT id FROM source_accounts
+             WHERE source = $1 AND missing_cycles = 0 AND verify_from <= $2
+             ORDER BY verify_from, id LIMIT $3",
+            )
+            .bind(source.as_str())
+            .bind(due_before)
+            .bind(i64::from(n))
+            .fetch_all(c)
+            .await
+        })?)
     }
 
     /// Up to `n` users of `sources` due for a full-state push, the longest
@@ -49,25 +52,25 @@ impl Store {
             "source IN ({}) AND login NOT IN (SELECT key FROM quarantine WHERE part = 'user')",
             names.join(",")
         );
-        let mut out: Vec<String> = sqlx::query_scalar(&format!(
+        let mut out: Vec<String> = on_pool!(self.db, |c| sqlx::query_scalar(&format!(
             "SELECT login FROM applied_users WHERE verify_from IS NULL AND {filter}
-             ORDER BY login LIMIT ?1"
+             ORDER BY login LIMIT $1"
         ))
-        .bind(n)
-        .fetch_all(&self.pool)
-        .await?;
+        .bind(i64::from(n))
+        .fetch_all(c)
+        .await)?;
         let left = n.saturating_sub(out.len() as u32);
         if left > 0 {
-            out.extend(
+            out.extend(on_pool!(self.db, |c| {
                 sqlx::query_scalar::<_, String>(&format!(
-                    "SELECT login FROM applied_users WHERE verify_from <= ?1 AND {filter}
-                     ORDER BY verify_from, login LIMIT ?2"
+                    "SELECT login FROM applied_users WHERE verify_from <= $1 AND {filter}
+                     ORDER BY verify_from, login LIMIT $2"
                 ))
                 .bind(due_before)
-                .bind(left)
-                .fetch_all(&self.pool)
-                .await?,
-            );
+                .bind(i64::from(left))
+                .fetch_all(c)
+                .await
+            })?);
         }
         Ok(out)
     }
@@ -79,45 +82,50 @@ impl Store {
     pub async fn defer_verification(&self, logins: &[String], verify_from: i64) -> Result<()> {
         let mut tx = self.write_tx().await?;
         for login in logins {
-            sqlx::query("UPDATE applied_users SET verify_from = ?2 WHERE login = ?1")
-                .bind(login)
-                .bind(verify_from)
-                .execute(&mut *tx)
-                .await?;
+            on!(tx.conn(), |c| sqlx::query(
+                "UPDATE applied_users SET verify_from = $2 WHERE login = $1"
+            )
+            .bind(login)
+            .bind(verify_from)
+            .execute(c)
+            .await
+            .map(drop))?;
         }
         tx.commit().await?;
         Ok(())
     }
 
     pub async fn count_accounts(&self, source: SourceKind) -> Result<u64> {
-        let n: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) FROM source_accounts WHERE source = ? AND missing_cycles = 0",
+        let n: i64 = on_pool!(self.db, |c| sqlx::query_scalar(
+            "SELECT COUNT(*) FROM source_accounts WHERE source = $1 AND missing_cycles = 0",
         )
         .bind(source.as_str())
-        .fetch_one(&self.pool)
-        .await?;
+        .fetch_one(c)
+        .await)?;
         Ok(n.max(0) as u64)
     }
 
     /// Accounts with a paid payment whose push is not timed yet (loaded once
     /// a cycle: only their users' pushes look for payments to time).
     pub async fn accounts_with_unpushed_payments(&self) -> Result<HashSet<AccountKey>> {
-        let rows: Vec<(String, String)> = sqlx::query_as(
+        let rows: Vec<(String, String)> = on_pool!(self.db, |c| sqlx::query_as(
             "SELECT DISTINCT source, account_id FROM payments
-             WHERE paid = 1 AND paid_seen_at IS NOT NULL AND pushed_at IS NULL
+             WHERE paid = TRUE AND paid_seen_at IS NOT NULL AND pushed_at IS NULL
                AND account_id IS NOT NULL",
         )
-        .fetch_all(&self.pool)
-        .await?;
+        .fetch_all(c)
+        .await)?;
         rows.into_iter()
             .map(|(source, id)| super::account_key(&source, id))
             .collect()
     }
 
     pub async fn count_applied(&self) -> Result<u64> {
-        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM applied_users")
-            .fetch_one(&self.pool)
-            .await?;
+        let n: i64 = on_pool!(self.db, |c| sqlx::query_scalar(
+            "SELECT COUNT(*) FROM applied_users"
+        )
+        .fetch_one(c)
+        .await)?;
         Ok(n.max(0) as u64)
     }
 
@@ -125,16 +133,17 @@ impl Store {
     /// never detailed are verified by every listing) and of a user's full
     /// state (or its first write).
     pub async fn oldest_verification(&self) -> Result<Option<DateTime<Utc>>> {
-        let accounts: Option<String> = sqlx::query_scalar(
+        let accounts: Option<String> = on_pool!(self.db, |c| sqlx::query_scalar(
             "SELECT MIN(details_at) FROM source_accounts
              WHERE missing_cycles = 0 AND verify_from IS NOT NULL",
         )
-        .fetch_one(&self.pool)
-        .await?;
-        let users: Option<String> =
-            sqlx::query_scalar("SELECT MIN(COALESCE(asserted_at, applied_at)) FROM applied_users")
-                .fetch_one(&self.pool)
-                .await?;
+        .fetch_one(c)
+        .await)?;
+        let users: Option<String> = on_pool!(self.db, |c| sqlx::query_scalar(
+            "SELECT MIN(COALESCE(asserted_at, applied_at)) FROM applied_users"
+        )
+        .fetch_one(c)
+        .await)?;
         let times = [accounts, users];
         Ok(times.iter().flatten().filter_map(|t| parse_ts(t)).min())
     }

@@ -17,6 +17,9 @@ pub struct Lab {
     pub ap_srv: Server,
     pub vms_srv: Server,
     pub dir: tempfile::TempDir,
+    /// The state store in PostgreSQL (a fresh database) instead of the
+    /// SQLite file: `with_postgres`, or `BILLSYNC_TEST_STORE=postgres`.
+    pub state_url: Option<String>,
 }
 
 impl Lab {
@@ -51,7 +54,22 @@ impl Lab {
             ap_srv,
             vms_srv,
             dir,
-        })
+            state_url: None,
+        }
+        .with_store_from_env())
+    }
+
+    /// The state store in a fresh PostgreSQL database (SPEC §13).
+    pub fn with_postgres(mut self) -> Self {
+        self.state_url = Some(super::postgres::fresh_database());
+        self
+    }
+
+    fn with_store_from_env(self) -> Self {
+        match std::env::var("BILLSYNC_TEST_STORE").as_deref() {
+            Ok("postgres") => self.with_postgres(),
+            _ => self,
+        }
     }
 
     pub fn state_path(&self) -> PathBuf {
@@ -75,6 +93,7 @@ impl Lab {
         format!(
             r#"[daemon]
 state_path = "{state}"
+{state_url}
 # Every 2 s rather than every minute, so cycles can be watched.
 schedule = "*/2 * * * * *"
 control_poll_secs = 1
@@ -109,6 +128,10 @@ timeout_secs = 5
 {extra}
 "#,
             state = self.state_path().display(),
+            state_url = match &self.state_url {
+                Some(url) => format!("state_url = \"{url}\""),
+                None => String::new(),
+            },
             vms = self.vms_srv.base_url(),
             bm = self.bm_srv.base_url(),
             ap = self.ap_srv.base_url(),

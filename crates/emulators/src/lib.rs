@@ -10,6 +10,7 @@ pub mod activeplatform;
 pub mod billmanager;
 pub mod faults;
 pub mod lab;
+pub mod postgres;
 pub mod vms;
 
 use std::net::SocketAddr;
