@@ -11,6 +11,7 @@ pub mod config;
 pub mod daemon;
 pub mod engine;
 pub mod http;
+pub mod lease;
 pub mod sources;
 pub mod status;
 pub mod store;

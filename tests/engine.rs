@@ -1,5 +1,6 @@
 //! SPEC §2 end to end: the engine against the three emulators over real
-//! loopback HTTP, with a real SQLite file.
+//! loopback HTTP, with a real SQLite file (and again, every test, with a
+//! real PostgreSQL: tests/engine_on_postgres.rs).
 
 mod common;
 use common::LabSettings;
@@ -251,6 +252,45 @@ async fn empty_or_failing_source_deprovisions_nothing() {
     let r = cycle(&engine).await;
     assert_eq!(r.result, CycleResult::Partial);
     assert_eq!(lab.vms.data().users, snapshot);
+}
+
+/// A node whose lease lapses mid-push starts no request after (SPEC
+/// §13): the rest waits, nothing is quarantined, nothing is recorded that
+/// the VMS did not confirm; once it may act again the next cycle
+/// converges exactly.
+#[tokio::test]
+async fn no_request_starts_once_the_lease_lapses() {
+    struct Until(Arc<billsync_emulators::vms::VmsEmulator>, Arc<AtomicI64>);
+    impl billsync::lease::Gate for Until {
+        fn may_act(&self) -> bool {
+            (self.0.requests() as i64) < self.1.load(Ordering::SeqCst)
+        }
+    }
+    let (lab, mut engine) = setup(10, 10, "", &[]).await;
+    let allowed = Arc::new(AtomicI64::new(5));
+    engine.set_gate(Arc::new(Until(lab.vms.clone(), allowed.clone())));
+    let r = cycle(&engine).await;
+    let sent = lab.vms.requests();
+    // Requests that passed the gate before the fifth answer came back.
+    let concurrency = 4;
+    assert!(
+        sent >= 5 && sent < 5 + concurrency,
+        "{sent} requests: {r:?}"
+    );
+    assert!(engine.store.load_quarantine().await.unwrap().is_empty());
+    let applied = engine.store.load_applied().await.unwrap().users.len();
+    assert!(applied <= sent, "{applied} applied from {sent} requests");
+    cycle(&engine).await;
+    assert_eq!(
+        lab.vms.requests(),
+        sent,
+        "a cycle sent requests without the lease"
+    );
+    allowed.store(i64::MAX, Ordering::SeqCst);
+    let r = cycle(&engine).await;
+    assert_eq!(r.result, CycleResult::Ok, "{r:?}");
+    assert_eq!(lab.vms.data().users.len(), 20);
+    assert_eq!(engine.store.load_applied().await.unwrap().users.len(), 20);
 }
 
 #[tokio::test]
@@ -757,17 +797,11 @@ async fn accounts_gone_and_deprovisioned_are_forgotten_after_retention() {
     };
     assert!(stored(&engine).await.is_some(), "kept within retention");
     // Past retention (30 days by default).
-    let db = sqlx::SqlitePool::connect_with(
-        sqlx::sqlite::SqliteConnectOptions::new().filename(lab.state_path()),
-    )
-    .await
-    .unwrap();
-    sqlx::query(
+    let db = common::StateDb::open(&lab).await;
+    db.execute(
         "UPDATE source_accounts SET last_seen = '2000-01-01T00:00:00.000Z' WHERE id IN ('4', '5')",
     )
-    .execute(&db)
-    .await
-    .unwrap();
+    .await;
     let before = lab.vms.requests();
     cycle(&engine).await;
     assert!(
@@ -966,19 +1000,11 @@ async fn the_payment_fast_path_pushes_paid_accounts_only() {
         "seen twice"
     );
     // billsync_payment_to_push_seconds: both payments timed, once.
-    let db = sqlx::SqlitePool::connect_with(
-        sqlx::sqlite::SqliteConnectOptions::new().filename(lab.state_path()),
-    )
-    .await
-    .unwrap();
-    let timed: Vec<(String, String)> = sqlx::query_as(
-        "SELECT source, account_id FROM payments
-         WHERE paid_seen_at >= ?1 AND pushed_at IS NOT NULL",
-    )
-    .bind(before.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
-    .fetch_all(&db)
-    .await
-    .unwrap();
+    let db = common::StateDb::open(&lab).await;
+    let since = before.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    let sql = "SELECT source, account_id FROM payments
+               WHERE paid_seen_at >= $1 AND pushed_at IS NOT NULL";
+    let timed = db.pairs(sql, &since).await;
     assert!(
         timed.contains(&("billmanager".into(), "2".into())),
         "{timed:?}"

@@ -231,12 +231,17 @@ fn runtime(fut: impl std::future::Future<Output = u8>) -> u8 {
 /// request (no lock: SQLite serializes them with the running daemon). They
 /// never migrate: a daemon of another version may be using the file.
 async fn open_store(settings: &Settings) -> Result<billsync::store::Store, u8> {
-    billsync::store::Store::open_current(&settings.daemon.state_path)
-        .await
-        .map_err(|e| {
-            eprintln!("billsync: {e}");
-            EXIT_ABORTED
-        })
+    let d = &settings.daemon;
+    billsync::store::Store::open_configured_current(
+        d.state_url.expose(),
+        &d.state_path,
+        d.lease_secs,
+    )
+    .await
+    .map_err(|e| {
+        eprintln!("billsync: {e}");
+        EXIT_ABORTED
+    })
 }
 
 /// One line to stdout; a closed pipe ends the process quietly.

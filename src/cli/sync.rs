@@ -47,6 +47,10 @@ async fn cycle(settings: Settings, args: super::SyncArgs) -> Result<u8, u8> {
     if let Some((_, bar)) = bar {
         bar.finish_and_clear();
     }
+    if let Held::Lease(node, stop) = &_held {
+        let _ = stop.send(true);
+        node.release().await;
+    }
     engine.store.close().await;
     let report = match result {
         Ok(r) => r,
@@ -68,6 +72,9 @@ async fn cycle(settings: Settings, args: super::SyncArgs) -> Result<u8, u8> {
 
 /// A real cycle: the state store's one writer.
 async fn locked_engine(settings: Settings) -> Result<(Engine, Held), u8> {
+    if let Some(url) = settings.daemon.state_url.expose() {
+        return leading_engine(url.to_string(), settings).await;
+    }
     let lock = StateLock::try_acquire(&settings.daemon.state_path).map_err(|e| {
         eprintln!("billsync: {e}");
         super::EXIT_ABORTED
@@ -79,9 +86,44 @@ async fn locked_engine(settings: Settings) -> Result<(Engine, Held), u8> {
     Ok((engine, Held::Lock(lock)))
 }
 
+/// On PostgreSQL `sync` leads for its run, renewing the lease, or exits
+/// 3 naming the node that leads (SPEC §13).
+async fn leading_engine(url: String, settings: Settings) -> Result<(Engine, Held), u8> {
+    let fail = |e: &dyn std::fmt::Display| {
+        eprintln!("billsync: {e}");
+        super::EXIT_ABORTED
+    };
+    let d = &settings.daemon;
+    let name = billsync::lease::node_name(&d.node_name);
+    let lease = std::time::Duration::from_secs(d.lease_secs);
+    let vms_timeout = std::time::Duration::from_secs(settings.vms.timeout_secs);
+    let (store, node) = billsync::lease::open_shared(&url, &name, lease, vms_timeout)
+        .await
+        .map_err(|e| fail(&e))?;
+    if node.leading().is_none() {
+        let leader = node
+            .seen()
+            .map(|r| format!("{} (epoch {})", r.holder, r.epoch));
+        let leader = leader.unwrap_or_else(|| "another node".into());
+        return Err(fail(&format!(
+            "{leader} leads the shared state store; not syncing"
+        )));
+    }
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    tokio::spawn(node.clone().keep(stopped));
+    let mut engine = Engine::with_store(settings, store).map_err(|e| fail(&e))?;
+    engine.set_gate(node.clone());
+    Ok((engine, Held::Lease(node, stop)))
+}
+
 /// What a cycle's engine needs kept until it ends.
 enum Held {
     Lock(#[allow(dead_code)] StateLock),
+    /// The leader lease, renewed until the sender says stop.
+    Lease(
+        std::sync::Arc<billsync::lease::Node>,
+        tokio::sync::watch::Sender<bool>,
+    ),
     Scratch(#[allow(dead_code)] tempfile::TempDir),
     Nothing,
 }
@@ -90,6 +132,9 @@ enum Held {
 /// (beside a running daemon too) and plans on a snapshot of it, so it can
 /// preview another config against the state the daemon keeps.
 async fn preview_engine(settings: Settings) -> Result<(Engine, Held), u8> {
+    if let Some(url) = settings.daemon.state_url.expose() {
+        return preview_on_postgres(url.to_string(), settings).await;
+    }
     let state = settings.daemon.state_path.clone();
     if let Some(pid) = billsync::store::lock_holder(&state) {
         eprintln!(
@@ -112,6 +157,21 @@ async fn preview_engine(settings: Settings) -> Result<(Engine, Held), u8> {
     };
     let engine = Engine::with_store(settings, store).map_err(|e| fail(&e))?;
     Ok((engine, held))
+}
+
+/// On PostgreSQL a dry run needs no lease: it reads the shared store in
+/// sessions the database keeps read-only, and plans on a SQLite snapshot.
+async fn preview_on_postgres(url: String, settings: Settings) -> Result<(Engine, Held), u8> {
+    let fail = |e: &dyn std::fmt::Display| {
+        eprintln!("billsync: {e}");
+        super::EXIT_ABORTED
+    };
+    let bound = billsync::store::pg_bound(settings.daemon.lease_secs);
+    let store = Store::open_postgres_read_only(&url, bound)
+        .await
+        .map_err(|e| fail(&e))?;
+    let engine = Engine::with_store(settings, store).map_err(|e| fail(&e))?;
+    Ok((engine, Held::Nothing))
 }
 
 /// `--retire-source` names: known sources that are not enabled.

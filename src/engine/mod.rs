@@ -121,6 +121,8 @@ pub struct Engine {
     /// The one push scheduler both lanes hand their work to.
     scheduler: schedule::Scheduler,
     limiter: Arc<governor::DefaultDirectRateLimiter>,
+    /// The leader lease on a shared store (SPEC §13); none: always act.
+    gate: Option<Arc<dyn crate::lease::Gate>>,
 }
 
 impl Engine {
@@ -154,11 +156,17 @@ impl Engine {
             clock: Clock::system(),
             scheduler: schedule::Scheduler::default(),
             limiter,
+            gate: None,
         })
     }
 
     pub fn core(&self) -> &CoreConfig {
         &self.core
+    }
+
+    /// Starts no VMS request or write-back unless `gate` allows it then.
+    pub fn set_gate(&mut self, gate: Arc<dyn crate::lease::Gate>) {
+        self.gate = Some(gate);
     }
 
     /// Replaces the wall clock cycles start by and record verifications
@@ -427,6 +435,7 @@ impl Engine {
             stop: opts.stop.clone(),
             now: intent.started,
             limiter: self.limiter.clone(),
+            gate: self.gate.clone(),
             pacing: self.pacing,
             restagger: intent.kind.is_full(),
             clock: self.clock.clone(),

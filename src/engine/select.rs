@@ -197,7 +197,14 @@ impl Engine {
                 .map(|d| (d.login.clone(), d.user.clone()))
                 .collect(),
         };
-        let holds = holds(desired, memory, intent);
+        let mut holds = holds(desired, memory, intent);
+        // Just after a takeover, the old leader's late requests may still
+        // land: its logins in doubt wait (SPEC §13).
+        if self.gate.as_ref().is_some_and(|g| !g.may_push_in_doubt()) {
+            holds
+                .skip
+                .extend(memory.in_doubt.iter().map(|d| d.login.clone()));
+        }
         for login in &holds.release {
             memory.quarantined_users.remove(login);
         }

@@ -4,7 +4,7 @@ use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
 
-use super::db::{on, on_pool, Row};
+use super::db::{on, on_pool, on_write, Row};
 use super::{decode_json, parse_ts, ts, Result, Store};
 use crate::core::model::{AccountKey, ListedAccount, Payment, RawAccount, SourceKind};
 use crate::core::pacing::{Pacing, Round};
@@ -195,7 +195,7 @@ impl Store {
     }
 
     pub async fn record_source_error(&self, source: SourceKind, error: &str) -> Result<()> {
-        on_pool!(self.db, |c| sqlx::query(
+        on_write!(self, |c| sqlx::query(
             "INSERT INTO source_state (source, last_error, last_error_at) VALUES ($1, $2, $3)
              ON CONFLICT (source) DO UPDATE SET last_error = excluded.last_error,
                 last_error_at = excluded.last_error_at",
@@ -426,7 +426,7 @@ impl Store {
                      AND au.account_id = source_accounts.id
                      AND NOT {gone})"
         );
-        Ok(on_pool!(self.db, |c| sqlx::query(&sql)
+        Ok(on_write!(self, |c| sqlx::query(&sql)
             .bind(i64::from(grace))
             .bind(ts(older_than))
             .execute(c)
@@ -441,7 +441,7 @@ impl Store {
         account: &AccountKey,
         now: DateTime<Utc>,
     ) -> Result<Vec<DateTime<Utc>>> {
-        let seen: Vec<String> = on_pool!(self.db, |c| sqlx::query_scalar(
+        let seen: Vec<String> = on_write!(self, |c| sqlx::query_scalar(
             "UPDATE payments SET pushed_at = $3
              WHERE source = $1 AND account_id = $2 AND paid = TRUE
                AND paid_seen_at IS NOT NULL AND pushed_at IS NULL
@@ -477,7 +477,7 @@ impl Store {
     }
 
     pub async fn prune_payments(&self, older_than: DateTime<Utc>) -> Result<u64> {
-        let done = on_pool!(self.db, |c| sqlx::query(
+        let done = on_write!(self, |c| sqlx::query(
             "DELETE FROM payments WHERE is_final = TRUE AND COALESCE(paid_at, seen_at) < $1",
         )
         .bind(ts(older_than))

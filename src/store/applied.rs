@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use chrono::{DateTime, Utc};
 use futures::TryStreamExt;
 
-use super::db::{on, on_pool, Row};
+use super::db::{on, on_pool, on_write, Row};
 use super::{account_key, decode_json, parse_ts, ts, Result, Store};
 use crate::core::model::{AccountKey, SourceKind};
 use crate::core::plan::{state_hash, Applied, AppliedUser};
@@ -166,7 +166,7 @@ impl Store {
         verify_from: Option<i64>,
     ) -> Result<()> {
         let Some(user) = user else {
-            on_pool!(self.db, |c| sqlx::query(
+            on_write!(self, |c| sqlx::query(
                 "DELETE FROM applied_users WHERE login = $1"
             )
             .bind(login)
@@ -175,7 +175,7 @@ impl Store {
             .map(drop))?;
             return Ok(());
         };
-        on_pool!(self.db, |c| sqlx::query(
+        on_write!(self, |c| sqlx::query(
             "INSERT INTO applied_users
                 (login, source, account_id, state_json, hash, applied_at, asserted_at, verify_from)
              VALUES ($1, $2, $3, $4, $5, $6, CASE WHEN $7 IS NOT NULL THEN $6 END, $7)
@@ -199,7 +199,7 @@ impl Store {
     }
 
     pub async fn record_tree(&self, external_id: &str, name: &str) -> Result<()> {
-        on_pool!(self.db, |c| {
+        on_write!(self, |c| {
             sqlx::query(
             "INSERT INTO applied_tree (external_id, name, applied_at) VALUES ($1, $2, $3)
              ON CONFLICT (external_id) DO UPDATE SET name = excluded.name, applied_at = excluded.applied_at",
@@ -214,7 +214,7 @@ impl Store {
     }
 
     pub async fn record_writeback(&self, account: &AccountKey, value: &str) -> Result<()> {
-        on_pool!(self.db, |c| sqlx::query(
+        on_write!(self, |c| sqlx::query(
             "INSERT INTO writebacks (source, account_id, value, written_at) VALUES ($1, $2, $3, $4)
              ON CONFLICT (source, account_id) DO UPDATE SET value = excluded.value,
                 written_at = excluded.written_at",
@@ -233,7 +233,7 @@ impl Store {
     /// happened, the login is in doubt (SPEC §9.1). An older doubt keeps its
     /// `since`.
     pub async fn mark_in_doubt(&self, login: &str, op: &str, user: &AppliedUser) -> Result<()> {
-        on_pool!(self.db, |c| sqlx::query(
+        on_write!(self, |c| sqlx::query(
             "INSERT INTO in_doubt (login, op, source, account_id, state_json, since)
              VALUES ($1, $2, $3, $4, $5, $6)
              ON CONFLICT (login) DO UPDATE SET op = excluded.op, source = excluded.source,
@@ -282,7 +282,7 @@ impl Store {
     }
 
     pub async fn clear_in_doubt(&self, login: &str) -> Result<()> {
-        on_pool!(self.db, |c| sqlx::query(
+        on_write!(self, |c| sqlx::query(
             "DELETE FROM in_doubt WHERE login = $1"
         )
         .bind(login)

@@ -181,4 +181,15 @@ macro_rules! on_pool {
     }};
 }
 
-pub(crate) use {on, on_pool};
+/// `on!` in a write transaction of its own (`Store::write_tx`: fenced),
+/// committed when the body succeeds.
+macro_rules! on_write {
+    ($store:expr, |$c:ident| $body:expr) => {{
+        let mut tx = $store.write_tx().await?;
+        let out = $crate::store::db::on!(tx.conn(), |$c| $body)?;
+        tx.commit().await?;
+        Ok::<_, $crate::store::StoreError>(out)
+    }};
+}
+
+pub(crate) use {on, on_pool, on_write};

@@ -6,7 +6,7 @@ use std::collections::{BTreeSet, HashSet};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
-use super::db::{on, on_pool, Row};
+use super::db::{on, on_pool, on_write, Row};
 use super::{parse_ts, ts, Result, Store};
 use crate::core::cycle::{CycleKind, CycleResult};
 use crate::core::model::AccountKey;
@@ -106,7 +106,7 @@ pub struct Notice {
 impl Store {
     pub async fn start_cycle(&self, kind: CycleKind, started: DateTime<Utc>) -> Result<i64> {
         let sql = "INSERT INTO cycles (kind, started_at) VALUES ($1, $2) RETURNING id";
-        Ok(on_pool!(self.db, |c| {
+        Ok(on_write!(self, |c| {
             sqlx::query_scalar(sql)
                 .bind(kind.as_str())
                 .bind(ts(started))
@@ -121,7 +121,7 @@ impl Store {
         result: CycleResult,
         summary: &serde_json::Value,
     ) -> Result<()> {
-        on_pool!(self.db, |c| sqlx::query(
+        on_write!(self, |c| sqlx::query(
             "UPDATE cycles SET finished_at = $2, result = $3, summary = $4 WHERE id = $1"
         )
         .bind(id)
@@ -169,7 +169,7 @@ impl Store {
 
     /// A cycle that never finished (the process died): closed as failed.
     pub async fn close_abandoned_cycles(&self) -> Result<u64> {
-        Ok(on_pool!(self.db, |c| {
+        Ok(on_write!(self, |c| {
             sqlx::query(
             "UPDATE cycles SET finished_at = started_at, result = 'failed' WHERE finished_at IS NULL",
         )
@@ -230,7 +230,7 @@ impl Store {
             "DELETE FROM control_requests WHERE consumed_at IS NOT NULL AND consumed_at < $1",
             "DELETE FROM notices WHERE at < $1",
         ] {
-            on_pool!(self.db, |c| sqlx::query(sql)
+            on_write!(self, |c| sqlx::query(sql)
                 .bind(&cutoff)
                 .execute(c)
                 .await
@@ -345,7 +345,7 @@ impl Store {
     /// Gives up the requests that `max` cycles took without completing
     /// (each a crash, a kill or a failed cycle); returns how many.
     pub async fn drop_exhausted_requests(&self, max: u32) -> Result<u64> {
-        Ok(on_pool!(self.db, |c| sqlx::query(
+        Ok(on_write!(self, |c| sqlx::query(
             "UPDATE control_requests SET consumed_at = $1, dropped = TRUE
              WHERE consumed_at IS NULL AND attempts >= $2",
         )
@@ -360,7 +360,7 @@ impl Store {
     /// work: a cycle that dies still counts.
     pub async fn start_requests(&self, ids: &[i64], cycle_id: i64) -> Result<()> {
         for id in ids {
-            on_pool!(self.db, |c| sqlx::query(
+            on_write!(self, |c| sqlx::query(
                 "UPDATE control_requests SET attempts = attempts + 1, cycle_id = $2 WHERE id = $1",
             )
             .bind(id)
@@ -399,7 +399,7 @@ impl Store {
     pub async fn consume_requests(&self, ids: &[i64], cycle_id: i64) -> Result<()> {
         let now = ts(Utc::now());
         for id in ids {
-            on_pool!(self.db, |c| sqlx::query(
+            on_write!(self, |c| sqlx::query(
                 "UPDATE control_requests SET consumed_at = $2, cycle_id = $3 WHERE id = $1",
             )
             .bind(id)
@@ -416,7 +416,7 @@ impl Store {
     /// The next read sequence: it orders the reads of both lanes (a cycle,
     /// a payment tick) whatever the clock says. Never reused.
     pub async fn next_read_seq(&self) -> Result<i64> {
-        Ok(on_pool!(self.db, |c| {
+        Ok(on_write!(self, |c| {
             sqlx::query_scalar(
                 "INSERT INTO meta (key, value) VALUES ('read_seq', '1')
              ON CONFLICT (key) DO UPDATE SET value = CAST(CAST(meta.value AS BIGINT) + 1 AS TEXT)
@@ -439,7 +439,7 @@ impl Store {
     }
 
     pub async fn set_meta(&self, key: &str, value: &str) -> Result<()> {
-        on_pool!(self.db, |c| sqlx::query(
+        on_write!(self, |c| sqlx::query(
             "INSERT INTO meta (key, value) VALUES ($1, $2)
              ON CONFLICT (key) DO UPDATE SET value = excluded.value",
         )
@@ -452,7 +452,7 @@ impl Store {
     }
 
     pub async fn add_notice(&self, message: &str) -> Result<()> {
-        on_pool!(self.db, |c| sqlx::query(
+        on_write!(self, |c| sqlx::query(
             "INSERT INTO notices (at, message) VALUES ($1, $2)"
         )
         .bind(ts(Utc::now()))

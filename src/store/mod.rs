@@ -7,6 +7,7 @@ mod accounts;
 mod applied;
 pub(crate) mod db;
 mod history;
+mod lease;
 mod lock;
 mod plan;
 mod postgres;
@@ -19,6 +20,7 @@ pub use applied::InDoubt;
 pub use history::{
     AuditEntry, AuditRow, DroppedRequest, LastCycle, Notice, RequestKind, Requests, TriggerBody,
 };
+pub use lease::{Claim, LeaseRow};
 pub use lock::{holder as lock_holder, StateLock};
 pub use plan::{ConflictRow, DesiredRow, PlanRow, PlanState};
 pub use retry::{QuarantineEntry, QuarantinePart, RetryInfo};
@@ -30,7 +32,7 @@ use std::time::Duration;
 use chrono::{DateTime, SecondsFormat, Utc};
 pub use db::Backend;
 use db::{on_pool, Db, Tx};
-pub use postgres::redacted as redacted_url;
+pub use postgres::{bound as pg_bound, redacted as redacted_url};
 use sqlx::migrate::Migrator;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 
@@ -40,6 +42,9 @@ use crate::core::model::{AccountKey, SourceKind};
 pub struct Store {
     pub(crate) db: Db,
     path: PathBuf,
+    /// The lease epoch this node writes as (SPEC §13), 0 while it writes
+    /// as nobody's leader (SQLite, a standby's requests). Shared by clones.
+    fence: std::sync::Arc<std::sync::atomic::AtomicI64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -54,6 +59,11 @@ pub enum StoreError {
     Decode(String),
     #[error("state store {path}: {message}")]
     Schema { path: String, message: String },
+    /// Another node leads now: this one must stop writing (SPEC §13).
+    #[error(
+        "state store: fenced: this node wrote as leader epoch {mine}, the lease is at epoch {now}"
+    )]
+    Fenced { mine: i64, now: i64 },
 }
 
 pub type Result<T> = std::result::Result<T, StoreError>;
@@ -128,11 +138,7 @@ impl Store {
         match store.schema().await? {
             Schema::Current => Ok(store),
             Schema::Newer => Err(schema_err(path, NEWER)),
-            Schema::Older => Err(schema_err(
-                path,
-                "written by an older billsync; it is upgraded when `billsync run` \
-                 (restart the service) or `billsync sync` starts",
-            )),
+            Schema::Older => Err(schema_err(path, OLDER)),
         }
     }
 
@@ -156,6 +162,7 @@ impl Store {
         let store = Self {
             db: Db::Sqlite(pool),
             path: path.to_path_buf(),
+            fence: Default::default(),
         };
         if store.schema().await? == Schema::Newer {
             return Err(schema_err(path, NEWER));
@@ -181,6 +188,7 @@ impl Store {
         Ok(Self {
             db: Db::Sqlite(pool),
             path: path.to_path_buf(),
+            fence: Default::default(),
         })
     }
 
@@ -234,13 +242,19 @@ impl Store {
         self.set_meta(HASH_KEY, HASH_VERSION).await
     }
 
-    /// Copies the database to `dest` (for a dry run that must change nothing).
+    /// Copies the store to a new SQLite file at `dest`, for a dry run that
+    /// must change nothing: `VACUUM INTO` on SQLite, a snapshot read table
+    /// by table on PostgreSQL.
     pub async fn snapshot_to(&self, dest: &std::path::Path) -> Result<()> {
-        on_pool!(self.db, |c| sqlx::query("VACUUM INTO ?")
-            .bind(dest.display().to_string())
-            .execute(c)
-            .await
-            .map(drop))?;
+        match &self.db {
+            Db::Sqlite(pool) => {
+                sqlx::query("VACUUM INTO $1")
+                    .bind(dest.display().to_string())
+                    .execute(pool)
+                    .await?;
+            }
+            Db::Postgres(pool) => postgres::copy_to_sqlite(pool, dest).await?,
+        }
         Ok(())
     }
 
@@ -265,8 +279,34 @@ impl Store {
     /// daemon's two lanes write at once; a deferred transaction that read
     /// first would fail outright (SQLITE_BUSY, no wait) if the other lane
     /// committed meanwhile, where this one waits out the busy timeout.
+    ///
+    /// Fenced (SPEC §13): once this node writes as a leader's epoch, each
+    /// write transaction first reads the lease's epoch, holding it shared
+    /// until it ends (a takeover waits for it), and fails when a newer one
+    /// exists.
     pub(crate) async fn write_tx(&self) -> Result<Tx> {
-        self.db.begin(true).await
+        let mut tx = self.db.begin(true).await?;
+        let mine = self.fence.load(std::sync::atomic::Ordering::SeqCst);
+        if mine > 0 {
+            let lease = "SELECT epoch FROM lease WHERE name = 'leader' FOR SHARE";
+            let now: Option<i64> = match &mut tx {
+                Tx::Postgres(t) => sqlx::query_scalar(lease).fetch_optional(&mut **t).await?,
+                // One writer by the file lock; no row locks to take.
+                Tx::Sqlite(_) => Some(mine),
+            };
+            if now != Some(mine) {
+                return Err(StoreError::Fenced {
+                    mine,
+                    now: now.unwrap_or(0),
+                });
+            }
+        }
+        Ok(tx)
+    }
+
+    /// Writes from now on as the leader of `epoch` (0: as nobody's).
+    pub fn fence(&self, epoch: i64) {
+        self.fence.store(epoch, std::sync::atomic::Ordering::SeqCst);
     }
 
     async fn migrate(&self) -> Result<()> {
@@ -277,6 +317,9 @@ impl Store {
         Ok(())
     }
 }
+
+const OLDER: &str = "written by an older billsync; it is upgraded when `billsync run` \
+     (restart the service) or `billsync sync` starts";
 
 const NEWER: &str = "written by a newer billsync; refusing to use it (install that version, \
      or restore a backup taken before the upgrade)";

@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, HashSet};
 
 use futures::TryStreamExt;
 
-use super::db::{on, on_pool, Row, Tx};
+use super::db::{on, on_pool, on_write, Row, Tx};
 use super::{account_key, decode_json, Result, Store};
 use crate::core::desired::{Conflict, Desired, DesiredUser};
 use crate::core::model::{AccountKey, UserState};
@@ -115,7 +115,7 @@ impl Store {
 
     /// A login's planned op is done: it leaves the pending list.
     pub async fn plan_done(&self, login: &str) -> Result<()> {
-        on_pool!(self.db, |c| sqlx::query(
+        on_write!(self, |c| sqlx::query(
             "DELETE FROM plan_ops WHERE login = $1 AND state = 'planned'"
         )
         .bind(login)
@@ -128,7 +128,7 @@ impl Store {
     /// One cycle's planned op for a login leaves the pending list (a task
     /// superseded: the other lane's row for the login is its own).
     pub async fn plan_done_in(&self, login: &str, cycle_id: i64) -> Result<()> {
-        on_pool!(self.db, |c| sqlx::query(
+        on_write!(self, |c| sqlx::query(
             "DELETE FROM plan_ops WHERE login = $1 AND cycle_id = $2 AND state = 'planned'"
         )
         .bind(login)

@@ -9,8 +9,8 @@ use std::time::Duration;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::Executor;
 
-use super::db::Db;
-use super::{Result, Schema, Store, StoreError, NEWER};
+use super::db::{on_pool, Backend, Db};
+use super::{Result, Schema, Store, StoreError, NEWER, OLDER};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
 
@@ -42,17 +42,14 @@ impl Store {
         lease_secs: u64,
     ) -> Result<Self> {
         match state_url {
-            Some(url) => {
-                let bound = Duration::from_secs(lease_secs.saturating_sub(1).max(1));
-                Self::open_postgres(url, bound).await
-            }
+            Some(url) => Self::open_postgres(url, bound(lease_secs)).await,
             None => Self::open(state_path).await,
         }
     }
 
     /// Connects and migrates: for `run` and `sync`.
     pub async fn open_postgres(url: &str, timeout: Duration) -> Result<Self> {
-        let store = Self::connect_postgres(url, timeout).await?;
+        let store = Self::connect_postgres(url, timeout, Access::ReadWrite).await?;
         if store.schema().await? == Schema::Newer {
             return Err(store.schema_error(NEWER));
         }
@@ -61,7 +58,67 @@ impl Store {
         Ok(store)
     }
 
-    pub(super) async fn connect_postgres(url: &str, timeout: Duration) -> Result<Self> {
+    /// The configured store as it is, never migrating: for the commands
+    /// that read it or file a request beside a daemon of another version
+    /// (`Store::open_current` on SQLite). Another schema is refused.
+    pub async fn open_configured_current(
+        state_url: Option<&str>,
+        state_path: &std::path::Path,
+        lease_secs: u64,
+    ) -> Result<Self> {
+        let Some(url) = state_url else {
+            return Self::open_current(state_path).await;
+        };
+        let store = Self::connect_postgres(url, bound(lease_secs), Access::ReadWrite).await?;
+        match store.schema().await? {
+            Schema::Current => Ok(store),
+            Schema::Newer => Err(store.schema_error(NEWER)),
+            Schema::Older => Err(store.schema_error(OLDER)),
+        }
+    }
+
+    /// Connects without migrating (SPEC §13: only a leader migrates); a
+    /// newer schema is refused. `migrate_now` when this node leads.
+    pub async fn open_postgres_unmigrated(url: &str, timeout: Duration) -> Result<Self> {
+        let store = Self::connect_postgres(url, timeout, Access::ReadWrite).await?;
+        if store.schema().await? == Schema::Newer {
+            return Err(store.schema_error(NEWER));
+        }
+        Ok(store)
+    }
+
+    /// Whether the schema has the lease yet (a store made before it, or
+    /// none at all, is migrated before anyone can lead it).
+    pub async fn has_lease_table(&self) -> Result<bool> {
+        let sql = match self.backend() {
+            Backend::Postgres => "SELECT to_regclass('lease') IS NOT NULL",
+            Backend::Sqlite => {
+                "SELECT COUNT(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = 'lease'"
+            }
+        };
+        Ok(on_pool!(self.db, |c| sqlx::query_scalar(sql)
+            .fetch_one(c)
+            .await)?)
+    }
+
+    /// Applies this binary's migrations and re-derives stored hashes.
+    pub async fn migrate_now(&self) -> Result<()> {
+        self.migrate().await?;
+        self.upgrade_hashes().await
+    }
+
+    /// Connects as it is, never migrating, every session read-only at the
+    /// database (a dry run beside the leader, SPEC §13; the commands that
+    /// only read). A newer schema is refused.
+    pub async fn open_postgres_read_only(url: &str, timeout: Duration) -> Result<Self> {
+        let store = Self::connect_postgres(url, timeout, Access::ReadOnly).await?;
+        if store.schema().await? == Schema::Newer {
+            return Err(store.schema_error(NEWER));
+        }
+        Ok(store)
+    }
+
+    async fn connect_postgres(url: &str, timeout: Duration, access: Access) -> Result<Self> {
         let where_ = redacted(url);
         let open_err = |message: String| StoreError::Open {
             path: where_.clone(),
@@ -74,10 +131,15 @@ impl Store {
             .acquire_timeout(Duration::from_secs(30))
             .after_connect(move |conn, _| {
                 Box::pin(async move {
-                    let set = format!(
-                        "SET idle_in_transaction_session_timeout = {ms}; \
-                         SET statement_timeout = {ms}"
-                    );
+                    // A read-only session holds no row lock: its snapshot
+                    // copy may take longer than a lease.
+                    let set = match access {
+                        Access::ReadWrite => format!(
+                            "SET idle_in_transaction_session_timeout = {ms}; \
+                             SET statement_timeout = {ms}"
+                        ),
+                        Access::ReadOnly => "SET default_transaction_read_only = on".into(),
+                    };
                     conn.execute(set.as_str()).await.map(drop)
                 })
             })
@@ -87,6 +149,87 @@ impl Store {
         Ok(Self {
             db: Db::Postgres(pool),
             path: where_.into(),
+            fence: Default::default(),
         })
     }
+}
+
+/// How long a session may hold a transaction open or run a statement:
+/// less than the lease.
+pub fn bound(lease_secs: u64) -> Duration {
+    Duration::from_secs(lease_secs.saturating_sub(1).max(1))
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Access {
+    ReadWrite,
+    /// Every transaction of every session read-only, by the database.
+    ReadOnly,
+}
+
+/// Copies every table of the store, read as one snapshot in a read-only
+/// transaction, into a new SQLite file at `dest`: what a dry run plans on.
+/// It writes nothing to the shared store and holds no row lock there.
+pub(super) async fn copy_to_sqlite(pool: &sqlx::PgPool, dest: &std::path::Path) -> Result<()> {
+    let target = Store::open(dest).await?;
+    let Db::Sqlite(sqlite) = &target.db else {
+        unreachable!("Store::open is SQLite")
+    };
+    let mut src = pool.begin().await?;
+    let snapshot = "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY";
+    sqlx::query(snapshot).execute(&mut *src).await?;
+    let tables: Vec<String> = sqlx::query_scalar(
+        "SELECT table_name::TEXT FROM information_schema.tables
+         WHERE table_schema = current_schema() AND table_type = 'BASE TABLE'
+           AND table_name <> '_sqlx_migrations'
+         ORDER BY table_name",
+    )
+    .fetch_all(&mut *src)
+    .await?;
+    let mut dst = sqlite.begin().await?;
+    for table in &tables {
+        copy_table(&mut src, &mut dst, table).await?;
+    }
+    dst.commit().await?;
+    src.rollback().await?;
+    target.close().await;
+    Ok(())
+}
+
+/// One table, row by row; the columns are this schema's, so their types
+/// are text, 64-bit integers and booleans. A row the target already holds
+/// (the `meta` the new file wrote when it opened) is replaced.
+async fn copy_table(
+    src: &mut sqlx::PgConnection,
+    dst: &mut sqlx::SqliteConnection,
+    table: &str,
+) -> Result<()> {
+    use futures::TryStreamExt;
+    use sqlx::{Column, Row, TypeInfo};
+    let select = format!("SELECT * FROM {table}");
+    let mut rows = sqlx::query(&select).fetch(&mut *src);
+    while let Some(row) = rows.try_next().await? {
+        let cols = row.columns();
+        let names: Vec<&str> = cols.iter().map(|c| c.name()).collect();
+        let marks: Vec<String> = (1..=cols.len()).map(|i| format!("${i}")).collect();
+        let insert = format!(
+            "INSERT OR REPLACE INTO {table} ({}) VALUES ({})",
+            names.join(", "),
+            marks.join(", ")
+        );
+        let mut q = sqlx::query(&insert);
+        for (i, col) in cols.iter().enumerate() {
+            q = match col.type_info().name() {
+                "INT8" => q.bind(row.try_get::<Option<i64>, _>(i)?),
+                "BOOL" => q.bind(row.try_get::<Option<bool>, _>(i)?),
+                "TEXT" => q.bind(row.try_get::<Option<String>, _>(i)?),
+                other => {
+                    let why = format!("{table}.{}: unexpected type {other}", col.name());
+                    return Err(StoreError::Decode(why));
+                }
+            };
+        }
+        q.execute(&mut *dst).await?;
+    }
+    Ok(())
 }

@@ -6,7 +6,7 @@ use std::collections::{HashMap, HashSet};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use super::db::{on_pool, Row};
+use super::db::{on_pool, on_write, Row};
 use super::{parse_ts, ts, Result, Store};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -67,7 +67,7 @@ impl Store {
     }
 
     pub async fn set_retry(&self, login: &str, info: &RetryInfo) -> Result<()> {
-        on_pool!(self.db, |c| {
+        on_write!(self, |c| {
             sqlx::query(
             "INSERT INTO retry_state (login, attempts, next_attempt_at, last_error) VALUES ($1, $2, $3, $4)
              ON CONFLICT (login) DO UPDATE SET attempts = excluded.attempts,
@@ -84,7 +84,7 @@ impl Store {
     }
 
     pub async fn clear_retry(&self, login: &str) -> Result<()> {
-        on_pool!(self.db, |c| sqlx::query(
+        on_write!(self, |c| sqlx::query(
             "DELETE FROM retry_state WHERE login = $1"
         )
         .bind(login)
@@ -123,7 +123,7 @@ impl Store {
         error: &str,
         hash: &str,
     ) -> Result<()> {
-        on_pool!(self.db, |c| sqlx::query(
+        on_write!(self, |c| sqlx::query(
             "INSERT INTO quarantine (key, part, error, since, hash) VALUES ($1, $2, $3, $4, $5)
              ON CONFLICT (key, part) DO UPDATE SET error = excluded.error, hash = excluded.hash",
         )
@@ -141,7 +141,7 @@ impl Store {
     /// Releases these keys (every part), or everything when `keys` is None.
     pub async fn release_quarantine(&self, keys: Option<&[String]>) -> Result<u64> {
         let Some(keys) = keys else {
-            let done = on_pool!(self.db, |c| sqlx::query("DELETE FROM quarantine")
+            let done = on_write!(self, |c| sqlx::query("DELETE FROM quarantine")
                 .execute(c)
                 .await
                 .map(|r| r.rows_affected()))?;
@@ -149,7 +149,7 @@ impl Store {
         };
         let mut n = 0;
         for k in keys {
-            n += on_pool!(self.db, |c| sqlx::query(
+            n += on_write!(self, |c| sqlx::query(
                 "DELETE FROM quarantine WHERE key = $1"
             )
             .bind(k)
@@ -164,18 +164,18 @@ impl Store {
     /// when None).
     pub async fn clear_for_resync(&self, logins: Option<&HashSet<String>>) -> Result<()> {
         let Some(set) = logins else {
-            on_pool!(self.db, |c| sqlx::query("DELETE FROM quarantine")
+            on_write!(self, |c| sqlx::query("DELETE FROM quarantine")
                 .execute(c)
                 .await
                 .map(drop))?;
-            on_pool!(self.db, |c| sqlx::query("DELETE FROM retry_state")
+            on_write!(self, |c| sqlx::query("DELETE FROM retry_state")
                 .execute(c)
                 .await
                 .map(drop))?;
             return Ok(());
         };
         for l in set {
-            on_pool!(self.db, |c| sqlx::query(
+            on_write!(self, |c| sqlx::query(
                 "DELETE FROM quarantine WHERE key = $1"
             )
             .bind(l)

@@ -65,10 +65,15 @@ impl Lab {
         self
     }
 
+    /// PostgreSQL when `BILLSYNC_TEST_STORE=postgres`, or when this is a
+    /// test binary named `*_on_postgres` (a suite run again on it).
     fn with_store_from_env(self) -> Self {
-        match std::env::var("BILLSYNC_TEST_STORE").as_deref() {
-            Ok("postgres") => self.with_postgres(),
-            _ => self,
+        let by_env = std::env::var("BILLSYNC_TEST_STORE").is_ok_and(|v| v == "postgres");
+        let exe = std::env::current_exe().unwrap_or_default();
+        let name = exe.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        match by_env || name.contains("_on_postgres") {
+            true => self.with_postgres(),
+            false => self,
         }
     }
 

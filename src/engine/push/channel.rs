@@ -96,6 +96,8 @@ pub struct Channel {
     /// Shared by every cycle of the process, so the lanes together stay
     /// within `vms.max_requests_per_second`.
     limiter: Arc<DefaultDirectRateLimiter>,
+    /// The leader lease: no request starts while this node may not act.
+    gate: Option<Arc<dyn crate::lease::Gate>>,
     max_attempts: u32,
     max_retry_after: Duration,
 }
@@ -130,12 +132,14 @@ impl Channel {
         settings: &VmsSettings,
         limiter: Arc<DefaultDirectRateLimiter>,
         stop: Option<Arc<AtomicBool>>,
+        gate: Option<Arc<dyn crate::lease::Gate>>,
     ) -> Self {
         Self {
             breaker: Breaker::new(settings.circuit_breaker_failures),
             answers: Answers::default(),
             stop: stop.unwrap_or_default(),
             limiter,
+            gate,
             max_attempts: settings.max_attempts.max(1),
             max_retry_after: Duration::from_secs(settings.max_retry_after_secs),
         }
@@ -147,6 +151,17 @@ impl Channel {
 
     pub fn stop(&self) {
         self.stop.store(true, Ordering::Relaxed);
+    }
+
+    /// Checked right before anything goes out (a VMS request, a
+    /// write-back): a node that may no longer act as leader sends nothing
+    /// more this cycle (SPEC §13). Nobody's fault: nothing was sent.
+    pub fn may_send(&self) -> Result<(), VmsError> {
+        if self.gate.as_ref().is_some_and(|g| !g.may_act()) {
+            self.stop();
+            return Err(not_sent("this node does not hold the leader lease"));
+        }
+        Ok(())
     }
 
     /// Nothing more goes out this cycle.
@@ -169,6 +184,7 @@ impl Channel {
                 return Err(not_sent("stopping"));
             }
             self.limiter.until_ready().await;
+            self.may_send()?;
             let fut = {
                 let mut g = f.lock().unwrap_or_else(|e| e.into_inner());
                 (g)()

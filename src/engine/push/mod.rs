@@ -144,6 +144,8 @@ pub struct PushInput<'a> {
     pub stop: Option<Arc<AtomicBool>>,
     pub now: DateTime<Utc>,
     pub limiter: Arc<governor::DefaultDirectRateLimiter>,
+    /// Whether this node may start a request now (the leader lease).
+    pub gate: Option<Arc<dyn crate::lease::Gate>>,
     /// What a confirmed full-state push counts its next verification from.
     pub pacing: Pacing,
     /// A full resync: it verifies everything at once, so its verifications
@@ -191,7 +193,7 @@ impl<'a> Executor<'a> {
             vms: input.vms,
             store: input.store,
             core: input.core,
-            channel: Channel::new(input.settings, input.limiter, input.stop),
+            channel: Channel::new(input.settings, input.limiter, input.stop, input.gate),
             writeback: input.writeback,
             retries: input.retries,
             tree_quarantined: input.tree_quarantined,
@@ -373,6 +375,7 @@ impl<'a> Executor<'a> {
             let why = format!("{} takes no write-back", w.account.source);
             return Err(PushError::Source(crate::http::FetchError::permanent(why)));
         };
+        self.channel.may_send()?;
         target
             .write_login(&w.account.id, &w.login)
             .await

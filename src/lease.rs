@@ -1,0 +1,435 @@
+//! This node's side of the leader lease (SPEC §13). The lease row in the
+//! store says who leads, in database time; this says whether this node may
+//! act now, by its own monotonic clock: only while its last successful
+//! renewal was *sent* less than `lease` minus a margin ago (at least 1 s,
+//! at least twice the slowest recent renewal round trip). A node that
+//! leads writes as its epoch (`Store::fence`), so once another takes over
+//! its next write fails.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::store::{Claim, LeaseRow, Store, StoreError};
+
+/// Whether this process may start a VMS request or a write-back now.
+pub trait Gate: Send + Sync {
+    fn may_act(&self) -> bool;
+
+    /// Whether a login left in doubt by an earlier leader may be pushed:
+    /// not before that leader's late requests can no longer land.
+    fn may_push_in_doubt(&self) -> bool {
+        true
+    }
+}
+
+/// A monotonic clock: the time since some origin. A test drives its own.
+#[derive(Clone)]
+pub struct Mono(Arc<dyn Fn() -> Duration + Send + Sync>);
+
+impl Mono {
+    pub fn system() -> Self {
+        let origin = Instant::now();
+        Mono(Arc::new(move || origin.elapsed()))
+    }
+
+    pub fn from_fn(f: impl Fn() -> Duration + Send + Sync + 'static) -> Self {
+        Mono(Arc::new(f))
+    }
+
+    pub fn now(&self) -> Duration {
+        (self.0)()
+    }
+}
+
+/// What one renewal changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// This node leads from now on, at this epoch.
+    Became {
+        epoch: i64,
+    },
+    Renewed,
+    /// This node led and no longer does (another holds the lease, or the
+    /// database could not be reached for a whole lease).
+    Lost {
+        to: Option<LeaseRow>,
+    },
+    /// Another node leads, as before.
+    Standby,
+    /// The database did not answer; nothing changed yet.
+    Unreachable(String),
+}
+
+/// Renewal round trips remembered for the margin.
+const RTTS: usize = 8;
+
+pub struct Node {
+    store: Store,
+    holder: String,
+    lease: Duration,
+    vms_timeout: Duration,
+    clock: Mono,
+    inner: Mutex<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    /// The epoch this node leads at.
+    epoch: Option<i64>,
+    /// When the last successful renewal was sent.
+    renewed_sent: Option<Duration>,
+    rtts: VecDeque<Duration>,
+    /// The lease as last read.
+    seen: Option<LeaseRow>,
+    newest_epoch: i64,
+    /// In-doubt logins wait until then after a takeover.
+    in_doubt_after: Option<Duration>,
+}
+
+impl Node {
+    /// `node` plus an id drawn now, so a restarted or duplicated process
+    /// never passes for the holder of an older lease.
+    pub fn new(
+        store: Store,
+        node: &str,
+        lease: Duration,
+        vms_timeout: Duration,
+        clock: Mono,
+    ) -> Self {
+        Self {
+            store,
+            holder: format!("{node}/{}", process_id()),
+            lease,
+            vms_timeout,
+            clock,
+            inner: Mutex::new(Inner::default()),
+        }
+    }
+
+    pub fn holder(&self) -> &str {
+        &self.holder
+    }
+
+    /// How often the lease is renewed: a third of it.
+    pub fn renew_every(&self) -> Duration {
+        self.lease / 3
+    }
+
+    /// Claims or renews the lease once.
+    pub async fn renew(&self) -> Change {
+        let sent = self.clock.now();
+        let ms = i64::try_from(self.lease.as_millis()).unwrap_or(i64::MAX);
+        let claim = self.store.claim_lease(&self.holder, ms).await;
+        let rtt = self.clock.now().saturating_sub(sent);
+        self.apply(sent, rtt, claim)
+    }
+
+    fn apply(&self, sent: Duration, rtt: Duration, claim: Result<Claim, StoreError>) -> Change {
+        let mut s = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let claim = match claim {
+            Err(e) => return self.unreachable(&mut s, e.to_string()),
+            Ok(claim) => claim,
+        };
+        s.rtts.push_back(rtt);
+        if s.rtts.len() > RTTS {
+            s.rtts.pop_front();
+        }
+        match claim {
+            Claim::Held(row) => {
+                s.renewed_sent = Some(sent);
+                s.newest_epoch = s.newest_epoch.max(row.epoch);
+                let change = match s.epoch {
+                    Some(e) if e == row.epoch => Change::Renewed,
+                    _ => {
+                        self.store.fence(row.epoch);
+                        // An earlier leader's requests may still land until
+                        // its lease ran out (by now) plus a VMS timeout.
+                        s.in_doubt_after = (row.epoch > 1).then_some(sent + self.vms_timeout);
+                        Change::Became { epoch: row.epoch }
+                    }
+                };
+                s.epoch = Some(row.epoch);
+                s.seen = Some(row);
+                change
+            }
+            Claim::Other(row) => {
+                s.newest_epoch = s.newest_epoch.max(row.epoch);
+                s.seen = Some(row.clone());
+                match s.epoch.take() {
+                    Some(_) => Change::Lost { to: Some(row) },
+                    None => Change::Standby,
+                }
+            }
+        }
+    }
+
+    /// No answer: a leader that has not renewed for a whole lease has
+    /// certainly lost it (another may hold it by now).
+    fn unreachable(&self, s: &mut Inner, error: String) -> Change {
+        let expired = s
+            .renewed_sent
+            .is_none_or(|r| self.clock.now().saturating_sub(r) >= self.lease);
+        if s.epoch.is_some() && expired {
+            s.epoch = None;
+            return Change::Lost { to: None };
+        }
+        Change::Unreachable(error)
+    }
+
+    fn margin(s: &Inner) -> Duration {
+        let slowest = s.rtts.iter().max().copied().unwrap_or_default();
+        Duration::from_secs(1).max(slowest * 2)
+    }
+
+    /// The epoch this node leads at, if it leads.
+    pub fn leading(&self) -> Option<i64> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner()).epoch
+    }
+
+    /// The lease as last read: who leads.
+    pub fn seen(&self) -> Option<LeaseRow> {
+        self.inner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .seen
+            .clone()
+    }
+
+    /// The newest epoch this node has seen (`billsync_lease_epoch`).
+    pub fn newest_epoch(&self) -> i64 {
+        self.inner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .newest_epoch
+    }
+
+    /// Gives the lease up (a clean stop): a standby need not wait.
+    pub async fn release(&self) {
+        let epoch = self
+            .inner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .epoch
+            .take();
+        if let Some(epoch) = epoch {
+            if let Err(e) = self.store.release_lease(&self.holder, epoch).await {
+                tracing::warn!(error = %e, "could not release the lease; it expires by itself");
+            }
+        }
+    }
+}
+
+impl Gate for Node {
+    fn may_act(&self) -> bool {
+        let s = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let (Some(_), Some(sent)) = (s.epoch, s.renewed_sent) else {
+            return false;
+        };
+        let window = self.lease.saturating_sub(Self::margin(&s));
+        self.clock.now().saturating_sub(sent) < window
+    }
+
+    fn may_push_in_doubt(&self) -> bool {
+        let s = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        s.in_doubt_after.is_none_or(|t| self.clock.now() >= t)
+    }
+}
+
+/// Opens the shared store on PostgreSQL and claims the lease once. The
+/// schema is migrated only by the node that leads, or before anyone can
+/// lead (a store without the lease table yet).
+pub async fn open_shared(
+    url: &str,
+    node: &str,
+    lease: Duration,
+    vms_timeout: Duration,
+) -> Result<(Store, Arc<Node>), StoreError> {
+    let bound = crate::store::pg_bound(lease.as_secs());
+    let store = Store::open_postgres_unmigrated(url, bound).await?;
+    if !store.has_lease_table().await? {
+        store.migrate_now().await?;
+    }
+    let node = Arc::new(Node::new(
+        store.clone(),
+        node,
+        lease,
+        vms_timeout,
+        Mono::system(),
+    ));
+    if let Change::Became { .. } = node.renew().await {
+        store.migrate_now().await?;
+    }
+    Ok((store, node))
+}
+
+/// This node's name: `daemon.node_name`, else the host name.
+pub fn node_name(configured: &str) -> String {
+    if !configured.is_empty() {
+        return configured.to_string();
+    }
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "billsync".into())
+}
+
+impl Node {
+    /// Renews every third of the lease until `stop`, saying each change.
+    pub async fn keep(self: Arc<Self>, mut stop: tokio::sync::watch::Receiver<bool>) {
+        let mut tick = tokio::time::interval(self.renew_every());
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = stop.changed() => return,
+            }
+            self.say(&self.renew().await);
+        }
+    }
+
+    pub fn say(&self, change: &Change) {
+        match change {
+            Change::Became { epoch } => {
+                tracing::info!(epoch, holder = %self.holder, "this node leads")
+            }
+            Change::Lost { to } => {
+                tracing::warn!(to = ?to.as_ref().map(|r| &r.holder), "this node no longer leads")
+            }
+            Change::Unreachable(e) => tracing::warn!(error = %e, "the lease could not be renewed"),
+            Change::Renewed | Change::Standby => {}
+        }
+    }
+}
+
+/// An id drawn at each process start (the standard library's randomly
+/// seeded hasher, over the time and the pid).
+fn process_id() -> String {
+    use std::hash::BuildHasher;
+    let seed = (std::time::SystemTime::now(), std::process::id());
+    format!(
+        "{:016x}",
+        std::collections::hash_map::RandomState::new().hash_one(seed)
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    const LEASE: Duration = Duration::from_secs(15);
+    const VMS_TIMEOUT: Duration = Duration::from_secs(30);
+
+    /// A node on a scratch store and a clock the test sets (ms).
+    async fn node() -> (Node, Arc<AtomicU64>, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("s.db")).await.unwrap();
+        let ms = Arc::new(AtomicU64::new(0));
+        let t = ms.clone();
+        let clock = Mono::from_fn(move || Duration::from_millis(t.load(Ordering::SeqCst)));
+        (Node::new(store, "n1", LEASE, VMS_TIMEOUT, clock), ms, dir)
+    }
+
+    fn row(holder: &str, epoch: i64) -> LeaseRow {
+        LeaseRow {
+            holder: holder.into(),
+            epoch,
+            since_ms: 0,
+            expires_ms: 15_000,
+            now_ms: 0,
+        }
+    }
+
+    fn at(ms: u64) -> Duration {
+        Duration::from_millis(ms)
+    }
+
+    #[tokio::test]
+    async fn acts_only_within_the_lease_less_the_margin_from_the_renewal_sent() {
+        let (n, now, _d) = node().await;
+        assert!(!n.may_act(), "before any lease");
+        let change = n.apply(at(0), at(10), Ok(Claim::Held(row(n.holder(), 1))));
+        assert_eq!(change, Change::Became { epoch: 1 });
+        now.store(13_999, Ordering::SeqCst);
+        assert!(n.may_act());
+        now.store(14_000, Ordering::SeqCst);
+        assert!(!n.may_act(), "15 s lease, 1 s margin");
+        // A slow round trip widens the margin to twice it.
+        assert_eq!(
+            n.apply(at(14_000), at(3_000), Ok(Claim::Held(row(n.holder(), 1)))),
+            Change::Renewed
+        );
+        now.store(14_000 + 8_999, Ordering::SeqCst);
+        assert!(n.may_act());
+        now.store(14_000 + 9_000, Ordering::SeqCst);
+        assert!(!n.may_act(), "15 s less 2 x 3 s");
+    }
+
+    #[tokio::test]
+    async fn another_holder_takes_it_and_a_new_epoch_is_a_new_leadership() {
+        let (n, now, _d) = node().await;
+        n.apply(at(0), at(5), Ok(Claim::Held(row(n.holder(), 1))));
+        let lost = n.apply(at(5_000), at(5), Ok(Claim::Other(row("n2/x", 2))));
+        assert_eq!(
+            lost,
+            Change::Lost {
+                to: Some(row("n2/x", 2))
+            }
+        );
+        assert!(!n.may_act());
+        assert_eq!(
+            n.apply(at(10_000), at(5), Ok(Claim::Other(row("n2/x", 2)))),
+            Change::Standby
+        );
+        now.store(40_000, Ordering::SeqCst);
+        let back = n.apply(at(40_000), at(5), Ok(Claim::Held(row(n.holder(), 3))));
+        assert_eq!(back, Change::Became { epoch: 3 });
+        assert!(n.may_act());
+        assert_eq!(n.newest_epoch(), 3);
+    }
+
+    #[tokio::test]
+    async fn a_leader_without_the_database_for_a_whole_lease_has_lost_it() {
+        let (n, now, _d) = node().await;
+        n.apply(at(0), at(5), Ok(Claim::Held(row(n.holder(), 1))));
+        let down = || Err(StoreError::Decode("connection refused".into()));
+        now.store(10_000, Ordering::SeqCst);
+        assert!(matches!(
+            n.apply(at(10_000), at(0), down()),
+            Change::Unreachable(_)
+        ));
+        assert_eq!(n.leading(), Some(1), "not yet");
+        now.store(14_500, Ordering::SeqCst);
+        assert!(!n.may_act(), "no request once the window closed");
+        now.store(15_000, Ordering::SeqCst);
+        assert_eq!(
+            n.apply(at(15_000), at(0), down()),
+            Change::Lost { to: None }
+        );
+        assert_eq!(n.leading(), None);
+    }
+
+    /// After a takeover, logins in doubt wait out the old leader's late
+    /// requests (its lease had run out by then; plus a VMS timeout); a
+    /// first leader waits for nobody.
+    #[tokio::test]
+    async fn in_doubt_logins_wait_a_vms_timeout_after_a_takeover() {
+        let (n, now, _d) = node().await;
+        n.apply(at(0), at(5), Ok(Claim::Held(row(n.holder(), 1))));
+        assert!(n.may_push_in_doubt(), "the first leader");
+        n.apply(at(1_000), at(5), Ok(Claim::Other(row("n2/x", 2))));
+        now.store(60_000, Ordering::SeqCst);
+        n.apply(at(60_000), at(5), Ok(Claim::Held(row(n.holder(), 3))));
+        now.store(60_000 + 29_999, Ordering::SeqCst);
+        assert!(!n.may_push_in_doubt());
+        now.store(90_000, Ordering::SeqCst);
+        assert!(n.may_push_in_doubt());
+    }
+
+    #[test]
+    fn each_process_draws_another_holder_id() {
+        assert_ne!(process_id(), process_id());
+    }
+}
