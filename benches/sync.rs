@@ -10,7 +10,10 @@
 //! (no-op cycles of each kind), `BILLSYNC_BENCH_BASELINE` (another build's
 //! bench binary: each no-op cycle also runs there, alternately),
 //! `BILLSYNC_BENCH_SERVICES` (`off`, the default; `on`: one service per
-//! account in both sources, read by both; `both`: each size off, then on).
+//! account in both sources, read by both; `both`: each size off, then on),
+//! `BILLSYNC_BENCH_STORE` (`sqlite`, the default; `postgres`: the state in
+//! a fresh database of a throw-away PostgreSQL cluster on this machine;
+//! `both`: each size on SQLite, then on PostgreSQL).
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
@@ -73,9 +76,16 @@ fn main() {
         Ok("both") => &[false, true],
         _ => &[false],
     };
+    let stores: &[bool] = match std::env::var("BILLSYNC_BENCH_STORE").as_deref() {
+        Ok("postgres") => &[true],
+        Ok("both") => &[false, true],
+        _ => &[false],
+    };
     for n in sizes {
         for &with in services {
-            bench(n, with);
+            for &postgres in stores {
+                bench(n, with, postgres);
+            }
         }
     }
 }
@@ -94,7 +104,12 @@ impl Emus {
     }
 }
 
-fn bench(n: usize, services: bool) {
+fn bench(n: usize, services: bool, postgres: bool) {
+    // Each build its own database, as each has its own state file below.
+    let urls = postgres.then(|| {
+        let db = billsync_emulators::postgres::fresh_database;
+        (db(), db())
+    });
     let mut child = Command::new(std::env::current_exe().unwrap())
         .arg(n.to_string())
         .arg(if services { "services" } else { "" })
@@ -115,9 +130,14 @@ fn bench(n: usize, services: bool) {
     // apply to existing users: their no-op cycles must cost what the others do.
     let retyped = "no-op after vms.user_type change";
     let noops = noop_runs();
-    let (full_sync, noop) = match services {
-        false => ("initial full sync", "no-op incremental"),
-        true => ("initial full sync, services", "no-op incremental, services"),
+    let (full_sync, noop) = match (services, postgres) {
+        (false, false) => ("initial full sync", "no-op incremental"),
+        (true, false) => ("initial full sync, services", "no-op incremental, services"),
+        (false, true) => ("initial full sync, postgres", "no-op incremental, postgres"),
+        (true, true) => (
+            "initial full sync, services, postgres",
+            "no-op incremental, services, postgres",
+        ),
     };
     let runs = std::iter::once((full_sync, true))
         .chain(std::iter::repeat_n((noop, false), noops))
@@ -145,14 +165,22 @@ fn bench(n: usize, services: bool) {
     for (label, full, exe, build) in runs {
         let before = emus.ask("stats");
         let user_type = if label == retyped { "b2b" } else { "b2c" };
-        let out = Command::new(exe)
+        let mut cycle = Command::new(exe);
+        cycle
             .args([config.as_str(), if full { "full" } else { "incremental" }])
             .env("BILLSYNC_BENCH_ROLE", "cycle")
             .env("BILLSYNC__DAEMON__STATE_PATH", state_of(build))
             .env("BILLSYNC__VMS__USER_TYPE", user_type)
-            .stderr(Stdio::inherit())
-            .output()
-            .unwrap();
+            .stderr(Stdio::inherit());
+        if let Some((this_db, baseline_db)) = &urls {
+            let url = if build.is_empty() {
+                this_db
+            } else {
+                baseline_db
+            };
+            cycle.env("BILLSYNC__DAEMON__STATE_URL", url);
+        }
+        let out = cycle.output().unwrap();
         let r: serde_json::Value = serde_json::from_slice(&out.stdout)
             .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
         let after = emus.ask("stats");

@@ -182,6 +182,14 @@ impl Node {
         Duration::from_secs(1).max(slowest * 2)
     }
 
+    /// A write failed on a newer epoch: this node no longer leads, at once.
+    pub fn step_down(&self) {
+        let mut s = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        if s.epoch.take().is_some() {
+            tracing::warn!("a newer leader exists (a write was fenced); this node steps down");
+        }
+    }
+
     /// The epoch this node leads at, if it leads.
     pub fn leading(&self) -> Option<i64> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner()).epoch

@@ -118,10 +118,34 @@ pub async fn status_json(store: &Store, settings: &Settings) -> Result<Value, St
             "at": t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
             "age_secs": (chrono::Utc::now() - t).num_seconds().max(0),
         })),
+        "leader": leader(store, settings).await?,
         "in_doubt": store.load_in_doubt().await?.into_iter().map(|d| json!({
             "login": d.login,
             "op": d.op,
             "since": d.since.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
         })).collect::<Vec<_>>(),
     }))
+}
+
+/// Who leads a shared store (SPEC §13): the node (its name and the id of
+/// its process), the epoch, since when and until when, by database time.
+/// Null on SQLite, and while nobody ever led.
+async fn leader(store: &Store, settings: &Settings) -> Result<Value, StoreError> {
+    if !settings.daemon.state_url.is_set() {
+        return Ok(Value::Null);
+    }
+    let at = |ms: i64| {
+        chrono::DateTime::from_timestamp_millis(ms)
+            .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+    };
+    Ok(match store.lease().await? {
+        None => Value::Null,
+        Some(l) => json!({
+            "node": l.holder,
+            "epoch": l.epoch,
+            "since": at(l.since_ms),
+            "expires": at(l.expires_ms),
+            "expired": l.expires_ms <= l.now_ms,
+        }),
+    })
 }

@@ -407,6 +407,58 @@ async fn sigterm_mid_cycle_exits_0_with_a_consistent_store() {
     assert_eq!(lab.vms.data().users.len(), 60);
 }
 
+/// With `admin.tls_cert_file` and `admin.tls_key_file` the admin server
+/// speaks only TLS (SPEC §13): a client that trusts the certificate gets
+/// its answers, the token included, and plain HTTP gets none.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_admin_server_speaks_tls_with_a_certificate() {
+    let lab = lab(2, 0).await;
+    let cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into()]).unwrap();
+    let (cert_pem, key_pem) = (cert.cert.pem(), cert.key_pair.serialize_pem());
+    let dir = tempfile::tempdir().unwrap();
+    let (cert_file, key_file) = (dir.path().join("admin.crt"), dir.path().join("admin.key"));
+    std::fs::write(&cert_file, &cert_pem).unwrap();
+    std::fs::write(&key_file, &key_pem).unwrap();
+    let env = [
+        RARE,
+        (
+            "BILLSYNC__ADMIN__TLS_CERT_FILE",
+            cert_file.to_str().unwrap(),
+        ),
+        ("BILLSYNC__ADMIN__TLS_KEY_FILE", key_file.to_str().unwrap()),
+        ("BILLSYNC__ADMIN__TOKEN", TOKEN),
+    ];
+    let (child, plain) = spawn(&lab, &env, &[]);
+    let _running = Running {
+        child,
+        admin: plain.clone(),
+    };
+    let https = plain.replace("http://", "https://");
+    let client = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(cert_pem.as_bytes()).unwrap())
+        .build()
+        .unwrap();
+    let t = Instant::now();
+    let live = loop {
+        if let Ok(r) = client.get(format!("{https}/livez")).send().await {
+            break r.status();
+        }
+        assert!(t.elapsed() < Duration::from_secs(20), "no TLS answer");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(live, 200);
+    let resync = client
+        .post(format!("{https}/resync"))
+        .bearer_auth(TOKEN)
+        .json(&serde_json::json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert!(resync.status().is_success(), "{}", resync.status());
+    let clear = reqwest::get(format!("{plain}/livez")).await;
+    assert!(clear.is_err(), "plain HTTP was answered: {clear:?}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_second_daemon_refuses_to_start() {
     let lab = lab(1, 0).await;

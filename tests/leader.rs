@@ -117,3 +117,219 @@ async fn a_dry_run_plans_beside_the_leader_and_writes_nothing() {
         ("node-b/1", held.epoch, held.expires_ms)
     );
 }
+
+const TOKEN: &str = "test-admin-token-0123456789";
+
+/// One `billsync run` node of the lab's shared store.
+struct Daemon {
+    child: std::process::Child,
+    admin: String,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Daemon {
+    /// Node `name` with a short lease (3 s, renewed every second), its
+    /// admin endpoint up.
+    async fn start(lab: &Lab, name: &str) -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let admin = format!("127.0.0.1:{port}");
+        let child = billsync(lab, &["run"])
+            .env("BILLSYNC__ADMIN__LISTEN", &admin)
+            .env("BILLSYNC__ADMIN__TOKEN", TOKEN)
+            .env("BILLSYNC__DAEMON__NODE_NAME", name)
+            .env("BILLSYNC__DAEMON__LEASE_SECS", "3")
+            .env_remove("NOTIFY_SOCKET")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let d = Daemon {
+            child,
+            admin: format!("http://{admin}"),
+        };
+        let up = || async { reqwest::get(format!("{}/livez", d.admin)).await.is_ok() };
+        wait_for("the node's admin endpoint", Duration::from_secs(20), up).await;
+        d
+    }
+
+    async fn metrics(&self) -> String {
+        let r = reqwest::get(format!("{}/metrics", self.admin)).await;
+        r.unwrap().text().await.unwrap()
+    }
+
+    /// `billsync_leader` as this node reports it.
+    async fn leads(&self) -> bool {
+        self.metrics()
+            .await
+            .lines()
+            .any(|l| l == "billsync_leader 1")
+    }
+
+    /// Every VMS request this node sent (`billsync_vms_requests_total`).
+    async fn vms_requests(&self) -> u64 {
+        let text = self.metrics().await;
+        let counts = text
+            .lines()
+            .filter(|l| l.starts_with("billsync_vms_requests_total{"));
+        counts
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>() as u64
+    }
+
+    async fn role(&self) -> String {
+        let r = reqwest::get(format!("{}/healthz", self.admin))
+            .await
+            .unwrap();
+        let v: serde_json::Value = r.json().await.unwrap();
+        v["role"].as_str().unwrap_or_default().to_string()
+    }
+}
+
+/// Waits for `f`; fails the test when `limit` passes first.
+async fn wait_for<F, Fut>(what: &str, limit: Duration, f: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let t = std::time::Instant::now();
+    while !f().await {
+        assert!(t.elapsed() < limit, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Two nodes on one store: exactly one leads and only it sends VMS
+/// requests. After kill -9 of the leader the standby leads and pushes a
+/// change within the lease plus a renewal plus a cycle, no login created
+/// twice.
+#[tokio::test(flavor = "multi_thread")]
+async fn two_nodes_one_leader_and_a_takeover_after_kill_9() {
+    let (lab, _other) = shared_lab(5, 5).await;
+    let a = Daemon::start(&lab, "node-a").await;
+    wait_for("node-a to lead", Duration::from_secs(10), || a.leads()).await;
+    let b = Daemon::start(&lab, "node-b").await;
+    let all = || async { lab.vms.data().users.len() == 10 };
+    wait_for("the leader's first sync", Duration::from_secs(20), all).await;
+    // A few renewals and cycles later, still one leader.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(a.leads().await && !b.leads().await);
+    assert_eq!(
+        (a.role().await.as_str(), b.role().await.as_str()),
+        ("leader", "standby")
+    );
+    assert_eq!(b.vms_requests().await, 0, "the standby sent VMS requests");
+    assert!(a.vms_requests().await >= 10);
+
+    let mut a = a;
+    a.child.kill().unwrap();
+    let _ = a.child.wait();
+    let killed = std::time::Instant::now();
+    // A customer stops paying while nobody leads.
+    let paying = |email: &str| {
+        let user = lab.vms.user(&email.trim().to_lowercase());
+        user.is_some_and(|u| u.permissions.contains("archives-show"))
+    };
+    let login = {
+        let mut bm = lab.bm.data();
+        let acc = bm.accounts.iter_mut().find(|x| paying(&x.email));
+        let acc = acc.expect("a paying BILLmanager customer");
+        acc.balance = "-1000.00".into();
+        acc.credit_limits.clear();
+        acc.email.trim().to_lowercase()
+    };
+    let detached = || async {
+        let user = lab.vms.user(&login).unwrap();
+        !user.permissions.contains("archives-show")
+    };
+    // Lease 3 s + a renewal (1 s) + the 2 s schedule, and slack for a
+    // loaded machine.
+    wait_for(
+        "the standby to take over and push",
+        Duration::from_secs(15),
+        detached,
+    )
+    .await;
+    let took = killed.elapsed();
+    assert!(b.leads().await, "node-b pushed without leading");
+    eprintln!("takeover to the first push: {:.1} s", took.as_secs_f64());
+    let mut created: std::collections::BTreeMap<String, usize> = Default::default();
+    for e in lab.vms.data().events.iter() {
+        if e.method == "POST" && e.path == "user/manage" && (200..300).contains(&e.status) {
+            *created.entry(e.login.clone()).or_default() += 1;
+        }
+    }
+    assert!(
+        created.values().all(|n| *n == 1),
+        "created twice: {created:?}"
+    );
+}
+
+/// A leader frozen (SIGSTOP) mid-push for three lease periods, then woken:
+/// meanwhile the standby takes over and finishes the push; once awake the
+/// old leader starts no VMS request (only those in flight when it froze
+/// complete), steps down, and there is one leader. Exact convergence, no
+/// login created twice.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_leader_frozen_mid_push_wakes_up_as_a_standby_and_sends_nothing() {
+    let (lab, _other) = shared_lab(20, 20).await;
+    // Slow enough that a freeze lands in the middle of the first push.
+    lab.vms.faults.set_latency(Duration::from_millis(300));
+    let a = Daemon::start(&lab, "node-a").await;
+    wait_for("node-a to lead", Duration::from_secs(10), || a.leads()).await;
+    let b = Daemon::start(&lab, "node-b").await;
+    let pushing = || async { lab.vms.requests() >= 8 };
+    wait_for("node-a to be pushing", Duration::from_secs(20), pushing).await;
+    let pid = a.child.id().to_string();
+    let signal = |sig: &str| {
+        let ok = Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill {sig} {pid}");
+    };
+    let sent_before = a.vms_requests().await;
+    signal("-STOP");
+    assert!(
+        lab.vms.data().users.len() < 40,
+        "the push ended before the freeze"
+    );
+    wait_for("node-b to take over", Duration::from_secs(15), || b.leads()).await;
+    tokio::time::sleep(Duration::from_secs(9)).await;
+    signal("-CONT");
+    wait_for("node-a to step down", Duration::from_secs(10), || async {
+        a.role().await == "standby"
+    })
+    .await;
+    let all = || async { lab.vms.data().users.len() == 40 };
+    wait_for("node-b to finish the push", Duration::from_secs(60), all).await;
+    // At most the requests in flight when it froze (vms.concurrency 4),
+    // and those between reading its count and the freeze.
+    let after = a.vms_requests().await;
+    assert!(
+        after <= sent_before + 8,
+        "the woken node sent {} requests",
+        after - sent_before
+    );
+    assert!(!a.leads().await && b.leads().await);
+    let mut created: std::collections::BTreeMap<String, usize> = Default::default();
+    for e in lab.vms.data().events.iter() {
+        if e.method == "POST" && e.path == "user/manage" && (200..300).contains(&e.status) {
+            *created.entry(e.login.clone()).or_default() += 1;
+        }
+    }
+    assert!(
+        created.values().all(|n| *n == 1),
+        "created twice: {created:?}"
+    );
+}

@@ -64,6 +64,18 @@ fn list(doc: &Value, key: &str) -> Vec<Value> {
 }
 
 fn print_human(doc: &Value) {
+    if let Some(l) = doc.get("leader").filter(|v| v.is_object()) {
+        let state = match l["expired"].as_bool() {
+            Some(true) => "expired",
+            _ => "until",
+        };
+        outln!(
+            "leader: {} (epoch {}, {state} {})",
+            l["node"].as_str().unwrap_or("?"),
+            l["epoch"],
+            seconds(l["expires"].as_str().unwrap_or("?"))
+        );
+    }
     if let Some(v) = doc.get("oldest_verification").filter(|v| !v.is_null()) {
         let hours = v["age_secs"].as_i64().unwrap_or(0) as f64 / 3600.0;
         outln!(

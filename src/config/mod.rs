@@ -109,6 +109,10 @@ pub struct AdminSettings {
     /// Its `_file` form, read by `secrets::file_overrides`.
     #[serde(skip_serializing)]
     pub token_file: Option<PathBuf>,
+    /// PEM certificate chain and private key: the admin server speaks TLS
+    /// (SPEC §13). Both or neither.
+    pub tls_cert_file: Option<PathBuf>,
+    pub tls_key_file: Option<PathBuf>,
 }
 
 impl Default for AdminSettings {
@@ -117,6 +121,8 @@ impl Default for AdminSettings {
             listen: "127.0.0.1:9187".into(),
             token: Secret::default(),
             token_file: None,
+            tls_cert_file: None,
+            tls_key_file: None,
         }
     }
 }
@@ -944,6 +950,10 @@ fn validate(s: &Settings) -> Result<(), ConfigError> {
         8760,
         "hours",
     )?;
+    if s.admin.tls_cert_file.is_some() != s.admin.tls_key_file.is_some() {
+        let why = "admin.tls_cert_file and admin.tls_key_file go together: set both or neither";
+        return Err(ConfigError::new("admin.tls_key_file", why));
+    }
     s.admin
         .listen
         .parse::<std::net::SocketAddr>()

@@ -130,7 +130,11 @@ async fn healthz(State(s): State<Arc<Shared>>) -> Response {
             json!({"ok": false, "error": e.to_string()})
         }
     };
-    let body = json!({"status": if ok { "ok" } else { "failing" }, "checks": {"state_store": store, "last_cycle": last}});
+    let role = match s.leads() {
+        true => "leader",
+        false => "standby",
+    };
+    let body = json!({"status": if ok { "ok" } else { "failing" }, "role": role, "checks": {"state_store": store, "last_cycle": last}});
     let code = if ok {
         StatusCode::OK
     } else {
@@ -140,7 +144,13 @@ async fn healthz(State(s): State<Arc<Shared>>) -> Response {
 }
 
 /// The Prometheus text format unless the scraper asks for OpenMetrics.
-async fn metrics_text(headers: HeaderMap) -> Response {
+async fn metrics_text(State(s): State<Arc<Shared>>, headers: HeaderMap) -> Response {
+    if let Some(node) = &s.node {
+        use crate::lease::Gate;
+        let m = metrics::get();
+        m.leader.set(i64::from(node.may_act()));
+        m.lease_epoch.set(node.newest_epoch());
+    }
     let wants_openmetrics = headers
         .get_all(header::ACCEPT)
         .iter()
@@ -330,6 +340,7 @@ mod tests {
             loop_alive: AtomicBool::new(true),
             started: Instant::now(),
             started_at: Utc::now(),
+            node: None,
         };
         (router(Arc::new(shared)), dir)
     }

@@ -3,8 +3,10 @@
 //! notifications, and a graceful stop on SIGTERM/SIGINT (SPEC §2.4).
 
 mod admin;
+mod leader;
 pub mod notify;
 pub mod serve;
+mod tls;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -47,12 +49,14 @@ impl Lane {
     }
 }
 
-/// One lane's flags: whether a cycle runs, its wake-up call, its pulse.
+/// One lane's flags: whether a cycle runs, its wake-up call, its pulse,
+/// and the stop flag of the cycle running now.
 #[derive(Default)]
 pub struct LaneState {
     pub running: AtomicBool,
     pub wake: Notify,
     pub pulse: Arc<Pulse>,
+    stop: std::sync::Mutex<Option<Arc<AtomicBool>>>,
 }
 
 /// What the lanes, the scheduler and the admin server share.
@@ -67,6 +71,8 @@ pub struct Shared {
     pub started_at: DateTime<Utc>,
     /// The incremental schedule's period (for health).
     pub period: Duration,
+    /// This node's lease on a shared store (SPEC §13); None on SQLite.
+    pub node: Option<Arc<crate::lease::Node>>,
 }
 
 impl Shared {
@@ -84,6 +90,27 @@ impl Shared {
     /// Since the stalest lane last showed progress.
     pub fn heartbeat_age(&self) -> Duration {
         notify::oldest_beat(&self.pulses())
+    }
+
+    /// Whether this node may run cycles: it leads, or needs no lease.
+    pub fn leads(&self) -> bool {
+        self.node.as_ref().is_none_or(|n| n.leading().is_some())
+    }
+
+    fn any_running(&self) -> bool {
+        [&self.listing, &self.fast]
+            .iter()
+            .any(|l| l.running.load(Ordering::Relaxed))
+    }
+
+    /// Asks the cycles running now to send nothing more.
+    fn stop_cycles(&self) {
+        for lane in [&self.listing, &self.fast] {
+            let flag = lane.stop.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(stop) = flag.as_ref() {
+                stop.store(true, Ordering::Relaxed);
+            }
+        }
     }
 }
 
@@ -118,10 +145,25 @@ fn other(e: impl std::fmt::Display) -> StartError {
 
 /// Starts everything and returns once the admin server listens and the
 /// store is migrated (READY=1 has been sent).
-pub async fn start(settings: Settings, resync: bool) -> Result<(Daemon, StateLock), StartError> {
-    let lock = StateLock::try_acquire(&settings.daemon.state_path).map_err(StartError::Locked)?;
-    let engine = open_engine(&settings, resync).await?;
+pub async fn start(
+    settings: Settings,
+    resync: bool,
+) -> Result<(Daemon, Option<StateLock>), StartError> {
+    let (engine, lock, node) = match settings.daemon.state_url.expose() {
+        Some(url) => {
+            let (engine, node) = leader::open(&settings, url).await?;
+            request_resync(&engine, resync).await?;
+            (engine, None, Some(node))
+        }
+        None => {
+            let lock =
+                StateLock::try_acquire(&settings.daemon.state_path).map_err(StartError::Locked)?;
+            metrics::get().leader.set(1);
+            (open_engine(&settings, resync).await?, Some(lock), None)
+        }
+    };
     let shared = Arc::new(Shared {
+        node: node.clone(),
         period: crate::config::schedule_period(&settings.daemon.schedule),
         settings: settings.clone(),
         store: engine.store.clone(),
@@ -134,7 +176,12 @@ pub async fn start(settings: Settings, resync: bool) -> Result<(Daemon, StateLoc
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let (admin, admin_addr) = serve_admin(&settings, &shared, shutdown_rx.clone()).await?;
     tracing::info!(admin = %admin_addr, state = %settings.daemon.state_path.display(), "billsync is running");
-    let (scheduler, [listing_rx, fast_rx]) = start_schedules(&settings, &shared).await?;
+    let (scheduler, [listing_rx, fast_rx], listing_tx) =
+        start_schedules(&settings, &shared).await?;
+    let keeper = node.map(|n| {
+        let run = leader::keep(n, shared.clone(), listing_tx, shutdown_rx.clone());
+        tokio::spawn(run)
+    });
     notify::ready();
     let watchdog = notify::spawn_watchdog(shared.pulses());
     let engine = Arc::new(engine);
@@ -151,6 +198,9 @@ pub async fn start(settings: Settings, resync: bool) -> Result<(Daemon, StateLoc
     let task = tokio::spawn(async move {
         for lane in lanes {
             let _ = lane.await;
+        }
+        if let Some(keeper) = keeper {
+            let _ = keeper.await;
         }
         let mut scheduler = scheduler;
         let _ = scheduler.shutdown().await;
@@ -179,11 +229,17 @@ async fn open_engine(settings: &Settings, resync: bool) -> Result<Engine, StartE
             "cycles left unfinished by a previous run were closed as failed"
         );
     }
+    request_resync(&engine, resync).await?;
+    Ok(engine)
+}
+
+/// `run --resync`, recorded as a request (the leader acts on it).
+async fn request_resync(engine: &Engine, resync: bool) -> Result<(), StartError> {
     if resync {
         let request = engine.store.request(RequestKind::Resync, None);
         request.await.map_err(other)?;
     }
-    Ok(engine)
+    Ok(())
 }
 
 /// The admin server, listening, until `shutdown`.
@@ -197,16 +253,20 @@ async fn serve_admin(
         .await
         .map_err(|e| StartError::Other(format!("admin.listen {listen}: {e}")))?;
     let addr = listener.local_addr().map_err(other)?;
+    let tls = match (&settings.admin.tls_cert_file, &settings.admin.tls_key_file) {
+        (Some(cert), Some(key)) => Some(tls::acceptor(cert, key).map_err(StartError::Other)?),
+        _ => None,
+    };
+    if tls.is_none() && !addr.ip().is_loopback() {
+        tracing::warn!(listen = %listen, "the admin server listens off loopback without TLS: its bearer token crosses the network in clear text; set admin.tls_cert_file and admin.tls_key_file");
+    }
     let router = admin::router(shared.clone());
     let mut rx = shutdown;
     let limits = serve::Limits::default();
     let task = tokio::spawn(async move {
-        serve::serve(
-            listener,
-            router,
-            limits,
-            async move { stopped(&mut rx).await },
-        )
+        serve::serve(listener, router, limits, tls, async move {
+            stopped(&mut rx).await
+        })
         .await;
     });
     Ok((task, addr))
@@ -217,7 +277,14 @@ async fn serve_admin(
 async fn start_schedules(
     settings: &Settings,
     shared: &Arc<Shared>,
-) -> Result<(JobScheduler, [mpsc::Receiver<CycleKind>; 2]), StartError> {
+) -> Result<
+    (
+        JobScheduler,
+        [mpsc::Receiver<CycleKind>; 2],
+        mpsc::Sender<CycleKind>,
+    ),
+    StartError,
+> {
     let (listing_tx, listing_rx) = mpsc::channel::<CycleKind>(1);
     let (fast_tx, fast_rx) = mpsc::channel::<CycleKind>(1);
     let scheduler_err = |e: JobSchedulerError| StartError::Other(format!("scheduler: {e}"));
@@ -231,7 +298,7 @@ async fn start_schedules(
         scheduler.add(job).await.map_err(scheduler_err)?;
     }
     scheduler.start().await.map_err(scheduler_err)?;
-    Ok((scheduler, [listing_rx, fast_rx]))
+    Ok((scheduler, [listing_rx, fast_rx], listing_tx))
 }
 
 /// The cron schedules of the daemon, each with the kind of cycle it ticks.
@@ -304,9 +371,14 @@ async fn cycle_loop(
                 None => continue,
             },
         };
+        // A standby runs no cycle; the leader acts on the requests.
+        if !shared.leads() {
+            continue;
+        }
         state.running.store(true, Ordering::Relaxed);
         state.pulse.beat();
         let stop = Arc::new(AtomicBool::new(false));
+        *state.stop.lock().unwrap_or_else(|e| e.into_inner()) = Some(stop.clone());
         let progress: Progress = Arc::new(|_: &str, _, _| liveness::beat());
         let opts = CycleOptions {
             full: kind.is_full(),
@@ -334,6 +406,7 @@ async fn cycle_loop(
             }
         };
         state.running.store(false, Ordering::Relaxed);
+        *state.stop.lock().unwrap_or_else(|e| e.into_inner()) = None;
         state.pulse.beat();
         match result {
             Some(Ok(Some(r))) => tracing::debug!(lane = lane.as_str(), result = %r.result, "cycle done"),
@@ -341,6 +414,9 @@ async fn cycle_loop(
             Some(Err(e)) => {
                 tracing::error!(error = %e, "cycle aborted");
                 metrics::get().cycle(kind, CycleResult::Failed.as_str());
+                if fenced(&e) {
+                    shared.node.iter().for_each(|n| n.step_down());
+                }
             }
             None => tracing::warn!("the cycle did not finish within the shutdown grace; its unfinished work is redone at the next start"),
         }
@@ -349,6 +425,17 @@ async fn cycle_loop(
         }
     }
     shared.loop_alive.store(false, Ordering::Relaxed);
+}
+
+/// A write failed because a newer leader exists (SPEC §13).
+fn fenced(e: &crate::engine::EngineError) -> bool {
+    use crate::engine::EngineError;
+    use crate::engine::PushError;
+    use crate::store::StoreError::Fenced;
+    matches!(
+        e,
+        EngineError::Store(Fenced { .. }) | EngineError::Push(PushError::Store(Fenced { .. }))
+    )
 }
 
 /// Resolves once shutdown is asked for (or the sender is gone).

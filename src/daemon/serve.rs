@@ -35,11 +35,13 @@ impl Default for Limits {
     }
 }
 
-/// Serves `router` on `listener` until `stop` completes.
+/// Serves `router` on `listener` until `stop` completes; over TLS when
+/// there is an acceptor (its handshake within the header deadline).
 pub async fn serve(
     listener: TcpListener,
     router: Router,
     limits: Limits,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     stop: impl Future<Output = ()>,
 ) {
     let permits = Arc::new(Semaphore::new(limits.max_connections));
@@ -65,15 +67,35 @@ pub async fn serve(
             },
         };
         let service = TowerToHyperService::new(router.clone());
+        let tls = tls.clone();
         tokio::spawn(async move {
-            let conn = http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(limits.header_timeout)
-                .serve_connection(TokioIo::new(stream), service);
-            let _ = tokio::time::timeout(limits.connection_lifetime, conn).await;
+            let served = async {
+                match tls {
+                    None => connection(stream, service, limits).await,
+                    Some(tls) => {
+                        let handshake =
+                            tokio::time::timeout(limits.header_timeout, tls.accept(stream));
+                        if let Ok(Ok(stream)) = handshake.await {
+                            connection(stream, service, limits).await;
+                        }
+                    }
+                }
+            };
+            let _ = tokio::time::timeout(limits.connection_lifetime, served).await;
             drop(permit);
         });
     }
+}
+
+async fn connection<S>(stream: S, service: TowerToHyperService<Router>, limits: Limits)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let conn = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout)
+        .serve_connection(TokioIo::new(stream), service);
+    let _ = conn.await;
 }
 
 #[cfg(test)]
@@ -88,7 +110,7 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let router = Router::new().route("/", get(|| async { "hello" }));
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        tokio::spawn(serve(listener, router, limits, async move {
+        tokio::spawn(serve(listener, router, limits, None, async move {
             let _ = rx.await;
         }));
         (addr, tx)

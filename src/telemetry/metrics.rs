@@ -72,10 +72,13 @@ pub struct Metrics {
     pub invalid_records: Family<SourceReason, Counter>,
     pub payment_to_push: Histogram,
     pub oldest_verification_age: Gauge,
+    /// 1 while this node may act as the leader (SPEC §13).
+    pub leader: Gauge,
+    pub lease_epoch: Gauge,
 }
 
 /// Every metric of SPEC §6 as it appears in the exposition.
-pub const SPEC_NAMES: [&str; 14] = [
+pub const SPEC_NAMES: [&str; 16] = [
     "billsync_cycles_total",
     "billsync_cycle_duration_seconds_bucket",
     "billsync_last_success_timestamp_seconds",
@@ -90,6 +93,8 @@ pub const SPEC_NAMES: [&str; 14] = [
     "billsync_in_doubt_operations",
     "billsync_payment_to_push_seconds_bucket",
     "billsync_oldest_verification_age_seconds",
+    "billsync_leader",
+    "billsync_lease_epoch",
 ];
 
 /// The `result` of a schedule tick that found a cycle running.
@@ -134,6 +139,8 @@ impl Metrics {
             // 0.5 s .. ~68 min
             payment_to_push: Histogram::new(exponential_buckets(0.5, 2.0, 14)),
             oldest_verification_age: Gauge::default(),
+            leader: Gauge::default(),
+            lease_epoch: Gauge::default(),
         };
         register_table!(m, [
             ("billsync_payment_to_push_seconds", "From the first cycle that saw a payment paid to the confirmed push of its user", payment_to_push),
@@ -150,6 +157,8 @@ impl Metrics {
             ("billsync_held_deprovisions", "Deprovisions held by the safety threshold", held),
             ("billsync_in_doubt_operations", "Logins whose last VMS request got no answer; pushed in full next", in_doubt),
             ("billsync_invalid_records", "Source records skipped as invalid", invalid_records),
+            ("billsync_leader", "1 while this node holds a lease it may act on (or the state file's lock), else 0", leader),
+            ("billsync_lease_epoch", "The newest leader lease epoch this node has seen", lease_epoch),
         ]);
         m.start_at_zero();
         m

@@ -1,0 +1,78 @@
+//! A daemon on a shared store (SPEC §13): it keeps renewing the lease; when
+//! it comes to lead it closes the cycles a dead leader left open and runs a
+//! listing cycle at once; when it no longer leads it stops its cycles (the
+//! gate already refuses their requests, the fence their writes) and waits
+//! for them to end before it claims again.
+
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, watch};
+
+use super::{other, Shared, StartError};
+use crate::config::Settings;
+use crate::core::cycle::CycleKind;
+use crate::engine::Engine;
+use crate::lease::{self, Change, Node};
+use crate::telemetry::metrics;
+
+/// The engine on the shared store, gated by this node's lease (claimed
+/// once here: a node that leads has migrated the schema).
+pub async fn open(settings: &Settings, url: &str) -> Result<(Engine, Arc<Node>), StartError> {
+    let d = &settings.daemon;
+    let name = lease::node_name(&d.node_name);
+    let lease = std::time::Duration::from_secs(d.lease_secs);
+    let vms_timeout = std::time::Duration::from_secs(settings.vms.timeout_secs);
+    let (store, node) = lease::open_shared(url, &name, lease, vms_timeout)
+        .await
+        .map_err(other)?;
+    let mut engine = Engine::with_store(settings.clone(), store).map_err(other)?;
+    engine.set_gate(node.clone());
+    Ok((engine, node))
+}
+
+/// Renews the lease every third of it until shutdown, then gives it up.
+pub async fn keep(
+    node: Arc<Node>,
+    shared: Arc<Shared>,
+    listing: mpsc::Sender<CycleKind>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    if node.leading().is_some() {
+        became(&shared, &listing).await;
+    }
+    let mut tick = tokio::time::interval(node.renew_every());
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = super::stopped(&mut shutdown) => break,
+        }
+        // A cycle of an earlier leadership still ending: no claim until it has.
+        if node.leading().is_none() && shared.any_running() {
+            continue;
+        }
+        let change = node.renew().await;
+        node.say(&change);
+        match change {
+            Change::Became { .. } => became(&shared, &listing).await,
+            Change::Lost { .. } => shared.stop_cycles(),
+            _ => {}
+        }
+    }
+    node.release().await;
+    metrics::get().leader.set(0);
+}
+
+/// Cycles a dead leader left open are closed as failed, and a listing
+/// cycle starts at once.
+async fn became(shared: &Shared, listing: &mpsc::Sender<CycleKind>) {
+    match shared.store.close_abandoned_cycles().await {
+        Ok(0) => {}
+        Ok(n) => tracing::warn!(
+            abandoned = n,
+            "cycles left unfinished by an earlier leader were closed as failed"
+        ),
+        Err(e) => tracing::warn!(error = %e, "cannot close the cycles an earlier leader left open"),
+    }
+    let _ = listing.try_send(CycleKind::Incremental);
+}
