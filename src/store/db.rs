@@ -181,14 +181,25 @@ macro_rules! on_pool {
     }};
 }
 
-/// `on!` in a write transaction of its own (`Store::write_tx`: fenced),
-/// committed when the body succeeds.
+/// `on!` for a write: in a fenced transaction of its own when the store
+/// writes as a leader's epoch (`Store::write_tx`), committed when the body
+/// succeeds; else on a pooled connection, as one statement commits by
+/// itself (a transaction around it would only hold SQLite's write lock
+/// longer, across three trips to its worker thread).
 macro_rules! on_write {
     ($store:expr, |$c:ident| $body:expr) => {{
-        let mut tx = $store.write_tx().await?;
-        let out = $crate::store::db::on!(tx.conn(), |$c| $body)?;
-        tx.commit().await?;
-        Ok::<_, $crate::store::StoreError>(out)
+        match $store.fenced_tx().await? {
+            Some(mut tx) => {
+                let out = $crate::store::db::on!(tx.conn(), |$c| $body)?;
+                tx.commit().await?;
+                Ok::<_, $crate::store::StoreError>(out)
+            }
+            None => {
+                let mut pooled = $store.db.acquire().await?;
+                let out = $crate::store::db::on!(pooled.conn(), |$c| $body)?;
+                Ok::<_, $crate::store::StoreError>(out)
+            }
+        }
     }};
 }
 

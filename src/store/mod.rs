@@ -304,6 +304,15 @@ impl Store {
         Ok(tx)
     }
 
+    /// A fenced write transaction when this store writes as a leader's
+    /// epoch; None when it writes as nobody's (SQLite, a single node).
+    pub(crate) async fn fenced_tx(&self) -> Result<Option<Tx>> {
+        match self.fence.load(std::sync::atomic::Ordering::SeqCst) {
+            0 => Ok(None),
+            _ => Ok(Some(self.write_tx().await?)),
+        }
+    }
+
     /// Writes from now on as the leader of `epoch` (0: as nobody's).
     pub fn fence(&self, epoch: i64) {
         self.fence.store(epoch, std::sync::atomic::Ordering::SeqCst);
