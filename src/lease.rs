@@ -120,7 +120,13 @@ impl Node {
     pub async fn renew(&self) -> Change {
         let sent = self.clock.now();
         let ms = i64::try_from(self.lease.as_millis()).unwrap_or(i64::MAX);
-        let claim = self.store.claim_lease(&self.holder, ms).await;
+        // A renewal stuck behind a lock or a pool counts as no answer: the
+        // node must not go on believing it leads while it waits.
+        let claim = self.store.claim_lease(&self.holder, ms);
+        let claim = match tokio::time::timeout(self.renew_every(), claim).await {
+            Ok(claim) => claim,
+            Err(_) => Err(StoreError::Decode("the lease renewal took too long".into())),
+        };
         let rtt = self.clock.now().saturating_sub(sent);
         self.apply(sent, rtt, claim)
     }
@@ -144,8 +150,10 @@ impl Node {
                     _ => {
                         self.store.fence(row.epoch);
                         // An earlier leader's requests may still land until
-                        // its lease ran out (by now) plus a VMS timeout.
-                        s.in_doubt_after = (row.epoch > 1).then_some(sent + self.vms_timeout);
+                        // its lease ran out (by the time this answer came)
+                        // plus a VMS timeout.
+                        let answered = sent + rtt;
+                        s.in_doubt_after = (row.epoch > 1).then_some(answered + self.vms_timeout);
                         Change::Became { epoch: row.epoch }
                     }
                 };
@@ -252,7 +260,7 @@ pub async fn open_shared(
     node: &str,
     lease: Duration,
     vms_timeout: Duration,
-) -> Result<(Store, Arc<Node>), StoreError> {
+) -> Result<(Store, Arc<Node>, Change), StoreError> {
     let bound = crate::store::pg_bound(lease.as_secs());
     let store = Store::open_postgres_unmigrated(url, bound).await?;
     if !store.has_lease_table().await? {
@@ -265,10 +273,14 @@ pub async fn open_shared(
         vms_timeout,
         Mono::system(),
     ));
-    if let Change::Became { .. } = node.renew().await {
-        store.migrate_now().await?;
+    let first = node.renew().await;
+    if let Change::Became { .. } = first {
+        if let Err(e) = store.migrate_now().await {
+            node.release().await;
+            return Err(e);
+        }
     }
-    Ok((store, node))
+    Ok((store, node, first))
 }
 
 /// This node's name: `daemon.node_name`, else the host name.
@@ -420,7 +432,8 @@ mod tests {
     }
 
     /// After a takeover, logins in doubt wait out the old leader's late
-    /// requests (its lease had run out by then; plus a VMS timeout); a
+    /// requests: a VMS timeout from when the takeover's answer came (the
+    /// old lease had run out by then, however long the claim waited); a
     /// first leader waits for nobody.
     #[tokio::test]
     async fn in_doubt_logins_wait_a_vms_timeout_after_a_takeover() {
@@ -429,10 +442,11 @@ mod tests {
         assert!(n.may_push_in_doubt(), "the first leader");
         n.apply(at(1_000), at(5), Ok(Claim::Other(row("n2/x", 2))));
         now.store(60_000, Ordering::SeqCst);
-        n.apply(at(60_000), at(5), Ok(Claim::Held(row(n.holder(), 3))));
-        now.store(60_000 + 29_999, Ordering::SeqCst);
+        // The claim waited 2 s behind the old leader's lock.
+        n.apply(at(60_000), at(2_000), Ok(Claim::Held(row(n.holder(), 3))));
+        now.store(62_000 + 29_999, Ordering::SeqCst);
         assert!(!n.may_push_in_doubt());
-        now.store(90_000, Ordering::SeqCst);
+        now.store(92_000, Ordering::SeqCst);
         assert!(n.may_push_in_doubt());
     }
 

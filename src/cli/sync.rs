@@ -47,8 +47,11 @@ async fn cycle(settings: Settings, args: super::SyncArgs) -> Result<u8, u8> {
     if let Some((_, bar)) = bar {
         bar.finish_and_clear();
     }
-    if let Held::Lease(node, stop) = &_held {
+    // The renewals end first, so none re-extends the lease after it is
+    // given up.
+    if let Held::Lease(node, stop, keeper) = _held {
         let _ = stop.send(true);
+        let _ = keeper.await;
         node.release().await;
     }
     engine.store.close().await;
@@ -97,32 +100,40 @@ async fn leading_engine(url: String, settings: Settings) -> Result<(Engine, Held
     let name = billsync::lease::node_name(&d.node_name);
     let lease = std::time::Duration::from_secs(d.lease_secs);
     let vms_timeout = std::time::Duration::from_secs(settings.vms.timeout_secs);
-    let (store, node) = billsync::lease::open_shared(&url, &name, lease, vms_timeout)
-        .await
-        .map_err(|e| fail(&e))?;
+    let opened = billsync::lease::open_shared(&url, &name, lease, vms_timeout).await;
+    let (store, node, first) = opened.map_err(|e| fail(&e))?;
+    if let billsync::lease::Change::Unreachable(e) = &first {
+        return Err(fail(&format!("the shared state store: {e}")));
+    }
     if node.leading().is_none() {
         let leader = node
             .seen()
             .map(|r| format!("{} (epoch {})", r.holder, r.epoch));
         let leader = leader.unwrap_or_else(|| "another node".into());
-        return Err(fail(&format!(
-            "{leader} leads the shared state store; not syncing"
-        )));
+        let why = format!("{leader} leads the shared state store; not syncing");
+        return Err(fail(&why));
     }
-    let (stop, stopped) = tokio::sync::watch::channel(false);
-    tokio::spawn(node.clone().keep(stopped));
-    let mut engine = Engine::with_store(settings, store).map_err(|e| fail(&e))?;
+    let mut engine = match Engine::with_store(settings, store) {
+        Ok(engine) => engine,
+        Err(e) => {
+            node.release().await;
+            return Err(fail(&e));
+        }
+    };
     engine.set_gate(node.clone());
-    Ok((engine, Held::Lease(node, stop)))
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let keeper = tokio::spawn(node.clone().keep(stopped));
+    Ok((engine, Held::Lease(node, stop, keeper)))
 }
 
 /// What a cycle's engine needs kept until it ends.
 enum Held {
     Lock(#[allow(dead_code)] StateLock),
-    /// The leader lease, renewed until the sender says stop.
+    /// The leader lease, renewed by the task until the sender says stop.
     Lease(
         std::sync::Arc<billsync::lease::Node>,
         tokio::sync::watch::Sender<bool>,
+        tokio::task::JoinHandle<()>,
     ),
     Scratch(#[allow(dead_code)] tempfile::TempDir),
     Nothing,

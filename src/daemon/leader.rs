@@ -13,7 +13,6 @@ use crate::config::Settings;
 use crate::core::cycle::CycleKind;
 use crate::engine::Engine;
 use crate::lease::{self, Change, Node};
-use crate::telemetry::metrics;
 
 /// The engine on the shared store, gated by this node's lease (claimed
 /// once here: a node that leads has migrated the schema).
@@ -22,15 +21,20 @@ pub async fn open(settings: &Settings, url: &str) -> Result<(Engine, Arc<Node>),
     let name = lease::node_name(&d.node_name);
     let lease = std::time::Duration::from_secs(d.lease_secs);
     let vms_timeout = std::time::Duration::from_secs(settings.vms.timeout_secs);
-    let (store, node) = lease::open_shared(url, &name, lease, vms_timeout)
+    let (store, node, _) = lease::open_shared(url, &name, lease, vms_timeout)
         .await
         .map_err(other)?;
-    let mut engine = Engine::with_store(settings.clone(), store).map_err(other)?;
+    let engine = Engine::with_store(settings.clone(), store);
+    if engine.is_err() {
+        node.release().await;
+    }
+    let mut engine = engine.map_err(other)?;
     engine.set_gate(node.clone());
     Ok((engine, node))
 }
 
-/// Renews the lease every third of it until shutdown, then gives it up.
+/// Renews the lease every third of it until shutdown (the daemon gives it
+/// up once its lanes have ended).
 pub async fn keep(
     node: Arc<Node>,
     shared: Arc<Shared>,
@@ -59,8 +63,6 @@ pub async fn keep(
             _ => {}
         }
     }
-    node.release().await;
-    metrics::get().leader.set(0);
 }
 
 /// Cycles a dead leader left open are closed as failed, and a listing

@@ -178,7 +178,7 @@ pub async fn start(
     tracing::info!(admin = %admin_addr, state = %settings.daemon.state_path.display(), "billsync is running");
     let (scheduler, [listing_rx, fast_rx], listing_tx) =
         start_schedules(&settings, &shared).await?;
-    let keeper = node.map(|n| {
+    let keeper = node.clone().map(|n| {
         let run = leader::keep(n, shared.clone(), listing_tx, shutdown_rx.clone());
         tokio::spawn(run)
     });
@@ -199,8 +199,14 @@ pub async fn start(
         for lane in lanes {
             let _ = lane.await;
         }
+        // Given up only now: a successor must not close the cycles that
+        // were still finishing in the shutdown grace.
         if let Some(keeper) = keeper {
             let _ = keeper.await;
+        }
+        if let Some(node) = &node {
+            node.release().await;
+            metrics::get().leader.set(0);
         }
         let mut scheduler = scheduler;
         let _ = scheduler.shutdown().await;
@@ -371,14 +377,19 @@ async fn cycle_loop(
                 None => continue,
             },
         };
-        // A standby runs no cycle; the leader acts on the requests.
-        if !shared.leads() {
-            continue;
-        }
+        // Marked running (with its stop flag) before the leadership is
+        // checked, so that a step-down in between stops it and the lease is
+        // not claimed again while it starts.
         state.running.store(true, Ordering::Relaxed);
-        state.pulse.beat();
         let stop = Arc::new(AtomicBool::new(false));
         *state.stop.lock().unwrap_or_else(|e| e.into_inner()) = Some(stop.clone());
+        // A standby runs no cycle; the leader acts on the requests.
+        if !shared.leads() {
+            state.running.store(false, Ordering::Relaxed);
+            *state.stop.lock().unwrap_or_else(|e| e.into_inner()) = None;
+            continue;
+        }
+        state.pulse.beat();
         let progress: Progress = Arc::new(|_: &str, _, _| liveness::beat());
         let opts = CycleOptions {
             full: kind.is_full(),
