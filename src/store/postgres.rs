@@ -124,7 +124,9 @@ impl Store {
             path: where_.clone(),
             message,
         };
-        let opts = PgConnectOptions::from_str(url).map_err(|e| open_err(e.to_string()))?;
+        // Not the parser's message: it may quote the URL, password included.
+        let opts = PgConnectOptions::from_str(url)
+            .map_err(|_| open_err("daemon.state_url is not a valid postgres:// URL".into()))?;
         let ms = timeout.as_millis().max(1);
         let pool = PgPoolOptions::new()
             .max_connections(8)
