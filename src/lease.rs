@@ -65,7 +65,10 @@ pub enum Change {
 const RTTS: usize = 8;
 
 pub struct Node {
+    /// The engine's store, fenced at this node's epoch.
     store: Store,
+    /// Where the lease is claimed: sessions of its own.
+    lease_store: Store,
     holder: String,
     lease: Duration,
     vms_timeout: Duration,
@@ -85,6 +88,8 @@ struct Inner {
     newest_epoch: i64,
     /// In-doubt logins wait until then after a takeover.
     in_doubt_after: Option<Duration>,
+    /// Why this node may not lead at all (a schema newer than its binary).
+    barred: Option<String>,
 }
 
 impl Node {
@@ -92,6 +97,7 @@ impl Node {
     /// never passes for the holder of an older lease.
     pub fn new(
         store: Store,
+        lease_store: Store,
         node: &str,
         lease: Duration,
         vms_timeout: Duration,
@@ -99,6 +105,7 @@ impl Node {
     ) -> Self {
         Self {
             store,
+            lease_store,
             holder: format!("{node}/{}", process_id()),
             lease,
             vms_timeout,
@@ -122,7 +129,7 @@ impl Node {
         let ms = i64::try_from(self.lease.as_millis()).unwrap_or(i64::MAX);
         // A renewal stuck behind a lock or a pool counts as no answer: the
         // node must not go on believing it leads while it waits.
-        let claim = self.store.claim_lease(&self.holder, ms);
+        let claim = self.lease_store.claim_lease(&self.holder, ms);
         let claim = match tokio::time::timeout(self.renew_every(), claim).await {
             Ok(claim) => claim,
             Err(_) => Err(StoreError::Decode("the lease renewal took too long".into())),
@@ -142,6 +149,11 @@ impl Node {
             s.rtts.pop_front();
         }
         match claim {
+            // An answer from before a takeover this node already knows of.
+            Claim::Held(row) if row.epoch < s.newest_epoch => match s.epoch.take() {
+                Some(_) => Change::Lost { to: None },
+                None => Change::Standby,
+            },
             Claim::Held(row) => {
                 s.renewed_sent = Some(sent);
                 s.newest_epoch = s.newest_epoch.max(row.epoch);
@@ -190,12 +202,38 @@ impl Node {
         Duration::from_secs(1).max(slowest * 2)
     }
 
-    /// A write failed on a newer epoch: this node no longer leads, at once.
-    pub fn step_down(&self) {
+    /// A write failed on the newer epoch `now`: this node no longer
+    /// leads, at once.
+    pub fn step_down(&self, now: i64) {
         let mut s = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        s.newest_epoch = s.newest_epoch.max(now);
         if s.epoch.take().is_some() {
             tracing::warn!("a newer leader exists (a write was fenced); this node steps down");
         }
+    }
+
+    /// This node may not lead (SPEC §13: a binary older than the schema):
+    /// it gives the lease up and claims no more.
+    pub async fn bar(&self, why: String) {
+        tracing::error!(reason = %why, "this node cannot lead; it stays a standby");
+        self.inner.lock().unwrap_or_else(|e| e.into_inner()).barred = Some(why);
+        self.release().await;
+    }
+
+    /// Why this node may not lead, if so.
+    pub fn barred(&self) -> Option<String> {
+        self.inner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .barred
+            .clone()
+    }
+
+    /// How long logins in doubt still wait after a takeover, if they do.
+    pub fn in_doubt_wait(&self) -> Option<Duration> {
+        let s = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let left = s.in_doubt_after?.checked_sub(self.clock.now())?;
+        (!left.is_zero()).then_some(left)
     }
 
     /// The epoch this node leads at, if it leads.
@@ -229,7 +267,7 @@ impl Node {
             .epoch
             .take();
         if let Some(epoch) = epoch {
-            if let Err(e) = self.store.release_lease(&self.holder, epoch).await {
+            if let Err(e) = self.lease_store.release_lease(&self.holder, epoch).await {
                 tracing::warn!(error = %e, "could not release the lease; it expires by itself");
             }
         }
@@ -264,10 +302,12 @@ pub async fn open_shared(
     let bound = crate::store::pg_bound(lease.as_secs());
     let store = Store::open_postgres_unmigrated(url, bound).await?;
     if !store.has_lease_table().await? {
-        store.migrate_now().await?;
+        store.migrate_first().await?;
     }
+    let lease_store = Store::open_postgres_lease(url, bound).await?;
     let node = Arc::new(Node::new(
         store.clone(),
+        lease_store,
         node,
         lease,
         vms_timeout,
@@ -349,7 +389,8 @@ mod tests {
         let ms = Arc::new(AtomicU64::new(0));
         let t = ms.clone();
         let clock = Mono::from_fn(move || Duration::from_millis(t.load(Ordering::SeqCst)));
-        (Node::new(store, "n1", LEASE, VMS_TIMEOUT, clock), ms, dir)
+        let n = Node::new(store.clone(), store, "n1", LEASE, VMS_TIMEOUT, clock);
+        (n, ms, dir)
     }
 
     fn row(holder: &str, epoch: i64) -> LeaseRow {

@@ -42,7 +42,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
     Router::new()
         .route("/livez", get(livez))
         .route("/healthz", get(healthz))
-        .route("/readyz", get(healthz))
+        .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))
         .merge(status_route)
         .merge(posts)
@@ -135,6 +135,38 @@ async fn healthz(State(s): State<Arc<Shared>>) -> Response {
         false => "standby",
     };
     let body = json!({"status": if ok { "ok" } else { "failing" }, "role": role, "checks": {"state_store": store, "last_cycle": last}});
+    let code = if ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (code, Json(body)).into_response()
+}
+
+/// A standby is ready while it could take over (SPEC §13): its store
+/// answers and its binary may lead the schema. A leader, or a single node,
+/// is ready when it is healthy.
+async fn readyz(State(s): State<Arc<Shared>>) -> Response {
+    let Some(node) = s.node.as_ref().filter(|_| !s.leads()) else {
+        return healthz(State(s)).await;
+    };
+    let store = s.store.ping().await;
+    let barred = node.barred();
+    let ok = store.is_ok() && barred.is_none();
+    let body = json!({
+        "status": if ok { "ok" } else { "failing" },
+        "role": "standby",
+        "checks": {
+            "state_store": match &store {
+                Ok(()) => json!({"ok": true}),
+                Err(e) => json!({"ok": false, "error": e.to_string()}),
+            },
+            "may_lead": match &barred {
+                None => json!({"ok": true}),
+                Some(why) => json!({"ok": false, "error": why}),
+            },
+        },
+    });
     let code = if ok {
         StatusCode::OK
     } else {

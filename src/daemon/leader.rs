@@ -13,6 +13,7 @@ use crate::config::Settings;
 use crate::core::cycle::CycleKind;
 use crate::engine::Engine;
 use crate::lease::{self, Change, Node};
+use crate::store::StoreError;
 
 /// The engine on the shared store, gated by this node's lease (claimed
 /// once here: a node that leads has migrated the schema).
@@ -42,7 +43,7 @@ pub async fn keep(
     mut shutdown: watch::Receiver<bool>,
 ) {
     if node.leading().is_some() {
-        became(&shared, &listing).await;
+        became(&node, &shared, &listing).await;
     }
     let mut tick = tokio::time::interval(node.renew_every());
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -51,23 +52,48 @@ pub async fn keep(
             _ = tick.tick() => {}
             _ = super::stopped(&mut shutdown) => break,
         }
-        // A cycle of an earlier leadership still ending: no claim until it has.
-        if node.leading().is_none() && shared.any_running() {
+        // A cycle of an earlier leadership still ending: no claim until it
+        // has. A node that may not lead claims nothing.
+        let idle = node.leading().is_none() && shared.any_running();
+        if idle || node.barred().is_some() {
             continue;
         }
         let change = node.renew().await;
         node.say(&change);
         match change {
-            Change::Became { .. } => became(&shared, &listing).await,
+            Change::Became { .. } => became(&node, &shared, &listing).await,
             Change::Lost { .. } => shared.stop_cycles(),
             _ => {}
         }
     }
 }
 
-/// Cycles a dead leader left open are closed as failed, and a listing
-/// cycle starts at once.
-async fn became(shared: &Shared, listing: &mpsc::Sender<CycleKind>) {
+/// A new leader first brings the schema to its binary's (or, when the
+/// schema is newer, gives the lease up for good); then it closes the
+/// cycles a dead leader left open and starts a listing cycle at once, and
+/// another once in-doubt logins may be pushed.
+async fn became(node: &Arc<Node>, shared: &Shared, listing: &mpsc::Sender<CycleKind>) {
+    match shared.store.migrate_now().await {
+        Ok(()) => {}
+        Err(e @ StoreError::Schema { .. }) => return node.bar(e.to_string()).await,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot bring the schema up to date; giving the lease up");
+            return node.release().await;
+        }
+    }
+    close_abandoned(shared).await;
+    let _ = listing.try_send(CycleKind::Incremental);
+    if let Some(wait) = node.in_doubt_wait() {
+        let listing = listing.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(wait).await;
+            let _ = listing.send(CycleKind::Incremental).await;
+        });
+    }
+}
+
+/// Cycles a dead leader left open are closed as failed.
+async fn close_abandoned(shared: &Shared) {
     match shared.store.close_abandoned_cycles().await {
         Ok(0) => {}
         Ok(n) => tracing::warn!(
@@ -76,5 +102,4 @@ async fn became(shared: &Shared, listing: &mpsc::Sender<CycleKind>) {
         ),
         Err(e) => tracing::warn!(error = %e, "cannot close the cycles an earlier leader left open"),
     }
-    let _ = listing.try_send(CycleKind::Incremental);
 }

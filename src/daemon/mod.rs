@@ -377,18 +377,9 @@ async fn cycle_loop(
                 None => continue,
             },
         };
-        // Marked running (with its stop flag) before the leadership is
-        // checked, so that a step-down in between stops it and the lease is
-        // not claimed again while it starts.
-        state.running.store(true, Ordering::Relaxed);
-        let stop = Arc::new(AtomicBool::new(false));
-        *state.stop.lock().unwrap_or_else(|e| e.into_inner()) = Some(stop.clone());
-        // A standby runs no cycle; the leader acts on the requests.
-        if !shared.leads() {
-            state.running.store(false, Ordering::Relaxed);
-            *state.stop.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        let Some(stop) = start_run(&shared, state) else {
             continue;
-        }
+        };
         state.pulse.beat();
         let progress: Progress = Arc::new(|_: &str, _, _| liveness::beat());
         let opts = CycleOptions {
@@ -416,17 +407,15 @@ async fn cycle_loop(
                 tokio::time::timeout(grace, &mut cycle).await.ok()
             }
         };
-        state.running.store(false, Ordering::Relaxed);
-        *state.stop.lock().unwrap_or_else(|e| e.into_inner()) = None;
-        state.pulse.beat();
+        end_run(state);
         match result {
             Some(Ok(Some(r))) => tracing::debug!(lane = lane.as_str(), result = %r.result, "cycle done"),
             Some(Ok(None)) => {}
             Some(Err(e)) => {
                 tracing::error!(error = %e, "cycle aborted");
                 metrics::get().cycle(kind, CycleResult::Failed.as_str());
-                if fenced(&e) {
-                    shared.node.iter().for_each(|n| n.step_down());
+                if let Some(now) = fenced(&e) {
+                    shared.node.iter().for_each(|n| n.step_down(now));
                 }
             }
             None => tracing::warn!("the cycle did not finish within the shutdown grace; its unfinished work is redone at the next start"),
@@ -438,15 +427,38 @@ async fn cycle_loop(
     shared.loop_alive.store(false, Ordering::Relaxed);
 }
 
-/// A write failed because a newer leader exists (SPEC §13).
-fn fenced(e: &crate::engine::EngineError) -> bool {
+/// Marks the lane running, with a fresh stop flag, before leadership is
+/// checked: a step-down in between then stops it, and the lease is not
+/// claimed again while it starts. A standby runs no cycle (the leader acts
+/// on the requests): None.
+fn start_run(shared: &Shared, state: &LaneState) -> Option<Arc<AtomicBool>> {
+    state.running.store(true, Ordering::Relaxed);
+    let stop = Arc::new(AtomicBool::new(false));
+    *state.stop.lock().unwrap_or_else(|e| e.into_inner()) = Some(stop.clone());
+    if shared.leads() {
+        return Some(stop);
+    }
+    end_run(state);
+    None
+}
+
+fn end_run(state: &LaneState) {
+    state.running.store(false, Ordering::Relaxed);
+    *state.stop.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    state.pulse.beat();
+}
+
+/// The newer epoch, when a write failed because a newer leader exists
+/// (SPEC §13).
+fn fenced(e: &crate::engine::EngineError) -> Option<i64> {
     use crate::engine::EngineError;
     use crate::engine::PushError;
     use crate::store::StoreError::Fenced;
-    matches!(
-        e,
-        EngineError::Store(Fenced { .. }) | EngineError::Push(PushError::Store(Fenced { .. }))
-    )
+    match e {
+        EngineError::Store(Fenced { now, .. })
+        | EngineError::Push(PushError::Store(Fenced { now, .. })) => Some(*now),
+        _ => None,
+    }
 }
 
 /// Resolves once shutdown is asked for (or the sender is gone).

@@ -4,8 +4,8 @@
 //! and nothing kept across transactions, so a transaction-pooling proxy
 //! may sit in front. Write transactions check the epoch (`Store::fence`).
 
-use super::db::{on_pool, Backend, Row};
-use super::{Result, Store};
+use super::db::{on, on_pool, Backend, Row, Tx};
+use super::{Result, Store, StoreError};
 
 /// The lease as the database holds it, with the database's clock.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -37,27 +37,81 @@ impl Backend {
             Backend::Postgres => "CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000 AS BIGINT)",
         }
     }
+
+    /// The row lock a takeover reads the lease with. Writers hold the row
+    /// `FOR KEY SHARE` (`Store::write_tx`): this waits for them, a renewal
+    /// (an update of no key) does not. SQLite has one writer at a time.
+    fn for_update(self) -> &'static str {
+        match self {
+            Backend::Sqlite => "",
+            Backend::Postgres => "FOR UPDATE",
+        }
+    }
 }
 
 impl Store {
-    /// Renews the lease when `holder` holds it, takes it (epoch + 1) when
-    /// it is free or expired, for `lease_ms` from now by database time.
+    /// Renews the lease when `holder` holds it and it has not expired;
+    /// takes it at the next epoch when it is free or expired (its own
+    /// expired lease too: a new term); for `lease_ms` from now by database
+    /// time. A standby only reads: it locks the row only to take it.
     pub async fn claim_lease(&self, holder: &str, lease_ms: i64) -> Result<Claim> {
+        let mut tx = self.db.begin(true).await?;
+        let claim = self.claim_in(&mut tx, holder, lease_ms).await?;
+        tx.commit().await?;
+        Ok(claim)
+    }
+
+    async fn claim_in(&self, tx: &mut Tx, holder: &str, lease_ms: i64) -> Result<Claim> {
+        let Some(row) = self.read_lease(tx, "").await? else {
+            return self.insert_lease(tx, holder, lease_ms).await;
+        };
+        let live = row.expires_ms > row.now_ms;
+        if live && row.holder != holder {
+            return Ok(Claim::Other(row));
+        }
+        if live {
+            if let Some(r) = self.renew_lease(tx, &row, lease_ms).await? {
+                return Ok(Claim::Held(r));
+            }
+        }
+        // Expired (or it expired just now): lock it, which waits for the
+        // old epoch's writes to end, but not for longer than a renewal
+        // may take; then look again.
+        if self.backend() == Backend::Postgres {
+            let wait = format!("SET LOCAL lock_timeout = {}", (lease_ms / 4).max(1));
+            on!(tx.conn(), |c| sqlx::query(&wait).execute(c).await.map(drop))?;
+        }
+        let row = self.read_lease(tx, self.backend().for_update()).await?;
+        let row = row.ok_or_else(|| StoreError::Decode("the lease row vanished".into()))?;
+        if row.expires_ms > row.now_ms && row.holder != holder {
+            return Ok(Claim::Other(row));
+        }
+        self.take_lease(tx, holder, lease_ms).await.map(Claim::Held)
+    }
+
+    async fn read_lease(&self, tx: &mut Tx, lock: &str) -> Result<Option<LeaseRow>> {
+        let now = self.backend().now_ms();
+        let sql = format!(
+            "SELECT holder, epoch, since_ms, expires_ms, {now} FROM lease WHERE name = $1 {lock}"
+        );
+        let row = on!(tx.conn(), |c| sqlx::query(&sql)
+            .bind(NAME)
+            .fetch_optional(c)
+            .await
+            .map(Row::opt))?;
+        Ok(row.as_ref().map(lease_row))
+    }
+
+    /// The first lease ever; if another node's came first, that one.
+    async fn insert_lease(&self, tx: &mut Tx, holder: &str, lease_ms: i64) -> Result<Claim> {
         let now = self.backend().now_ms();
         let sql = format!(
             "INSERT INTO lease (name, holder, epoch, since_ms, expires_ms)
              VALUES ($1, $2, 1, {now}, {now} + $3)
-             ON CONFLICT (name) DO UPDATE SET
-                epoch = CASE WHEN lease.holder = excluded.holder THEN lease.epoch
-                             ELSE lease.epoch + 1 END,
-                since_ms = CASE WHEN lease.holder = excluded.holder THEN lease.since_ms
-                                ELSE excluded.since_ms END,
-                holder = excluded.holder,
-                expires_ms = excluded.expires_ms
-             WHERE lease.holder = excluded.holder OR lease.expires_ms <= {now}
+             ON CONFLICT (name) DO NOTHING
              RETURNING holder, epoch, since_ms, expires_ms, {now}"
         );
-        let row = on_pool!(self.db, |c| sqlx::query(&sql)
+        let row = on!(tx.conn(), |c| sqlx::query(&sql)
             .bind(NAME)
             .bind(holder)
             .bind(lease_ms)
@@ -66,12 +120,54 @@ impl Store {
             .map(Row::opt))?;
         match row {
             Some(r) => Ok(Claim::Held(lease_row(&r))),
-            None => match self.lease().await? {
+            None => match self.read_lease(tx, "").await? {
                 Some(other) => Ok(Claim::Other(other)),
-                // Deleted in between: nobody holds it; the next claim takes it.
-                None => Box::pin(self.claim_lease(holder, lease_ms)).await,
+                None => Err(StoreError::Decode("the lease row vanished".into())),
             },
         }
+    }
+
+    /// Extends `row`'s term if it is still live and unchanged.
+    async fn renew_lease(
+        &self,
+        tx: &mut Tx,
+        row: &LeaseRow,
+        lease_ms: i64,
+    ) -> Result<Option<LeaseRow>> {
+        let now = self.backend().now_ms();
+        let sql = format!(
+            "UPDATE lease SET expires_ms = {now} + $4
+             WHERE name = $1 AND holder = $2 AND epoch = $3 AND expires_ms > {now}
+             RETURNING holder, epoch, since_ms, expires_ms, {now}"
+        );
+        let row = on!(tx.conn(), |c| sqlx::query(&sql)
+            .bind(NAME)
+            .bind(&row.holder)
+            .bind(row.epoch)
+            .bind(lease_ms)
+            .fetch_optional(c)
+            .await
+            .map(Row::opt))?;
+        Ok(row.as_ref().map(lease_row))
+    }
+
+    /// A new term for `holder` at the next epoch (the row is locked).
+    async fn take_lease(&self, tx: &mut Tx, holder: &str, lease_ms: i64) -> Result<LeaseRow> {
+        let now = self.backend().now_ms();
+        let sql = format!(
+            "UPDATE lease SET holder = $2, epoch = epoch + 1,
+                since_ms = {now}, expires_ms = {now} + $3
+             WHERE name = $1
+             RETURNING holder, epoch, since_ms, expires_ms, {now}"
+        );
+        let row = on!(tx.conn(), |c| sqlx::query(&sql)
+            .bind(NAME)
+            .bind(holder)
+            .bind(lease_ms)
+            .fetch_one(c)
+            .await
+            .map(Row::from))?;
+        Ok(lease_row(&row))
     }
 
     /// The lease as it stands, if anyone ever held it.
@@ -118,7 +214,6 @@ fn lease_row(r: &Row) -> LeaseRow {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::StoreError;
 
     /// Two handles on one fresh store of each backend, as two nodes hold.
     async fn two_nodes() -> Vec<(Store, Store, Option<tempfile::TempDir>)> {
@@ -169,6 +264,10 @@ mod tests {
                 Claim::Other(r) => assert_eq!(r.holder, "n2/bbb"),
                 Claim::Held(r) => panic!("the old holder took it back: {r:?}"),
             }
+            // Its own lease, expired: a new term, so writes of the old one fail.
+            held(b.claim_lease("n2/bbb", 0).await.unwrap());
+            let again = held(b.claim_lease("n2/bbb", 60_000).await.unwrap());
+            assert_eq!((again.holder.as_str(), again.epoch), ("n2/bbb", 3));
         }
     }
 
@@ -205,5 +304,30 @@ mod tests {
         }
         b.set_meta("probe", "b").await.unwrap();
         assert_eq!(b.meta("probe").await.unwrap().as_deref(), Some("b"));
+    }
+
+    /// The lease row under load: a renewal never waits for the leader's
+    /// own open writes (it would lose the lease behind a slow one), while
+    /// a takeover waits for them, so no write of the old epoch commits
+    /// after the new epoch exists.
+    #[tokio::test]
+    async fn a_renewal_passes_open_writes_and_a_takeover_waits_for_them() {
+        let (a, b, _dir) = two_nodes().await.swap_remove(0);
+        let mine = held(a.claim_lease("n1/aaa", 60_000).await.unwrap());
+        a.fence(mine.epoch);
+        let open = a.write_tx().await.unwrap();
+        let renewal = b.claim_lease("n1/aaa", 0);
+        let renewed = tokio::time::timeout(std::time::Duration::from_secs(5), renewal).await;
+        assert_eq!(held(renewed.expect("waited for a write").unwrap()).epoch, 1);
+        // Expired now; the takeover must wait for the open write.
+        let takeover = tokio::spawn(async move { b.claim_lease("n2/bbb", 60_000).await });
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        assert!(!takeover.is_finished(), "took over past an open write");
+        open.commit().await.unwrap();
+        assert_eq!(held(takeover.await.unwrap().unwrap()).epoch, 2);
+        assert!(matches!(
+            a.set_meta("probe", "stale").await,
+            Err(StoreError::Fenced { mine: 1, now: 2 })
+        ));
     }
 }

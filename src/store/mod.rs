@@ -281,14 +281,14 @@ impl Store {
     /// committed meanwhile, where this one waits out the busy timeout.
     ///
     /// Fenced (SPEC §13): once this node writes as a leader's epoch, each
-    /// write transaction first reads the lease's epoch, holding it shared
-    /// until it ends (a takeover waits for it), and fails when a newer one
-    /// exists.
+    /// write transaction first reads the lease's epoch `FOR KEY SHARE`
+    /// until it ends, and fails when a newer one exists. A takeover locks
+    /// the row `FOR UPDATE`, so it waits for these; a renewal does not.
     pub(crate) async fn write_tx(&self) -> Result<Tx> {
         let mut tx = self.db.begin(true).await?;
         let mine = self.fence.load(std::sync::atomic::Ordering::SeqCst);
         if mine > 0 {
-            let lease = "SELECT epoch FROM lease WHERE name = 'leader' FOR SHARE";
+            let lease = "SELECT epoch FROM lease WHERE name = 'leader' FOR KEY SHARE";
             let now: Option<i64> = match &mut tx {
                 Tx::Postgres(t) => sqlx::query_scalar(lease).fetch_optional(&mut **t).await?,
                 // One writer by the file lock; no row locks to take.

@@ -12,7 +12,14 @@ use sqlx::Executor;
 use super::db::{on_pool, Backend, Db};
 use super::{Result, Schema, Store, StoreError, NEWER, OLDER};
 
-static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
+/// Without sqlx's session advisory lock (SPEC §13: none, for a pooling
+/// proxy): only the leader migrates, and a first migration that races
+/// another node's is retried (`Store::migrate_first`).
+static MIGRATOR: std::sync::LazyLock<sqlx::migrate::Migrator> = std::sync::LazyLock::new(|| {
+    let mut m = sqlx::migrate!("./migrations/postgres");
+    m.set_locking(false);
+    m
+});
 
 pub(super) fn migrator() -> &'static sqlx::migrate::Migrator {
     &MIGRATOR
@@ -87,6 +94,12 @@ impl Store {
         Ok(store)
     }
 
+    /// Sessions for the lease statements alone, apart from the engine's
+    /// pool (whose writers may hold every connection at once).
+    pub async fn open_postgres_lease(url: &str, timeout: Duration) -> Result<Self> {
+        Self::connect_postgres(url, timeout, Access::Lease).await
+    }
+
     /// Whether the schema has the lease yet (a store made before it, or
     /// none at all, is migrated before anyone can lead it).
     pub async fn has_lease_table(&self) -> Result<bool> {
@@ -101,10 +114,31 @@ impl Store {
             .await)?)
     }
 
-    /// Applies this binary's migrations and re-derives stored hashes.
+    /// Applies this binary's migrations and re-derives stored hashes: by
+    /// the leader, once it leads (a newer schema is refused).
     pub async fn migrate_now(&self) -> Result<()> {
+        if self.schema().await? == Schema::Newer {
+            return Err(self.schema_error(NEWER));
+        }
         self.migrate().await?;
         self.upgrade_hashes().await
+    }
+
+    /// Migrates a store nobody can lead yet (no lease table). Two nodes
+    /// starting at once on an empty database may both try: the one that
+    /// collides waits for the other's schema, retrying what is missing.
+    pub async fn migrate_first(&self) -> Result<()> {
+        let mut tries = 0;
+        loop {
+            match self.migrate_now().await {
+                Ok(()) => return Ok(()),
+                Err(_) if self.schema().await? == Schema::Current => return Ok(()),
+                Err(e) if tries >= 10 => return Err(e),
+                Err(e) => tracing::debug!(error = %e, "migration collided; retrying"),
+            }
+            tries += 1;
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
     }
 
     /// Connects as it is, never migrating, every session read-only at the
@@ -128,16 +162,19 @@ impl Store {
         let opts = PgConnectOptions::from_str(url)
             .map_err(|_| open_err("daemon.state_url is not a valid postgres:// URL".into()))?;
         let ms = timeout.as_millis().max(1);
+        // A vanished node's open transaction holds the lease row from a
+        // takeover: it ends within a third of the lease (the renew interval).
+        let idle_ms = (timeout.as_millis() / 3).max(1000);
         let pool = PgPoolOptions::new()
-            .max_connections(8)
+            .max_connections(access.connections())
             .acquire_timeout(Duration::from_secs(30))
             .after_connect(move |conn, _| {
                 Box::pin(async move {
                     // A read-only session holds no row lock: its snapshot
                     // copy may take longer than a lease.
                     let set = match access {
-                        Access::ReadWrite => format!(
-                            "SET idle_in_transaction_session_timeout = {ms}; \
+                        Access::ReadWrite | Access::Lease => format!(
+                            "SET idle_in_transaction_session_timeout = {idle_ms}; \
                              SET statement_timeout = {ms}"
                         ),
                         Access::ReadOnly => "SET default_transaction_read_only = on".into(),
@@ -167,6 +204,18 @@ enum Access {
     ReadWrite,
     /// Every transaction of every session read-only, by the database.
     ReadOnly,
+    /// The lease's own sessions: a renewal never waits for a connection
+    /// the engine's writers hold.
+    Lease,
+}
+
+impl Access {
+    fn connections(self) -> u32 {
+        match self {
+            Access::Lease => 2,
+            Access::ReadWrite | Access::ReadOnly => 8,
+        }
+    }
 }
 
 /// Copies every table of the store, read as one snapshot in a read-only
