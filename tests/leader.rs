@@ -2,20 +2,14 @@
 //! nodes, one of which leads through the lease. The real binary against the
 //! emulators on loopback.
 
-use std::process::Command;
+mod nodes;
+use nodes::{billsync, created_twice, wait_for, Node, Terms, Via};
+
 use std::time::Duration;
 
 use billsync::store::{Claim, Store};
 use billsync_emulators::lab::Lab;
-
-const BIN: &str = env!("CARGO_BIN_EXE_billsync");
-
-fn billsync(lab: &Lab, args: &[&str]) -> Command {
-    let mut c = Command::new(BIN);
-    c.arg("--config").arg(lab.config_path()).args(args);
-    c.env_remove("RUST_LOG");
-    c
-}
+use billsync_emulators::proxy::Proxy;
 
 /// A lab whose state store is a fresh PostgreSQL database, and a handle on
 /// that store as another node would hold it.
@@ -118,106 +112,17 @@ async fn a_dry_run_plans_beside_the_leader_and_writes_nothing() {
     );
 }
 
-const TOKEN: &str = "test-admin-token-0123456789";
-
-/// One `billsync run` node of the lab's shared store.
-struct Daemon {
-    child: std::process::Child,
-    admin: String,
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Daemon {
-    /// Node `name` with a short lease (3 s, renewed every second), its
-    /// admin endpoint up.
-    async fn start(lab: &Lab, name: &str) -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let admin = format!("127.0.0.1:{port}");
-        let child = billsync(lab, &["run"])
-            .env("BILLSYNC__ADMIN__LISTEN", &admin)
-            .env("BILLSYNC__ADMIN__TOKEN", TOKEN)
-            .env("BILLSYNC__DAEMON__NODE_NAME", name)
-            .env("BILLSYNC__DAEMON__LEASE_SECS", "3")
-            .env_remove("NOTIFY_SOCKET")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        let d = Daemon {
-            child,
-            admin: format!("http://{admin}"),
-        };
-        let up = || async { reqwest::get(format!("{}/livez", d.admin)).await.is_ok() };
-        wait_for("the node's admin endpoint", Duration::from_secs(20), up).await;
-        d
-    }
-
-    async fn metrics(&self) -> String {
-        let r = reqwest::get(format!("{}/metrics", self.admin)).await;
-        r.unwrap().text().await.unwrap()
-    }
-
-    /// `billsync_leader` as this node reports it.
-    async fn leads(&self) -> bool {
-        self.metrics()
-            .await
-            .lines()
-            .any(|l| l == "billsync_leader 1")
-    }
-
-    /// Every VMS request this node sent (`billsync_vms_requests_total`).
-    async fn vms_requests(&self) -> u64 {
-        let text = self.metrics().await;
-        let counts = text
-            .lines()
-            .filter(|l| l.starts_with("billsync_vms_requests_total{"));
-        counts
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum::<f64>() as u64
-    }
-
-    async fn role(&self) -> String {
-        let r = reqwest::get(format!("{}/healthz", self.admin))
-            .await
-            .unwrap();
-        let v: serde_json::Value = r.json().await.unwrap();
-        v["role"].as_str().unwrap_or_default().to_string()
-    }
-}
-
-/// Waits for `f`; fails the test when `limit` passes first.
-async fn wait_for<F, Fut>(what: &str, limit: Duration, f: F)
-where
-    F: Fn() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let t = std::time::Instant::now();
-    while !f().await {
-        assert!(t.elapsed() < limit, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// Two nodes on one store: exactly one leads and only it sends VMS
 /// requests. After kill -9 of the leader the standby leads and pushes a
 /// change within the lease plus a renewal plus a cycle, no login created
 /// twice.
 #[tokio::test(flavor = "multi_thread")]
 async fn two_nodes_one_leader_and_a_takeover_after_kill_9() {
+    let _one = nodes::one_at_a_time().await;
     let (lab, _other) = shared_lab(5, 5).await;
-    let a = Daemon::start(&lab, "node-a").await;
+    let a = Node::start(&lab, "node-a").await;
     wait_for("node-a to lead", Duration::from_secs(10), || a.leads()).await;
-    let b = Daemon::start(&lab, "node-b").await;
+    let b = Node::start(&lab, "node-b").await;
     let all = || async { lab.vms.data().users.len() == 10 };
     wait_for("the leader's first sync", Duration::from_secs(20), all).await;
     // A few renewals and cycles later, still one leader.
@@ -229,10 +134,10 @@ async fn two_nodes_one_leader_and_a_takeover_after_kill_9() {
     );
     assert_eq!(b.vms_requests().await, 0, "the standby sent VMS requests");
     assert!(a.vms_requests().await >= 10);
+    the_standby_serves_and_the_leader_acts(&lab, &a, &b).await;
 
     let mut a = a;
-    a.child.kill().unwrap();
-    let _ = a.child.wait();
+    a.kill_9();
     let killed = std::time::Instant::now();
     // A customer stops paying while nobody leads.
     let paying = |email: &str| {
@@ -262,16 +167,70 @@ async fn two_nodes_one_leader_and_a_takeover_after_kill_9() {
     let took = killed.elapsed();
     assert!(b.leads().await, "node-b pushed without leading");
     eprintln!("takeover to the first push: {:.1} s", took.as_secs_f64());
-    let mut created: std::collections::BTreeMap<String, usize> = Default::default();
-    for e in lab.vms.data().events.iter() {
-        if e.method == "POST" && e.path == "user/manage" && (200..300).contains(&e.status) {
-            *created.entry(e.login.clone()).or_default() += 1;
-        }
-    }
-    assert!(
-        created.values().all(|n| *n == 1),
-        "created twice: {created:?}"
+    assert_eq!(created_twice(&lab), Default::default(), "created twice");
+}
+
+/// What a standby serves (SPEC §13): ready to take over, who leads, the
+/// epoch; a resync posted to it is done by the leader.
+async fn the_standby_serves_and_the_leader_acts(lab: &Lab, a: &Node, b: &Node) {
+    let (code, ready) = b.readyz().await;
+    assert_eq!(
+        (code, ready["role"].as_str()),
+        (200, Some("standby")),
+        "{ready}"
     );
+    let metrics = b.metrics().await;
+    assert!(
+        metrics.lines().any(|l| l == "billsync_leader 0"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.lines().any(|l| l == "billsync_lease_epoch 1"),
+        "{metrics}"
+    );
+    let status: serde_json::Value = reqwest::get(format!("{}/status", b.admin))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let leader = &status["leader"];
+    assert!(
+        leader["node"].as_str().unwrap().starts_with("node-a/"),
+        "{leader}"
+    );
+    assert_eq!(
+        (leader["epoch"].as_i64(), leader["expired"].as_bool()),
+        (Some(1), Some(false))
+    );
+
+    let login = "user1@bm.example.com";
+    let touched = || {
+        lab.vms
+            .data()
+            .events
+            .iter()
+            .filter(|e| e.login == login)
+            .count()
+    };
+    let before = touched();
+    let r = reqwest::Client::new()
+        .post(format!("{}/resync", b.admin))
+        .bearer_auth(nodes::TOKEN)
+        .json(&serde_json::json!({"logins": [login]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 202);
+    let done = || async { touched() > before };
+    wait_for(
+        "the leader to resync the login",
+        Duration::from_secs(10),
+        done,
+    )
+    .await;
+    assert_eq!(b.vms_requests().await, 0, "the standby did the resync");
+    assert!(a.leads().await);
 }
 
 /// A leader frozen (SIGSTOP) mid-push for three lease periods, then woken:
@@ -281,32 +240,24 @@ async fn two_nodes_one_leader_and_a_takeover_after_kill_9() {
 /// login created twice.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_leader_frozen_mid_push_wakes_up_as_a_standby_and_sends_nothing() {
+    let _one = nodes::one_at_a_time().await;
     let (lab, _other) = shared_lab(20, 20).await;
     // Slow enough that a freeze lands in the middle of the first push.
     lab.vms.faults.set_latency(Duration::from_millis(300));
-    let a = Daemon::start(&lab, "node-a").await;
+    let a = Node::start(&lab, "node-a").await;
     wait_for("node-a to lead", Duration::from_secs(10), || a.leads()).await;
-    let b = Daemon::start(&lab, "node-b").await;
+    let b = Node::start(&lab, "node-b").await;
     let pushing = || async { lab.vms.requests() >= 8 };
     wait_for("node-a to be pushing", Duration::from_secs(20), pushing).await;
-    let pid = a.child.id().to_string();
-    let signal = |sig: &str| {
-        let ok = Command::new("kill")
-            .args([sig, &pid])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "kill {sig} {pid}");
-    };
     let sent_before = a.vms_requests().await;
-    signal("-STOP");
+    a.signal("-STOP");
     assert!(
         lab.vms.data().users.len() < 40,
         "the push ended before the freeze"
     );
     wait_for("node-b to take over", Duration::from_secs(15), || b.leads()).await;
     tokio::time::sleep(Duration::from_secs(9)).await;
-    signal("-CONT");
+    a.signal("-CONT");
     wait_for("node-a to step down", Duration::from_secs(10), || async {
         a.role().await == "standby"
     })
@@ -322,14 +273,158 @@ async fn a_leader_frozen_mid_push_wakes_up_as_a_standby_and_sends_nothing() {
         after - sent_before
     );
     assert!(!a.leads().await && b.leads().await);
-    let mut created: std::collections::BTreeMap<String, usize> = Default::default();
-    for e in lab.vms.data().events.iter() {
-        if e.method == "POST" && e.path == "user/manage" && (200..300).contains(&e.status) {
-            *created.entry(e.login.clone()).or_default() += 1;
-        }
+    assert_eq!(created_twice(&lab), Default::default(), "created twice");
+    let log = a.log_text();
+    assert!(
+        log.contains("fenced"),
+        "no write failed on the epoch:\n{log}"
+    );
+}
+
+/// Node `name` whose store and VMS traffic go through proxies of its own:
+/// the first can be paused (a partition), the second records its sends.
+async fn node_via_proxies(lab: &Lab, name: &str) -> (Node, Proxy, Proxy) {
+    let url = lab.state_url.clone().unwrap();
+    let db = Proxy::start(nodes::addr_of(&url)).await.unwrap();
+    let vms = Proxy::start(lab.vms_srv.addr).await.unwrap();
+    let via = Via {
+        state_url: Some(nodes::through(&url, db.addr, name)),
+        vms_url: Some(format!("http://{}", vms.addr)),
+    };
+    (Node::start_via(lab, name, &via).await, db, vms)
+}
+
+/// A paying BILLmanager customer stops paying; their login.
+fn stop_paying(lab: &Lab) -> String {
+    let mut bm = lab.bm.data();
+    let acc = bm.accounts.iter_mut().find(|x| x.status == "1");
+    let acc = acc.expect("an active BILLmanager customer");
+    assert!(!acc.balance.starts_with('-'), "the premise: they pay");
+    acc.balance = "-1000.00".into();
+    acc.credit_limits.clear();
+    acc.email.trim().to_lowercase()
+}
+
+fn detached(lab: &Lab, login: &str) -> bool {
+    let user = lab.vms.user(login);
+    user.is_some_and(|u| !u.permissions.contains("archives-show"))
+}
+
+/// The leader cut off from the database but not from the VMS: it stops
+/// pushing within the lease, the other node takes over and pushes, and
+/// once the partition heals there is one leader, the new one.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_leader_cut_off_from_the_database_stops_pushing_within_the_lease() {
+    let _one = nodes::one_at_a_time().await;
+    let (lab, other) = shared_lab(15, 15).await;
+    let terms = Terms::watch(other);
+    // Slow enough that the cut lands in the middle of the first push.
+    lab.vms.faults.set_latency(Duration::from_millis(200));
+    let (a, a_db, a_vms) = node_via_proxies(&lab, "node-a").await;
+    wait_for("node-a to lead", Duration::from_secs(10), || a.leads()).await;
+    let (b, _b_db, b_vms) = node_via_proxies(&lab, "node-b").await;
+    let some = || async { lab.vms.data().users.len() >= 8 };
+    wait_for("node-a to be pushing", Duration::from_secs(20), some).await;
+
+    a_db.pause();
+    let cut = std::time::SystemTime::now();
+    assert!(
+        lab.vms.data().users.len() < 30,
+        "the push ended before the cut"
+    );
+    let login = stop_paying(&lab);
+    let pushed = || async { detached(&lab, &login) && lab.vms.data().users.len() == 30 };
+    wait_for(
+        "node-b to take over and push",
+        Duration::from_secs(40),
+        pushed,
+    )
+    .await;
+    assert!(b.leads().await && !a.leads().await);
+    let late: Vec<_> = (a_vms.sent_at().into_iter())
+        .filter(|t| *t > cut + nodes::LEASE)
+        .collect();
+    assert!(
+        late.is_empty(),
+        "node-a sent {} requests past its lease",
+        late.len()
+    );
+
+    a_db.resume();
+    let standby = || async { a.role().await == "standby" };
+    wait_for("node-a to be a standby", Duration::from_secs(10), standby).await;
+    tokio::time::sleep(nodes::LEASE).await;
+    assert!(
+        b.leads().await && !a.leads().await,
+        "not one leader after healing"
+    );
+    assert_eq!(
+        a.readyz().await.0,
+        200,
+        "the healed node could not take over"
+    );
+    for (node, vms) in [("node-a", &a_vms), ("node-b", &b_vms)] {
+        let foreign = terms.foreign(node, &vms.sent_at());
+        assert!(
+            foreign.is_empty(),
+            "{node} sent in another's term: {foreign:?}"
+        );
+    }
+    assert_eq!(created_twice(&lab), Default::default(), "created twice");
+}
+
+/// The leader's database sessions terminated again and again for two
+/// leases (`pg_terminate_backend`) while a change waits: its pool
+/// reconnects or it loses the lease, never both nodes pushing; once the
+/// storm ends one node leads and the change is pushed.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_leaders_sessions_terminated_never_make_two_leaders() {
+    let _one = nodes::one_at_a_time().await;
+    let (lab, other) = shared_lab(10, 10).await;
+    let terms = Terms::watch(other);
+    let (a, _a_db, a_vms) = node_via_proxies(&lab, "node-a").await;
+    wait_for("node-a to lead", Duration::from_secs(10), || a.leads()).await;
+    let (b, _b_db, b_vms) = node_via_proxies(&lab, "node-b").await;
+    let all = || async { lab.vms.data().users.len() == 20 };
+    wait_for("the leader's first sync", Duration::from_secs(20), all).await;
+
+    let admin = sqlx::PgPool::connect(lab.state_url.as_deref().unwrap())
+        .await
+        .unwrap();
+    let login = stop_paying(&lab);
+    let storm = std::time::Instant::now();
+    let mut terminated = 0;
+    while storm.elapsed() < nodes::LEASE * 2 {
+        let killed: Vec<bool> = sqlx::query_scalar(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+             WHERE application_name = 'node-a'",
+        )
+        .fetch_all(&admin)
+        .await
+        .unwrap();
+        terminated += killed.iter().filter(|k| **k).count();
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(
-        created.values().all(|n| *n == 1),
-        "created twice: {created:?}"
+        terminated > 0,
+        "the premise: sessions of node-a were terminated"
     );
+    let pushed = || async { detached(&lab, &login) };
+    wait_for("the change to be pushed", Duration::from_secs(20), pushed).await;
+    tokio::time::sleep(nodes::LEASE).await;
+    let (la, lb) = (a.leads().await, b.leads().await);
+    assert!(la ^ lb, "not one leader: node-a {la}, node-b {lb}");
+    for (node, vms) in [("node-a", &a_vms), ("node-b", &b_vms)] {
+        let foreign = terms.foreign(node, &vms.sent_at());
+        assert!(
+            foreign.is_empty(),
+            "{node} sent in another's term: {foreign:?}"
+        );
+    }
+    assert!(!a_vms.sent_at().is_empty(), "the premise: node-a pushed");
+    eprintln!(
+        "sessions terminated: {terminated}; terms: {:?}",
+        terms.all()
+    );
+    assert_eq!(created_twice(&lab), Default::default(), "created twice");
 }

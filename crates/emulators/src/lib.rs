@@ -11,6 +11,7 @@ pub mod billmanager;
 pub mod faults;
 pub mod lab;
 pub mod postgres;
+pub mod proxy;
 pub mod vms;
 
 use std::net::SocketAddr;
