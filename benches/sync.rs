@@ -12,8 +12,9 @@
 //! `BILLSYNC_BENCH_SERVICES` (`off`, the default; `on`: one service per
 //! account in both sources, read by both; `both`: each size off, then on),
 //! `BILLSYNC_BENCH_STORE` (`sqlite`, the default; `postgres`: the state in
-//! a fresh database of a throw-away PostgreSQL cluster on this machine;
-//! `both`: each size on SQLite, then on PostgreSQL).
+//! a fresh database of a throw-away PostgreSQL cluster on this machine,
+//! each cycle run as a leader's, its writes fenced; `both`: each size on
+//! SQLite, then on PostgreSQL).
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
@@ -299,11 +300,39 @@ async fn emulators(n: usize, services: bool) {
     }
 }
 
+type Leader = (
+    std::sync::Arc<billsync::lease::Node>,
+    tokio::sync::watch::Sender<bool>,
+);
+
+/// On PostgreSQL a cycle runs as the daemon's leader runs it: holding the
+/// lease and renewing it, every write fenced by its epoch, every request
+/// gated (given up at the end, so the next phase's process need not wait).
+async fn leading(settings: billsync::config::Settings, url: &str) -> (Engine, Option<Leader>) {
+    let lease = Duration::from_secs(settings.daemon.lease_secs);
+    let vms_timeout = Duration::from_secs(settings.vms.timeout_secs);
+    let (store, node, first) = billsync::lease::open_shared(url, "bench", lease, vms_timeout)
+        .await
+        .unwrap();
+    assert!(
+        matches!(first, billsync::lease::Change::Became { .. }),
+        "{first:?}"
+    );
+    let mut engine = Engine::with_store(settings, store).unwrap();
+    engine.set_gate(node.clone());
+    let (stop, rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(node.clone().keep(rx));
+    (engine, Some((node, stop)))
+}
+
 async fn cycle(config: &str, full: bool) {
     billsync::telemetry::init(billsync::config::LogFormat::Pretty, "warn");
     let env = billsync::config::process_env();
     let (settings, _) = billsync::config::load(std::path::Path::new(config), &env).unwrap();
-    let engine = Engine::new(settings).await.unwrap();
+    let (engine, leader) = match settings.daemon.state_url.expose().map(String::from) {
+        Some(url) => leading(settings, &url).await,
+        None => (Engine::new(settings).await.unwrap(), None),
+    };
     // When the push phase starts and ends, from the engine's progress events.
     let push = std::sync::Arc::new(std::sync::Mutex::new((None::<Instant>, None::<Instant>)));
     let p = push.clone();
@@ -329,6 +358,10 @@ async fn cycle(config: &str, full: bool) {
         (Some(a), Some(b)) => (b - a).as_secs_f64(),
         _ => 0.0,
     };
+    if let Some((node, stop)) = leader {
+        stop.send_replace(true);
+        node.release().await;
+    }
     engine.store.close().await;
     println!(
         "{}",

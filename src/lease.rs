@@ -83,8 +83,9 @@ struct Inner {
     /// When the last successful renewal was sent.
     renewed_sent: Option<Duration>,
     rtts: VecDeque<Duration>,
-    /// The lease as last read.
+    /// The lease as last read, and when by this node's clock.
     seen: Option<LeaseRow>,
+    seen_at: Duration,
     newest_epoch: i64,
     /// In-doubt logins wait until then after a takeover.
     in_doubt_after: Option<Duration>,
@@ -121,6 +122,21 @@ impl Node {
     /// How often the lease is renewed: a third of it.
     pub fn renew_every(&self) -> Duration {
         self.lease / 3
+    }
+
+    /// When to claim next: a leader renews every third of the lease; a
+    /// standby claims then too, or just after the lease it last read
+    /// expires if that comes sooner (a takeover within the lease of the
+    /// last renewal, not a renew interval later).
+    pub fn next_claim_in(&self) -> Duration {
+        let s = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let every = self.renew_every();
+        let Some(row) = s.seen.as_ref().filter(|_| s.epoch.is_none()) else {
+            return every;
+        };
+        let left = Duration::from_millis(row.expires_ms.saturating_sub(row.now_ms).max(0) as u64);
+        let since = self.clock.now().saturating_sub(s.seen_at);
+        (left.saturating_sub(since) + Duration::from_millis(20)).min(every)
     }
 
     /// Claims or renews the lease once.
@@ -171,11 +187,13 @@ impl Node {
                 };
                 s.epoch = Some(row.epoch);
                 s.seen = Some(row);
+                s.seen_at = sent + rtt;
                 change
             }
             Claim::Other(row) => {
                 s.newest_epoch = s.newest_epoch.max(row.epoch);
                 s.seen = Some(row.clone());
+                s.seen_at = sent + rtt;
                 match s.epoch.take() {
                     Some(_) => Change::Lost { to: Some(row) },
                     None => Change::Standby,
@@ -489,6 +507,25 @@ mod tests {
         assert!(!n.may_push_in_doubt());
         now.store(92_000, Ordering::SeqCst);
         assert!(n.may_push_in_doubt());
+    }
+
+    /// A standby claims just after the lease it read expires, when that
+    /// comes before its next tick; a leader renews on its tick.
+    #[tokio::test]
+    async fn a_standby_claims_as_the_lease_it_read_expires() {
+        let (n, now, _d) = node().await;
+        assert_eq!(n.next_claim_in(), LEASE / 3, "nothing read yet");
+        let mut other = row("n2/x", 4);
+        (other.now_ms, other.expires_ms) = (100_000, 103_000);
+        now.store(50_000, Ordering::SeqCst);
+        n.apply(at(50_000), at(0), Ok(Claim::Other(other.clone())));
+        now.store(51_000, Ordering::SeqCst);
+        assert_eq!(n.next_claim_in(), at(2_020));
+        other.expires_ms = 115_000;
+        n.apply(at(51_000), at(0), Ok(Claim::Other(other)));
+        assert_eq!(n.next_claim_in(), LEASE / 3, "renewed far ahead");
+        n.apply(at(60_000), at(0), Ok(Claim::Held(row(n.holder(), 5))));
+        assert_eq!(n.next_claim_in(), LEASE / 3);
     }
 
     #[test]

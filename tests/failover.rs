@@ -59,6 +59,8 @@ impl Slot {
         Via {
             state_url: Some(through(lab.state_url.as_deref().unwrap(), db.addr, name)),
             vms_url: Some(format!("http://{}", vms.addr)),
+            lease: None,
+            env: Vec::new(),
         }
     }
 

@@ -34,7 +34,8 @@ pub async fn open(settings: &Settings, url: &str) -> Result<(Engine, Arc<Node>),
     Ok((engine, node))
 }
 
-/// Renews the lease every third of it until shutdown (the daemon gives it
+/// Renews the lease every third of it (a standby claims then, or as the
+/// lease it read expires) until shutdown (the daemon gives it
 /// up once its lanes have ended).
 pub async fn keep(
     node: Arc<Node>,
@@ -45,17 +46,17 @@ pub async fn keep(
     if node.leading().is_some() {
         became(&node, &shared, &listing).await;
     }
-    let mut tick = tokio::time::interval(node.renew_every());
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut wait = node.next_claim_in();
     loop {
         tokio::select! {
-            _ = tick.tick() => {}
+            _ = tokio::time::sleep(wait) => {}
             _ = super::stopped(&mut shutdown) => break,
         }
         // A cycle of an earlier leadership still ending: no claim until it
         // has. A node that may not lead claims nothing.
         let idle = node.leading().is_none() && shared.any_running();
         if idle || node.barred().is_some() {
+            wait = node.renew_every();
             continue;
         }
         let change = node.renew().await;
@@ -65,6 +66,7 @@ pub async fn keep(
             Change::Lost { .. } => shared.stop_cycles(),
             _ => {}
         }
+        wait = node.next_claim_in();
     }
 }
 

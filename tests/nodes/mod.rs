@@ -27,6 +27,10 @@ pub fn billsync(lab: &Lab, args: &[&str]) -> Command {
 pub struct Via {
     pub vms_url: Option<String>,
     pub state_url: Option<String>,
+    /// Else `LEASE`.
+    pub lease: Option<Duration>,
+    /// More `BILLSYNC__...` overrides.
+    pub env: Vec<(&'static str, String)>,
 }
 
 /// One `billsync run` node; killed when dropped.
@@ -59,11 +63,12 @@ impl Node {
             .port();
         let admin = format!("127.0.0.1:{port}");
         let log = lab.dir.path().join(format!("{name}-{port}.log"));
+        let lease = via.lease.unwrap_or(LEASE);
         let mut cmd = billsync(lab, &["run"]);
         cmd.env("BILLSYNC__ADMIN__LISTEN", &admin)
             .env("BILLSYNC__ADMIN__TOKEN", TOKEN)
             .env("BILLSYNC__DAEMON__NODE_NAME", name)
-            .env("BILLSYNC__DAEMON__LEASE_SECS", LEASE.as_secs().to_string())
+            .env("BILLSYNC__DAEMON__LEASE_SECS", lease.as_secs().to_string())
             .env_remove("NOTIFY_SOCKET")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap());
@@ -73,6 +78,7 @@ impl Node {
         if let Some(url) = &via.state_url {
             cmd.env("BILLSYNC__DAEMON__STATE_URL", url);
         }
+        cmd.envs(via.env.iter().map(|(k, v)| (k, v)));
         let node = Node {
             child: cmd.spawn().unwrap(),
             admin: format!("http://{admin}"),
@@ -265,4 +271,43 @@ impl Terms {
 pub async fn one_at_a_time() -> tokio::sync::MutexGuard<'static, ()> {
     static ONE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
     ONE.lock().await
+}
+
+/// Logs every committed write statement to the store's tables (but the
+/// lease's) with the writing session's `application_name` and the
+/// database time: which node wrote when. For the tests of fencing only.
+pub async fn log_writes(url: &str) -> sqlx::PgPool {
+    let db = sqlx::PgPool::connect(url).await.unwrap();
+    let setup = [
+        "CREATE TABLE test_write_log (app TEXT NOT NULL, at_ms BIGINT NOT NULL)",
+        "CREATE FUNCTION test_log_write() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+           INSERT INTO test_write_log VALUES (current_setting('application_name'),
+             CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000 AS BIGINT));
+           RETURN NULL;
+         END $$",
+        "DO $$ DECLARE t TEXT; BEGIN
+           FOR t IN SELECT table_name FROM information_schema.tables
+                    WHERE table_schema = current_schema() AND table_type = 'BASE TABLE'
+                      AND table_name NOT IN ('test_write_log', '_sqlx_migrations', 'lease')
+           LOOP
+             EXECUTE format('CREATE TRIGGER test_log_write AFTER INSERT OR UPDATE OR DELETE
+                             ON %I FOR EACH STATEMENT EXECUTE FUNCTION test_log_write()', t);
+           END LOOP;
+         END $$",
+    ];
+    for sql in setup {
+        sqlx::raw_sql(sql).execute(&db).await.unwrap();
+    }
+    db
+}
+
+/// How many write statements `app` committed after `since_ms`.
+pub async fn writes_after(db: &sqlx::PgPool, app: &str, since_ms: i64) -> i64 {
+    sqlx::query_scalar("SELECT COUNT(*) FROM test_write_log WHERE app = $1 AND at_ms > $2")
+        .bind(app)
+        .bind(since_ms)
+        .fetch_one(db)
+        .await
+        .unwrap()
 }
