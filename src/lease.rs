@@ -91,6 +91,10 @@ struct Inner {
     in_doubt_after: Option<Duration>,
     /// Why this node may not lead at all (a schema newer than its binary).
     barred: Option<String>,
+    /// A new leader has brought the schema to its binary's: it may act.
+    settled: bool,
+    /// The last claim got no answer: the next waits a renew interval.
+    failed: bool,
 }
 
 impl Node {
@@ -129,9 +133,10 @@ impl Node {
     /// expires if that comes sooner (a takeover within the lease of the
     /// last renewal, not a renew interval later).
     pub fn next_claim_in(&self) -> Duration {
-        let s = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let s = self.state();
         let every = self.renew_every();
-        let Some(row) = s.seen.as_ref().filter(|_| s.epoch.is_none()) else {
+        let standby = s.epoch.is_none() && !s.failed;
+        let Some(row) = s.seen.as_ref().filter(|_| standby) else {
             return every;
         };
         let left = Duration::from_millis(row.expires_ms.saturating_sub(row.now_ms).max(0) as u64);
@@ -155,27 +160,32 @@ impl Node {
     }
 
     fn apply(&self, sent: Duration, rtt: Duration, claim: Result<Claim, StoreError>) -> Change {
-        let mut s = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let mut s = self.state();
         let claim = match claim {
             Err(e) => return self.unreachable(&mut s, e.to_string()),
             Ok(claim) => claim,
         };
+        s.failed = false;
         s.rtts.push_back(rtt);
         if s.rtts.len() > RTTS {
             s.rtts.pop_front();
         }
         match claim {
-            // An answer from before a takeover this node already knows of.
-            Claim::Held(row) if row.epoch < s.newest_epoch => match s.epoch.take() {
-                Some(_) => Change::Lost { to: None },
-                None => Change::Standby,
-            },
+            // A new term under a leader (its own lease expired and was taken
+            // again): the old term's cycles end first; the next claim renews
+            // the new term and becomes it.
+            Claim::Held(row) if s.epoch.is_some_and(|e| e != row.epoch) => {
+                s.epoch = None;
+                s.newest_epoch = s.newest_epoch.max(row.epoch);
+                Change::Lost { to: None }
+            }
             Claim::Held(row) => {
                 s.renewed_sent = Some(sent);
                 s.newest_epoch = s.newest_epoch.max(row.epoch);
                 let change = match s.epoch {
                     Some(e) if e == row.epoch => Change::Renewed,
                     _ => {
+                        s.settled = false;
                         self.store.fence(row.epoch);
                         // An earlier leader's requests may still land until
                         // its lease ran out (by the time this answer came)
@@ -205,6 +215,7 @@ impl Node {
     /// No answer: a leader that has not renewed for a whole lease has
     /// certainly lost it (another may hold it by now).
     fn unreachable(&self, s: &mut Inner, error: String) -> Change {
+        s.failed = true;
         let expired = s
             .renewed_sent
             .is_none_or(|r| self.clock.now().saturating_sub(r) >= self.lease);
@@ -223,8 +234,12 @@ impl Node {
     /// A write failed on the newer epoch `now`: this node no longer
     /// leads, at once.
     pub fn step_down(&self, now: i64) {
-        let mut s = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let mut s = self.state();
         s.newest_epoch = s.newest_epoch.max(now);
+        // Fenced by its own newer term: a write of the old one, no loss.
+        if s.epoch == Some(now) {
+            return;
+        }
         if s.epoch.take().is_some() {
             tracing::warn!("a newer leader exists (a write was fenced); this node steps down");
         }
@@ -234,56 +249,55 @@ impl Node {
     /// it gives the lease up and claims no more.
     pub async fn bar(&self, why: String) {
         tracing::error!(reason = %why, "this node cannot lead; it stays a standby");
-        self.inner.lock().unwrap_or_else(|e| e.into_inner()).barred = Some(why);
+        self.state().barred = Some(why);
         self.release().await;
     }
 
     /// Why this node may not lead, if so.
     pub fn barred(&self) -> Option<String> {
-        self.inner
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .barred
-            .clone()
+        self.state().barred.clone()
     }
 
     /// How long logins in doubt still wait after a takeover, if they do.
     pub fn in_doubt_wait(&self) -> Option<Duration> {
-        let s = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let s = self.state();
         let left = s.in_doubt_after?.checked_sub(self.clock.now())?;
         (!left.is_zero()).then_some(left)
     }
 
-    /// The epoch this node leads at, if it leads.
+    /// The epoch this node leads at, once it has settled as leader.
     pub fn leading(&self) -> Option<i64> {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner()).epoch
+        let s = self.state();
+        s.epoch.filter(|_| s.settled)
+    }
+
+    /// The epoch this node holds the lease at, settled or not.
+    pub fn holds(&self) -> Option<i64> {
+        self.state().epoch
+    }
+
+    /// A new leader has migrated the schema: from now on it may act.
+    pub fn settle(&self) {
+        self.state().settled = true;
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The lease as last read: who leads.
     pub fn seen(&self) -> Option<LeaseRow> {
-        self.inner
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .seen
-            .clone()
+        self.state().seen.clone()
     }
 
     /// The newest epoch this node has seen (`billsync_lease_epoch`).
     pub fn newest_epoch(&self) -> i64 {
-        self.inner
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .newest_epoch
+        self.state().newest_epoch
     }
 
     /// Gives the lease up (a clean stop): a standby need not wait.
     pub async fn release(&self) {
-        let epoch = self
-            .inner
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .epoch
-            .take();
+        let epoch = self.state().epoch.take();
         if let Some(epoch) = epoch {
             if let Err(e) = self.lease_store.release_lease(&self.holder, epoch).await {
                 tracing::warn!(error = %e, "could not release the lease; it expires by itself");
@@ -294,8 +308,8 @@ impl Node {
 
 impl Gate for Node {
     fn may_act(&self) -> bool {
-        let s = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        let (Some(_), Some(sent)) = (s.epoch, s.renewed_sent) else {
+        let s = self.state();
+        let (Some(_), Some(sent), true) = (s.epoch, s.renewed_sent, s.settled) else {
             return false;
         };
         let window = self.lease.saturating_sub(Self::margin(&s));
@@ -303,7 +317,7 @@ impl Gate for Node {
     }
 
     fn may_push_in_doubt(&self) -> bool {
-        let s = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let s = self.state();
         s.in_doubt_after.is_none_or(|t| self.clock.now() >= t)
     }
 }
@@ -337,6 +351,7 @@ pub async fn open_shared(
             node.release().await;
             return Err(e);
         }
+        node.settle();
     }
     Ok((store, node, first))
 }
@@ -431,6 +446,8 @@ mod tests {
         assert!(!n.may_act(), "before any lease");
         let change = n.apply(at(0), at(10), Ok(Claim::Held(row(n.holder(), 1))));
         assert_eq!(change, Change::Became { epoch: 1 });
+        assert!(!n.may_act(), "not before it settled (migrated)");
+        n.settle();
         now.store(13_999, Ordering::SeqCst);
         assert!(n.may_act());
         now.store(14_000, Ordering::SeqCst);
@@ -465,6 +482,7 @@ mod tests {
         now.store(40_000, Ordering::SeqCst);
         let back = n.apply(at(40_000), at(5), Ok(Claim::Held(row(n.holder(), 3))));
         assert_eq!(back, Change::Became { epoch: 3 });
+        n.settle();
         assert!(n.may_act());
         assert_eq!(n.newest_epoch(), 3);
     }
@@ -473,6 +491,7 @@ mod tests {
     async fn a_leader_without_the_database_for_a_whole_lease_has_lost_it() {
         let (n, now, _d) = node().await;
         n.apply(at(0), at(5), Ok(Claim::Held(row(n.holder(), 1))));
+        n.settle();
         let down = || Err(StoreError::Decode("connection refused".into()));
         now.store(10_000, Ordering::SeqCst);
         assert!(matches!(
@@ -525,6 +544,44 @@ mod tests {
         n.apply(at(51_000), at(0), Ok(Claim::Other(other)));
         assert_eq!(n.next_claim_in(), LEASE / 3, "renewed far ahead");
         n.apply(at(60_000), at(0), Ok(Claim::Held(row(n.holder(), 5))));
+        assert_eq!(n.next_claim_in(), LEASE / 3);
+    }
+
+    /// Its own expired lease taken again is a new term: the old term's
+    /// cycles end first (Lost), the next claim becomes the new one; a write
+    /// fenced by its own new term is no loss.
+    #[tokio::test]
+    async fn a_new_term_of_its_own_passes_through_lost() {
+        let (n, _now, _d) = node().await;
+        n.apply(at(0), at(5), Ok(Claim::Held(row(n.holder(), 1))));
+        n.settle();
+        let again = n.apply(at(20_000), at(5), Ok(Claim::Held(row(n.holder(), 2))));
+        assert_eq!(again, Change::Lost { to: None });
+        assert_eq!(n.leading(), None);
+        let next = n.apply(at(20_100), at(5), Ok(Claim::Held(row(n.holder(), 2))));
+        assert_eq!(next, Change::Became { epoch: 2 });
+        n.settle();
+        n.step_down(2);
+        assert_eq!(n.leading(), Some(2));
+        n.step_down(3);
+        assert_eq!((n.leading(), n.newest_epoch()), (None, 3));
+    }
+
+    /// A claim that got no answer is retried a renew interval later, not
+    /// at the expiry shortcut (no busy loop on a failing database).
+    #[tokio::test]
+    async fn a_failed_claim_waits_a_renew_interval() {
+        let (n, now, _d) = node().await;
+        let mut other = row("n2/x", 4);
+        (other.now_ms, other.expires_ms) = (100_000, 100_500);
+        n.apply(at(0), at(0), Ok(Claim::Other(other)));
+        now.store(1_000, Ordering::SeqCst);
+        assert_eq!(n.next_claim_in(), at(20), "just after the expiry");
+        n.apply(
+            at(1_000),
+            at(0),
+            Err(StoreError::Decode("read-only".into())),
+        );
         assert_eq!(n.next_claim_in(), LEASE / 3);
     }
 

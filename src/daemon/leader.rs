@@ -43,7 +43,7 @@ pub async fn keep(
     listing: mpsc::Sender<CycleKind>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    if node.leading().is_some() {
+    if node.holds().is_some() {
         became(&node, &shared, &listing).await;
     }
     let mut wait = node.next_claim_in();
@@ -75,8 +75,10 @@ pub async fn keep(
 /// cycles a dead leader left open and starts a listing cycle at once, and
 /// another once in-doubt logins may be pushed.
 async fn became(node: &Arc<Node>, shared: &Shared, listing: &mpsc::Sender<CycleKind>) {
-    match shared.store.migrate_now().await {
-        Ok(()) => {}
+    match migrate_leading(node, &shared.store).await {
+        Ok(()) if node.holds().is_some() => node.settle(),
+        // Lost while migrating: the next claim decides.
+        Ok(()) => return,
         Err(e @ StoreError::Schema { .. }) => return node.bar(e.to_string()).await,
         Err(e) => {
             tracing::warn!(error = %e, "cannot bring the schema up to date; giving the lease up");
@@ -91,6 +93,21 @@ async fn became(node: &Arc<Node>, shared: &Shared, listing: &mpsc::Sender<CycleK
             tokio::time::sleep(wait).await;
             let _ = listing.send(CycleKind::Incremental).await;
         });
+    }
+}
+
+/// Migrates while renewing the lease: a long migration must not let it
+/// lapse. No cycle runs meanwhile (the node has not settled).
+async fn migrate_leading(node: &Node, store: &crate::store::Store) -> Result<(), StoreError> {
+    let store = store.clone();
+    let mut migrate = tokio::spawn(async move { store.migrate_now().await });
+    loop {
+        tokio::select! {
+            r = &mut migrate => {
+                return r.unwrap_or_else(|e| Err(StoreError::Decode(format!("the migration failed: {e}"))));
+            }
+            _ = tokio::time::sleep(node.renew_every()) => node.say(&node.renew().await),
+        }
     }
 }
 

@@ -1,6 +1,7 @@
 //! The leader lease (SPEC §13): one row holding the holder, its epoch and
-//! the expiry, all in database time. Claimed and renewed by one statement;
-//! a node takes an expired lease by raising the epoch. No advisory lock
+//! the expiry, all in database time. Claimed and renewed by one short
+//! transaction; a node takes an expired lease by raising the epoch (see
+//! ARCHITECTURE "The lease" for its row locks). No advisory lock
 //! and nothing kept across transactions, so a transaction-pooling proxy
 //! may sit in front. Write transactions check the epoch (`Store::fence`).
 

@@ -321,7 +321,7 @@ impl Store {
     async fn migrate(&self) -> Result<()> {
         match &self.db {
             Db::Sqlite(p) => MIGRATOR.run(p).await?,
-            Db::Postgres(p) => postgres::migrator().run(p).await?,
+            Db::Postgres(p) => postgres::migrate(p).await?,
         }
         Ok(())
     }

@@ -1,7 +1,8 @@
 //! The store on PostgreSQL (SPEC §13): the same tables as on SQLite, from
 //! `migrations/postgres` (numbered as `migrations/sqlite`). Every session
-//! bounds how long it may hold a transaction open or run a statement, so
-//! a node that vanished mid-transaction holds no row lock for long.
+//! but the migration's bounds how long it may hold a transaction open or
+//! run a statement, so a node that vanished mid-transaction holds no row
+//! lock for long.
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -23,6 +24,27 @@ static MIGRATOR: std::sync::LazyLock<sqlx::migrate::Migrator> = std::sync::LazyL
 
 pub(super) fn migrator() -> &'static sqlx::migrate::Migrator {
     &MIGRATOR
+}
+
+/// Runs the migrations on a session of their own without the sessions'
+/// time bounds (a migration of a large store may take longer than a
+/// lease; the leader renews meanwhile), closed afterwards.
+pub(super) async fn migrate(pool: &sqlx::PgPool) -> Result<()> {
+    let opts = (*pool.connect_options()).clone();
+    let own = PgPoolOptions::new()
+        .max_connections(1)
+        .after_connect(|conn, _| {
+            Box::pin(async move {
+                let unbounded =
+                    "SET statement_timeout = 0; SET idle_in_transaction_session_timeout = 0";
+                conn.execute(unbounded).await.map(drop)
+            })
+        })
+        .connect_with(opts)
+        .await?;
+    let run = MIGRATOR.run(&own).await;
+    own.close().await;
+    Ok(run?)
 }
 
 /// The URL without its password, for messages.
