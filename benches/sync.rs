@@ -62,6 +62,7 @@ fn main() {
             return rt.block_on(emulators(args[0].parse().unwrap(), services));
         }
         Ok("cycle") => return rt.block_on(cycle(&args[0], args[1] == "full")),
+        Ok("floor") => return rt.block_on(floor(&args[0])),
         _ => {}
     }
     let sizes: Vec<usize> = if args.is_empty() {
@@ -140,8 +141,10 @@ fn bench(n: usize, services: bool, postgres: bool) {
             "no-op incremental, services, postgres",
         ),
     };
+    // Each no-op cycle is followed by the read floor, so their ratio is
+    // measured in the same minutes of a noisy machine.
     let runs = std::iter::once((full_sync, true))
-        .chain(std::iter::repeat_n((noop, false), noops))
+        .chain([(noop, false), (FLOOR, false)].repeat(noops))
         .chain(std::iter::repeat_n((retyped, false), noops));
     let this = std::env::current_exe().unwrap();
     let baseline = std::env::var_os("BILLSYNC_BENCH_BASELINE").map(std::path::PathBuf::from);
@@ -163,13 +166,15 @@ fn bench(n: usize, services: bool, postgres: bool) {
         };
         dir.join(name).display().to_string()
     };
+    let mut times: std::collections::BTreeMap<(&str, &str), Vec<f64>> = Default::default();
     for (label, full, exe, build) in runs {
         let before = emus.ask("stats");
         let user_type = if label == retyped { "b2b" } else { "b2c" };
+        let role = if label == FLOOR { "floor" } else { "cycle" };
         let mut cycle = Command::new(exe);
         cycle
             .args([config.as_str(), if full { "full" } else { "incremental" }])
-            .env("BILLSYNC_BENCH_ROLE", "cycle")
+            .env("BILLSYNC_BENCH_ROLE", role)
             .env("BILLSYNC__DAEMON__STATE_PATH", state_of(build))
             .env("BILLSYNC__VMS__USER_TYPE", user_type)
             .stderr(Stdio::inherit());
@@ -196,6 +201,7 @@ fn bench(n: usize, services: bool, postgres: bool) {
                 "-".into()
             }
         };
+        times.entry((label, build)).or_default().push(secs);
         println!(
             "| {n} | {label}{build} | {secs:.2} | {vms} | {push:.2} | {} | {} | {} | {} | {:.1} |",
             rate(r["applied"].as_f64().unwrap_or(0.0)),
@@ -207,7 +213,21 @@ fn bench(n: usize, services: bool, postgres: bool) {
     }
     let _ = emus.ask("quit");
     let _ = emus.child.wait();
+    let median = |label: &str| {
+        let mut v = times.get(&(label, "")).cloned().unwrap_or_default();
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied()
+    };
+    if let (Some(c), Some(f)) = (median(noop), median(FLOOR)) {
+        println!(
+            "{n} accounts, {noop}: median {c:.2} s, read floor median {f:.2} s: {:.2}x the floor",
+            c / f
+        );
+    }
 }
+
+/// The label of the read floor's rows.
+const FLOOR: &str = "read floor";
 
 /// With services: each source reads them; nothing else changes (the
 /// rules are the default's), so the cost measured is the listings'.
@@ -323,6 +343,39 @@ async fn leading(settings: billsync::config::Settings, url: &str) -> (Engine, Op
     let (stop, rx) = tokio::sync::watch::channel(false);
     tokio::spawn(node.clone().keep(rx));
     (engine, Some((node, stop)))
+}
+
+/// The read floor (issue 21): every listing page a cycle reads (accounts,
+/// the payment window, services), fetched and parsed once with the
+/// cycle's own clients and decoders, both sources at once as a cycle reads
+/// them, keeping no row and touching no store.
+async fn floor(config: &str) {
+    billsync::telemetry::init(billsync::config::LogFormat::Pretty, "warn");
+    let env = billsync::config::process_env();
+    let (settings, _) = billsync::config::load(std::path::Path::new(config), &env).unwrap();
+    let sources = billsync::sources::from_settings(&settings).unwrap();
+    // The default payment window: the lab's config sets none.
+    let days = 3;
+    let today = chrono::Utc::now().date_naive();
+    let t = Instant::now();
+    let reads = sources.iter().map(|s| async move {
+        let keep = |_: &str, _: &str| false;
+        let accounts = async {
+            s.list_accounts(&|_| {}, &keep).await.unwrap();
+            let since = today - chrono::Duration::days(days);
+            s.payments(since, today).await.unwrap();
+        };
+        let (_, services) = tokio::join!(accounts, s.list_services(&|_| {}));
+        if let Some(r) = services {
+            r.unwrap();
+        }
+    });
+    futures::future::join_all(reads).await;
+    let secs = t.elapsed().as_secs_f64();
+    println!(
+        "{}",
+        serde_json::json!({"secs": secs, "push_secs": 0.0, "result": "floor", "applied": 0, "peak_rss_mb": peak_rss_mb()})
+    );
 }
 
 async fn cycle(config: &str, full: bool) {
