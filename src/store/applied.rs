@@ -392,6 +392,9 @@ impl Store {
                 .map(drop))?;
                 n += 1;
             }
+            if table == "desired_users" {
+                super::plan::write_digest(&mut tx, None).await?;
+            }
             tx.commit().await?;
         }
         Ok(n)

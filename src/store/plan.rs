@@ -65,18 +65,10 @@ impl Store {
         // The delta is read inside the write transaction: the fast lane may
         // write desired rows between a read outside it and the write.
         let mut tx = self.write_tx().await?;
-        let (current, gone) = desired_delta(&mut tx, desired).await?;
-        let changed = desired.users.iter();
-        let changed = changed.filter(|(login, _)| !current.contains(login.as_str()));
-        write_desired(&mut tx, changed).await?;
-        for login in &gone {
-            on!(tx.conn(), |c| sqlx::query(
-                "DELETE FROM desired_users WHERE login = $1"
-            )
-            .bind(login)
-            .execute(c)
-            .await
-            .map(drop))?;
+        let digest = desired_digest(desired);
+        if read_digest(&mut tx).await?.as_deref() != Some(digest.as_str()) {
+            write_delta(&mut tx, desired).await?;
+            write_digest(&mut tx, Some(&digest)).await?;
         }
         write_plan(&mut tx, cycle_id, plan, status_blocked).await?;
         write_conflicts(&mut tx, &desired.conflicts).await?;
@@ -98,6 +90,9 @@ impl Store {
             .filter_map(|op| desired.users.get_key_value(&op.login))
             .collect();
         let mut tx = self.write_tx().await?;
+        if !planned.is_empty() {
+            write_digest(&mut tx, None).await?;
+        }
         write_desired(&mut tx, planned.into_iter()).await?;
         for op in &plan.ops {
             on!(tx.conn(), |c| sqlx::query(
@@ -211,6 +206,72 @@ async fn write_desired<'d>(
         .bind(serde_json::to_string(&d.state).unwrap_or_default())
         .bind(&d.hash)
         .bind(serde_json::to_string(&d.rules).unwrap_or_default())
+        .execute(c)
+        .await
+        .map(drop))?;
+    }
+    Ok(())
+}
+
+/// The meta key of `desired_digest`: set by the listing cycle that wrote
+/// the desired rows whole, removed by any writer of some of them (a
+/// targeted plan, a rehash), so that it always describes the table.
+pub(super) const DESIRED_DIGEST: &str = "desired_digest";
+
+/// One digest of every desired login and its hash, the very pairs the
+/// delta compares: equal to the stored one, the delta would write nothing
+/// and delete nothing, and a no-op cycle need not read 100k rows to learn it.
+fn desired_digest(desired: &Desired) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for (login, d) in &desired.users {
+        h.update(login.as_bytes());
+        h.update([0]);
+        h.update(d.hash.as_bytes());
+        h.update([b'\n']);
+    }
+    hex::encode(h.finalize())
+}
+
+async fn read_digest(tx: &mut Tx) -> Result<Option<String>> {
+    Ok(on!(tx.conn(), |c| sqlx::query_scalar(
+        "SELECT value FROM meta WHERE key = $1"
+    )
+    .bind(DESIRED_DIGEST)
+    .fetch_optional(c)
+    .await)?)
+}
+
+/// Sets the digest, or removes it (`None`).
+pub(super) async fn write_digest(tx: &mut Tx, digest: Option<&str>) -> Result<()> {
+    let sql = match digest {
+        Some(_) => {
+            "INSERT INTO meta (key, value) VALUES ($1, $2)
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value"
+        }
+        None => "DELETE FROM meta WHERE key = $1",
+    };
+    on!(tx.conn(), |c| sqlx::query(sql)
+        .bind(DESIRED_DIGEST)
+        .bind(digest.unwrap_or_default())
+        .execute(c)
+        .await
+        .map(drop))?;
+    Ok(())
+}
+
+/// The desired rows brought to `desired`: changed ones written, those of
+/// logins nobody desires any more deleted.
+async fn write_delta(tx: &mut Tx, desired: &Desired) -> Result<()> {
+    let (current, gone) = desired_delta(tx, desired).await?;
+    let changed = desired.users.iter();
+    let changed = changed.filter(|(login, _)| !current.contains(login.as_str()));
+    write_desired(tx, changed).await?;
+    for login in &gone {
+        on!(tx.conn(), |c| sqlx::query(
+            "DELETE FROM desired_users WHERE login = $1"
+        )
+        .bind(login)
         .execute(c)
         .await
         .map(drop))?;
@@ -390,5 +451,85 @@ mod tests {
             ["paid@x", "listed@x"],
             "one row each, the fast lane's kept"
         );
+    }
+
+    fn desired_of(logins: &[(&str, &str)]) -> Desired {
+        let mut desired = Desired::default();
+        for (login, hash) in logins {
+            let op = create(login);
+            desired.users.insert(
+                login.to_string(),
+                DesiredUser {
+                    login: login.to_string(),
+                    owner: op.owner,
+                    state: op.target,
+                    hash: hash.to_string(),
+                    rules: Default::default(),
+                    writeback_seen: None,
+                },
+            );
+        }
+        desired
+    }
+
+    async fn hashes(store: &Store) -> Vec<(String, String)> {
+        let rows: Result<Vec<Row>> = async {
+            Ok(on_pool!(store.db, |c| sqlx::query(
+                "SELECT login, hash FROM desired_users ORDER BY login"
+            )
+            .fetch_all(c)
+            .await
+            .map(Row::all))?)
+        }
+        .await;
+        rows.unwrap().iter().map(|r| (r.get(0), r.get(1))).collect()
+    }
+
+    /// A listing cycle whose desired state matches the digest it wrote
+    /// last skips the delta; a targeted plan that wrote a desired row in
+    /// between voids the digest, so the next listing brings that row back
+    /// to its own state (else the table would keep the targeted row while
+    /// the digest claims the listing's).
+    #[tokio::test]
+    async fn the_desired_digest_skips_only_an_unchanged_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("s.db")).await.unwrap();
+        let now = chrono::Utc::now();
+        let listing = desired_of(&[("a@x", "h1"), ("b@x", "h2")]);
+        let empty = Plan::default();
+        for _ in 0..2 {
+            let id = store
+                .start_cycle(CycleKind::Incremental, now)
+                .await
+                .unwrap();
+            (store.persist_plan(id, &listing, &empty, "blocked"))
+                .await
+                .unwrap();
+        }
+        let fast = store.start_cycle(CycleKind::Payments, now).await.unwrap();
+        let paid = desired_of(&[("a@x", "h9")]);
+        (store.persist_targeted_plan(fast, &paid, &plan_of("a@x"), "blocked"))
+            .await
+            .unwrap();
+        assert_eq!(hashes(&store).await[0].1, "h9");
+        let id = store
+            .start_cycle(CycleKind::Incremental, now)
+            .await
+            .unwrap();
+        (store.persist_plan(id, &listing, &empty, "blocked"))
+            .await
+            .unwrap();
+        let want = [("a@x", "h1"), ("b@x", "h2")].map(|(l, h)| (l.to_string(), h.to_string()));
+        assert_eq!(hashes(&store).await, want);
+        // A login nobody desires any more goes, digest or not.
+        let fewer = desired_of(&[("b@x", "h2")]);
+        let id = store
+            .start_cycle(CycleKind::Incremental, now)
+            .await
+            .unwrap();
+        (store.persist_plan(id, &fewer, &empty, "blocked"))
+            .await
+            .unwrap();
+        assert_eq!(hashes(&store).await, want[1..].to_vec());
     }
 }
