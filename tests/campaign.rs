@@ -53,21 +53,8 @@ async fn kill_9_campaign_converges_exactly() {
     let kills = env_or("BILLSYNC_CAMPAIGN_KILLS", 60);
     let seed = env_or("BILLSYNC_CAMPAIGN_SEED", 1);
     let lab = Lab::start(40, 40).await.unwrap();
-    {
-        let mut ap = lab.ap.data();
-        ap.plans.insert(7, "Video 7".into());
-        ap.plans.insert(30, "Video 30".into());
-    }
     lab.settings(EXTRA, &[]).unwrap();
-    let text = lab
-        .config_text(EXTRA)
-        .replace(
-            "timeout_secs = 5\nconcurrency",
-            "timeout_secs = 1\nconcurrency",
-        )
-        .replace("[daemon]", "[daemon]\nmissing_grace_cycles = 1")
-        .replace("*/2 * * * * *", "* * * * * *");
-    std::fs::write(lab.config_path(), text).unwrap();
+    world::prepare(&lab);
     let mut world = World::new(&lab, seed);
     let faults = &lab.vms.faults;
     faults.set_latency(Duration::from_millis(15));

@@ -14,7 +14,7 @@
 mod nodes;
 mod world;
 use nodes::{through, wait_for, Node, Terms, Via};
-use world::{World, EXTRA};
+use world::World;
 
 use std::time::{Duration, SystemTime};
 
@@ -128,20 +128,7 @@ async fn terminate_for(admin: &sqlx::PgPool, node: &str, how_long: Duration) {
 /// in-doubt logins).
 async fn lab() -> Lab {
     let lab = Lab::start(30, 30).await.unwrap().with_postgres();
-    {
-        let mut ap = lab.ap.data();
-        ap.plans.insert(7, "Video 7".into());
-        ap.plans.insert(30, "Video 30".into());
-    }
-    let text = lab
-        .config_text(EXTRA)
-        .replace(
-            "timeout_secs = 5\nconcurrency",
-            "timeout_secs = 1\nconcurrency",
-        )
-        .replace("[daemon]", "[daemon]\nmissing_grace_cycles = 1")
-        .replace("*/2 * * * * *", "* * * * * *");
-    lab.write_config_text(&text);
+    world::prepare(&lab);
     lab
 }
 

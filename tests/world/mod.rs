@@ -62,6 +62,27 @@ grant = []
 camera_groups = ["hd-cameras"]
 "#;
 
+/// The campaigns' lab: the plans the rules name, and the config with
+/// `EXTRA`, a VMS timeout of 1 s (in-doubt logins are decided sooner), one
+/// grace cycle for a missing account, and cycles every second: the faults
+/// must land in many cycles.
+pub fn prepare(lab: &Lab) {
+    {
+        let mut ap = lab.ap.data();
+        ap.plans.insert(7, "Video 7".into());
+        ap.plans.insert(30, "Video 30".into());
+    }
+    let text = lab
+        .config_text(EXTRA)
+        .replace(
+            "timeout_secs = 5\nconcurrency",
+            "timeout_secs = 1\nconcurrency",
+        )
+        .replace("[daemon]", "[daemon]\nmissing_grace_cycles = 1")
+        .replace("*/2 * * * * *", "* * * * * *");
+    lab.write_config_text(&text);
+}
+
 /// The changing world: both billing systems, and every login ever used.
 pub struct World<'a> {
     pub lab: &'a Lab,
