@@ -11,6 +11,10 @@
 //! bench binary: each no-op cycle also runs there, alternately),
 //! `BILLSYNC_BENCH_SERVICES` (`off`, the default; `on`: one service per
 //! account in both sources, read by both; `both`: each size off, then on),
+//! `BILLSYNC_BENCH_TICKS` (payment ticks after the no-op cycles, default
+//! 10: each time one more customer pays, and one process runs the payment
+//! fast path, its CPU time measured), `BILLSYNC_BENCH_RETYPED` (`off`:
+//! skip the no-op cycles after a `vms.user_type` change),
 //! `BILLSYNC_BENCH_STORE` (`sqlite`, the default; `postgres`: the state in
 //! a fresh database of a throw-away PostgreSQL cluster on this machine,
 //! each cycle run as a leader's, its writes fenced; `both`: each size on
@@ -46,6 +50,21 @@ fn noop_runs() -> usize {
         .unwrap_or(2)
 }
 
+fn retyped_runs(noops: usize) -> usize {
+    match std::env::var("BILLSYNC_BENCH_RETYPED").as_deref() {
+        Ok("off") => 0,
+        _ => noops,
+    }
+}
+
+/// `BILLSYNC_BENCH_TICKS` payment ticks, each for one account that paid.
+fn tick_runs() -> usize {
+    std::env::var("BILLSYNC_BENCH_TICKS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10)
+}
+
 fn main() {
     billsync::allocator::purge_freed_memory_soon();
     let args: Vec<String> = std::env::args()
@@ -63,6 +82,7 @@ fn main() {
         }
         Ok("cycle") => return rt.block_on(cycle(&args[0], args[1] == "full")),
         Ok("floor") => return rt.block_on(floor(&args[0])),
+        Ok("ticks") => return rt.block_on(ticks(&args[0])),
         _ => {}
     }
     let sizes: Vec<usize> = if args.is_empty() {
@@ -145,7 +165,7 @@ fn bench(n: usize, services: bool, postgres: bool) {
     // measured in the same minutes of a noisy machine.
     let runs = std::iter::once((full_sync, true))
         .chain([(noop, false), (FLOOR, false)].repeat(noops))
-        .chain(std::iter::repeat_n((retyped, false), noops));
+        .chain(std::iter::repeat_n((retyped, false), retyped_runs(noops)));
     let this = std::env::current_exe().unwrap();
     let baseline = std::env::var_os("BILLSYNC_BENCH_BASELINE").map(std::path::PathBuf::from);
     // With a baseline, each cycle runs once in each build, alternately, so
@@ -211,6 +231,9 @@ fn bench(n: usize, services: bool, postgres: bool) {
             r["peak_rss_mb"].as_f64().unwrap()
         );
     }
+    let state = state_of("");
+    let url = urls.as_ref().map(|(this_db, _)| this_db.as_str());
+    payment_ticks(n, &mut emus, &config, &state, url);
     let _ = emus.ask("quit");
     let _ = emus.child.wait();
     let median = |label: &str| {
@@ -273,6 +296,7 @@ async fn emulators(n: usize, services: bool) {
     if services {
         add_services(&lab);
     }
+    let mut paying = common::unpaid(&lab, tick_runs()).into_iter();
     let extra = format!(
         "[vms.tree]\nenabled = false\n{}",
         if services { SERVICES } else { "" }
@@ -310,6 +334,11 @@ async fn emulators(n: usize, services: bool) {
                     serde_json::json!({"vms": lab.vms.served(), "details": details})
                 );
             }
+            "credit" => {
+                let (key, login) = paying.next().expect("customers left to pay");
+                common::credit(&lab, &key);
+                println!("{}", serde_json::json!({"key": key, "login": login}));
+            }
             _ => {
                 println!("{{}}");
                 std::io::stdout().flush().unwrap();
@@ -343,6 +372,25 @@ async fn leading(settings: billsync::config::Settings, url: &str) -> (Engine, Op
     let (stop, rx) = tokio::sync::watch::channel(false);
     tokio::spawn(node.clone().keep(rx));
     (engine, Some((node, stop)))
+}
+
+/// The engine of a cycle's process, leading on PostgreSQL.
+async fn open_engine(config: &str) -> (Engine, Option<Leader>) {
+    billsync::telemetry::init(billsync::config::LogFormat::Pretty, "warn");
+    let env = billsync::config::process_env();
+    let (settings, _) = billsync::config::load(std::path::Path::new(config), &env).unwrap();
+    match settings.daemon.state_url.expose().map(String::from) {
+        Some(url) => leading(settings, &url).await,
+        None => (Engine::new(settings).await.unwrap(), None),
+    }
+}
+
+async fn close_engine(engine: Engine, leader: Option<Leader>) {
+    if let Some((node, stop)) = leader {
+        stop.send_replace(true);
+        node.release().await;
+    }
+    engine.store.close().await;
 }
 
 /// The read floor (issue 21): every listing page a cycle reads (accounts,
@@ -379,13 +427,7 @@ async fn floor(config: &str) {
 }
 
 async fn cycle(config: &str, full: bool) {
-    billsync::telemetry::init(billsync::config::LogFormat::Pretty, "warn");
-    let env = billsync::config::process_env();
-    let (settings, _) = billsync::config::load(std::path::Path::new(config), &env).unwrap();
-    let (engine, leader) = match settings.daemon.state_url.expose().map(String::from) {
-        Some(url) => leading(settings, &url).await,
-        None => (Engine::new(settings).await.unwrap(), None),
-    };
+    let (engine, leader) = open_engine(config).await;
     // When the push phase starts and ends, from the engine's progress events.
     let push = std::sync::Arc::new(std::sync::Mutex::new((None::<Instant>, None::<Instant>)));
     let p = push.clone();
@@ -411,13 +453,87 @@ async fn cycle(config: &str, full: bool) {
         (Some(a), Some(b)) => (b - a).as_secs_f64(),
         _ => 0.0,
     };
-    if let Some((node, stop)) = leader {
-        stop.send_replace(true);
-        node.release().await;
-    }
-    engine.store.close().await;
+    close_engine(engine, leader).await;
     println!(
         "{}",
         serde_json::json!({"secs": secs, "push_secs": push_secs, "result": r.result, "applied": r.applied, "peak_rss_mb": peak_rss_mb()})
     );
+}
+
+/// Payment ticks (issue 21 goal 3): one customer pays, then one process
+/// that has run the fast path before runs it again; its CPU time is what a
+/// tick costs the daemon, whatever the size of the customer base.
+fn payment_ticks(n: usize, emus: &mut Emus, config: &str, state: &str, url: Option<&str>) {
+    let ticks = tick_runs();
+    if ticks == 0 {
+        return;
+    }
+    let mut cmd = Command::new(std::env::current_exe().unwrap());
+    cmd.arg(config)
+        .env("BILLSYNC_BENCH_ROLE", "ticks")
+        .env("BILLSYNC__DAEMON__STATE_PATH", state)
+        .env("BILLSYNC__VMS__USER_TYPE", "b2c")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    if let Some(url) = url {
+        cmd.env("BILLSYNC__DAEMON__STATE_URL", url);
+    }
+    let mut child = cmd.spawn().unwrap();
+    let mut ticker = Emus {
+        stdin: child.stdin.take().unwrap(),
+        lines: BufReader::new(child.stdout.take().unwrap()).lines(),
+        child,
+    };
+    let (mut cpu, mut wall) = (vec![], vec![]);
+    for _ in 0..ticks {
+        let paid = emus.ask("credit");
+        let r = ticker.ask("tick");
+        assert_eq!(r["applied"], 1, "{paid}: {r}");
+        cpu.push(r["cpu_ms"].as_f64().unwrap());
+        wall.push(r["ms"].as_f64().unwrap());
+    }
+    let _ = ticker.ask("quit");
+    let _ = ticker.child.wait();
+    let (c, w) = (spread(&mut cpu), spread(&mut wall));
+    println!("{n} accounts, payment tick for one account ({ticks} ticks): CPU median {:.1} ms, max {:.1} ms; wall median {:.1} ms, max {:.1} ms", c.0, c.1, w.0, w.1);
+}
+
+/// Median and max.
+fn spread(v: &mut [f64]) -> (f64, f64) {
+    v.sort_by(f64::total_cmp);
+    (v[v.len() / 2], v[v.len() - 1])
+}
+
+/// The process's CPU time, user and system, in milliseconds.
+fn cpu_ms() -> f64 {
+    // SAFETY: getrusage only writes the struct it is given.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
+    let ms = |t: libc::timeval| t.tv_sec as f64 * 1e3 + t.tv_usec as f64 / 1e3;
+    ms(ru.ru_utime) + ms(ru.ru_stime)
+}
+
+/// The payment fast path, once per `tick` read from stdin.
+async fn ticks(config: &str) {
+    let (engine, leader) = open_engine(config).await;
+    let opts = CycleOptions::default();
+    // Warm: the pools open, the payment windows read once.
+    assert!(engine.run_payments(&opts).await.unwrap().is_none());
+    for line in std::io::stdin().lines().map_while(Result::ok) {
+        if line != "tick" {
+            println!("{{}}");
+            break;
+        }
+        let (c, t) = (cpu_ms(), Instant::now());
+        let r = engine.run_payments(&opts).await.unwrap();
+        let (cpu, ms) = (cpu_ms() - c, t.elapsed().as_secs_f64() * 1e3);
+        let applied = r.map_or(0, |r| r.applied);
+        println!(
+            "{}",
+            serde_json::json!({"cpu_ms": cpu, "ms": ms, "applied": applied})
+        );
+        std::io::stdout().flush().unwrap();
+    }
+    close_engine(engine, leader).await;
 }

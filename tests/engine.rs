@@ -931,6 +931,144 @@ async fn a_targeted_cycle_pushes_a_payment_without_listing_or_deprovisioning() {
     assert!(!lab.vms.user(bm_login).unwrap().permissions.is_empty());
 }
 
+/// Requests the VMS got about `login`.
+fn sent_for(lab: &Lab, login: &str) -> usize {
+    let data = lab.vms.data();
+    data.events.iter().filter(|e| e.login == login).count()
+}
+
+/// A targeted cycle for the ActivePlatform account `ap_id` that must leave
+/// `login` alone: another account owns it.
+async fn leaves_alone(lab: &Lab, engine: &Engine, ap_id: u64, login: &str) -> CycleReport {
+    let before = sent_for(lab, login);
+    let ap_key = format!("activeplatform:{ap_id}");
+    let r = cycle_with(engine, targeted(&[&ap_key])).await;
+    assert_eq!(r.result, CycleResult::Ok, "{r:?}");
+    assert_eq!(sent_for(lab, login), before, "the loser's state was pushed");
+    r
+}
+
+/// An ActivePlatform customer who does not pay, then pays: their account's
+/// id and login.
+fn ap_unpaid(lab: &Lab, i: usize) -> (u64, String) {
+    let mut ap = lab.ap.data();
+    let a = &mut ap.accounts[i];
+    (a.balance, a.credit_limit) = (-50.0, 0.0);
+    a.status = "active".into();
+    (a.id, a.email.to_lowercase())
+}
+
+fn ap_pays(lab: &Lab, i: usize) {
+    lab.ap.data().accounts[i].balance = 100.0;
+}
+
+/// Issue 21: a targeted cycle reads only the accounts that share its
+/// logins (the login index), yet a login two accounts yield still goes to
+/// the source first in priority. Before the index it normalized every
+/// account; a scope of the re-read accounts alone would hand a shared login
+/// to whichever account paid.
+#[tokio::test]
+async fn a_targeted_cycle_leaves_a_shared_login_to_its_owner() {
+    let (lab, engine) = setup(2, 2, "", &[]).await;
+    let shared = "user1@bm.example.com";
+    let (ap_id, _) = ap_unpaid(&lab, 0);
+    lab.ap.data().accounts[0].email = shared.into();
+    {
+        let mut bm = lab.bm.data();
+        let a = bm.accounts.iter_mut().find(|a| a.id == 1).unwrap();
+        (a.balance, a.credit_limits) = ("-50.00".into(), vec!["0".into()]);
+    }
+    assert_eq!(cycle(&engine).await.conflicts, 1);
+    let owner = |lab: &Lab| lab.vms.user(shared).unwrap().billing_info["billing_id"].clone();
+    assert_eq!(owner(&lab), "billmanager-1");
+    // The account that lost the login pays: nothing of it reaches the VMS.
+    ap_pays(&lab, 0);
+    let r = leaves_alone(&lab, &engine, ap_id, shared).await;
+    assert_eq!(r.conflicts, 1, "{r:?}");
+    assert_eq!(owner(&lab), "billmanager-1");
+    // The owner pays: its user gets the archive at once.
+    lab.bm
+        .data()
+        .accounts
+        .iter_mut()
+        .find(|a| a.id == 1)
+        .unwrap()
+        .balance = "50.00".into();
+    let r = cycle_with(&engine, targeted(&["billmanager:1"])).await;
+    assert_eq!(r.result, CycleResult::Ok, "{r:?}");
+    let u = lab.vms.user(shared).unwrap();
+    assert!(u.permissions.contains("archives-show"), "{u:?}");
+    assert_eq!(owner(&lab), "billmanager-1");
+}
+
+/// A listing killed between saving its rows and indexing them leaves rows
+/// the index does not know: a targeted cycle reads those too. Here a
+/// BILLmanager account came to yield an ActivePlatform customer's login
+/// (stored as a re-read stores it, never indexed): the login is the
+/// BILLmanager account's now, and the ActivePlatform payment changes
+/// nothing on it.
+#[tokio::test]
+async fn a_targeted_cycle_reads_accounts_the_index_has_not_caught_up_with() {
+    let (lab, engine) = setup(2, 2, "", &[]).await;
+    let (ap_id, ap_login) = ap_unpaid(&lab, 1);
+    cycle(&engine).await;
+    let moved = billsync::core::model::RawAccount {
+        id: "2".into(),
+        email: Some(ap_login.clone()),
+        ..Default::default()
+    };
+    let fresh = billsync::store::Fresh {
+        raw: &moved,
+        live: true,
+        detailed: true,
+    };
+    let read = billsync::store::ReadStamp {
+        seq: engine.store.next_read_seq().await.unwrap(),
+        at: chrono::Utc::now(),
+    };
+    let pacing = engine.settings.pacing();
+    let kind = billsync::core::model::SourceKind::Billmanager;
+    engine
+        .store
+        .save_fresh(kind, fresh, read, &pacing)
+        .await
+        .unwrap();
+    ap_pays(&lab, 1);
+    let r = leaves_alone(&lab, &engine, ap_id, &ap_login).await;
+    assert_eq!(r.conflicts, 1, "{r:?}");
+}
+
+/// The index follows the normalizer settings it was worked out with: after
+/// a change of `login_template`, a targeted cycle reads every account until
+/// a listing has indexed them again. Here the new template makes a
+/// BILLmanager account yield an ActivePlatform customer's login; the old
+/// index does not know it, and trusting it would push that customer's
+/// payment onto a login that is no longer theirs.
+#[tokio::test]
+async fn a_targeted_cycle_does_not_trust_an_index_of_other_settings() {
+    let (lab, engine) = setup(2, 2, "", &[]).await;
+    let (ap_id, ap_login) = ap_unpaid(&lab, 0);
+    cycle(&engine).await;
+    engine.store.close().await;
+    let settings = lab
+        .settings(
+            "",
+            &[(
+                "BILLSYNC__SOURCES__BILLMANAGER__LOGIN_TEMPLATE",
+                "client{id}@ap.example.com",
+            )],
+        )
+        .unwrap();
+    let engine = Engine::new(settings).await.unwrap();
+    ap_pays(&lab, 0);
+    leaves_alone(&lab, &engine, ap_id, &ap_login).await;
+    // A listing cycle indexes every account with the new settings; the
+    // next targeted cycle trusts it and decides the same.
+    cycle(&engine).await;
+    lab.ap.data().accounts[0].balance = 200.0;
+    leaves_alone(&lab, &engine, ap_id, &ap_login).await;
+}
+
 /// SPEC §10.2: the payment fast path reads only the payment windows and
 /// pushes the accounts with new payments at once; with nothing new it does
 /// nothing, and it never lists accounts.

@@ -3,6 +3,7 @@
 
 mod clock;
 mod finish;
+mod index;
 mod notices;
 mod payments;
 mod push;
@@ -12,6 +13,7 @@ pub mod reverify;
 pub mod schedule;
 mod select;
 mod services;
+mod targeted;
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::atomic::AtomicBool;
@@ -272,7 +274,7 @@ impl Engine {
         intent: &Intent,
     ) -> Result<(Need, Option<schedule::Taken<'_>>, Memory), EngineError> {
         if intent.kind.lists() || intent.dry_run {
-            let memory = Memory::load(store).await?;
+            let memory = Memory::load(store, None).await?;
             let need = select::changed(store, &self.core, desired, intent, &memory).await?;
             return Ok((need, None, memory));
         }
@@ -291,7 +293,8 @@ impl Engine {
             );
             store.request(RequestKind::Resync, Some(&named)).await?;
         }
-        let memory = Memory::load(store).await?;
+        let owners = desired.users.values().map(|d| d.owner.clone());
+        let memory = Memory::load(store, Some(owners.collect())).await?;
         Ok((
             Need {
                 logins: Some(logins),

@@ -11,16 +11,17 @@ use std::future::Future;
 use chrono::{DateTime, Duration as ChronoDuration, Utc};
 use futures::StreamExt;
 
+use super::index::Indexing;
 use super::report::SourceSummary;
 use super::{Engine, EngineError, Intent, Progress};
 use crate::core::desired::SourceInput;
 use crate::core::model::{
-    Account, CanonicalStatus, Invalid, InvalidCode, ListedAccount, Payment, RawAccount, SourceKind,
+    Account, Invalid, InvalidCode, ListedAccount, Payment, RawAccount, SourceKind,
 };
 use crate::core::normalize::{self, Normalizer};
 use crate::core::pacing::Pacing;
 use crate::sources::{BadRow, Details, ListedPayment, Listing, PaymentListing, Source};
-use crate::store::{AccountIndexEntry, Fresh, ReadStamp, Store, StoreError};
+use crate::store::{AccountIndexEntry, ReadStamp, Store, StoreError};
 use crate::telemetry::{liveness, metrics};
 
 /// Detail calls in flight per source.
@@ -82,6 +83,7 @@ pub struct SourceRead {
 }
 
 /// Every source's contribution to a cycle.
+#[derive(Default)]
 pub struct Reads {
     pub inputs: BTreeMap<SourceKind, SourceInput>,
     pub summaries: BTreeMap<String, SourceSummary>,
@@ -98,17 +100,16 @@ impl Engine {
         intent: &Intent,
         progress: Option<&Progress>,
     ) -> Result<Reads, EngineError> {
+        if !intent.kind.lists() {
+            return self.read_targeted(store, intent).await;
+        }
         // Dropping the set (a failed read, shutdown) aborts the others.
         let mut reads = tokio::task::JoinSet::new();
         for source in &self.sources {
             let job = self.read_job(store, source, intent, progress);
             reads.spawn(liveness::in_this_lane(job));
         }
-        let mut out = Reads {
-            inputs: BTreeMap::new(),
-            summaries: BTreeMap::new(),
-            invalid: 0,
-        };
+        let mut out = Reads::default();
         while let Some(done) = reads.join_next().await {
             let (kind, read) = match done {
                 Ok(read) => read?,
@@ -131,33 +132,21 @@ impl Engine {
         let kind = source.kind();
         let (store, source) = (store.clone(), source.clone());
         let normalizer = self.normalizers[&kind].clone();
-        let targeted: Option<Vec<String>> = (!intent.kind.lists()).then(|| {
-            let ids = intent.accounts.iter().filter(|a| a.source == kind);
-            ids.map(|a| a.id.clone()).collect()
-        });
         let opts = self.read_options(kind, intent);
         let progress = progress.cloned();
         async move {
-            let read = match targeted {
-                Some(ids) => {
-                    let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
-                    read_targeted(&store, &source, &normalizer, &ids, &opts).await?
-                }
-                None => {
-                    let label = format!("reading {kind}");
-                    let cb = |n: usize| {
-                        if let Some(p) = &progress {
-                            p(&label, n as u64, None);
-                        }
-                    };
-                    read_source(&store, &source, &normalizer, &opts, &cb).await?
+            let label = format!("reading {kind}");
+            let cb = |n: usize| {
+                if let Some(p) = &progress {
+                    p(&label, n as u64, None);
                 }
             };
+            let read = read_source(&store, &source, &normalizer, &opts, &cb).await?;
             Ok((kind, read))
         }
     }
 
-    fn read_options(&self, kind: SourceKind, intent: &Intent) -> ReadOptions {
+    pub(super) fn read_options(&self, kind: SourceKind, intent: &Intent) -> ReadOptions {
         let history = self.core.rules.iter().map(|r| r.paid_within_days).max();
         let window = self
             .settings
@@ -183,7 +172,7 @@ impl Engine {
 }
 
 impl Reads {
-    fn add(&mut self, kind: SourceKind, r: SourceRead) {
+    pub(super) fn add(&mut self, kind: SourceKind, r: SourceRead) {
         self.invalid += r.invalid.len();
         let summary = SourceSummary {
             accounts: r.listed,
@@ -327,7 +316,9 @@ pub async fn new_payments(
     out: &mut SourceRead,
 ) -> Result<(HashSet<String>, Vec<(Payment, String)>), StoreError> {
     let kind = source.kind();
-    let known = store.payment_index(kind).await?;
+    let ids: Vec<&str> = payments.iter().map(|p| p.raw.id.as_str()).collect();
+    let known = store.payment_hashes(kind, &ids).await?;
+    drop(ids);
     let mut paid_accounts = HashSet::new();
     let mut to_save = vec![];
     for lp in payments {
@@ -456,25 +447,25 @@ async fn normalize_stored(
     gone: &HashSet<String>,
     out: &mut SourceRead,
 ) -> Result<(), StoreError> {
+    let mut index = Indexing::new(normalizer);
     store
-        .scan_accounts(source.kind(), |list, details, missing| {
-            let id = list.id.clone();
+        .scan_accounts(source.kind(), |row| {
+            let gone = gone.contains(&row.key.id);
+            let undetailed = row.details.is_none() && source.needs_details(&row.list);
+            let (id, missing, indexed) = (row.key.id, row.missing, row.index);
+            let normalized = normalizer.account(&merge(row.list, row.details));
+            index.see(&indexed, &id, normalized.as_ref().ok());
             if missing > 0 {
                 out.missing.insert(id, missing);
-                let merged = merge(list, details);
-                out.accounts.extend(normalizer.account(&merged).ok());
+                out.accounts.extend(normalized.ok());
                 return;
             }
-            if gone.contains(&id) {
+            if gone || undetailed {
+                out.details_unavailable += usize::from(!gone);
                 out.unusable.push(id);
                 return;
             }
-            if details.is_none() && source.needs_details(&list) {
-                out.details_unavailable += 1;
-                out.unusable.push(id);
-                return;
-            }
-            match normalizer.account(&merge(list, details)) {
+            match normalized {
                 Ok(acc) => out.accounts.push(acc),
                 Err(invalid) => out.invalid.push(InvalidRecord {
                     id,
@@ -483,10 +474,11 @@ async fn normalize_stored(
                 }),
             }
         })
-        .await
+        .await?;
+    index.write(store, source.kind(), true).await
 }
 
-fn merge(list: RawAccount, details: Option<RawAccount>) -> RawAccount {
+pub(super) fn merge(list: RawAccount, details: Option<RawAccount>) -> RawAccount {
     match &details {
         Some(d) => list.merged_with(d),
         None => list,
@@ -501,70 +493,25 @@ fn unique_names(accounts: &[ListedAccount]) -> HashMap<String, Option<String>> {
     crate::core::model::unique_names(named)
 }
 
-/// A targeted read (SPEC §10.3): the named accounts re-read one by one and
-/// stored as the freshest truth, then every stored account normalized. The
-/// source counts as incomplete, so nothing is deprovisioned; an account the
-/// source says is gone is left to the next listing. A re-read that states a
-/// live status is evidence the account exists: it ends its "gone" mark.
-pub async fn read_targeted(
-    store: &Store,
-    source: &Source,
-    normalizer: &Normalizer,
-    ids: &[&str],
-    opts: &ReadOptions,
-) -> Result<SourceRead, StoreError> {
-    let kind = source.kind();
-    let mut out = SourceRead::default();
-    for id in ids {
-        out.detail_calls += 1;
-        match source.details(id).await {
-            Ok(Details::Found(raw)) => {
-                let live = (raw.status.as_deref())
-                    .and_then(|s| normalizer.status(s))
-                    .is_some_and(|s| s != CanonicalStatus::Deleted);
-                let detailed = source.needs_details(&raw);
-                let fresh = Fresh {
-                    raw: &raw,
-                    live,
-                    detailed,
-                };
-                store
-                    .save_fresh(kind, fresh, opts.read, &opts.pacing)
-                    .await?;
-                super::services::re_read(store, source, normalizer, opts, id, &mut out).await?;
-                out.fresh.push(id.to_string());
-            }
-            Ok(Details::Gone) => {
-                tracing::info!(source = %kind, id, "targeted account not found; the next listing decides");
-            }
-            Err(e) => {
-                tracing::warn!(source = %kind, id, error = %e, "targeted re-read failed; the next cycle reads it");
-                out.unusable.push(id.to_string());
-            }
-        }
-    }
-    stored_accounts(store, kind, normalizer, &mut out).await?;
-    super::services::stored(store, source, &mut out).await?;
-    out.complete = false;
-    Ok(out)
-}
-
 /// Every stored account of a source, normalized, with its missing count.
-async fn stored_accounts(
+pub(super) async fn stored_accounts(
     store: &Store,
     kind: SourceKind,
     normalizer: &Normalizer,
     out: &mut SourceRead,
 ) -> Result<(), StoreError> {
+    let mut index = Indexing::new(normalizer);
     store
-        .scan_accounts(kind, |list, details, missing| {
-            if missing > 0 {
-                out.missing.insert(list.id.clone(), missing);
+        .scan_accounts(kind, |row| {
+            let normalized = normalizer.account(&merge(row.list, row.details)).ok();
+            index.see(&row.index, &row.key.id, normalized.as_ref());
+            if row.missing > 0 {
+                out.missing.insert(row.key.id, row.missing);
             }
-            out.accounts
-                .extend(normalizer.account(&merge(list, details)).ok());
+            out.accounts.extend(normalized);
         })
         .await?;
+    index.write(store, kind, true).await?;
     out.last_paid = store.last_paid(kind).await?;
     Ok(())
 }

@@ -26,11 +26,22 @@ pub struct Memory {
     pub unpushed_payments: HashSet<AccountKey>,
 }
 
+/// Past this many keys, a table is read whole rather than key by key.
+const ONE_BY_ONE: usize = 1_000;
+
 impl Memory {
-    pub async fn load(store: &Store) -> Result<Self, StoreError> {
+    /// `accounts`: the write-backs of these alone (a targeted cycle's).
+    pub async fn load(
+        store: &Store,
+        accounts: Option<Vec<AccountKey>>,
+    ) -> Result<Self, StoreError> {
+        let written = match accounts {
+            Some(keys) if keys.len() <= ONE_BY_ONE => store.load_written_of(&keys).await?,
+            _ => store.load_written().await?,
+        };
         let mut out = Memory {
             retries: store.load_retries().await?,
-            written: store.load_written().await?,
+            written,
             in_doubt: store.load_in_doubt().await?,
             unpushed_payments: store.accounts_with_unpushed_payments().await?,
             ..Default::default()
@@ -191,7 +202,13 @@ impl Engine {
     ) -> Result<Planned, StoreError> {
         let applied = Applied {
             users: store.load_applied_users(need.logins.as_ref()).await?,
-            tree: store.load_tree().await?,
+            tree: match intent.kind.lists() || desired.tree.len() > ONE_BY_ONE {
+                true => store.load_tree().await?,
+                false => {
+                    let ids: Vec<&str> = desired.tree.keys().map(String::as_str).collect();
+                    store.load_tree_of(&ids).await?
+                }
+            },
             written: std::mem::take(&mut memory.written),
             in_doubt: (memory.in_doubt.iter())
                 .map(|d| (d.login.clone(), d.user.clone()))
@@ -228,7 +245,11 @@ impl Engine {
             &opts,
         );
         let safety = &self.settings.safety;
-        let live = store.count_live_users(&self.core.status_active).await?;
+        // Counting every live user costs a scan: only a deprovision needs it.
+        let live = match plan.ops.iter().any(|o| o.deprovision) {
+            true => store.count_live_users(&self.core.status_active).await?,
+            false => 0,
+        };
         let limit = plan::threshold(
             safety.max_deprovision,
             safety.max_deprovision_ratio,

@@ -79,7 +79,13 @@ async fn save(
     out: &mut SourceRead,
 ) -> Result<(), StoreError> {
     let kind = source.kind();
-    let names = store.account_names(kind).await?;
+    // Names resolve owners only where a row names none: a per-account
+    // read (`owner`) never needs the whole source's.
+    let by_name = owner.is_none() && listing.services.iter().any(|r| r.owner_id.is_none());
+    let names = match by_name {
+        true => store.account_names(kind).await?,
+        false => Default::default(),
+    };
     let mut listed = Vec::with_capacity(listing.services.len());
     let mut skipped = HashSet::new();
     let unreadable = !listing.bad.is_empty();

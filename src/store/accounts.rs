@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use chrono::{DateTime, Utc};
 
 use super::db::{on, on_pool, on_write, Row};
+use super::logins::{bind_ids, placeholders};
 use super::{decode_json, parse_ts, ts, Result, Store};
 use crate::core::model::{AccountKey, ListedAccount, Payment, RawAccount, SourceKind};
 use crate::core::pacing::{Pacing, Round};
@@ -128,7 +129,7 @@ impl Store {
                      ON CONFLICT (source, id) DO UPDATE SET
                         row_json = excluded.row_json, row_hash = excluded.row_hash,
                         list_raw = excluded.list_raw, last_seen = excluded.last_seen,
-                        missing_cycles = 0, seen_seq = excluded.seen_seq
+                        missing_cycles = 0, seen_seq = excluded.seen_seq, login_indexed = NULL
                      WHERE source_accounts.details_seq IS NULL
                         OR source_accounts.details_seq <= excluded.seen_seq",
                 )
@@ -251,6 +252,7 @@ impl Store {
              ON CONFLICT (source, id) DO UPDATE SET
                 list_raw = excluded.list_raw, details_json = excluded.details_json,
                 details_at = excluded.details_at, details_seq = excluded.details_seq,
+                login_indexed = NULL,
                 verify_from = CASE WHEN $6 IS NULL THEN source_accounts.verify_from
                     WHEN source_accounts.details_at IS NULL THEN $6 ELSE $7 END,
                 missing_cycles = CASE WHEN $8 THEN 0 ELSE source_accounts.missing_cycles END,
@@ -294,7 +296,7 @@ impl Store {
             on!(tx.conn(), |c| sqlx::query(
                 "UPDATE source_accounts SET details_json = $3, details_at = $4, row_hash = $5,
                     verify_from = CASE WHEN details_at IS NULL THEN $6 ELSE $7 END,
-                    details_seq = $8
+                    details_seq = $8, login_indexed = NULL
                  WHERE source = $1 AND id = $2 AND (details_seq IS NULL OR details_seq <= $8)",
             )
             .bind(source.as_str())
@@ -313,42 +315,48 @@ impl Store {
         Ok(())
     }
 
-    /// Streams every stored account of a source: list row, details (if
-    /// fetched) and missing count, one row at a time so 100k accounts never
-    /// sit in memory twice.
+    /// Streams every stored account of a source (list row, details if
+    /// fetched, missing count, login index entry), one row at a time so
+    /// 100k accounts never sit in memory twice.
     pub async fn scan_accounts(
         &self,
         source: SourceKind,
-        mut f: impl FnMut(RawAccount, Option<RawAccount>, u32),
+        mut f: impl FnMut(super::Scanned),
     ) -> Result<()> {
         use futures::TryStreamExt;
-        let sql =
-            "SELECT list_raw, details_json, missing_cycles FROM source_accounts WHERE source = $1";
+        let sql = format!(
+            "SELECT {} FROM source_accounts WHERE source = $1",
+            super::logins::SCANNED
+        );
         on_pool!(self.db, |c| {
-            let mut rows = sqlx::query(sql).bind(source.as_str()).fetch(c);
+            let mut rows = sqlx::query(&sql).bind(source.as_str()).fetch(c);
             while let Some(r) = rows.try_next().await? {
-                let r = Row::from(r);
-                let list = decode_raw(&r.get::<String, _>(0))?;
-                let details = match r.get::<Option<String>, _>(1) {
-                    Some(d) => Some(decode_raw(&d)?),
-                    None => None,
-                };
-                f(list, details, r.get::<i64, _>(2).max(0) as u32);
+                f(super::logins::scanned(&Row::from(r))?);
             }
         });
         Ok(())
     }
 
-    /// Payment hashes by id, to spot new and changed payments.
-    pub async fn payment_index(&self, source: SourceKind) -> Result<HashMap<String, String>> {
-        let rows = on_pool!(self.db, |c| sqlx::query(
-            "SELECT id, row_hash FROM payments WHERE source = $1"
-        )
-        .bind(source.as_str())
-        .fetch_all(c)
-        .await
-        .map(Row::all))?;
-        Ok(rows.into_iter().map(|r| (r.get(0), r.get(1))).collect())
+    /// Hashes of the stored payments among `ids`, to spot new and changed
+    /// ones: a window's worth, not every payment kept.
+    pub async fn payment_hashes(
+        &self,
+        source: SourceKind,
+        ids: &[&str],
+    ) -> Result<HashMap<String, String>> {
+        let mut out = HashMap::with_capacity(ids.len());
+        for chunk in ids.chunks(500) {
+            let sql = format!(
+                "SELECT id, row_hash FROM payments WHERE source = $1 AND id IN ({})",
+                placeholders(2, chunk.len())
+            );
+            let rows = on_pool!(self.db, |c| {
+                let q = sqlx::query(&sql).bind(source.as_str());
+                bind_ids(chunk, q).fetch_all(c).await.map(Row::all)
+            })?;
+            out.extend(rows.into_iter().map(|r| (r.get(0), r.get(1))));
+        }
+        Ok(out)
     }
 
     pub async fn save_payments(
@@ -407,6 +415,33 @@ impl Store {
         for r in rows {
             if let Some(t) = r.get::<Option<String>, _>(1).as_deref().and_then(parse_ts) {
                 out.insert(r.get::<String, _>(0), t);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Latest paid date of the accounts among `ids` (a targeted cycle's).
+    pub async fn last_paid_of(
+        &self,
+        source: SourceKind,
+        ids: &[&str],
+    ) -> Result<HashMap<String, DateTime<Utc>>> {
+        let mut out = HashMap::new();
+        for chunk in ids.chunks(500) {
+            let sql = format!(
+                "SELECT account_id, MAX(paid_at) FROM payments
+                 WHERE source = $1 AND account_id IN ({}) AND paid = TRUE AND paid_at IS NOT NULL
+                 GROUP BY account_id",
+                placeholders(2, chunk.len())
+            );
+            let rows = on_pool!(self.db, |c| {
+                let q = sqlx::query(&sql).bind(source.as_str());
+                bind_ids(chunk, q).fetch_all(c).await.map(Row::all)
+            })?;
+            for r in rows {
+                if let Some(t) = r.get::<Option<String>, _>(1).as_deref().and_then(parse_ts) {
+                    out.insert(r.get::<String, _>(0), t);
+                }
             }
         }
         Ok(out)

@@ -7,6 +7,7 @@ use chrono::{DateTime, Utc};
 use futures::TryStreamExt;
 
 use super::db::{on, on_pool, on_write, Row};
+use super::logins::{bind_ids, placeholders};
 use super::{account_key, decode_json, parse_ts, ts, Result, Store};
 use crate::core::model::{AccountKey, SourceKind};
 use crate::core::plan::{state_hash, Applied, AppliedUser};
@@ -140,6 +141,42 @@ impl Store {
         .await
         .map(Row::all))?;
         Ok(rows.into_iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
+    /// The applied tree elements among `ids` (a targeted cycle's).
+    pub async fn load_tree_of(&self, ids: &[&str]) -> Result<BTreeMap<String, String>> {
+        let mut out = BTreeMap::new();
+        for chunk in ids.chunks(500) {
+            let sql = format!(
+                "SELECT external_id, name FROM applied_tree WHERE external_id IN ({})",
+                placeholders(1, chunk.len())
+            );
+            let rows = on_pool!(self.db, |c| bind_ids(chunk, sqlx::query(&sql))
+                .fetch_all(c)
+                .await
+                .map(Row::all))?;
+            out.extend(rows.into_iter().map(|r| (r.get(0), r.get(1))));
+        }
+        Ok(out)
+    }
+
+    /// Write-backs done for the accounts among `keys`.
+    pub async fn load_written_of(
+        &self,
+        keys: &[AccountKey],
+    ) -> Result<HashMap<AccountKey, String>> {
+        let mut out = HashMap::new();
+        for k in keys {
+            let value: Option<String> = on_pool!(self.db, |c| sqlx::query_scalar(
+                "SELECT value FROM writebacks WHERE source = $1 AND account_id = $2"
+            )
+            .bind(k.source.as_str())
+            .bind(&k.id)
+            .fetch_optional(c)
+            .await)?;
+            out.extend(value.map(|v| (k.clone(), v)));
+        }
+        Ok(out)
     }
 
     /// Write-backs done: account -> value written.

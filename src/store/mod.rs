@@ -9,6 +9,7 @@ pub(crate) mod db;
 mod history;
 mod lease;
 mod lock;
+mod logins;
 mod plan;
 mod postgres;
 mod retry;
@@ -22,6 +23,7 @@ pub use history::{
 };
 pub use lease::{Claim, LeaseRow};
 pub use lock::{holder as lock_holder, StateLock};
+pub use logins::{by_key as accounts_by_key, IndexEntry, Indexed, Scanned};
 pub use plan::{ConflictRow, DesiredRow, PlanRow, PlanState};
 pub use retry::{QuarantineEntry, QuarantinePart, RetryInfo};
 pub use services::ListedService;

@@ -6,6 +6,7 @@
 use std::collections::{HashMap, HashSet};
 
 use super::db::{on, on_pool, Row, Tx};
+use super::logins::{bind_ids, placeholders};
 use super::{ReadStamp, Result, Store};
 use crate::core::entitlements::{RawService, Service, ServiceState};
 use crate::core::model::{content_hash, AccountKey, SourceKind};
@@ -107,26 +108,29 @@ impl Store {
         .fetch_all(c)
         .await
         .map(Row::all))?;
-        let mut out: HashMap<String, Vec<Service>> = HashMap::new();
-        for r in rows {
-            let raw: RawService = serde_json::from_str(&r.get::<String, _>(2)).unwrap_or_default();
-            let state =
-                ServiceState::parse(&r.get::<String, _>(3)).unwrap_or(ServiceState::Pending);
-            let settled = r
-                .get::<Option<String>, _>(4)
-                .as_deref()
-                .and_then(ServiceState::parse);
-            let owner_id: String = r.get(1);
-            out.entry(owner_id.clone()).or_default().push(Service {
-                id: r.get(0),
-                owner: AccountKey {
-                    source,
-                    id: owner_id,
-                },
-                plan_id: raw.plan_id,
-                plan_name: raw.plan_name,
-                state: state.settle(settled),
-            });
+        let mut out = HashMap::new();
+        add_services(source, rows, &mut out);
+        Ok(out)
+    }
+
+    /// The stored services of the accounts among `owners` (a targeted cycle's).
+    pub async fn load_services_of(
+        &self,
+        source: SourceKind,
+        owners: &[&str],
+    ) -> Result<HashMap<String, Vec<Service>>> {
+        let mut out = HashMap::new();
+        for chunk in owners.chunks(500) {
+            let sql = format!(
+                "SELECT id, owner_id, raw_json, state, settled FROM services
+                 WHERE source = $1 AND owner_id IN ({})",
+                placeholders(2, chunk.len())
+            );
+            let rows = on_pool!(self.db, |c| {
+                let q = sqlx::query(&sql).bind(source.as_str());
+                bind_ids(chunk, q).fetch_all(c).await.map(Row::all)
+            })?;
+            add_services(source, rows, &mut out);
         }
         Ok(out)
     }
@@ -246,4 +250,27 @@ async fn count_missing(
     .await
     .map(drop))?;
     Ok(())
+}
+
+/// Decodes `id, owner_id, raw_json, state, settled` rows into `out`, by owner.
+fn add_services(source: SourceKind, rows: Vec<Row>, out: &mut HashMap<String, Vec<Service>>) {
+    for r in rows {
+        let raw: RawService = serde_json::from_str(&r.get::<String, _>(2)).unwrap_or_default();
+        let state = ServiceState::parse(&r.get::<String, _>(3)).unwrap_or(ServiceState::Pending);
+        let settled = r
+            .get::<Option<String>, _>(4)
+            .as_deref()
+            .and_then(ServiceState::parse);
+        let owner_id: String = r.get(1);
+        out.entry(owner_id.clone()).or_default().push(Service {
+            id: r.get(0),
+            owner: AccountKey {
+                source,
+                id: owner_id,
+            },
+            plan_id: raw.plan_id,
+            plan_name: raw.plan_name,
+            state: state.settle(settled),
+        });
+    }
 }

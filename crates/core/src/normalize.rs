@@ -122,6 +122,12 @@ impl Normalizer {
         })
     }
 
+    /// Names the settings a login index was worked out with: any change of
+    /// them (or of their form in a new build) makes the index stale.
+    pub fn index_tag(&self) -> String {
+        super::model::content_hash(&format!("{self:?}"))
+    }
+
     pub fn status(&self, raw: &str) -> Option<CanonicalStatus> {
         if let Some(s) = self.status_map.get(raw) {
             return Some(*s);

@@ -1,0 +1,236 @@
+//! A targeted read (SPEC §10.3): the named accounts re-read one by one and
+//! stored as the freshest truth, then the stored accounts the plan needs:
+//! those that yield the re-read accounts' logins or a named login, found
+//! through the login index (issue 21), so the cost follows what the cycle
+//! re-read, not the customer base. Ownership and conflicts come out as a
+//! build over every account would give them: only accounts that yield a
+//! login compete for it. Where the index cannot be trusted (never built,
+//! built with other normalizer settings, or too much changed since), every
+//! stored account is read, as before. The sources count as incomplete, so
+//! nothing is deprovisioned; an account the source says is gone is left to
+//! the next listing.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use super::index::Indexing;
+use super::read::{merge, stored_accounts, ReadOptions, Reads, SourceRead};
+use super::{Engine, EngineError, Intent};
+use crate::core::model::{Account, AccountKey, CanonicalStatus, SourceKind};
+use crate::core::normalize::Normalizer;
+use crate::sources::{Details, Source};
+use crate::store::{Fresh, Scanned, Store, StoreError};
+
+/// Rows changed since they were indexed that a targeted cycle normalizes
+/// itself; past this many (a listing is saving a changed source) it reads
+/// every stored account instead.
+const MAX_UNINDEXED: usize = 5_000;
+
+/// The stored accounts a targeted cycle builds its desired users from.
+#[derive(Default)]
+struct Found {
+    accounts: Vec<Account>,
+    missing: HashMap<String, u32>,
+}
+
+impl Engine {
+    pub(super) async fn read_targeted(
+        &self,
+        store: &Store,
+        intent: &Intent,
+    ) -> Result<Reads, EngineError> {
+        let reads = self.sources.iter().map(|source| {
+            let kind = source.kind();
+            let ids: Vec<&str> = (intent.accounts.iter())
+                .filter(|a| a.source == kind)
+                .map(|a| a.id.as_str())
+                .collect();
+            let opts = self.read_options(kind, intent);
+            let normalizer = &self.normalizers[&kind];
+            async move { re_read(store, source, normalizer, &ids, &opts).await }
+        });
+        let reads = futures::future::try_join_all(reads).await?;
+        let mut scope = self.scope(store, intent).await?;
+        let mut out = Reads::default();
+        for (source, mut read) in self.sources.iter().zip(reads) {
+            let kind = source.kind();
+            match scope.as_mut() {
+                Some(found) => {
+                    let found = found.remove(&kind).unwrap_or_default();
+                    stored_in_scope(store, kind, found, &mut read).await?
+                }
+                None => {
+                    stored_accounts(store, kind, &self.normalizers[&kind], &mut read).await?;
+                    super::services::stored(store, source, &mut read).await?;
+                }
+            }
+            read.complete = false;
+            out.add(kind, read);
+        }
+        Ok(out)
+    }
+
+    /// The stored accounts that yield the logins the cycle plans, by
+    /// source; `None` when the login index cannot be trusted.
+    async fn scope(
+        &self,
+        store: &Store,
+        intent: &Intent,
+    ) -> Result<Option<BTreeMap<SourceKind, Found>>, StoreError> {
+        for (kind, normalizer) in &self.normalizers {
+            let tag = store.login_tag(*kind).await?;
+            if tag.as_deref() != Some(normalizer.index_tag().as_str()) {
+                tracing::debug!(source = %kind, "login index not built for these settings; reading every stored account");
+                return Ok(None);
+            }
+        }
+        let read: Vec<SourceKind> = self.normalizers.keys().copied().collect();
+        let unindexed = store.unindexed_accounts(&read, MAX_UNINDEXED + 1).await?;
+        if unindexed.len() > MAX_UNINDEXED {
+            tracing::debug!(
+                "many accounts changed since the login index; reading every stored account"
+            );
+            return Ok(None);
+        }
+        let targets: Vec<AccountKey> = intent.accounts.iter().cloned().collect();
+        let mut seen = Seen::new(&self.normalizers);
+        for row in store
+            .accounts_by_key(&targets)
+            .await?
+            .into_iter()
+            .chain(unindexed)
+        {
+            seen.add(row);
+        }
+        let mut logins: BTreeSet<String> = intent.resync_logins.iter().cloned().collect();
+        let of_targets = targets.iter().filter_map(|k| seen.login_of(k));
+        logins.extend(of_targets.map(str::to_string));
+        for login in &logins {
+            for row in store.accounts_with_login(login).await? {
+                seen.add(row);
+            }
+        }
+        seen.write_index(store).await?;
+        Ok(Some(seen.yielding(&logins)))
+    }
+}
+
+/// Stored accounts normalized once each, with what the index needs.
+struct Seen<'n> {
+    normalizers: &'n BTreeMap<SourceKind, std::sync::Arc<Normalizer>>,
+    accounts: HashMap<AccountKey, (Option<Account>, u32)>,
+    indexing: BTreeMap<SourceKind, Indexing>,
+}
+
+impl<'n> Seen<'n> {
+    fn new(normalizers: &'n BTreeMap<SourceKind, std::sync::Arc<Normalizer>>) -> Self {
+        Self {
+            normalizers,
+            accounts: HashMap::new(),
+            indexing: BTreeMap::new(),
+        }
+    }
+
+    /// Normalizes a row not seen yet, of a source this cycle reads.
+    fn add(&mut self, row: Scanned) {
+        let Some(normalizer) = self.normalizers.get(&row.key.source) else {
+            return;
+        };
+        if self.accounts.contains_key(&row.key) {
+            return;
+        }
+        let account = normalizer.account(&merge(row.list, row.details)).ok();
+        let indexing = (self.indexing)
+            .entry(row.key.source)
+            .or_insert_with(|| Indexing::new(normalizer));
+        indexing.see(&row.index, &row.key.id, account.as_ref());
+        self.accounts.insert(row.key, (account, row.missing));
+    }
+
+    fn login_of(&self, key: &AccountKey) -> Option<&str> {
+        let (account, _) = self.accounts.get(key)?;
+        account.as_ref().map(|a| a.login.as_str())
+    }
+
+    /// Rows seen changed since they were indexed: indexed now.
+    async fn write_index(&mut self, store: &Store) -> Result<(), StoreError> {
+        for (kind, indexing) in std::mem::take(&mut self.indexing) {
+            indexing.write(store, kind, false).await?;
+        }
+        Ok(())
+    }
+
+    /// The accounts that yield one of `logins`, by source.
+    fn yielding(self, logins: &BTreeSet<String>) -> BTreeMap<SourceKind, Found> {
+        let mut out: BTreeMap<SourceKind, Found> = BTreeMap::new();
+        for (key, (account, missing)) in self.accounts {
+            let Some(account) = account.filter(|a| logins.contains(&a.login)) else {
+                continue;
+            };
+            let found = out.entry(key.source).or_default();
+            if missing > 0 {
+                found.missing.insert(key.id, missing);
+            }
+            found.accounts.push(account);
+        }
+        out
+    }
+}
+
+/// A source's share of the scope, with the payments and services of those
+/// accounts alone.
+async fn stored_in_scope(
+    store: &Store,
+    kind: SourceKind,
+    found: Found,
+    out: &mut SourceRead,
+) -> Result<(), StoreError> {
+    let ids: Vec<&str> = found.accounts.iter().map(|a| a.key.id.as_str()).collect();
+    out.last_paid = store.last_paid_of(kind, &ids).await?;
+    out.services = store.load_services_of(kind, &ids).await?;
+    out.missing = found.missing;
+    out.accounts = found.accounts;
+    Ok(())
+}
+
+/// Each named account of one source re-read and stored; a re-read that
+/// states a live status is evidence the account exists: it ends its "gone"
+/// mark.
+async fn re_read(
+    store: &Store,
+    source: &Source,
+    normalizer: &Normalizer,
+    ids: &[&str],
+    opts: &ReadOptions,
+) -> Result<SourceRead, StoreError> {
+    let kind = source.kind();
+    let mut out = SourceRead::default();
+    for id in ids {
+        out.detail_calls += 1;
+        match source.details(id).await {
+            Ok(Details::Found(raw)) => {
+                let live = (raw.status.as_deref())
+                    .and_then(|s| normalizer.status(s))
+                    .is_some_and(|s| s != CanonicalStatus::Deleted);
+                let detailed = source.needs_details(&raw);
+                let fresh = Fresh {
+                    raw: &raw,
+                    live,
+                    detailed,
+                };
+                store
+                    .save_fresh(kind, fresh, opts.read, &opts.pacing)
+                    .await?;
+                super::services::re_read(store, source, normalizer, opts, id, &mut out).await?;
+                out.fresh.push(id.to_string());
+            }
+            Ok(Details::Gone) => {
+                tracing::info!(source = %kind, id, "targeted account not found; the next listing decides");
+            }
+            Err(e) => {
+                tracing::warn!(source = %kind, id, error = %e, "targeted re-read failed; the next cycle reads it");
+                out.unusable.push(id.to_string());
+            }
+        }
+    }
+    Ok(out)
+}
