@@ -231,9 +231,21 @@ fn bench(n: usize, services: bool, postgres: bool) {
             r["peak_rss_mb"].as_f64().unwrap()
         );
     }
-    let state = state_of("");
-    let url = urls.as_ref().map(|(this_db, _)| this_db.as_str());
-    payment_ticks(n, &mut emus, &config, &state, url);
+    let mut builds = vec![Build {
+        exe: this.clone(),
+        state: state_of(""),
+        url: urls.as_ref().map(|(this_db, _)| this_db.clone()),
+        label: "",
+    }];
+    if let Some(b) = &baseline {
+        builds.push(Build {
+            exe: b.clone(),
+            state: state_of(" (baseline)"),
+            url: urls.as_ref().map(|(_, baseline_db)| baseline_db.clone()),
+            label: " (baseline)",
+        });
+    }
+    payment_ticks(n, &mut emus, &config, &builds);
     let _ = emus.ask("quit");
     let _ = emus.child.wait();
     let median = |label: &str| {
@@ -460,43 +472,63 @@ async fn cycle(config: &str, full: bool) {
     );
 }
 
-/// Payment ticks (issue 21 goal 3): one customer pays, then one process
-/// that has run the fast path before runs it again; its CPU time is what a
-/// tick costs the daemon, whatever the size of the customer base.
-fn payment_ticks(n: usize, emus: &mut Emus, config: &str, state: &str, url: Option<&str>) {
+/// Payment ticks (issue 21 goal 3): one customer pays, then in each build
+/// (this one, and the baseline's), a process that has run the fast path
+/// before runs it again; its CPU time is what a tick costs the daemon.
+fn payment_ticks(n: usize, emus: &mut Emus, config: &str, builds: &[Build]) {
     let ticks = tick_runs();
     if ticks == 0 {
         return;
     }
-    let mut cmd = Command::new(std::env::current_exe().unwrap());
+    let mut tickers: Vec<Emus> = builds.iter().map(|b| ticker(config, b)).collect();
+    // A first tick answers once the process has warmed up, before anyone pays.
+    for t in &mut tickers {
+        assert_eq!(t.ask("tick")["applied"], 0);
+    }
+    let mut times = vec![(vec![], vec![]); builds.len()];
+    for _ in 0..ticks {
+        let paid = emus.ask("credit");
+        for (ticker, (cpu, wall)) in tickers.iter_mut().zip(&mut times) {
+            let r = ticker.ask("tick");
+            assert_eq!(r["applied"], 1, "{paid}: {r}");
+            cpu.push(r["cpu_ms"].as_f64().unwrap());
+            wall.push(r["ms"].as_f64().unwrap());
+        }
+    }
+    for ((mut ticker, (mut cpu, mut wall)), b) in tickers.into_iter().zip(times).zip(builds) {
+        let _ = ticker.ask("quit");
+        let _ = ticker.child.wait();
+        let (c, w) = (spread(&mut cpu), spread(&mut wall));
+        println!("{n} accounts, payment tick for one account{} ({ticks} ticks): CPU median {:.1} ms, max {:.1} ms; wall median {:.1} ms, max {:.1} ms", b.label, c.0, c.1, w.0, w.1);
+    }
+}
+
+/// One build's binary and state.
+struct Build {
+    exe: std::path::PathBuf,
+    state: String,
+    url: Option<String>,
+    label: &'static str,
+}
+
+fn ticker(config: &str, b: &Build) -> Emus {
+    let mut cmd = Command::new(&b.exe);
     cmd.arg(config)
         .env("BILLSYNC_BENCH_ROLE", "ticks")
-        .env("BILLSYNC__DAEMON__STATE_PATH", state)
+        .env("BILLSYNC__DAEMON__STATE_PATH", &b.state)
         .env("BILLSYNC__VMS__USER_TYPE", "b2c")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
-    if let Some(url) = url {
+    if let Some(url) = &b.url {
         cmd.env("BILLSYNC__DAEMON__STATE_URL", url);
     }
     let mut child = cmd.spawn().unwrap();
-    let mut ticker = Emus {
+    Emus {
         stdin: child.stdin.take().unwrap(),
         lines: BufReader::new(child.stdout.take().unwrap()).lines(),
         child,
-    };
-    let (mut cpu, mut wall) = (vec![], vec![]);
-    for _ in 0..ticks {
-        let paid = emus.ask("credit");
-        let r = ticker.ask("tick");
-        assert_eq!(r["applied"], 1, "{paid}: {r}");
-        cpu.push(r["cpu_ms"].as_f64().unwrap());
-        wall.push(r["ms"].as_f64().unwrap());
     }
-    let _ = ticker.ask("quit");
-    let _ = ticker.child.wait();
-    let (c, w) = (spread(&mut cpu), spread(&mut wall));
-    println!("{n} accounts, payment tick for one account ({ticks} ticks): CPU median {:.1} ms, max {:.1} ms; wall median {:.1} ms, max {:.1} ms", c.0, c.1, w.0, w.1);
 }
 
 /// Median and max.

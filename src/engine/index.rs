@@ -8,6 +8,9 @@ use crate::core::model::{Account, SourceKind};
 use crate::core::normalize::Normalizer;
 use crate::store::{IndexEntry, Indexed, Store, StoreError};
 
+/// Entries written together while a pass goes on.
+const FLUSH_AT: usize = 2_000;
+
 pub struct Indexing {
     tag: String,
     stale: Vec<IndexEntry>,
@@ -27,19 +30,35 @@ impl Indexing {
         self.stale.extend(row.stale(id, login));
     }
 
-    /// Writes the stale entries; `whole`: the pass saw every row.
-    pub async fn write(
-        self,
+    /// Writes the stale entries once there are enough for a batch, so a
+    /// pass over a million new rows holds a batch, not a million.
+    pub async fn flush(&mut self, store: &Store, source: SourceKind) -> Result<(), StoreError> {
+        if self.stale.len() >= FLUSH_AT {
+            self.write(store, source).await?;
+        }
+        Ok(())
+    }
+
+    /// Writes what is left; `whole`: the pass saw every row, and the index
+    /// now follows these settings.
+    pub async fn finish(
+        mut self,
         store: &Store,
         source: SourceKind,
         whole: bool,
     ) -> Result<(), StoreError> {
+        self.write(store, source).await?;
+        if whole && store.login_tag(source).await?.as_deref() != Some(self.tag.as_str()) {
+            store.set_login_tag(source, &self.tag).await?;
+        }
+        Ok(())
+    }
+
+    async fn write(&mut self, store: &Store, source: SourceKind) -> Result<(), StoreError> {
         if !self.stale.is_empty() {
             tracing::debug!(source = %source, rows = self.stale.len(), "login index updated");
             store.index_logins(source, &self.stale).await?;
-        }
-        if whole && store.login_tag(source).await?.as_deref() != Some(self.tag.as_str()) {
-            store.set_login_tag(source, &self.tag).await?;
+            self.stale.clear();
         }
         Ok(())
     }

@@ -438,7 +438,7 @@ async fn fetch_details(
     Ok(gone)
 }
 
-/// Normalizes from the store, one row at a time: list rows merged with
+/// Normalizes from the store, a page at a time: list rows merged with
 /// details; absent accounts come with their missing count.
 async fn normalize_stored(
     store: &Store,
@@ -447,9 +447,11 @@ async fn normalize_stored(
     gone: &HashSet<String>,
     out: &mut SourceRead,
 ) -> Result<(), StoreError> {
+    let kind = source.kind();
     let mut index = Indexing::new(normalizer);
-    store
-        .scan_accounts(source.kind(), |row| {
+    let mut pages = store.account_pages(kind);
+    while let Some(page) = pages.next().await? {
+        for row in page {
             let gone = gone.contains(&row.key.id);
             let undetailed = row.details.is_none() && source.needs_details(&row.list);
             let (id, missing, indexed) = (row.key.id, row.missing, row.index);
@@ -458,24 +460,23 @@ async fn normalize_stored(
             if missing > 0 {
                 out.missing.insert(id, missing);
                 out.accounts.extend(normalized.ok());
-                return;
-            }
-            if gone || undetailed {
+            } else if gone || undetailed {
                 out.details_unavailable += usize::from(!gone);
                 out.unusable.push(id);
-                return;
+            } else {
+                match normalized {
+                    Ok(acc) => out.accounts.push(acc),
+                    Err(invalid) => out.invalid.push(InvalidRecord {
+                        id,
+                        kind: "account",
+                        invalid,
+                    }),
+                }
             }
-            match normalized {
-                Ok(acc) => out.accounts.push(acc),
-                Err(invalid) => out.invalid.push(InvalidRecord {
-                    id,
-                    kind: "account",
-                    invalid,
-                }),
-            }
-        })
-        .await?;
-    index.write(store, source.kind(), true).await
+        }
+        index.flush(store, kind).await?;
+    }
+    index.finish(store, kind, true).await
 }
 
 pub(super) fn merge(list: RawAccount, details: Option<RawAccount>) -> RawAccount {
@@ -501,17 +502,19 @@ pub(super) async fn stored_accounts(
     out: &mut SourceRead,
 ) -> Result<(), StoreError> {
     let mut index = Indexing::new(normalizer);
-    store
-        .scan_accounts(kind, |row| {
+    let mut pages = store.account_pages(kind);
+    while let Some(page) = pages.next().await? {
+        for row in page {
             let normalized = normalizer.account(&merge(row.list, row.details)).ok();
             index.see(&row.index, &row.key.id, normalized.as_ref());
             if row.missing > 0 {
                 out.missing.insert(row.key.id, row.missing);
             }
             out.accounts.extend(normalized);
-        })
-        .await?;
-    index.write(store, kind, true).await?;
+        }
+        index.flush(store, kind).await?;
+    }
+    index.finish(store, kind, true).await?;
     out.last_paid = store.last_paid(kind).await?;
     Ok(())
 }

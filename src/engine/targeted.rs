@@ -154,7 +154,7 @@ impl<'n> Seen<'n> {
     /// Rows seen changed since they were indexed: indexed now.
     async fn write_index(&mut self, store: &Store) -> Result<(), StoreError> {
         for (kind, indexing) in std::mem::take(&mut self.indexing) {
-            indexing.write(store, kind, false).await?;
+            indexing.finish(store, kind, false).await?;
         }
         Ok(())
     }

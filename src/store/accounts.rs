@@ -315,28 +315,6 @@ impl Store {
         Ok(())
     }
 
-    /// Streams every stored account of a source (list row, details if
-    /// fetched, missing count, login index entry), one row at a time so
-    /// 100k accounts never sit in memory twice.
-    pub async fn scan_accounts(
-        &self,
-        source: SourceKind,
-        mut f: impl FnMut(super::Scanned),
-    ) -> Result<()> {
-        use futures::TryStreamExt;
-        let sql = format!(
-            "SELECT {} FROM source_accounts WHERE source = $1",
-            super::logins::SCANNED
-        );
-        on_pool!(self.db, |c| {
-            let mut rows = sqlx::query(&sql).bind(source.as_str()).fetch(c);
-            while let Some(r) = rows.try_next().await? {
-                f(super::logins::scanned(&Row::from(r))?);
-            }
-        });
-        Ok(())
-    }
-
     /// Hashes of the stored payments among `ids`, to spot new and changed
     /// ones: a window's worth, not every payment kept.
     pub async fn payment_hashes(

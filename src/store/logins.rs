@@ -3,7 +3,7 @@
 //! its logins instead of normalizing every account. The store keeps it; the
 //! engine works the logins out (the store has no normalizer).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 use futures::TryStreamExt;
 
@@ -60,10 +60,10 @@ impl Indexed {
 }
 
 /// The columns `scanned` decodes, in its order.
-pub(super) const SCANNED: &str = "source, id, list_raw, details_json, missing_cycles, login,
+const SCANNED: &str = "source, id, list_raw, details_json, missing_cycles, login,
     login_indexed IS NOT NULL, seen_seq, COALESCE(details_seq, -1)";
 
-pub(super) fn scanned(r: &Row) -> Result<Scanned> {
+fn scanned(r: &Row) -> Result<Scanned> {
     let source: &str = r.get(0);
     Ok(Scanned {
         key: super::account_key(source, r.get(1))?,
@@ -81,11 +81,63 @@ pub(super) fn scanned(r: &Row) -> Result<Scanned> {
     })
 }
 
+/// Stored accounts per page of a scan.
+const PAGE: usize = 2_000;
+
+/// Every stored account of a source, a page at a time in id order: 100k
+/// accounts never sit in memory twice, no statement outlives a page (a
+/// session's `statement_timeout` bounds each on PostgreSQL), and the
+/// reader may write between pages.
+pub struct AccountPages<'s> {
+    store: &'s Store,
+    source: SourceKind,
+    after: String,
+    done: bool,
+}
+
+impl AccountPages<'_> {
+    /// The next page; None after the last.
+    pub async fn next(&mut self) -> Result<Option<Vec<Scanned>>> {
+        if self.done {
+            return Ok(None);
+        }
+        let sql = format!(
+            "SELECT {SCANNED} FROM source_accounts
+             WHERE source = $1 AND id > $2 ORDER BY id LIMIT $3"
+        );
+        let page = on_pool!(self.store.db, |c| collect(
+            sqlx::query(&sql)
+                .bind(self.source.as_str())
+                .bind(&self.after)
+                .bind(PAGE as i64)
+                .fetch(c)
+        )
+        .await)?;
+        self.done = page.len() < PAGE;
+        match page.last() {
+            Some(last) => self.after = last.key.id.clone(),
+            None => return Ok(None),
+        }
+        Ok(Some(page))
+    }
+}
+
 fn tag_key(source: SourceKind) -> String {
     format!("login_index:{}", source.as_str())
 }
 
 impl Store {
+    /// Every stored account of `source` (list row, details if fetched,
+    /// missing count, index entry), in pages.
+    pub fn account_pages(&self, source: SourceKind) -> AccountPages<'_> {
+        AccountPages {
+            store: self,
+            source,
+            after: String::new(),
+            done: false,
+        }
+    }
+
     /// Stores worked-out logins, each only over the row version it was
     /// worked out from (a row rewritten meanwhile stays unindexed).
     pub async fn index_logins(&self, source: SourceKind, entries: &[IndexEntry]) -> Result<()> {
@@ -159,9 +211,12 @@ impl Store {
     ) -> Result<Vec<Scanned>> {
         let mut out = vec![];
         for source in sources {
+            // `source || ''` keeps SQLite's planner off the primary key,
+            // whose `source =` would walk every row of the source: the
+            // partial index holds just the unindexed ones.
             let sql = format!(
                 "SELECT {SCANNED} FROM source_accounts
-                 WHERE source = $1 AND login_indexed IS NULL LIMIT $2"
+                 WHERE login_indexed IS NULL AND source || '' = $1 LIMIT $2"
             );
             let left = (limit - out.len()) as i64;
             out.extend(on_pool!(self.db, |c| collect(
@@ -209,11 +264,6 @@ where
         out.push(scanned(&r.into())?);
     }
     Ok(out)
-}
-
-/// Accounts by key, each once.
-pub fn by_key(rows: impl IntoIterator<Item = Scanned>) -> HashMap<AccountKey, Scanned> {
-    rows.into_iter().map(|s| (s.key.clone(), s)).collect()
 }
 
 #[cfg(test)]

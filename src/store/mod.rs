@@ -23,7 +23,7 @@ pub use history::{
 };
 pub use lease::{Claim, LeaseRow};
 pub use lock::{holder as lock_holder, StateLock};
-pub use logins::{by_key as accounts_by_key, IndexEntry, Indexed, Scanned};
+pub use logins::{AccountPages, IndexEntry, Indexed, Scanned};
 pub use plan::{ConflictRow, DesiredRow, PlanRow, PlanState};
 pub use retry::{QuarantineEntry, QuarantinePart, RetryInfo};
 pub use services::ListedService;

@@ -52,7 +52,14 @@ impl Store {
         grace: u32,
         read: ReadStamp,
     ) -> Result<()> {
-        let known = self.service_index(source).await?;
+        // A re-read of some services needs to know only those.
+        let known = match complete {
+            true => self.service_index(source).await?,
+            false => {
+                let ids: Vec<&str> = listed.iter().map(|s| s.raw.id.as_str()).collect();
+                self.service_index_of(source, &ids).await?
+            }
+        };
         let grace = grace.max(1);
         let mut tx = self.write_tx().await?;
         for s in listed {
@@ -85,17 +92,28 @@ impl Store {
         .fetch_all(c)
         .await.map(Row::all)
         })?;
-        Ok(rows
-            .into_iter()
-            .map(|r| {
-                let known = KnownService {
-                    row_hash: r.get(1),
-                    missing_cycles: r.get::<i64, _>(2).max(0) as u32,
-                    open: r.get(3),
-                };
-                (r.get(0), known)
-            })
-            .collect())
+        Ok(known_services(rows))
+    }
+
+    async fn service_index_of(
+        &self,
+        source: SourceKind,
+        ids: &[&str],
+    ) -> Result<HashMap<String, KnownService>> {
+        let mut out = HashMap::new();
+        for chunk in ids.chunks(500) {
+            let sql = format!(
+                "SELECT id, row_hash, missing_cycles, state != 'closed' FROM services
+                 WHERE source = $1 AND id IN ({})",
+                placeholders(2, chunk.len())
+            );
+            let rows = on_pool!(self.db, |c| {
+                let q = sqlx::query(&sql).bind(source.as_str());
+                bind_ids(chunk, q).fetch_all(c).await.map(Row::all)
+            })?;
+            out.extend(known_services(rows));
+        }
+        Ok(out)
     }
 
     /// Every stored service of a source by owner id, pending ones standing
@@ -273,4 +291,17 @@ fn add_services(source: SourceKind, rows: Vec<Row>, out: &mut HashMap<String, Ve
             state: state.settle(settled),
         });
     }
+}
+
+fn known_services(rows: Vec<Row>) -> HashMap<String, KnownService> {
+    rows.into_iter()
+        .map(|r| {
+            let known = KnownService {
+                row_hash: r.get(1),
+                missing_cycles: r.get::<i64, _>(2).max(0) as u32,
+                open: r.get(3),
+            };
+            (r.get(0), known)
+        })
+        .collect()
 }
