@@ -1001,6 +1001,33 @@ async fn a_targeted_cycle_leaves_a_shared_login_to_its_owner() {
     assert_eq!(owner(&lab), "billmanager-1");
 }
 
+/// A targeted cycle knows only the desired users it read (the login
+/// index): a quarantine elsewhere is not its to lift. Were it judged
+/// against a desired state that lacks the login, every payment tick would
+/// release it, and the next listing would send the refused request again.
+#[tokio::test]
+async fn a_targeted_cycle_leaves_other_quarantines_alone() {
+    let (lab, engine) = setup(3, 2, "", &[]).await;
+    let refused = "user2@bm.example.com";
+    lab.vms.data().force_422.insert(refused.into());
+    let (ap_id, _) = ap_unpaid(&lab, 0);
+    assert_eq!(cycle(&engine).await.quarantined, 1);
+    ap_pays(&lab, 0);
+    let ap_key = format!("activeplatform:{ap_id}");
+    let r = cycle_with(&engine, targeted(&[&ap_key])).await;
+    assert_eq!(r.applied, 1, "{r:?}");
+    assert_eq!(r.quarantined, 1, "{r:?}");
+    let q = engine.store.load_quarantine().await.unwrap();
+    assert_eq!(q.len(), 1, "{q:?}");
+    let sent = sent_for(&lab, refused);
+    cycle(&engine).await;
+    assert_eq!(
+        sent_for(&lab, refused),
+        sent,
+        "the quarantined login was sent again"
+    );
+}
+
 /// A listing killed between saving its rows and indexing them leaves rows
 /// the index does not know: a targeted cycle reads those too. Here a
 /// BILLmanager account came to yield an ActivePlatform customer's login

@@ -14,6 +14,8 @@ const FLUSH_AT: usize = 2_000;
 pub struct Indexing {
     tag: String,
     stale: Vec<IndexEntry>,
+    /// Whether the stored tag is known to be this pass's or absent.
+    tag_checked: bool,
 }
 
 impl Indexing {
@@ -21,6 +23,7 @@ impl Indexing {
         Self {
             tag: normalizer.index_tag(),
             stale: vec![],
+            tag_checked: false,
         }
     }
 
@@ -55,6 +58,19 @@ impl Indexing {
     }
 
     async fn write(&mut self, store: &Store, source: SourceKind) -> Result<(), StoreError> {
+        if !self.stale.is_empty() && !self.tag_checked {
+            // Entries of other settings are about to land: until a pass
+            // over every row is done, the index follows none (a pass cut
+            // short must not leave them under the old settings' name).
+            if store
+                .login_tag(source)
+                .await?
+                .is_some_and(|t| t != self.tag)
+            {
+                store.clear_login_tag(source).await?;
+            }
+            self.tag_checked = true;
+        }
         if !self.stale.is_empty() {
             tracing::debug!(source = %source, rows = self.stale.len(), "login index updated");
             store.index_logins(source, &self.stale).await?;

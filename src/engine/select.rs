@@ -158,11 +158,19 @@ struct Holds {
 }
 
 /// Quarantined logins wait until their desired user changes; logins backing
-/// off wait for their time, unless this cycle resyncs them.
-fn holds(desired: &Desired, memory: &Memory, intent: &Intent) -> Holds {
+/// off wait for their time, unless this cycle resyncs them. A targeted
+/// cycle knows the desired users of its `scope` alone: the quarantines of
+/// the others are the listing lane's to judge.
+fn holds(
+    desired: &Desired,
+    memory: &Memory,
+    intent: &Intent,
+    scope: Option<&HashSet<String>>,
+) -> Holds {
     let mut skip = HashSet::new();
     let mut release = vec![];
-    for (login, hash) in &memory.quarantined_users {
+    let judged = memory.quarantined_users.iter();
+    for (login, hash) in judged.filter(|(l, _)| scope.is_none_or(|s| s.contains(*l))) {
         match desired.users.get(login) {
             Some(d) if d.hash == *hash => skip.insert(login.clone()),
             _ => {
@@ -214,7 +222,8 @@ impl Engine {
                 .map(|d| (d.login.clone(), d.user.clone()))
                 .collect(),
         };
-        let mut holds = holds(desired, memory, intent);
+        let scope = need.logins.as_ref().filter(|_| !intent.kind.lists());
+        let mut holds = holds(desired, memory, intent, scope);
         // Just after a takeover, the old leader's late requests may still
         // land: its logins in doubt wait (SPEC §13).
         if self.gate.as_ref().is_some_and(|g| !g.may_push_in_doubt()) {

@@ -2,11 +2,11 @@
 //! stored as the freshest truth, then the stored accounts the plan needs:
 //! those that yield the re-read accounts' logins or a named login, found
 //! through the login index (issue 21), so the cost follows what the cycle
-//! re-read, not the customer base. Ownership and conflicts come out as a
-//! build over every account would give them: only accounts that yield a
-//! login compete for it. Where the index cannot be trusted (never built,
-//! built with other normalizer settings, or too much changed since), every
-//! stored account is read, as before. The sources count as incomplete, so
+//! re-read, not the customer base. Ownership and conflicts of those logins
+//! come out as a build over every account would give them: only accounts
+//! that yield a login compete for it. Where the index cannot be trusted
+//! (never built, or built with other normalizer settings), every stored
+//! account is read, as before, and that pass rebuilds it. The sources count as incomplete, so
 //! nothing is deprovisioned; an account the source says is gone is left to
 //! the next listing.
 
@@ -19,11 +19,6 @@ use crate::core::model::{Account, AccountKey, CanonicalStatus, SourceKind};
 use crate::core::normalize::Normalizer;
 use crate::sources::{Details, Source};
 use crate::store::{Fresh, Scanned, Store, StoreError};
-
-/// Rows changed since they were indexed that a targeted cycle normalizes
-/// itself; past this many (a listing is saving a changed source) it reads
-/// every stored account instead.
-const MAX_UNINDEXED: usize = 5_000;
 
 /// The stored accounts a targeted cycle builds its desired users from.
 #[derive(Default)]
@@ -83,30 +78,29 @@ impl Engine {
                 return Ok(None);
             }
         }
-        let read: Vec<SourceKind> = self.normalizers.keys().copied().collect();
-        let unindexed = store.unindexed_accounts(&read, MAX_UNINDEXED + 1).await?;
-        if unindexed.len() > MAX_UNINDEXED {
-            tracing::debug!(
-                "many accounts changed since the login index; reading every stored account"
-            );
-            return Ok(None);
-        }
         let targets: Vec<AccountKey> = intent.accounts.iter().cloned().collect();
         let mut seen = Seen::new(&self.normalizers);
-        for row in store
-            .accounts_by_key(&targets)
-            .await?
-            .into_iter()
-            .chain(unindexed)
-        {
-            seen.add(row);
+        for row in store.accounts_by_key(&targets).await? {
+            seen.add(row, None);
         }
         let mut logins: BTreeSet<String> = intent.resync_logins.iter().cloned().collect();
         let of_targets = targets.iter().filter_map(|k| seen.login_of(k));
         logins.extend(of_targets.map(str::to_string));
+        // The rows changed since they were indexed (a few, unless a listing
+        // is saving a changed source), before the lookups: a row indexed
+        // meanwhile is then found by its login.
+        for kind in self.normalizers.keys() {
+            let mut pages = store.unindexed_pages(*kind);
+            while let Some(page) = pages.next().await? {
+                for row in page {
+                    seen.add(row, Some(&logins));
+                }
+                seen.write_index(store).await?;
+            }
+        }
         for login in &logins {
             for row in store.accounts_with_login(login).await? {
-                seen.add(row);
+                seen.add(row, None);
             }
         }
         seen.write_index(store).await?;
@@ -130,8 +124,9 @@ impl<'n> Seen<'n> {
         }
     }
 
-    /// Normalizes a row not seen yet, of a source this cycle reads.
-    fn add(&mut self, row: Scanned) {
+    /// Normalizes a row not seen yet, of a source this cycle reads, and
+    /// keeps it unless it yields none of `keep`.
+    fn add(&mut self, row: Scanned, keep: Option<&BTreeSet<String>>) {
         let Some(normalizer) = self.normalizers.get(&row.key.source) else {
             return;
         };
@@ -143,7 +138,10 @@ impl<'n> Seen<'n> {
             .entry(row.key.source)
             .or_insert_with(|| Indexing::new(normalizer));
         indexing.see(&row.index, &row.key.id, account.as_ref());
-        self.accounts.insert(row.key, (account, row.missing));
+        let wanted = |a: &Account| keep.is_none_or(|k| k.contains(&a.login));
+        if account.as_ref().is_some_and(wanted) || keep.is_none() {
+            self.accounts.insert(row.key, (account, row.missing));
+        }
     }
 
     fn login_of(&self, key: &AccountKey) -> Option<&str> {
@@ -171,6 +169,11 @@ impl<'n> Seen<'n> {
                 found.missing.insert(key.id, missing);
             }
             found.accounts.push(account);
+        }
+        // In key order, as a build over every account sees them (a tree
+        // element two owners name takes the same name).
+        for found in out.values_mut() {
+            found.accounts.sort_by(|a, b| a.key.cmp(&b.key));
         }
         out
     }

@@ -62,6 +62,63 @@ fn verify_froms(pacing: &Pacing, source: SourceKind, id: &str, now: DateTime<Utc
     )
 }
 
+/// Listing rows written per transaction.
+const LISTING_BATCH: usize = 2_000;
+
+/// One listed row: written when new or changed, its missing count reset
+/// when it was going missing.
+async fn save_listed(
+    tx: &mut super::db::Tx,
+    source: SourceKind,
+    a: &ListedAccount,
+    known: Option<&AccountIndexEntry>,
+    read: ReadStamp,
+) -> Result<()> {
+    let now_s = ts(read.at);
+    // An empty hash marks a row whose details are still to come: always
+    // written, so its list fields are current.
+    let changed = a.row_hash.is_empty() || known.is_none_or(|k| k.row_hash != a.row_hash);
+    if changed {
+        let list_raw = serde_json::to_string(&a.raw).unwrap_or_default();
+        on!(tx.conn(), |c| sqlx::query(
+            "INSERT INTO source_accounts
+                (source, id, row_json, row_hash, list_raw, first_seen, last_seen,
+                 missing_cycles, seen_seq)
+             VALUES ($1, $2, $3, $4, $5, $6, $6, 0, $7)
+             ON CONFLICT (source, id) DO UPDATE SET
+                row_json = excluded.row_json, row_hash = excluded.row_hash,
+                list_raw = excluded.list_raw, last_seen = excluded.last_seen,
+                missing_cycles = 0, seen_seq = excluded.seen_seq, login_indexed = NULL
+             WHERE source_accounts.details_seq IS NULL
+                OR source_accounts.details_seq <= excluded.seen_seq",
+        )
+        .bind(source.as_str())
+        .bind(&a.raw.id)
+        .bind(a.row_json.as_deref().unwrap_or("{}"))
+        .bind(&a.row_hash)
+        .bind(list_raw)
+        .bind(&now_s)
+        .bind(read.seq)
+        .execute(c)
+        .await
+        .map(drop))?;
+    } else if known.is_some_and(|k| k.missing_cycles > 0) {
+        on!(tx.conn(), |c| sqlx::query(
+            "UPDATE source_accounts SET missing_cycles = 0, last_seen = $3, seen_seq = $4,
+                login_indexed = NULL
+             WHERE source = $1 AND id = $2 AND seen_seq <= $4",
+        )
+        .bind(source.as_str())
+        .bind(&a.raw.id)
+        .bind(&now_s)
+        .bind(read.seq)
+        .execute(c)
+        .await
+        .map(drop))?;
+    }
+    Ok(())
+}
+
 impl Store {
     /// What the store knows of a source's accounts, by id.
     pub async fn account_index(
@@ -94,12 +151,40 @@ impl Store {
     /// Records a complete listing: new and changed rows are written, rows
     /// absent from it count one more missing cycle (up to `grace`: beyond,
     /// the count changes nothing and the row is left alone), returning rows
-    /// reset.
+    /// reset. The rows go in batches, each its own transaction, so that a
+    /// listing of a million never holds the write lock for long (the other
+    /// source and the fast lane write meanwhile); writing a row again is
+    /// harmless, so a crash between batches loses nothing. The missing
+    /// counts, which must move once per listing, go in one transaction
+    /// after them.
     pub async fn save_listing(
         &self,
         source: SourceKind,
         listing: &[ListedAccount],
         index: &HashMap<String, AccountIndexEntry>,
+        grace: u32,
+        read: ReadStamp,
+    ) -> Result<()> {
+        for batch in listing.chunks(LISTING_BATCH) {
+            let mut tx = self.write_tx().await?;
+            for a in batch {
+                save_listed(&mut tx, source, a, index.get(&a.raw.id), read).await?;
+            }
+            tx.commit().await?;
+        }
+        let listed: std::collections::HashSet<&str> =
+            listing.iter().map(|a| a.raw.id.as_str()).collect();
+        self.count_missing(source, index, &listed, grace, read)
+            .await
+    }
+
+    /// Rows of the index absent from a complete listing: one more missing
+    /// cycle each, and the listing's time recorded, in one transaction.
+    async fn count_missing(
+        &self,
+        source: SourceKind,
+        index: &HashMap<String, AccountIndexEntry>,
+        listed: &std::collections::HashSet<&str>,
         grace: u32,
         read: ReadStamp,
     ) -> Result<()> {
@@ -112,51 +197,6 @@ impl Store {
         .fetch_optional(c)
         .await)?
         .flatten();
-        let mut listed = std::collections::HashSet::with_capacity(listing.len());
-        for a in listing {
-            listed.insert(a.raw.id.as_str());
-            let known = index.get(&a.raw.id);
-            // An empty hash marks a row whose details are still to come:
-            // always written, so its list fields are current.
-            let changed = a.row_hash.is_empty() || known.is_none_or(|k| k.row_hash != a.row_hash);
-            if changed {
-                let list_raw = serde_json::to_string(&a.raw).unwrap_or_default();
-                on!(tx.conn(), |c| sqlx::query(
-                    "INSERT INTO source_accounts
-                        (source, id, row_json, row_hash, list_raw, first_seen, last_seen,
-                         missing_cycles, seen_seq)
-                     VALUES ($1, $2, $3, $4, $5, $6, $6, 0, $7)
-                     ON CONFLICT (source, id) DO UPDATE SET
-                        row_json = excluded.row_json, row_hash = excluded.row_hash,
-                        list_raw = excluded.list_raw, last_seen = excluded.last_seen,
-                        missing_cycles = 0, seen_seq = excluded.seen_seq, login_indexed = NULL
-                     WHERE source_accounts.details_seq IS NULL
-                        OR source_accounts.details_seq <= excluded.seen_seq",
-                )
-                .bind(source.as_str())
-                .bind(&a.raw.id)
-                .bind(a.row_json.as_deref().unwrap_or("{}"))
-                .bind(&a.row_hash)
-                .bind(list_raw)
-                .bind(&now_s)
-                .bind(read.seq)
-                .execute(c)
-                .await
-                .map(drop))?;
-            } else if known.is_some_and(|k| k.missing_cycles > 0) {
-                on!(tx.conn(), |c| sqlx::query(
-                    "UPDATE source_accounts SET missing_cycles = 0, last_seen = $3, seen_seq = $4
-                     WHERE source = $1 AND id = $2 AND seen_seq <= $4",
-                )
-                .bind(source.as_str())
-                .bind(&a.raw.id)
-                .bind(&now_s)
-                .bind(read.seq)
-                .execute(c)
-                .await
-                .map(drop))?;
-            }
-        }
         for (id, entry) in index {
             if listed.contains(id.as_str()) || entry.missing_cycles > grace {
                 continue;

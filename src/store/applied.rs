@@ -165,16 +165,25 @@ impl Store {
         &self,
         keys: &[AccountKey],
     ) -> Result<HashMap<AccountKey, String>> {
-        let mut out = HashMap::new();
+        let mut by_source: BTreeMap<SourceKind, Vec<&str>> = BTreeMap::new();
         for k in keys {
-            let value: Option<String> = on_pool!(self.db, |c| sqlx::query_scalar(
-                "SELECT value FROM writebacks WHERE source = $1 AND account_id = $2"
-            )
-            .bind(k.source.as_str())
-            .bind(&k.id)
-            .fetch_optional(c)
-            .await)?;
-            out.extend(value.map(|v| (k.clone(), v)));
+            by_source.entry(k.source).or_default().push(&k.id);
+        }
+        let mut out = HashMap::new();
+        for (source, ids) in by_source {
+            for chunk in ids.chunks(500) {
+                let sql = format!(
+                    "SELECT account_id, value FROM writebacks
+                     WHERE source = $1 AND account_id IN ({})",
+                    placeholders(2, chunk.len())
+                );
+                let rows = on_pool!(self.db, |c| {
+                    let q = sqlx::query(&sql).bind(source.as_str());
+                    bind_ids(chunk, q).fetch_all(c).await.map(Row::all)
+                })?;
+                let key = |id| AccountKey { source, id };
+                out.extend(rows.into_iter().map(|r| (key(r.get(0)), r.get(1))));
+            }
         }
         Ok(out)
     }

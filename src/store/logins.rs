@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 
 use futures::TryStreamExt;
 
-use super::db::{on, on_pool, Row};
+use super::db::{on, on_pool, on_write, Row};
 use super::{decode_json, Result, Store};
 use crate::core::model::{AccountKey, RawAccount, SourceKind};
 
@@ -93,6 +93,8 @@ pub struct AccountPages<'s> {
     source: SourceKind,
     after: String,
     done: bool,
+    /// Only the rows changed since they were indexed.
+    unindexed: bool,
 }
 
 impl AccountPages<'_> {
@@ -101,10 +103,20 @@ impl AccountPages<'_> {
         if self.done {
             return Ok(None);
         }
-        let sql = format!(
-            "SELECT {SCANNED} FROM source_accounts
-             WHERE source = $1 AND id > $2 ORDER BY id LIMIT $3"
-        );
+        // `source || ''` keeps SQLite's planner off the primary key, whose
+        // `source =` would walk every row of the source: the partial index
+        // holds just the unindexed ones, in (source, id) order.
+        let sql = match self.unindexed {
+            false => format!(
+                "SELECT {SCANNED} FROM source_accounts
+                 WHERE source = $1 AND id > $2 ORDER BY id LIMIT $3"
+            ),
+            true => format!(
+                "SELECT {SCANNED} FROM source_accounts
+                 WHERE login_indexed IS NULL AND source || '' = $1 AND id > $2
+                 ORDER BY source, id LIMIT $3"
+            ),
+        };
         let page = on_pool!(self.store.db, |c| collect(
             sqlx::query(&sql)
                 .bind(self.source.as_str())
@@ -135,6 +147,15 @@ impl Store {
             source,
             after: String::new(),
             done: false,
+            unindexed: false,
+        }
+    }
+
+    /// The accounts of `source` changed since they were indexed, in pages.
+    pub fn unindexed_pages(&self, source: SourceKind) -> AccountPages<'_> {
+        AccountPages {
+            unindexed: true,
+            ..self.account_pages(source)
         }
     }
 
@@ -173,6 +194,17 @@ impl Store {
         self.set_meta(&tag_key(source), tag).await
     }
 
+    /// The index follows no settings any more: entries of other settings
+    /// are about to be written.
+    pub async fn clear_login_tag(&self, source: SourceKind) -> Result<()> {
+        on_write!(self, |c| sqlx::query("DELETE FROM meta WHERE key = $1")
+            .bind(tag_key(source))
+            .execute(c)
+            .await
+            .map(drop))?;
+        Ok(())
+    }
+
     /// The stored accounts among `keys`.
     pub async fn accounts_by_key(&self, keys: &[AccountKey]) -> Result<Vec<Scanned>> {
         let mut by_source: BTreeMap<SourceKind, Vec<&str>> = BTreeMap::new();
@@ -200,34 +232,6 @@ impl Store {
         let sql = format!("SELECT {SCANNED} FROM source_accounts WHERE login = $1");
         on_pool!(self.db, |c| collect(sqlx::query(&sql).bind(login).fetch(c))
             .await)
-    }
-
-    /// Up to `limit` accounts of `sources` changed since they were indexed
-    /// (a disabled source's rows are never indexed, and never read).
-    pub async fn unindexed_accounts(
-        &self,
-        sources: &[SourceKind],
-        limit: usize,
-    ) -> Result<Vec<Scanned>> {
-        let mut out = vec![];
-        for source in sources {
-            // `source || ''` keeps SQLite's planner off the primary key,
-            // whose `source =` would walk every row of the source: the
-            // partial index holds just the unindexed ones.
-            let sql = format!(
-                "SELECT {SCANNED} FROM source_accounts
-                 WHERE login_indexed IS NULL AND source || '' = $1 LIMIT $2"
-            );
-            let left = (limit - out.len()) as i64;
-            out.extend(on_pool!(self.db, |c| collect(
-                sqlx::query(&sql).bind(source.as_str()).bind(left).fetch(c)
-            )
-            .await)?);
-            if out.len() >= limit {
-                break;
-            }
-        }
-        Ok(out)
     }
 }
 
@@ -316,6 +320,15 @@ mod tests {
         store.accounts_by_key(&[key]).await.unwrap().remove(0)
     }
 
+    async fn unindexed(store: &Store) -> usize {
+        let mut pages = store.unindexed_pages(AP);
+        let mut n = 0;
+        while let Some(page) = pages.next().await.unwrap() {
+            n += page.len();
+        }
+        n
+    }
+
     async fn index(store: &Store, row: &Scanned, login: &str) {
         let entry = IndexEntry {
             id: "7".into(),
@@ -335,16 +348,12 @@ mod tests {
             list(&store, "a@example.com", 1).await;
             let first = row(&store).await;
             assert!(!first.index.current, "a new row is unindexed");
-            assert_eq!(store.unindexed_accounts(&[AP], 10).await.unwrap().len(), 1);
+            assert_eq!(unindexed(&store).await, 1);
             index(&store, &first, "a@example.com").await;
             let indexed = row(&store).await;
             assert!(indexed.index.current);
             assert_eq!(indexed.index.login.as_deref(), Some("a@example.com"));
-            assert!(store
-                .unindexed_accounts(&[AP], 10)
-                .await
-                .unwrap()
-                .is_empty());
+            assert_eq!(unindexed(&store).await, 0);
             let found = store.accounts_with_login("a@example.com").await.unwrap();
             assert_eq!(found.len(), 1);
             assert_eq!(
@@ -379,16 +388,39 @@ mod tests {
             index(&store, &rewritten, "b@example.com").await;
             assert!(row(&store).await.index.current);
 
-            // A changed listing row unindexes it too; an unchanged one not.
+            // A changed listing row unindexes it too, and so do new details.
             list(&store, "c@example.com", 3).await;
             assert!(!row(&store).await.index.current);
             index(&store, &row(&store).await, "c@example.com").await;
-            list(&store, "c@example.com", 4).await;
+            let details = [(
+                "7".to_string(),
+                "hash-c@example.com".to_string(),
+                fresh.clone(),
+            )];
+            (store.save_details(AP, &details, read(4), &pacing, false))
+                .await
+                .unwrap();
+            assert!(
+                !row(&store).await.index.current,
+                "new details kept the index"
+            );
+            index(&store, &row(&store).await, "c@example.com").await;
+            // A listing that finds it gone moves no version; one that finds
+            // it back does (its seen_seq), and unindexes it: an entry
+            // refused for that move must not leave an old login current.
+            let index_now = store.account_index(AP).await.unwrap();
+            (store.save_listing(AP, &[], &index_now, 3, read(5)))
+                .await
+                .unwrap();
             assert!(row(&store).await.index.current);
+            list(&store, "c@example.com", 6).await;
+            assert!(!row(&store).await.index.current, "a reset kept the index");
 
             assert_eq!(store.login_tag(AP).await.unwrap(), None);
             store.set_login_tag(AP, "t1").await.unwrap();
             assert_eq!(store.login_tag(AP).await.unwrap().as_deref(), Some("t1"));
+            store.clear_login_tag(AP).await.unwrap();
+            assert_eq!(store.login_tag(AP).await.unwrap(), None);
             store.close().await;
         }
     }

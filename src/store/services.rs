@@ -11,6 +11,9 @@ use super::{ReadStamp, Result, Store};
 use crate::core::entitlements::{RawService, Service, ServiceState};
 use crate::core::model::{content_hash, AccountKey, SourceKind};
 
+/// Service rows written per transaction.
+const ROW_BATCH: usize = 2_000;
+
 /// A listed service, its owner resolved and its raw state mapped.
 #[derive(Debug, Clone)]
 pub struct ListedService {
@@ -61,15 +64,21 @@ impl Store {
             }
         };
         let grace = grace.max(1);
-        let mut tx = self.write_tx().await?;
-        for s in listed {
-            let hash = s.row_hash();
-            let same = known.get(&s.raw.id);
-            if same.is_some_and(|k| k.row_hash == hash && k.missing_cycles == 0) {
-                continue;
+        // Rows in batches, as accounts' (`save_listing`): writing one again
+        // is harmless; the missing counts move in one transaction after.
+        for batch in listed.chunks(ROW_BATCH) {
+            let mut tx = self.write_tx().await?;
+            for s in batch {
+                let hash = s.row_hash();
+                let same = known.get(&s.raw.id);
+                if same.is_some_and(|k| k.row_hash == hash && k.missing_cycles == 0) {
+                    continue;
+                }
+                upsert_service(&mut tx, source, s, &hash, read).await?;
             }
-            upsert_service(&mut tx, source, s, &hash, read).await?;
+            tx.commit().await?;
         }
+        let mut tx = self.write_tx().await?;
         if complete {
             let seen: HashSet<&str> = listed.iter().map(|s| s.raw.id.as_str()).collect();
             let absent = known

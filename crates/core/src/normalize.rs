@@ -106,6 +106,10 @@ pub struct Normalizer {
 
 pub const TEMPLATE_VARS: [&str; 3] = ["email", "id", "source"];
 
+/// The version of how `account` works a login out (or refuses an account):
+/// raise it with any change to that, so stored login indexes are rebuilt.
+pub const INDEX_RULES: u32 = 1;
+
 impl Normalizer {
     pub fn new(
         source: SourceKind,
@@ -123,9 +127,10 @@ impl Normalizer {
     }
 
     /// Names the settings a login index was worked out with: any change of
-    /// them (or of their form in a new build) makes the index stale.
+    /// them (or of their form in a new build) makes the index stale, and so
+    /// does a new `INDEX_RULES`.
     pub fn index_tag(&self) -> String {
-        super::model::content_hash(&format!("{self:?}"))
+        super::model::content_hash(&format!("{INDEX_RULES}/{self:?}"))
     }
 
     pub fn status(&self, raw: &str) -> Option<CanonicalStatus> {
