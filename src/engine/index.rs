@@ -16,6 +16,8 @@ pub struct Indexing {
     stale: Vec<IndexEntry>,
     /// Whether the stored tag is known to be this pass's or absent.
     tag_checked: bool,
+    /// Entries written so far.
+    written: usize,
 }
 
 impl Indexing {
@@ -24,6 +26,7 @@ impl Indexing {
             tag: normalizer.index_tag(),
             stale: vec![],
             tag_checked: false,
+            written: 0,
         }
     }
 
@@ -51,6 +54,9 @@ impl Indexing {
         whole: bool,
     ) -> Result<(), StoreError> {
         self.write(store, source).await?;
+        if self.written > 0 {
+            tracing::debug!(source = %source, rows = self.written, "login index updated");
+        }
         if whole && store.login_tag(source).await?.as_deref() != Some(self.tag.as_str()) {
             store.set_login_tag(source, &self.tag).await?;
         }
@@ -72,8 +78,8 @@ impl Indexing {
             self.tag_checked = true;
         }
         if !self.stale.is_empty() {
-            tracing::debug!(source = %source, rows = self.stale.len(), "login index updated");
             store.index_logins(source, &self.stale).await?;
+            self.written += self.stale.len();
             self.stale.clear();
         }
         Ok(())
