@@ -246,6 +246,18 @@ fn bench(n: usize, services: bool, postgres: bool) {
         });
     }
     payment_ticks(n, &mut emus, &config, &builds);
+    if urls.is_none() {
+        let state = state_of("");
+        let size = ["", "-wal"]
+            .iter()
+            .filter_map(|s| std::fs::metadata(format!("{state}{s}")).ok());
+        let bytes: u64 = size.map(|m| m.len()).sum();
+        println!(
+            "{n} accounts: state file {:.1} MB, {:.0} bytes per account",
+            bytes as f64 / 1e6,
+            bytes as f64 / n as f64
+        );
+    }
     let _ = emus.ask("quit");
     let _ = emus.child.wait();
     let median = |label: &str| {
