@@ -210,13 +210,7 @@ impl Engine {
     ) -> Result<Planned, StoreError> {
         let applied = Applied {
             users: store.load_applied_users(need.logins.as_ref()).await?,
-            tree: match intent.kind.lists() || desired.tree.len() > ONE_BY_ONE {
-                true => store.load_tree().await?,
-                false => {
-                    let ids: Vec<&str> = desired.tree.keys().map(String::as_str).collect();
-                    store.load_tree_of(&ids).await?
-                }
-            },
+            tree: applied_tree(store, desired, intent).await?,
             written: std::mem::take(&mut memory.written),
             in_doubt: (memory.in_doubt.iter())
                 .map(|d| (d.login.clone(), d.user.clone()))
@@ -253,17 +247,7 @@ impl Engine {
             &applied,
             &opts,
         );
-        let safety = &self.settings.safety;
-        // Counting every live user costs a scan: only a deprovision needs it.
-        let live = match plan.ops.iter().any(|o| o.deprovision) {
-            true => store.count_live_users(&self.core.status_active).await?,
-            false => 0,
-        };
-        let limit = plan::threshold(
-            safety.max_deprovision,
-            safety.max_deprovision_ratio,
-            live as usize,
-        );
+        let limit = self.safety_limit(store, &plan).await?;
         plan::apply_safety(&self.core, &mut plan, &applied, limit, &intent.approval);
         if !plan.held.is_empty() {
             tracing::warn!(
@@ -278,4 +262,33 @@ impl Engine {
             backing_off: holds.backing_off,
         })
     }
+
+    /// The deprovisions a plan may make unapproved. Counting every live
+    /// user costs a scan: only a plan that deprovisions needs it.
+    async fn safety_limit(&self, store: &Store, plan: &Plan) -> Result<usize, StoreError> {
+        let live = match plan.ops.iter().any(|o| o.deprovision) {
+            true => store.count_live_users(&self.core.status_active).await?,
+            false => 0,
+        };
+        let safety = &self.settings.safety;
+        Ok(plan::threshold(
+            safety.max_deprovision,
+            safety.max_deprovision_ratio,
+            live as usize,
+        ))
+    }
+}
+
+/// The applied tree elements the plan compares: a targeted cycle's scope
+/// names a few, read one by one.
+async fn applied_tree(
+    store: &Store,
+    desired: &Desired,
+    intent: &Intent,
+) -> Result<std::collections::BTreeMap<String, String>, StoreError> {
+    if intent.kind.lists() || desired.tree.len() > ONE_BY_ONE {
+        return store.load_tree().await;
+    }
+    let ids: Vec<&str> = desired.tree.keys().map(String::as_str).collect();
+    store.load_tree_of(&ids).await
 }

@@ -43,8 +43,11 @@ impl Engine {
             let normalizer = &self.normalizers[&kind];
             async move { re_read(store, source, normalizer, &ids, &opts).await }
         });
+        let t0 = std::time::Instant::now();
         let reads = futures::future::try_join_all(reads).await?;
+        debug_step("re-read", t0);
         let mut scope = self.scope(store, intent).await?;
+        debug_step("scope found", t0);
         let mut out = Reads::default();
         for (source, mut read) in self.sources.iter().zip(reads) {
             let kind = source.kind();
@@ -236,4 +239,11 @@ async fn re_read(
         }
     }
     Ok(out)
+}
+
+fn debug_step(what: &str, t0: std::time::Instant) {
+    tracing::debug!(
+        ms = t0.elapsed().as_millis() as u64,
+        "targeted read: {what}"
+    );
 }
