@@ -242,21 +242,29 @@ async fn read_digest(tx: &mut Tx) -> Result<Option<String>> {
     .await)?)
 }
 
-/// Sets the digest, or removes it (`None`).
+/// Sets the digest, or removes it (`None`). Each statement binds exactly
+/// its parameters: PostgreSQL prepares a statement with as many as were
+/// bound, and sqlx caches it by its text for every later use of that text.
 pub(super) async fn write_digest(tx: &mut Tx, digest: Option<&str>) -> Result<()> {
-    let sql = match digest {
-        Some(_) => {
-            "INSERT INTO meta (key, value) VALUES ($1, $2)
-             ON CONFLICT (key) DO UPDATE SET value = excluded.value"
-        }
-        None => "DELETE FROM meta WHERE key = $1",
-    };
-    on!(tx.conn(), |c| sqlx::query(sql)
+    let Some(digest) = digest else {
+        on!(tx.conn(), |c| sqlx::query(
+            "DELETE FROM meta WHERE key = $1"
+        )
         .bind(DESIRED_DIGEST)
-        .bind(digest.unwrap_or_default())
         .execute(c)
         .await
         .map(drop))?;
+        return Ok(());
+    };
+    on!(tx.conn(), |c| sqlx::query(
+        "INSERT INTO meta (key, value) VALUES ($1, $2)
+         ON CONFLICT (key) DO UPDATE SET value = excluded.value"
+    )
+    .bind(DESIRED_DIGEST)
+    .bind(digest)
+    .execute(c)
+    .await
+    .map(drop))?;
     Ok(())
 }
 
