@@ -275,18 +275,10 @@ mod tests {
     use super::*;
     use crate::core::model::ListedAccount;
     use crate::core::pacing::Pacing;
+    use crate::store::testing::stores;
     use crate::store::{Fresh, ReadStamp};
 
     const AP: SourceKind = SourceKind::Activeplatform;
-
-    /// One fresh store of each backend.
-    async fn stores() -> Vec<(Store, Option<tempfile::TempDir>)> {
-        let url = billsync_emulators::postgres::fresh_database();
-        let pg = Store::open_postgres(&url, std::time::Duration::from_secs(10));
-        let dir = tempfile::tempdir().unwrap();
-        let sqlite = Store::open(&dir.path().join("state.db")).await.unwrap();
-        vec![(pg.await.unwrap(), None), (sqlite, Some(dir))]
-    }
 
     fn read(seq: i64) -> ReadStamp {
         ReadStamp {

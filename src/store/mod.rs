@@ -14,6 +14,8 @@ mod plan;
 mod postgres;
 mod retry;
 mod services;
+#[cfg(test)]
+mod testing;
 mod verify;
 
 pub use accounts::{AccountIndexEntry, Fresh, InvalidRow, ReadStamp, StoredAccount};

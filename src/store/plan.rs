@@ -53,8 +53,11 @@ pub struct ConflictRow {
 }
 
 impl Store {
-    /// Desired state, plan and conflicts in one transaction, before any push.
-    /// Only desired rows that changed are written.
+    /// Desired state, plan and conflicts, before any push: in transactions
+    /// of `ROW_BATCH` rows, so a million-row plan never holds the store's
+    /// write lock for minutes (a payment tick waits for none of it). Only
+    /// desired rows that changed are written; the digest is sealed last,
+    /// and only if no targeted plan wrote a desired row meanwhile.
     pub async fn persist_plan(
         &self,
         cycle_id: i64,
@@ -62,15 +65,17 @@ impl Store {
         plan: &Plan,
         status_blocked: &str,
     ) -> Result<()> {
-        // The delta is read inside the write transaction: the fast lane may
-        // write desired rows between a read outside it and the write.
-        let mut tx = self.write_tx().await?;
         let digest = desired_digest(desired);
-        if read_digest(&mut tx).await?.as_deref() != Some(digest.as_str()) {
-            write_delta(&mut tx, desired).await?;
-            write_digest(&mut tx, Some(&digest)).await?;
+        let stored = read_digest(&self.db).await?;
+        let seal = match stored.as_deref() == Some(digest.as_str()) {
+            true => None,
+            false => Some(self.write_delta(cycle_id, desired).await?),
+        };
+        self.write_plan(cycle_id, plan, status_blocked).await?;
+        let mut tx = self.write_tx().await?;
+        if let Some(pending) = &seal {
+            seal_digest(&mut tx, pending, &digest).await?;
         }
-        write_plan(&mut tx, cycle_id, plan, status_blocked).await?;
         write_conflicts(&mut tx, &desired.conflicts).await?;
         tx.commit().await?;
         Ok(())
@@ -93,16 +98,13 @@ impl Store {
         if !planned.is_empty() {
             write_digest(&mut tx, None).await?;
         }
-        write_desired(&mut tx, planned.into_iter()).await?;
-        for op in &plan.ops {
-            on!(tx.conn(), |c| sqlx::query(
-                "DELETE FROM plan_ops WHERE login = $1"
-            )
-            .bind(&op.login)
-            .execute(c)
-            .await
-            .map(drop))?;
-            insert_op(&mut tx, cycle_id, op, PlanState::Planned, status_blocked).await?;
+        // One transaction however many: a targeted plan is what it re-read.
+        for batch in planned.chunks(ROW_BATCH) {
+            write_desired(&mut tx, batch).await?;
+        }
+        let ops: Vec<_> = plan.ops.iter().map(|o| (o, PlanState::Planned)).collect();
+        for batch in ops.chunks(ROW_BATCH) {
+            replace_ops(&mut tx, cycle_id, batch, status_blocked).await?;
         }
         tx.commit().await?;
         Ok(())
@@ -188,28 +190,111 @@ impl Store {
     }
 }
 
-async fn write_desired<'d>(
-    tx: &mut Tx,
-    users: impl Iterator<Item = (&'d String, &'d DesiredUser)>,
-) -> Result<()> {
-    for (login, d) in users {
-        on!(tx.conn(), |c| sqlx::query(
-            "INSERT INTO desired_users (login, source, account_id, state_json, hash, rules)
-             VALUES ($1, $2, $3, $4, $5, $6)
-             ON CONFLICT (login) DO UPDATE SET source = excluded.source,
-                account_id = excluded.account_id, state_json = excluded.state_json,
-                hash = excluded.hash, rules = excluded.rules",
+/// Rows per write transaction (and per statement) of a listing plan: a
+/// million-row plan in one transaction held the write lock for minutes.
+const ROW_BATCH: usize = 1_000;
+
+impl Store {
+    /// The desired rows brought to `desired`: changed ones written, those
+    /// of logins nobody desires any more deleted, a batch per transaction.
+    /// Returns the pending mark `seal_digest` turns into the digest.
+    async fn write_delta(&self, cycle_id: i64, desired: &Desired) -> Result<String> {
+        // The mark goes first: a targeted plan that writes a desired row
+        // after it removes it, and the digest is then never sealed.
+        let pending = format!("pending:{cycle_id}");
+        let mut tx = self.write_tx().await?;
+        write_digest(&mut tx, Some(&pending)).await?;
+        tx.commit().await?;
+        let (current, gone) = desired_delta(&self.db, desired).await?;
+        let changed = desired.users.iter();
+        let changed: Vec<_> = changed
+            .filter(|(login, _)| !current.contains(login.as_str()))
+            .collect();
+        for batch in changed.chunks(ROW_BATCH) {
+            let mut tx = self.write_tx().await?;
+            write_desired(&mut tx, batch).await?;
+            tx.commit().await?;
+        }
+        for batch in gone.chunks(ROW_BATCH) {
+            let mut tx = self.write_tx().await?;
+            delete_logins(&mut tx, "desired_users", batch).await?;
+            tx.commit().await?;
+        }
+        Ok(pending)
+    }
+
+    /// A listing cycle's plan replaces the listing lane's rows, and the
+    /// rows of the logins it plans; a targeted cycle's other rows stay (its
+    /// push may be running now).
+    async fn write_plan(&self, cycle_id: i64, plan: &Plan, status_blocked: &str) -> Result<()> {
+        while self.delete_listing_ops().await? > 0 {}
+        let rows: Vec<_> = (plan.ops.iter().map(|o| (o, PlanState::Planned)))
+            .chain(plan.held.iter().map(|o| (o, PlanState::Held)))
+            .collect();
+        for batch in rows.chunks(ROW_BATCH) {
+            let mut tx = self.write_tx().await?;
+            replace_ops(&mut tx, cycle_id, batch, status_blocked).await?;
+            tx.commit().await?;
+        }
+        Ok(())
+    }
+
+    /// Up to `ROW_BATCH` plan rows of the listing lane gone; how many.
+    async fn delete_listing_ops(&self) -> Result<u64> {
+        let deleted = on_write!(self, |c| sqlx::query(
+            "DELETE FROM plan_ops WHERE seq IN (SELECT seq FROM plan_ops WHERE cycle_id IN
+                (SELECT id FROM cycles WHERE kind IN ('incremental', 'full')) LIMIT $1)",
         )
-        .bind(login)
-        .bind(d.owner.source.as_str())
-        .bind(&d.owner.id)
-        .bind(serde_json::to_string(&d.state).unwrap_or_default())
-        .bind(&d.hash)
-        .bind(serde_json::to_string(&d.rules).unwrap_or_default())
+        .bind(ROW_BATCH as i64)
         .execute(c)
         .await
-        .map(drop))?;
+        .map(|r| r.rows_affected()))?;
+        Ok(deleted)
     }
+}
+
+/// Desired rows, inserted or replaced in one statement (at most
+/// `ROW_BATCH`: a statement's parameters are bounded).
+async fn write_desired(tx: &mut Tx, users: &[(&String, &DesiredUser)]) -> Result<()> {
+    if users.is_empty() {
+        return Ok(());
+    }
+    on!(tx.conn(), |c| {
+        let mut q = sqlx::QueryBuilder::new(
+            "INSERT INTO desired_users (login, source, account_id, state_json, hash, rules) ",
+        );
+        q.push_values(users, |mut row, (login, d)| {
+            row.push_bind(login.as_str())
+                .push_bind(d.owner.source.as_str())
+                .push_bind(d.owner.id.as_str())
+                .push_bind(serde_json::to_string(&d.state).unwrap_or_default())
+                .push_bind(d.hash.as_str())
+                .push_bind(serde_json::to_string(&d.rules).unwrap_or_default());
+        });
+        q.push(
+            " ON CONFLICT (login) DO UPDATE SET source = excluded.source,
+                account_id = excluded.account_id, state_json = excluded.state_json,
+                hash = excluded.hash, rules = excluded.rules",
+        );
+        q.build().execute(c).await.map(drop)
+    })?;
+    Ok(())
+}
+
+/// The rows of these logins gone from `table` (a name of ours, never input).
+async fn delete_logins<S: AsRef<str>>(tx: &mut Tx, table: &str, logins: &[S]) -> Result<()> {
+    if logins.is_empty() {
+        return Ok(());
+    }
+    on!(tx.conn(), |c| {
+        let mut q = sqlx::QueryBuilder::new(format!("DELETE FROM {table} WHERE login IN ("));
+        let mut list = q.separated(", ");
+        for login in logins {
+            list.push_bind(login.as_ref());
+        }
+        q.push(")");
+        q.build().execute(c).await.map(drop)
+    })?;
     Ok(())
 }
 
@@ -233,13 +318,27 @@ fn desired_digest(desired: &Desired) -> String {
     hex::encode(h.finalize())
 }
 
-async fn read_digest(tx: &mut Tx) -> Result<Option<String>> {
-    Ok(on!(tx.conn(), |c| sqlx::query_scalar(
+async fn read_digest(db: &super::db::Db) -> Result<Option<String>> {
+    Ok(on_pool!(db, |c| sqlx::query_scalar(
         "SELECT value FROM meta WHERE key = $1"
     )
     .bind(DESIRED_DIGEST)
     .fetch_optional(c)
     .await)?)
+}
+
+/// The digest in place of the pending mark, if the mark is still there.
+async fn seal_digest(tx: &mut Tx, pending: &str, digest: &str) -> Result<()> {
+    on!(tx.conn(), |c| sqlx::query(
+        "UPDATE meta SET value = $3 WHERE key = $1 AND value = $2"
+    )
+    .bind(DESIRED_DIGEST)
+    .bind(pending)
+    .bind(digest)
+    .execute(c)
+    .await
+    .map(drop))?;
+    Ok(())
 }
 
 /// Sets the digest, or removes it (`None`). Each statement binds exactly
@@ -268,34 +367,15 @@ pub(super) async fn write_digest(tx: &mut Tx, digest: Option<&str>) -> Result<()
     Ok(())
 }
 
-/// The desired rows brought to `desired`: changed ones written, those of
-/// logins nobody desires any more deleted.
-async fn write_delta(tx: &mut Tx, desired: &Desired) -> Result<()> {
-    let (current, gone) = desired_delta(tx, desired).await?;
-    let changed = desired.users.iter();
-    let changed = changed.filter(|(login, _)| !current.contains(login.as_str()));
-    write_desired(tx, changed).await?;
-    for login in &gone {
-        on!(tx.conn(), |c| sqlx::query(
-            "DELETE FROM desired_users WHERE login = $1"
-        )
-        .bind(login)
-        .execute(c)
-        .await
-        .map(drop))?;
-    }
-    Ok(())
-}
-
 /// Stored desired rows that are current, and logins nobody desires:
 /// streamed, so a no-op cycle holds no copy of 100k rows.
 async fn desired_delta<'d>(
-    tx: &mut Tx,
+    db: &super::db::Db,
     desired: &'d Desired,
 ) -> Result<(HashSet<&'d str>, Vec<String>)> {
     let mut current = HashSet::new();
     let mut gone = vec![];
-    on!(tx.conn(), |c| {
+    on_pool!(db, |c| {
         let mut rows = sqlx::query("SELECT login, hash FROM desired_users").fetch(c);
         while let Some(r) = rows.try_next().await? {
             let r = Row::from(r);
@@ -312,54 +392,43 @@ async fn desired_delta<'d>(
     Ok((current, gone))
 }
 
-/// A listing cycle's plan replaces the listing lane's rows, and the rows of
-/// the logins it plans; a targeted cycle's other rows stay (its push may be
-/// running now).
-async fn write_plan(tx: &mut Tx, cycle_id: i64, plan: &Plan, status_blocked: &str) -> Result<()> {
-    on!(tx.conn(), |c| sqlx::query(
-        "DELETE FROM plan_ops WHERE cycle_id IN
-            (SELECT id FROM cycles WHERE kind IN ('incremental', 'full'))",
-    )
-    .execute(c)
-    .await
-    .map(drop))?;
-    for op in plan.ops.iter().chain(&plan.held) {
-        on!(tx.conn(), |c| sqlx::query(
-            "DELETE FROM plan_ops WHERE login = $1"
-        )
-        .bind(&op.login)
-        .execute(c)
-        .await
-        .map(drop))?;
-    }
-    let rows = (plan.ops.iter().map(|o| (o, PlanState::Planned)))
-        .chain(plan.held.iter().map(|o| (o, PlanState::Held)));
-    for (op, state) in rows {
-        insert_op(tx, cycle_id, op, state, status_blocked).await?;
-    }
-    Ok(())
-}
-
-async fn insert_op(
+/// Plan rows in place of any other row of their logins (at most
+/// `ROW_BATCH` of them: one statement each).
+async fn replace_ops(
     tx: &mut Tx,
     cycle_id: i64,
-    op: &Op,
-    state: PlanState,
+    ops: &[(&Op, PlanState)],
     status_blocked: &str,
 ) -> Result<()> {
-    on!(tx.conn(), |c| sqlx::query(
-        "INSERT INTO plan_ops (cycle_id, login, action, payload, deprovision, state)
-         VALUES ($1, $2, $3, $4, $5, $6)",
-    )
-    .bind(cycle_id)
-    .bind(&op.login)
-    .bind(op.label(status_blocked))
-    .bind(serde_json::to_string(op).unwrap_or_default())
-    .bind(op.deprovision)
-    .bind(state.as_str())
-    .execute(c)
-    .await
-    .map(drop))?;
+    let logins: Vec<&str> = ops.iter().map(|(op, _)| op.login.as_str()).collect();
+    delete_logins(tx, "plan_ops", &logins).await?;
+    insert_ops(tx, cycle_id, ops, status_blocked).await
+}
+
+/// Plan rows, inserted in one statement.
+async fn insert_ops(
+    tx: &mut Tx,
+    cycle_id: i64,
+    ops: &[(&Op, PlanState)],
+    status_blocked: &str,
+) -> Result<()> {
+    if ops.is_empty() {
+        return Ok(());
+    }
+    on!(tx.conn(), |c| {
+        let mut q = sqlx::QueryBuilder::new(
+            "INSERT INTO plan_ops (cycle_id, login, action, payload, deprovision, state) ",
+        );
+        q.push_values(ops, |mut row, (op, state)| {
+            row.push_bind(cycle_id)
+                .push_bind(op.login.as_str())
+                .push_bind(op.label(status_blocked))
+                .push_bind(serde_json::to_string(op).unwrap_or_default())
+                .push_bind(op.deprovision)
+                .push_bind(state.as_str());
+        });
+        q.build().execute(c).await.map(drop)
+    })?;
     Ok(())
 }
 
@@ -375,15 +444,16 @@ async fn write_conflicts(tx: &mut Tx, conflicts: &[Conflict]) -> Result<()> {
             .or_insert_with(|| vec![c.winner.to_string()])
             .push(c.loser.to_string());
     }
-    for (login, sources) in by_login {
-        on!(tx.conn(), |c| sqlx::query(
-            "INSERT INTO conflicts (login, sources) VALUES ($1, $2)"
-        )
-        .bind(login)
-        .bind(serde_json::to_string(&sources).unwrap_or_default())
-        .execute(c)
-        .await
-        .map(drop))?;
+    let rows: Vec<_> = by_login.into_iter().collect();
+    for batch in rows.chunks(ROW_BATCH) {
+        on!(tx.conn(), |c| {
+            let mut q = sqlx::QueryBuilder::new("INSERT INTO conflicts (login, sources) ");
+            q.push_values(batch, |mut row, (login, sources)| {
+                row.push_bind(*login)
+                    .push_bind(serde_json::to_string(sources).unwrap_or_default());
+            });
+            q.build().execute(c).await.map(drop)
+        })?;
     }
     Ok(())
 }
@@ -394,6 +464,7 @@ mod tests {
     use crate::core::cycle::CycleKind;
     use crate::core::model::SourceKind;
     use crate::core::plan::Action;
+    use crate::store::testing::stores;
 
     fn create(login: &str) -> Op {
         Op {
@@ -424,41 +495,45 @@ mod tests {
         }
     }
 
+    async fn listing(store: &Store) -> i64 {
+        let now = chrono::Utc::now();
+        store
+            .start_cycle(CycleKind::Incremental, now)
+            .await
+            .unwrap()
+    }
+
+    async fn logins(store: &Store) -> Vec<String> {
+        let rows = store.plan_rows().await.unwrap();
+        rows.into_iter().map(|r| r.login).collect()
+    }
+
     /// Issue 17: a listing cycle's plan erased every plan row, the fast
     /// lane's too, while its push may still be running.
     #[tokio::test]
     async fn a_listing_plan_leaves_the_fast_lanes_rows() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("s.db")).await.unwrap();
-        let now = chrono::Utc::now();
-        let fast = store.start_cycle(CycleKind::Payments, now).await.unwrap();
-        let desired = Desired::default();
-        let paid = plan_of("paid@x");
-        (store.persist_targeted_plan(fast, &desired, &paid, "blocked"))
-            .await
-            .unwrap();
-        for _ in 0..2 {
-            let listing = store
-                .start_cycle(CycleKind::Incremental, now)
+        for (store, _dir) in stores().await {
+            let now = chrono::Utc::now();
+            let fast = store.start_cycle(CycleKind::Payments, now).await.unwrap();
+            let desired = Desired::default();
+            let paid = plan_of("paid@x");
+            (store.persist_targeted_plan(fast, &desired, &paid, "blocked"))
                 .await
                 .unwrap();
-            let plan = plan_of("listed@x");
-            (store.persist_plan(listing, &desired, &plan, "blocked"))
-                .await
-                .unwrap();
+            for _ in 0..2 {
+                let id = listing(&store).await;
+                let plan = plan_of("listed@x");
+                (store.persist_plan(id, &desired, &plan, "blocked"))
+                    .await
+                    .unwrap();
+            }
+            let want = ["paid@x", "listed@x"];
+            assert_eq!(
+                logins(&store).await,
+                want,
+                "one row each, the fast lane's kept"
+            );
         }
-        let logins: Vec<String> = store
-            .plan_rows()
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|r| r.login)
-            .collect();
-        assert_eq!(
-            logins,
-            ["paid@x", "listed@x"],
-            "one row each, the fast lane's kept"
-        );
     }
 
     fn desired_of(logins: &[(&str, &str)]) -> Desired {
@@ -500,44 +575,96 @@ mod tests {
     /// the digest claims the listing's).
     #[tokio::test]
     async fn the_desired_digest_skips_only_an_unchanged_table() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("s.db")).await.unwrap();
-        let now = chrono::Utc::now();
-        let listing = desired_of(&[("a@x", "h1"), ("b@x", "h2")]);
-        let empty = Plan::default();
-        for _ in 0..2 {
-            let id = store
-                .start_cycle(CycleKind::Incremental, now)
+        for (store, _dir) in stores().await {
+            let now = chrono::Utc::now();
+            let listed = desired_of(&[("a@x", "h1"), ("b@x", "h2")]);
+            let empty = Plan::default();
+            for _ in 0..2 {
+                let id = listing(&store).await;
+                (store.persist_plan(id, &listed, &empty, "blocked"))
+                    .await
+                    .unwrap();
+            }
+            let fast = store.start_cycle(CycleKind::Payments, now).await.unwrap();
+            let paid = desired_of(&[("a@x", "h9")]);
+            (store.persist_targeted_plan(fast, &paid, &plan_of("a@x"), "blocked"))
                 .await
                 .unwrap();
-            (store.persist_plan(id, &listing, &empty, "blocked"))
+            assert_eq!(hashes(&store).await[0].1, "h9");
+            let id = listing(&store).await;
+            (store.persist_plan(id, &listed, &empty, "blocked"))
                 .await
                 .unwrap();
+            let want = [("a@x", "h1"), ("b@x", "h2")].map(|(l, h)| (l.to_string(), h.to_string()));
+            assert_eq!(hashes(&store).await, want);
+            // A login nobody desires any more goes, digest or not.
+            let fewer = desired_of(&[("b@x", "h2")]);
+            let id = listing(&store).await;
+            (store.persist_plan(id, &fewer, &empty, "blocked"))
+                .await
+                .unwrap();
+            assert_eq!(hashes(&store).await, want[1..].to_vec());
         }
-        let fast = store.start_cycle(CycleKind::Payments, now).await.unwrap();
-        let paid = desired_of(&[("a@x", "h9")]);
-        (store.persist_targeted_plan(fast, &paid, &plan_of("a@x"), "blocked"))
-            .await
-            .unwrap();
-        assert_eq!(hashes(&store).await[0].1, "h9");
-        let id = store
-            .start_cycle(CycleKind::Incremental, now)
-            .await
-            .unwrap();
-        (store.persist_plan(id, &listing, &empty, "blocked"))
-            .await
-            .unwrap();
-        let want = [("a@x", "h1"), ("b@x", "h2")].map(|(l, h)| (l.to_string(), h.to_string()));
-        assert_eq!(hashes(&store).await, want);
-        // A login nobody desires any more goes, digest or not.
-        let fewer = desired_of(&[("b@x", "h2")]);
-        let id = store
-            .start_cycle(CycleKind::Incremental, now)
-            .await
-            .unwrap();
-        (store.persist_plan(id, &fewer, &empty, "blocked"))
-            .await
-            .unwrap();
-        assert_eq!(hashes(&store).await, want[1..].to_vec());
+    }
+
+    /// The delta is written in transactions of its own: a targeted plan
+    /// that writes a desired row while a listing's delta is being written
+    /// leaves the digest unsealed, so the next listing does not skip a
+    /// table that no longer matches it.
+    #[tokio::test]
+    async fn a_targeted_write_during_the_delta_leaves_the_digest_unsealed() {
+        for (store, _dir) in stores().await {
+            let now = chrono::Utc::now();
+            let listed = desired_of(&[("a@x", "h1"), ("b@x", "h2")]);
+            let id = listing(&store).await;
+            let pending = store.write_delta(id, &listed).await.unwrap();
+            let fast = store.start_cycle(CycleKind::Payments, now).await.unwrap();
+            let paid = desired_of(&[("a@x", "h9")]);
+            (store.persist_targeted_plan(fast, &paid, &plan_of("a@x"), "blocked"))
+                .await
+                .unwrap();
+            let mut tx = store.write_tx().await.unwrap();
+            let digest = desired_digest(&listed);
+            seal_digest(&mut tx, &pending, &digest).await.unwrap();
+            tx.commit().await.unwrap();
+            assert_eq!(read_digest(&store.db).await.unwrap(), None);
+            let id = listing(&store).await;
+            (store.persist_plan(id, &listed, &Plan::default(), "blocked"))
+                .await
+                .unwrap();
+            let want = [("a@x", "h1"), ("b@x", "h2")].map(|(l, h)| (l.to_string(), h.to_string()));
+            assert_eq!(hashes(&store).await, want, "the listing's rows back");
+            assert_eq!(read_digest(&store.db).await.unwrap(), Some(digest));
+        }
+    }
+
+    /// A plan of several batches is written whole, and the next listing's
+    /// plan replaces all of it.
+    #[tokio::test]
+    async fn a_plan_of_many_batches_is_written_and_replaced_whole() {
+        for (store, _dir) in stores().await {
+            let many: Vec<String> = (0..2 * ROW_BATCH + 7)
+                .map(|i| format!("u{i:05}@x"))
+                .collect();
+            let pairs: Vec<(&str, &str)> = many.iter().map(|l| (l.as_str(), "h")).collect();
+            let desired = desired_of(&pairs);
+            let plan = Plan {
+                ops: many.iter().map(|l| create(l)).collect(),
+                ..Default::default()
+            };
+            let id = listing(&store).await;
+            (store.persist_plan(id, &desired, &plan, "blocked"))
+                .await
+                .unwrap();
+            assert_eq!(logins(&store).await, many);
+            assert_eq!(hashes(&store).await.len(), many.len());
+            let few = desired_of(&pairs[..3]);
+            let id = listing(&store).await;
+            (store.persist_plan(id, &few, &plan_of(&many[1]), "blocked"))
+                .await
+                .unwrap();
+            assert_eq!(logins(&store).await, [many[1].clone()]);
+            assert_eq!(hashes(&store).await.len(), 3);
+        }
     }
 }
