@@ -18,7 +18,9 @@
 //! `BILLSYNC_BENCH_STORE` (`sqlite`, the default; `postgres`: the state in
 //! a fresh database of a throw-away PostgreSQL cluster on this machine,
 //! each cycle run as a leader's, its writes fenced; `both`: each size on
-//! SQLite, then on PostgreSQL).
+//! SQLite, then on PostgreSQL), `BILLSYNC_BENCH_TICK_LOG` (the payment tick
+//! process's `RUST_LOG`, e.g. `sqlx::query=debug` for each statement's
+//! time, without logging every statement of the initial sync).
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
@@ -534,6 +536,9 @@ fn ticker(config: &str, b: &Build) -> Emus {
         .stderr(Stdio::inherit());
     if let Some(url) = &b.url {
         cmd.env("BILLSYNC__DAEMON__STATE_URL", url);
+    }
+    if let Ok(filter) = std::env::var("BILLSYNC_BENCH_TICK_LOG") {
+        cmd.env("RUST_LOG", filter);
     }
     let mut child = cmd.spawn().unwrap();
     Emus {
