@@ -65,57 +65,103 @@ fn verify_froms(pacing: &Pacing, source: SourceKind, id: &str, now: DateTime<Utc
 /// Listing rows written per transaction.
 const LISTING_BATCH: usize = 2_000;
 
-/// One listed row: written when new or changed, its missing count reset
-/// when it was going missing.
+/// Rows per statement of a batch's writes (8 parameters each).
+const ROWS_PER_STATEMENT: usize = 500;
+
+/// One batch of listed rows: the new or changed ones written (several to a
+/// statement), the missing count of unchanged ones that were going missing
+/// reset.
 async fn save_listed(
     tx: &mut super::db::Tx,
     source: SourceKind,
-    a: &ListedAccount,
-    known: Option<&AccountIndexEntry>,
+    batch: &[ListedAccount],
+    index: &HashMap<String, AccountIndexEntry>,
+    read: ReadStamp,
+) -> Result<()> {
+    let mut changed: Vec<&ListedAccount> = vec![];
+    let mut at: HashMap<&str, usize> = HashMap::new();
+    for a in batch {
+        let known = index.get(&a.raw.id);
+        // An empty hash marks a row whose details are still to come: always
+        // written, so its list fields are current.
+        if a.row_hash.is_empty() || known.is_none_or(|k| k.row_hash != a.row_hash) {
+            // A row listed twice: the later stands, as row by row it would
+            // (and PostgreSQL refuses one statement that updates a row twice).
+            match at.get(a.raw.id.as_str()) {
+                Some(&i) => changed[i] = a,
+                None => {
+                    at.insert(&a.raw.id, changed.len());
+                    changed.push(a);
+                }
+            }
+        } else if known.is_some_and(|k| k.missing_cycles > 0) {
+            reset_missing(tx, source, &a.raw.id, read).await?;
+        }
+    }
+    for rows in changed.chunks(ROWS_PER_STATEMENT) {
+        upsert_listed(tx, source, rows, read).await?;
+    }
+    Ok(())
+}
+
+/// New or changed listing rows, in one statement; a row whose details were
+/// read after this listing began keeps them (`details_seq`).
+async fn upsert_listed(
+    tx: &mut super::db::Tx,
+    source: SourceKind,
+    rows: &[&ListedAccount],
     read: ReadStamp,
 ) -> Result<()> {
     let now_s = ts(read.at);
-    // An empty hash marks a row whose details are still to come: always
-    // written, so its list fields are current.
-    let changed = a.row_hash.is_empty() || known.is_none_or(|k| k.row_hash != a.row_hash);
-    if changed {
-        let list_raw = serde_json::to_string(&a.raw).unwrap_or_default();
-        on!(tx.conn(), |c| sqlx::query(
+    on!(tx.conn(), |c| {
+        let mut q = sqlx::QueryBuilder::new(
             "INSERT INTO source_accounts
                 (source, id, row_json, row_hash, list_raw, first_seen, last_seen,
-                 missing_cycles, seen_seq)
-             VALUES ($1, $2, $3, $4, $5, $6, $6, 0, $7)
-             ON CONFLICT (source, id) DO UPDATE SET
+                 missing_cycles, seen_seq) ",
+        );
+        q.push_values(rows, |mut row, a| {
+            row.push_bind(source.as_str())
+                .push_bind(a.raw.id.as_str())
+                .push_bind(a.row_json.as_deref().unwrap_or("{}"))
+                .push_bind(a.row_hash.as_str())
+                .push_bind(serde_json::to_string(&a.raw).unwrap_or_default())
+                .push_bind(now_s.as_str())
+                .push_bind(now_s.as_str())
+                .push("0")
+                .push_bind(read.seq);
+        });
+        q.push(
+            " ON CONFLICT (source, id) DO UPDATE SET
                 row_json = excluded.row_json, row_hash = excluded.row_hash,
                 list_raw = excluded.list_raw, last_seen = excluded.last_seen,
                 missing_cycles = 0, seen_seq = excluded.seen_seq, login_indexed = NULL
              WHERE source_accounts.details_seq IS NULL
                 OR source_accounts.details_seq <= excluded.seen_seq",
-        )
-        .bind(source.as_str())
-        .bind(&a.raw.id)
-        .bind(a.row_json.as_deref().unwrap_or("{}"))
-        .bind(&a.row_hash)
-        .bind(list_raw)
-        .bind(&now_s)
-        .bind(read.seq)
-        .execute(c)
-        .await
-        .map(drop))?;
-    } else if known.is_some_and(|k| k.missing_cycles > 0) {
-        on!(tx.conn(), |c| sqlx::query(
-            "UPDATE source_accounts SET missing_cycles = 0, last_seen = $3, seen_seq = $4,
-                login_indexed = NULL
-             WHERE source = $1 AND id = $2 AND seen_seq <= $4",
-        )
-        .bind(source.as_str())
-        .bind(&a.raw.id)
-        .bind(&now_s)
-        .bind(read.seq)
-        .execute(c)
-        .await
-        .map(drop))?;
-    }
+        );
+        q.build().execute(c).await.map(drop)
+    })?;
+    Ok(())
+}
+
+/// An unchanged row listed again after it went missing.
+async fn reset_missing(
+    tx: &mut super::db::Tx,
+    source: SourceKind,
+    id: &str,
+    read: ReadStamp,
+) -> Result<()> {
+    on!(tx.conn(), |c| sqlx::query(
+        "UPDATE source_accounts SET missing_cycles = 0, last_seen = $3, seen_seq = $4,
+            login_indexed = NULL
+         WHERE source = $1 AND id = $2 AND seen_seq <= $4",
+    )
+    .bind(source.as_str())
+    .bind(id)
+    .bind(ts(read.at))
+    .bind(read.seq)
+    .execute(c)
+    .await
+    .map(drop))?;
     Ok(())
 }
 
@@ -167,9 +213,7 @@ impl Store {
     ) -> Result<()> {
         for batch in listing.chunks(LISTING_BATCH) {
             let mut tx = self.write_tx().await?;
-            for a in batch {
-                save_listed(&mut tx, source, a, index.get(&a.raw.id), read).await?;
-            }
+            save_listed(&mut tx, source, batch, index, read).await?;
             tx.commit().await?;
         }
         let listed: std::collections::HashSet<&str> =
@@ -680,6 +724,7 @@ async fn read_account(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::testing::stores;
 
     fn at(secs: i64) -> DateTime<Utc> {
         DateTime::from_timestamp(1_800_000_000 + secs, 0).unwrap()
@@ -759,39 +804,72 @@ mod tests {
     /// is older is the sequence's call: the wall clock runs backwards here.
     #[tokio::test]
     async fn an_older_read_never_overwrites_a_fresher_one() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("s.db")).await.unwrap();
-        let paid = || (Some("50".to_string()), Some("50".to_string()));
-        list(&store, "-5", read(1)).await;
-        re_read(&store, "50", read(3)).await;
-        assert_eq!(balance(&store).await, paid());
-        // A listing cycle that started before the re-read saves what it read.
-        list(&store, "-6", read(2)).await;
-        assert_eq!(balance(&store).await, paid(), "a stale listing won");
-        // A listing that started after the re-read is fresher.
-        list(&store, "60", read(5)).await;
-        let sixty = (Some("60".to_string()), Some("60".to_string()));
-        assert_eq!(balance(&store).await, sixty);
-        // A targeted read from before that listing is older news.
-        re_read(&store, "1", read(4)).await;
-        assert_eq!(balance(&store).await, sixty, "a stale re-read won");
+        for (store, _dir) in stores().await {
+            let paid = || (Some("50".to_string()), Some("50".to_string()));
+            list(&store, "-5", read(1)).await;
+            re_read(&store, "50", read(3)).await;
+            assert_eq!(balance(&store).await, paid());
+            // A listing cycle that started before the re-read saves what it read.
+            list(&store, "-6", read(2)).await;
+            assert_eq!(balance(&store).await, paid(), "a stale listing won");
+            // A listing that started after the re-read is fresher.
+            list(&store, "60", read(5)).await;
+            let sixty = (Some("60".to_string()), Some("60".to_string()));
+            assert_eq!(balance(&store).await, sixty);
+            // A targeted read from before that listing is older news.
+            re_read(&store, "1", read(4)).await;
+            assert_eq!(balance(&store).await, sixty, "a stale re-read won");
+        }
     }
 
     /// A listing that began before a live re-read does not count the
     /// account missing, though the re-read's wall time is earlier.
     #[tokio::test]
     async fn a_live_re_read_outranks_an_older_listing_that_missed_it() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("s.db")).await.unwrap();
-        let missing = || async {
-            let index = store.account_index(SourceKind::Activeplatform).await;
-            index.unwrap()["7"].missing_cycles
+        for (store, _dir) in stores().await {
+            let missing = || async {
+                let index = store.account_index(SourceKind::Activeplatform).await;
+                index.unwrap()["7"].missing_cycles
+            };
+            list(&store, "5", read(1)).await;
+            re_read(&store, "5", read(3)).await;
+            list(&store, "unlisted", read(2)).await;
+            assert_eq!(missing().await, 0, "the older listing counted it gone");
+            list(&store, "unlisted", read(4)).await;
+            assert_eq!(missing().await, 1, "a newer listing is the authority");
+        }
+    }
+
+    fn listed(id: &str, balance: &str) -> ListedAccount {
+        let raw = RawAccount {
+            id: id.into(),
+            balance: Some(balance.into()),
+            ..Default::default()
         };
-        list(&store, "5", read(1)).await;
-        re_read(&store, "5", read(3)).await;
-        list(&store, "unlisted", read(2)).await;
-        assert_eq!(missing().await, 0, "the older listing counted it gone");
-        list(&store, "unlisted", read(4)).await;
-        assert_eq!(missing().await, 1, "a newer listing is the authority");
+        ListedAccount {
+            raw,
+            row_hash: format!("hash-{id}-{balance}"),
+            row_json: None,
+        }
+    }
+
+    /// Rows go several to a statement: a listing longer than a statement
+    /// takes lands whole, and a row listed twice keeps the later (one
+    /// statement cannot update a row twice on PostgreSQL).
+    #[tokio::test]
+    async fn a_long_listing_with_a_row_listed_twice_lands_whole() {
+        let kind = SourceKind::Activeplatform;
+        for (store, _dir) in stores().await {
+            let n = ROWS_PER_STATEMENT + 3;
+            let mut rows: Vec<_> = (0..n).map(|i| listed(&i.to_string(), "1")).collect();
+            rows.insert(6, listed("5", "2"));
+            let index = store.account_index(kind).await.unwrap();
+            (store.save_listing(kind, &rows, &index, 3, read(1)))
+                .await
+                .unwrap();
+            assert_eq!(store.account_index(kind).await.unwrap().len(), n);
+            let five = store.source_account(kind, "5").await.unwrap().unwrap();
+            assert_eq!(five.list.balance.as_deref(), Some("2"));
+        }
     }
 }
