@@ -68,17 +68,13 @@ const LISTING_BATCH: usize = 2_000;
 /// Rows per statement of a batch's writes (8 parameters each).
 const ROWS_PER_STATEMENT: usize = 500;
 
-/// One batch of listed rows: the new or changed ones written (several to a
-/// statement), the missing count of unchanged ones that were going missing
-/// reset.
-async fn save_listed(
-    tx: &mut super::db::Tx,
-    source: SourceKind,
-    batch: &[ListedAccount],
+/// What one batch of listed rows writes: the new or changed rows, and the
+/// unchanged ones that were going missing (their count reset).
+fn listed_writes<'a>(
+    batch: &'a [ListedAccount],
     index: &HashMap<String, AccountIndexEntry>,
-    read: ReadStamp,
-) -> Result<()> {
-    let mut changed: Vec<&ListedAccount> = vec![];
+) -> (Vec<&'a ListedAccount>, Vec<&'a str>) {
+    let (mut changed, mut back) = (Vec::<&ListedAccount>::new(), vec![]);
     let mut at: HashMap<&str, usize> = HashMap::new();
     for a in batch {
         let known = index.get(&a.raw.id);
@@ -95,13 +91,10 @@ async fn save_listed(
                 }
             }
         } else if known.is_some_and(|k| k.missing_cycles > 0) {
-            reset_missing(tx, source, &a.raw.id, read).await?;
+            back.push(a.raw.id.as_str());
         }
     }
-    for rows in changed.chunks(ROWS_PER_STATEMENT) {
-        upsert_listed(tx, source, rows, read).await?;
-    }
-    Ok(())
+    (changed, back)
 }
 
 /// New or changed listing rows, in one statement; a row whose details were
@@ -212,8 +205,17 @@ impl Store {
         read: ReadStamp,
     ) -> Result<()> {
         for batch in listing.chunks(LISTING_BATCH) {
+            let (changed, back) = listed_writes(batch, index);
+            if changed.is_empty() && back.is_empty() {
+                continue;
+            }
             let mut tx = self.write_tx().await?;
-            save_listed(&mut tx, source, batch, index, read).await?;
+            for rows in changed.chunks(ROWS_PER_STATEMENT) {
+                upsert_listed(&mut tx, source, rows, read).await?;
+            }
+            for id in back {
+                reset_missing(&mut tx, source, id, read).await?;
+            }
             tx.commit().await?;
         }
         let listed: std::collections::HashSet<&str> =

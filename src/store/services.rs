@@ -67,14 +67,13 @@ impl Store {
         // Rows in batches, as accounts' (`save_listing`): writing one again
         // is harmless; the missing counts move in one transaction after.
         for batch in listed.chunks(ROW_BATCH) {
+            let rows = service_writes(batch, &known);
+            if rows.is_empty() {
+                continue;
+            }
             let mut tx = self.write_tx().await?;
-            for s in batch {
-                let hash = s.row_hash();
-                let same = known.get(&s.raw.id);
-                if same.is_some_and(|k| k.row_hash == hash && k.missing_cycles == 0) {
-                    continue;
-                }
-                upsert_service(&mut tx, source, s, &hash, read).await?;
+            for rows in rows.chunks(ROWS_PER_STATEMENT) {
+                upsert_services(&mut tx, source, rows, read).await?;
             }
             tx.commit().await?;
         }
@@ -219,20 +218,64 @@ impl Store {
     }
 }
 
-/// A pending row keeps the owner and raw row it settled with; a newer read
-/// (a later `seen_seq`) already stored is never overwritten.
-async fn upsert_service(
+/// Rows per statement (9 parameters each).
+const ROWS_PER_STATEMENT: usize = 500;
+
+/// The rows of a batch to write, with their hashes: new, changed, or back
+/// after going missing; a service listed twice keeps the later (one
+/// statement cannot update a row twice on PostgreSQL).
+fn service_writes<'a>(
+    batch: &'a [ListedService],
+    known: &HashMap<String, KnownService>,
+) -> Vec<(&'a ListedService, String)> {
+    let mut rows: Vec<(&ListedService, String)> = vec![];
+    let mut at: HashMap<&str, usize> = HashMap::new();
+    for s in batch {
+        let hash = s.row_hash();
+        let same = known.get(&s.raw.id);
+        if same.is_some_and(|k| k.row_hash == hash && k.missing_cycles == 0) {
+            continue;
+        }
+        match at.get(s.raw.id.as_str()) {
+            Some(&i) => rows[i] = (s, hash),
+            None => {
+                at.insert(&s.raw.id, rows.len());
+                rows.push((s, hash));
+            }
+        }
+    }
+    rows
+}
+
+/// Listed services in one statement. A pending row keeps the owner and raw
+/// row it settled with; a newer read (a later `seen_seq`) already stored is
+/// never overwritten.
+async fn upsert_services(
     tx: &mut Tx,
     source: SourceKind,
-    s: &ListedService,
-    hash: &str,
+    rows: &[(&ListedService, String)],
     read: ReadStamp,
 ) -> Result<()> {
     on!(tx.conn(), |c| {
-        sqlx::query(
-        "INSERT INTO services (source, id, owner_id, raw_json, state, settled, missing_cycles, seen_seq, raw_status, row_hash)
-         VALUES ($1, $2, $3, $4, $5, CASE WHEN $5 = 'pending' THEN NULL ELSE $5 END, 0, $6, $7, $8)
-         ON CONFLICT (source, id) DO UPDATE SET
+        let mut q = sqlx::QueryBuilder::new(
+            "INSERT INTO services (source, id, owner_id, raw_json, state, settled,
+                missing_cycles, seen_seq, raw_status, row_hash) ",
+        );
+        q.push_values(rows, |mut row, (s, hash)| {
+            let settled = (s.state != ServiceState::Pending).then(|| s.state.as_str());
+            row.push_bind(source.as_str())
+                .push_bind(s.raw.id.as_str())
+                .push_bind(s.owner_id.as_str())
+                .push_bind(serde_json::to_string(&s.raw).unwrap_or_default())
+                .push_bind(s.state.as_str())
+                .push_bind(settled)
+                .push("0")
+                .push_bind(read.seq)
+                .push_bind(s.raw.status.as_deref())
+                .push_bind(hash.as_str());
+        });
+        q.push(
+            " ON CONFLICT (source, id) DO UPDATE SET
             owner_id = CASE WHEN excluded.state = 'pending' AND services.settled IS NOT NULL
                             THEN services.owner_id ELSE excluded.owner_id END,
             raw_json = CASE WHEN excluded.state = 'pending' AND services.settled IS NOT NULL
@@ -242,17 +285,8 @@ async fn upsert_service(
             settled = CASE WHEN excluded.state = 'pending' THEN services.settled
                            ELSE excluded.state END
          WHERE services.seen_seq <= excluded.seen_seq",
-    )
-    .bind(source.as_str())
-    .bind(&s.raw.id)
-    .bind(&s.owner_id)
-    .bind(serde_json::to_string(&s.raw).unwrap_or_default())
-    .bind(s.state.as_str())
-    .bind(read.seq)
-    .bind(&s.raw.status)
-    .bind(hash)
-    .execute(c)
-    .await.map(drop)
+        );
+        q.build().execute(c).await.map(drop)
     })?;
     Ok(())
 }
@@ -356,5 +390,51 @@ mod tests {
             .unwrap();
         let detail = &plan[0].3;
         assert!(detail.contains("services_by_owner"), "{detail}");
+    }
+
+    fn listed(id: &str, owner: &str, plan: &str) -> ListedService {
+        let raw = RawService {
+            id: id.into(),
+            owner_id: Some(owner.into()),
+            plan_name: Some(plan.into()),
+            status: Some("active".into()),
+            ..Default::default()
+        };
+        ListedService {
+            raw,
+            owner_id: owner.into(),
+            state: ServiceState::Active,
+        }
+    }
+
+    /// Service rows go several to a statement: a listing longer than one
+    /// statement lands whole, and a service listed twice keeps the later.
+    #[tokio::test]
+    async fn a_long_service_listing_with_a_row_listed_twice_lands_whole() {
+        let kind = SourceKind::Activeplatform;
+        let read = ReadStamp {
+            seq: 1,
+            at: chrono::Utc::now(),
+        };
+        for (store, _dir) in crate::store::testing::stores().await {
+            let n = ROWS_PER_STATEMENT + 3;
+            let mut rows: Vec<_> = (0..n)
+                .map(|i| listed(&i.to_string(), "9", "basic"))
+                .collect();
+            rows.insert(6, listed("5", "9", "premium"));
+            let none = HashSet::new();
+            (store.save_services(kind, true, &rows, &none, 3, read))
+                .await
+                .unwrap();
+            let stored = store
+                .load_services(kind)
+                .await
+                .unwrap()
+                .remove("9")
+                .unwrap();
+            assert_eq!(stored.len(), n);
+            let five = stored.iter().find(|s| s.id == "5").unwrap();
+            assert_eq!(five.plan_name.as_deref(), Some("premium"));
+        }
     }
 }
