@@ -117,7 +117,8 @@ pub struct Engine {
     sources: Vec<Source>,
     normalizers: BTreeMap<SourceKind, Arc<Normalizer>>,
     vms: VmsClient,
-    core: CoreConfig,
+    /// Shared with the blocking thread that builds a cycle's desired state.
+    core: Arc<CoreConfig>,
     pacing: Pacing,
     clock: Clock,
     /// The one push scheduler both lanes hand their work to.
@@ -144,7 +145,7 @@ impl Engine {
             .collect::<Result<_, String>>()
             .map_err(setup)?;
         let vms = VmsClient::new(&settings.vms).map_err(|e| setup(e.to_string()))?;
-        let core = settings.core_config();
+        let core = Arc::new(settings.core_config());
         let limiter = push::limiter(&settings.vms);
         let pacing = settings.pacing();
         Ok(Self {
@@ -164,6 +165,22 @@ impl Engine {
 
     pub fn core(&self) -> &CoreConfig {
         &self.core
+    }
+
+    /// The desired state, built on a blocking thread: seconds of CPU at a
+    /// million accounts, which on a runtime worker would hold up the
+    /// payment lane's tasks queued behind it.
+    async fn build_desired(
+        &self,
+        inputs: std::collections::BTreeMap<SourceKind, desired::SourceInput>,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> desired::Desired {
+        let core = Arc::clone(&self.core);
+        let built = tokio::task::spawn_blocking(move || desired::build(&core, inputs, now));
+        match built.await {
+            Ok(desired) => desired,
+            Err(e) => std::panic::resume_unwind(e.into_panic()),
+        }
     }
 
     /// Starts no VMS request or write-back unless `gate` allows it then.
@@ -208,7 +225,7 @@ impl Engine {
             .read_all(store, &intent, opts.progress.as_ref())
             .await?;
         debug_phase("sources read", clock);
-        let mut desired = desired::build(&self.core, read.inputs, intent.started);
+        let mut desired = self.build_desired(read.inputs, intent.started).await;
         // A disabled or removed source is incomplete for ever and keeps its
         // logins (SPEC §9.4).
         desired.incomplete.extend(intent.frozen.iter().copied());
