@@ -59,10 +59,16 @@ async fn bench(n: usize, payments: usize) {
     println!("{n} accounts; BILLmanager 150 ms, ActivePlatform 60 ms, VMS 30 ms per call; default schedules");
     println!("| path | payments | p50 (s) | max (s) |");
     println!("|---|---:|---:|---:|");
+    let t = Instant::now();
     report("payments schedule", measure(&lab, &customers, None).await);
     report(
         "POST /trigger",
         measure(&lab, &by_trigger, Some(&admin)).await,
+    );
+    let (cycles, secs) = listing_cycles(&admin).await;
+    println!(
+        "listing cycles finished in the {:.0} s measured: {cycles}, {secs:.0} s of listing in all",
+        t.elapsed().as_secs_f64()
     );
     daemon.stop().await;
 }
@@ -104,6 +110,28 @@ async fn measure(lab: &Lab, customers: &[(String, String)], trigger: Option<&str
     }
     let done = futures::future::join_all(waits).await;
     done.into_iter().map(|r| r.unwrap()).collect()
+}
+
+/// Listing cycles finished so far and their time in all, from the
+/// daemon's cycle duration histogram: that payments were measured while
+/// listings ran, not between them.
+async fn listing_cycles(admin: &str) -> (u64, f64) {
+    let text = reqwest::Client::new()
+        .get(format!("{admin}/metrics"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let value = |name: &str| -> f64 {
+        let prefix = format!("billsync_cycle_duration_seconds_{name}{{kind=\"incremental\"}} ");
+        (text.lines())
+            .find_map(|l| l.strip_prefix(prefix.as_str()))
+            .map_or(0.0, |v| v.trim().parse().unwrap())
+    };
+    (value("count") as u64, value("sum"))
 }
 
 fn report(path: &str, mut secs: Vec<f64>) {

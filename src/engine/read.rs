@@ -253,6 +253,7 @@ pub async fn read_source(
         )
         .await?;
     store.save_payments(&to_save, opts.read).await?;
+    debug_step(kind, "listing saved", t0);
     drop(listing);
     let expected = index.len().max(out.listed);
     drop(index);
