@@ -179,7 +179,9 @@ impl Engine {
         let built = tokio::task::spawn_blocking(move || desired::build(&core, inputs, now));
         match built.await {
             Ok(desired) => desired,
-            Err(e) => std::panic::resume_unwind(e.into_panic()),
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            // Cancelled: the runtime is shutting down and drops this cycle.
+            Err(_) => std::future::pending().await,
         }
     }
 

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use chrono::{DateTime, Utc};
 
 use super::db::{on, on_pool, on_write, Row};
-use super::logins::{bind_ids, placeholders};
+use super::logins::{bind_ids, distinct_runs, placeholders};
 use super::{decode_json, parse_ts, ts, Result, Store};
 use crate::core::model::{AccountKey, ListedAccount, Payment, RawAccount, SourceKind};
 use crate::core::pacing::{Pacing, Round};
@@ -74,22 +74,13 @@ fn listed_writes<'a>(
     batch: &'a [ListedAccount],
     index: &HashMap<String, AccountIndexEntry>,
 ) -> (Vec<&'a ListedAccount>, Vec<&'a str>) {
-    let (mut changed, mut back) = (Vec::<&ListedAccount>::new(), vec![]);
-    let mut at: HashMap<&str, usize> = HashMap::new();
+    let (mut changed, mut back) = (vec![], vec![]);
     for a in batch {
         let known = index.get(&a.raw.id);
         // An empty hash marks a row whose details are still to come: always
         // written, so its list fields are current.
         if a.row_hash.is_empty() || known.is_none_or(|k| k.row_hash != a.row_hash) {
-            // A row listed twice: the later stands, as row by row it would
-            // (and PostgreSQL refuses one statement that updates a row twice).
-            match at.get(a.raw.id.as_str()) {
-                Some(&i) => changed[i] = a,
-                None => {
-                    at.insert(&a.raw.id, changed.len());
-                    changed.push(a);
-                }
-            }
+            changed.push(a);
         } else if known.is_some_and(|k| k.missing_cycles > 0) {
             back.push(a.raw.id.as_str());
         }
@@ -210,7 +201,7 @@ impl Store {
                 continue;
             }
             let mut tx = self.write_tx().await?;
-            for rows in changed.chunks(ROWS_PER_STATEMENT) {
+            for rows in distinct_runs(&changed, ROWS_PER_STATEMENT, |a| a.raw.id.as_str()) {
                 upsert_listed(&mut tx, source, rows, read).await?;
             }
             for id in back {

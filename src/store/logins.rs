@@ -249,6 +249,30 @@ where
     q
 }
 
+/// Runs of at most `max` rows, a new one wherever a key repeats, in the
+/// order given: one statement per run never writes a row twice (PostgreSQL
+/// refuses that), and the rows land as they would row by row.
+pub(super) fn distinct_runs<'a, T>(
+    rows: &'a [T],
+    max: usize,
+    key: impl Fn(&'a T) -> &'a str,
+) -> Vec<&'a [T]> {
+    let (mut runs, mut start) = (vec![], 0);
+    let mut seen = std::collections::HashSet::new();
+    for (i, row) in rows.iter().enumerate() {
+        if i - start == max || !seen.insert(key(row)) {
+            runs.push(&rows[start..i]);
+            start = i;
+            seen.clear();
+            seen.insert(key(row));
+        }
+    }
+    if start < rows.len() {
+        runs.push(&rows[start..]);
+    }
+    runs
+}
+
 /// `$first, $first+1, …`, `n` of them.
 pub(super) fn placeholders(first: usize, n: usize) -> String {
     let all = (first..first + n).map(|i| format!("${i}"));

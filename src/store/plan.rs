@@ -226,8 +226,11 @@ impl Store {
     /// A listing cycle's plan replaces the listing lane's rows, and the
     /// rows of the logins it plans; a targeted cycle's other rows stay (its
     /// push may be running now).
+    ///
+    /// The new rows go in before the old ones leave: while it is written,
+    /// `approve` sees the logins the plan before held (and those of this
+    /// one written so far), never none of them.
     async fn write_plan(&self, cycle_id: i64, plan: &Plan, status_blocked: &str) -> Result<()> {
-        while self.delete_listing_ops().await? > 0 {}
         let rows: Vec<_> = (plan.ops.iter().map(|o| (o, PlanState::Planned)))
             .chain(plan.held.iter().map(|o| (o, PlanState::Held)))
             .collect();
@@ -236,16 +239,19 @@ impl Store {
             replace_ops(&mut tx, cycle_id, batch, status_blocked).await?;
             tx.commit().await?;
         }
+        while self.delete_listing_ops(cycle_id).await? > 0 {}
         Ok(())
     }
 
-    /// Up to `ROW_BATCH` plan rows of the listing lane gone; how many.
-    async fn delete_listing_ops(&self) -> Result<u64> {
+    /// Up to `ROW_BATCH` plan rows of earlier listing cycles gone; how many.
+    async fn delete_listing_ops(&self, cycle_id: i64) -> Result<u64> {
         let deleted = on_write!(self, |c| sqlx::query(
-            "DELETE FROM plan_ops WHERE seq IN (SELECT seq FROM plan_ops WHERE cycle_id IN
-                (SELECT id FROM cycles WHERE kind IN ('incremental', 'full')) LIMIT $1)",
+            "DELETE FROM plan_ops WHERE seq IN (SELECT seq FROM plan_ops
+                WHERE cycle_id <> $2 AND cycle_id IN
+                    (SELECT id FROM cycles WHERE kind IN ('incremental', 'full')) LIMIT $1)",
         )
         .bind(ROW_BATCH as i64)
+        .bind(cycle_id)
         .execute(c)
         .await
         .map(|r| r.rows_affected()))?;
@@ -299,7 +305,7 @@ async fn delete_logins<S: AsRef<str>>(tx: &mut Tx, table: &str, logins: &[S]) ->
 }
 
 /// The meta key of `desired_digest`: set by the listing cycle that wrote
-/// the desired rows whole, removed by any writer of some of them (a
+/// the desired rows whole, voided by any writer of some of them (a
 /// targeted plan, a rehash), so that it always describes the table.
 pub(super) const DESIRED_DIGEST: &str = "desired_digest";
 
@@ -341,31 +347,24 @@ async fn seal_digest(tx: &mut Tx, pending: &str, digest: &str) -> Result<()> {
     Ok(())
 }
 
-/// Sets the digest, or removes it (`None`). Each statement binds exactly
-/// its parameters: PostgreSQL prepares a statement with as many as were
-/// bound, and sqlx caches it by its text for every later use of that text.
+/// Sets the digest, or voids it (`None`). Voiding writes a value rather
+/// than deleting the row: on PostgreSQL a DELETE of an absent row takes no
+/// lock, and a listing's pending mark written beside it would survive it.
 pub(super) async fn write_digest(tx: &mut Tx, digest: Option<&str>) -> Result<()> {
-    let Some(digest) = digest else {
-        on!(tx.conn(), |c| sqlx::query(
-            "DELETE FROM meta WHERE key = $1"
-        )
-        .bind(DESIRED_DIGEST)
-        .execute(c)
-        .await
-        .map(drop))?;
-        return Ok(());
-    };
     on!(tx.conn(), |c| sqlx::query(
         "INSERT INTO meta (key, value) VALUES ($1, $2)
          ON CONFLICT (key) DO UPDATE SET value = excluded.value"
     )
     .bind(DESIRED_DIGEST)
-    .bind(digest)
+    .bind(digest.unwrap_or(VOID))
     .execute(c)
     .await
     .map(drop))?;
     Ok(())
 }
+
+/// The digest's value while it describes no table.
+const VOID: &str = "void";
 
 /// Stored desired rows that are current, and logins nobody desires:
 /// streamed, so a no-op cycle holds no copy of 100k rows.
@@ -627,7 +626,7 @@ mod tests {
             let digest = desired_digest(&listed);
             seal_digest(&mut tx, &pending, &digest).await.unwrap();
             tx.commit().await.unwrap();
-            assert_eq!(read_digest(&store.db).await.unwrap(), None);
+            assert_eq!(read_digest(&store.db).await.unwrap().as_deref(), Some(VOID));
             let id = listing(&store).await;
             (store.persist_plan(id, &listed, &Plan::default(), "blocked"))
                 .await

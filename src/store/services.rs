@@ -6,7 +6,7 @@
 use std::collections::{HashMap, HashSet};
 
 use super::db::{on, on_pool, Row, Tx};
-use super::logins::{bind_ids, placeholders};
+use super::logins::{bind_ids, distinct_runs, placeholders};
 use super::{ReadStamp, Result, Store};
 use crate::core::entitlements::{RawService, Service, ServiceState};
 use crate::core::model::{content_hash, AccountKey, SourceKind};
@@ -72,8 +72,9 @@ impl Store {
                 continue;
             }
             let mut tx = self.write_tx().await?;
-            for rows in rows.chunks(ROWS_PER_STATEMENT) {
-                upsert_services(&mut tx, source, rows, read).await?;
+            let runs = distinct_runs(&rows, ROWS_PER_STATEMENT, |(s, _)| s.raw.id.as_str());
+            for run in runs {
+                upsert_services(&mut tx, source, run, read).await?;
             }
             tx.commit().await?;
         }
@@ -222,26 +223,17 @@ impl Store {
 const ROWS_PER_STATEMENT: usize = 500;
 
 /// The rows of a batch to write, with their hashes: new, changed, or back
-/// after going missing; a service listed twice keeps the later (one
-/// statement cannot update a row twice on PostgreSQL).
+/// after going missing.
 fn service_writes<'a>(
     batch: &'a [ListedService],
     known: &HashMap<String, KnownService>,
 ) -> Vec<(&'a ListedService, String)> {
-    let mut rows: Vec<(&ListedService, String)> = vec![];
-    let mut at: HashMap<&str, usize> = HashMap::new();
+    let mut rows = vec![];
     for s in batch {
         let hash = s.row_hash();
         let same = known.get(&s.raw.id);
-        if same.is_some_and(|k| k.row_hash == hash && k.missing_cycles == 0) {
-            continue;
-        }
-        match at.get(s.raw.id.as_str()) {
-            Some(&i) => rows[i] = (s, hash),
-            None => {
-                at.insert(&s.raw.id, rows.len());
-                rows.push((s, hash));
-            }
+        if !same.is_some_and(|k| k.row_hash == hash && k.missing_cycles == 0) {
+            rows.push((s, hash));
         }
     }
     rows
